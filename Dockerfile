@@ -1,0 +1,26 @@
+# The MNIST MLCube image: mnist.py and its dependencies in a virtualenv, run as a non-root user.
+#   nox -s configure-docker                                 (or: docker build -t mlcommons/mnist:0.0.1 .)
+# Classic-builder syntax only: the Docker SDK for Python builds without BuildKit.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+# JAX_EXTRA=cuda12 installs JAX's CUDA build for a GPU image; left empty, JAX runs on the CPU.
+ARG JAX_EXTRA=
+# HOME=/tmp: the runners start the container as the caller's uid, which has no home in the image.
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp
+
+RUN python3 -m venv /opt/venv
+# Dependencies before code, so editing mnist.py rebuilds one small layer.
+COPY requirements.txt /mlcube/requirements.txt
+RUN pip install -r /mlcube/requirements.txt ${JAX_EXTRA:+"jax[$JAX_EXTRA]"}
+COPY mnist.py /mlcube/mnist.py
+
+RUN useradd --system --no-create-home --uid 10001 mlcube
+USER mlcube
+WORKDIR /mlcube
+ENTRYPOINT ["python3", "/mlcube/mnist.py"]

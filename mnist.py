@@ -1,0 +1,387 @@
+#!/usr/bin/env python3
+"""The MNIST MLCube's tasks.
+
+    python mnist.py download --data_config=PATH --data_dir=PATH --log_dir=PATH
+    python mnist.py train --train_config=PATH --data_dir=PATH --model_dir=PATH --log_dir=PATH
+
+Each task reads and writes only the paths it is given, so the same command runs on a laptop, in
+Docker or under Singularity, where MLCube mounts each path into the container.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import logging
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+
+import numpy as np
+import yaml
+
+# -------------------------------------------------------------------------------------- config
+HTTP_TIMEOUT = 30.0  # seconds to connect, and at most between two reads of a body
+HTTP_ATTEMPTS = 4  # tries for connection faults and 5xx answers; a 4xx answer is never retried
+RETRY_DELAY = 1.0  # seconds before the second try, doubled before each one after it
+CHUNK = 1 << 20
+
+NPZ_NAME = "mnist.npz"
+RECORD_NAME = "download.json"  # where the npz came from, and its SHA-256
+ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+IDX_FILES = {"train_images": "x_train", "train_labels": "y_train",
+             "test_images": "x_test", "test_labels": "y_test"}
+
+
+class CubeError(Exception):
+    """A problem the user can fix: reported as one line, with a non-zero exit."""
+
+
+def read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise CubeError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise CubeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise CubeError(f"{path}: expected a mapping of keys, found {type(data).__name__}")
+    return data
+
+
+def check_keys(data: object, required: list[str], optional: list[str], where: str) -> dict:
+    if not isinstance(data, dict):
+        raise CubeError(f"{where}: expected a mapping with keys {', '.join(required)}")
+    for key in required:
+        if key not in data:
+            raise CubeError(f"{where}: missing key '{key}' (expected {', '.join(required + optional)})")
+    for key in data:
+        if key not in required + optional:
+            raise CubeError(f"{where}: unknown key '{key}' (expected {', '.join(required + optional)})")
+    return data
+
+
+# ---------------------------------------------------------------------------------------- data
+def read_data_config(path: str) -> dict[str, tuple[str, str]]:
+    """Map each source file's name to its (uri, sha256), from either form of `data.yaml`."""
+    config = read_yaml(path)
+    base = os.path.dirname(os.path.abspath(path))
+    if "files" not in config:
+        check_keys(config, ["uri", "hash"], [], path)
+        return {NPZ_NAME: read_source(config, base, path)}
+    files = check_keys(config, ["files"], [], path)["files"]
+    check_keys(files, list(IDX_FILES), [], f"{path}: files")
+    return {name: read_source(check_keys(files[name], ["uri", "hash"], [], f"{path}: files.{name}"),
+                              base, f"{path}: files.{name}")
+            for name in IDX_FILES}
+
+
+def read_source(entry: dict, base: str, where: str) -> tuple[str, str]:
+    uri, digest = str(entry["uri"]), str(entry["hash"]).strip().lower()
+    digest = digest.removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise CubeError(f"{where}: hash must be a SHA-256 digest (64 hex digits, 'sha256:' prefix "
+                        f"optional), got {entry['hash']!r}")
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme == "file":
+        uri = urllib.request.url2pathname(urllib.parse.urlsplit(uri).path)
+    elif scheme == "":  # a plain path is relative to the config file, as it is in the container
+        uri = os.path.join(base, uri)
+    elif scheme not in ("http", "https"):
+        raise CubeError(f"{where}: unsupported uri scheme '{scheme}:' in {uri!r} "
+                        "(expected http://, https://, file:// or a local path)")
+    return uri, digest
+
+
+class Progress:
+    """A live bar on a terminal; a line at each quarter otherwise, so CI logs stay short."""
+
+    def __init__(self, label: str, total: int | None):
+        self.label, self.total, self.tty, self.shown = label, total, sys.stderr.isatty(), 0
+
+    def update(self, done: int) -> None:
+        if not self.total:
+            return
+        if self.tty:
+            filled = 30 * done // self.total
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{done / 1e6:.1f}/{self.total / 1e6:.1f} MB")
+            if done >= self.total:
+                sys.stderr.write("\n")
+        elif 4 * done // self.total > self.shown:
+            self.shown = 4 * done // self.total
+            sys.stderr.write(f"{self.label}: {25 * self.shown}% of {self.total / 1e6:.1f} MB\n")
+
+
+def stream(source, out, total: int | None, label: str) -> tuple[str, int]:
+    """Copy `source` to `out` in chunks, returning the SHA-256 and size of what was copied."""
+    out.seek(0)
+    out.truncate()
+    sha, size, progress = hashlib.sha256(), 0, Progress(label, total)
+    while chunk := source.read(CHUNK):
+        out.write(chunk)
+        sha.update(chunk)
+        size += len(chunk)
+        progress.update(size)
+    return sha.hexdigest(), size
+
+
+def fetch_http(uri: str, out, label: str, log: logging.Logger) -> tuple[str, int]:
+    delay = RETRY_DELAY
+    for attempt in range(1, HTTP_ATTEMPTS + 1):
+        try:
+            with urllib.request.urlopen(uri, timeout=HTTP_TIMEOUT) as response:
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                digest, size = stream(response, out, total, label)
+            if total is not None and size < total:
+                raise http.client.IncompleteRead(b"", total - size)
+            return digest, size
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                raise CubeError(f"{uri}: the server answered HTTP {e.code} {e.reason}; "
+                                "check the uri in the data config") from None
+            problem = f"HTTP {e.code} {e.reason}"
+        except http.client.IncompleteRead as e:
+            problem = f"the body ended {e.expected} bytes short of its Content-Length"
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            problem = str(getattr(e, "reason", e)) or type(e).__name__
+        if attempt < HTTP_ATTEMPTS:
+            log.warning(f"{uri}: {problem}; retrying in {delay:g} s ({attempt}/{HTTP_ATTEMPTS})")
+            time.sleep(delay)
+            delay *= 2
+    raise CubeError(f"{uri}: download failed after {HTTP_ATTEMPTS} attempts ({problem}); "
+                    "check the network, or point uri at a local copy")
+
+
+def fetch(uri: str, expected: str, folder: str, log: logging.Logger) -> str:
+    """Stream `uri` into a temporary file in `folder`, hashing as it goes; return its path
+    only once its SHA-256 matches. On any failure the temporary file is removed."""
+    label = os.path.basename(urllib.parse.urlsplit(uri).path) or uri
+    fd, tmp = create_temp(folder, label)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if uri.startswith(("http://", "https://")):
+                digest, size = fetch_http(uri, out, label, log)
+            else:
+                try:
+                    with open(uri, "rb") as source:
+                        digest, size = stream(source, out, os.fstat(source.fileno()).st_size, label)
+                except OSError as e:
+                    raise CubeError(f"{uri}: cannot read ({e.strerror})") from None
+        log.info(f"fetched {size} bytes from {uri}")
+        if digest != expected:
+            raise CubeError(f"{uri}: SHA-256 mismatch: expected {expected}, got {digest}; "
+                            "the download is corrupt or the hash in the data config is wrong")
+        log.info(f"verified SHA-256 {digest} of {uri}")
+        return tmp
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def create_temp(folder: str, name: str) -> tuple[int, str]:
+    """A new file beside its final place (so a rename is atomic), with the umask's permissions."""
+    path = os.path.join(folder, f".{name}.{os.urandom(4).hex()}.part")
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+
+
+def sha256_of(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def commit(tmp: str, path: str) -> None:
+    """Make a finished temporary file durable, then put it at `path` in one atomic step."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    fd, tmp = create_temp(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        commit(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_idx(path: str, where: str) -> np.ndarray:
+    """An array from an IDX file (gzipped or raw) of unsigned bytes."""
+    try:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise CubeError(f"{where}: not a readable IDX file ({e})") from None
+    # Header: two zero bytes, type code 0x08 (unsigned byte), the rank, then big-endian int32 sizes.
+    rank = data[3] if len(data) >= 4 and data[:3] == b"\0\0\x08" else 0
+    shape = tuple(int(n) for n in np.frombuffer(data, ">i4", rank, 4)) if len(data) >= 4 + 4 * rank else ()
+    body = data[4 + 4 * rank:]
+    if not rank or len(shape) != rank or len(body) != np.prod(shape):
+        raise CubeError(f"{where}: not an IDX file of unsigned bytes with a consistent size")
+    return np.frombuffer(body, np.uint8).reshape(shape)
+
+
+def check_mnist(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28) or not len(x):
+            raise CubeError(f"{where}: x_{split} must be uint8 images N×28×28, "
+                            f"found {x.dtype} {'×'.join(map(str, x.shape))}")
+        if y.dtype.kind not in "iu" or y.shape != (len(x),):
+            raise CubeError(f"{where}: y_{split} must be {len(x)} integer labels (one per image), "
+                            f"found {y.dtype} {'×'.join(map(str, y.shape))}")
+        if y.min() < 0 or y.max() > 9:
+            raise CubeError(f"{where}: y_{split} labels must lie in 0-9, found {y.min()}..{y.max()}")
+    return arrays
+
+
+def load_mnist(path: str) -> dict[str, np.ndarray]:
+    """The four MNIST arrays from an npz, pickles refused, shapes and labels checked."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in ARRAYS if key not in npz.files]
+            if missing:
+                raise CubeError(f"{path}: missing array '{missing[0]}' (expected {', '.join(ARRAYS)})")
+            arrays = {key: npz[key] for key in ARRAYS}
+    except FileNotFoundError:
+        raise CubeError(f"{path}: no such file; run the download task first") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CubeError(f"{path}: not a usable MNIST .npz ({e})") from None
+    return check_mnist(arrays, path)
+
+
+def download(args: argparse.Namespace, log: logging.Logger) -> None:
+    """Fetch the data set named in data_config, verify it, and write data_dir/mnist.npz."""
+    sources = read_data_config(args.data_config)
+    log.info(f"read {args.data_config}: {', '.join(uri for uri, _ in sources.values())}")
+    os.makedirs(args.data_dir, exist_ok=True)
+    final, record_path = (os.path.join(args.data_dir, name) for name in (NPZ_NAME, RECORD_NAME))
+    record = {"sources": {name: {"uri": uri, "sha256": digest}
+                          for name, (uri, digest) in sources.items()}}
+    if os.path.exists(final) and sha256_of(final) == expected_npz_digest(sources, record, record_path):
+        log.info(f"skipped: {final} is already present and matches its SHA-256")
+        return
+    if NPZ_NAME in sources:
+        tmp = fetch(*sources[NPZ_NAME], args.data_dir, log)
+        try:
+            load_mnist(tmp)
+            commit(tmp, final)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        write_atomically(final, assemble_npz(sources, args.data_dir, log))
+    record[NPZ_NAME] = sha256_of(final)
+    write_atomically(record_path, json.dumps(record, indent=2).encode())
+    log.info(f"written {final} (SHA-256 {record[NPZ_NAME]})")
+
+
+def expected_npz_digest(sources: dict, record: dict, record_path: str) -> str | None:
+    """The SHA-256 that data_dir/mnist.npz has when it was made from these sources."""
+    if NPZ_NAME in sources:
+        return sources[NPZ_NAME][1]
+    try:
+        with open(record_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        return previous[NPZ_NAME] if previous["sources"] == record["sources"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def assemble_npz(sources: dict, folder: str, log: logging.Logger) -> bytes:
+    """Fetch and verify the four IDX files, then pack their arrays as the Keras-layout npz."""
+    arrays = {}
+    for name, key in IDX_FILES.items():
+        uri, digest = sources[name]
+        tmp = fetch(uri, digest, folder, log)
+        try:
+            arrays[key] = read_idx(tmp, uri)
+        finally:
+            os.unlink(tmp)
+    buffer = io.BytesIO()
+    np.savez(buffer, **check_mnist(arrays, "the IDX files"))
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------- CLI
+TASKS = {
+    "download": (download, {"data_config": "data.yaml: uri and hash of the data set",
+                            "data_dir": "folder that receives mnist.npz",
+                            "log_dir": "folder that receives mnist_download.log"}),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mnist.py", description=__doc__.split("\n\n")[0])
+    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    for name, (run, params) in TASKS.items():
+        task = tasks.add_parser(name, help=run.__doc__.split("\n")[0], description=run.__doc__)
+        for param, text in params.items():
+            task.add_argument(f"--{param}", required=True, metavar="PATH", help=text)
+    return parser.parse_args(argv)
+
+
+def open_log(log_dir: str, task: str) -> logging.Logger:
+    """Events go to log_dir/mnist_TASK.log with timestamps, and to stderr as plain lines."""
+    os.makedirs(log_dir, exist_ok=True)
+    log = logging.getLogger(f"mnist.{task}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    to_file = logging.FileHandler(os.path.join(log_dir, f"mnist_{task}.log"), encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers = [to_file, to_stderr]
+    return log
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        log = open_log(args.log_dir, args.task)
+    except OSError as e:
+        print(f"mnist.py {args.task}: error: {args.log_dir}: cannot write logs ({e.strerror})",
+              file=sys.stderr)
+        return 1
+    log.info(f"started {args.task}")
+    try:
+        TASKS[args.task][0](args, log)
+        return 0
+    except CubeError as e:
+        log.error(f"mnist.py {args.task}: error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log.error(f"mnist.py {args.task}: interrupted")
+        return 130
+    finally:
+        for handler in log.handlers:
+            handler.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

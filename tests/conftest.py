@@ -1,0 +1,114 @@
+"""Shared fixtures: a real HTTP server on 127.0.0.1, small synthetic MNIST files, the real data."""
+import collections
+import hashlib
+import http.server
+import io
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import mnist  # noqa: E402
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_mnist(n_train=64, n_test=16, seed=0) -> dict:
+    """Random arrays in the MNIST layout: as valid as the real thing, and tiny."""
+    rng = np.random.default_rng(seed)
+    return {"x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+            "y_train": rng.integers(0, 10, n_train, dtype=np.uint8),
+            "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+            "y_test": rng.integers(0, 10, n_test, dtype=np.uint8)}
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file of unsigned bytes: magic 0x00000803 (or 01 for labels), sizes, data."""
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">i4").tobytes()
+    return header + array.astype(np.uint8).tobytes()
+
+
+Route = collections.namedtuple("Route", "body fail status truncate stall")
+
+
+class Quiet(http.server.ThreadingHTTPServer):
+    """Clients that give up (the timeout tests) break pipes; that is expected, not news."""
+    daemon_threads, block_on_close = True, False
+
+    def handle_error(self, request, client_address):
+        pass
+
+
+class Server:
+    """A real HTTP server on 127.0.0.1 in a thread; each test sets what each path answers."""
+
+    def __init__(self):
+        self.routes, self.hits = {}, collections.Counter()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.hits[self.path] += 1
+                route = server.routes.get(self.path)
+                if route is None:
+                    return self.send_error(404)
+                if server.hits[self.path] <= route.fail:
+                    return self.send_error(500)
+                time.sleep(route.stall)
+                self.send_response(route.status)
+                self.send_header("Content-Length", str(len(route.body)))
+                self.end_headers()
+                self.wfile.write(route.body[:len(route.body) - route.truncate])
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = Quiet(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def serve(self, path, body, fail=0, status=200, truncate=0, stall=0.0) -> str:
+        self.routes[path] = Route(body, fail, status, truncate, stall)
+        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
+
+    def url(self, path) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def quick_network(monkeypatch):
+    """Keep retries and timeouts short so the fault tests take seconds, not minutes."""
+    monkeypatch.setattr(mnist, "HTTP_TIMEOUT", 0.5)
+    monkeypatch.setattr(mnist, "RETRY_DELAY", 0.01)
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The real MNIST files (four IDX .gz and mnist.npz), from $MNIST_DATA_DIR."""
+    folder = os.environ.get("MNIST_DATA_DIR")
+    if not folder or not (Path(folder) / "mnist.npz").is_file():
+        pytest.skip("real MNIST not found: set MNIST_DATA_DIR to a folder with mnist.npz and the IDX files")
+    return Path(folder)
