@@ -24,9 +24,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from importlib.metadata import version
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import yaml
+from flax import linen as nn
+from flax import serialization
+from flax.training import train_state
 
 # -------------------------------------------------------------------------------------- config
 HTTP_TIMEOUT = 30.0  # seconds to connect, and at most between two reads of a body
@@ -328,11 +335,185 @@ def assemble_npz(sources: dict, folder: str, log: logging.Logger) -> bytes:
     return buffer.getvalue()
 
 
+# --------------------------------------------------------------------------------------- model
+class CNN(nn.Module):
+    """Two stride-2 convolutions and a dense layer. Strides instead of pooling: XLA's CPU backend
+    runs the gradient of pooling slowly, and a strided convolution learns its own downsampling."""
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = images[..., None].astype(jnp.float32) / 255.0  # uint8 N×28×28 → float N×28×28×1
+        x = nn.relu(nn.Conv(32, (4, 4), strides=2)(x))  # 14×14
+        x = nn.relu(nn.Conv(64, (3, 3), strides=2)(x))  # 7×7
+        x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
+        return nn.Dense(10)(x)
+
+
+def cross_entropy(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = CNN().apply({"params": params}, images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+
+# ------------------------------------------------------------------------------------ training
+# name: (Optax optimizer taking a learning-rate schedule, its peak learning rate)
+OPTIMIZERS = {
+    "adam": (optax.adam, 3e-3),
+    "adamw": (optax.adamw, 3e-3),
+    "sgd": (optax.sgd, 0.1),
+    "momentum": (lambda lr: optax.sgd(lr, momentum=0.9), 0.05),
+    "nesterov": (lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True), 0.05),
+    "rmsprop": (optax.rmsprop, 1e-3),
+    "adagrad": (optax.adagrad, 0.05),
+    "lamb": (optax.lamb, 5e-3),
+    "lion": (optax.lion, 3e-4),
+}
+REQUIRED = {"optimizer": str, "train_epochs": int, "batch_size": int}
+OPTIONAL = {"learning_rate": float, "seed": int, "target_accuracy": float}
+MAX_UNROLL = 8  # training steps per compiled call; see steps_per_call
+
+
+def read_train_config(path: str) -> dict:
+    """The training settings with every optional key resolved, or a CubeError naming the key."""
+    config = check_keys(read_yaml(path), list(REQUIRED), list(OPTIONAL), path)
+    for key, kind in {**REQUIRED, **OPTIONAL}.items():
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind)):
+            raise CubeError(f"{path}: {key} must be {'a number' if kind is float else 'an integer' if kind is int else 'a string'}, got {value!r}")
+    if config["optimizer"] not in OPTIMIZERS:
+        raise CubeError(f"{path}: unknown optimizer {config['optimizer']!r} (known: {', '.join(OPTIMIZERS)})")
+    for key in ("train_epochs", "batch_size", "learning_rate"):
+        if key in config and config[key] <= 0:
+            raise CubeError(f"{path}: {key} must be positive, got {config[key]!r}")
+    if config.get("seed", 0) < 0:
+        raise CubeError(f"{path}: seed must be 0 or more, got {config['seed']!r}")
+    if not 0 < config.get("target_accuracy", 1) <= 1:
+        raise CubeError(f"{path}: target_accuracy must lie in (0, 1], got {config['target_accuracy']!r}")
+    return {"learning_rate": OPTIMIZERS[config["optimizer"]][1], "seed": 0, "target_accuracy": None,
+            **config}
+
+
+def steps_per_call(steps: int) -> int:
+    """The largest divisor of an epoch's steps up to MAX_UNROLL. The steps of one call are unrolled:
+    one dispatch and no device loop per group (XLA's CPU backend runs a rolled loop of convolutions
+    many times slower), and one compiled program fits every epoch exactly."""
+    return max(k for k in range(1, MAX_UNROLL + 1) if steps % k == 0)
+
+
+def create_state(config: dict, total_steps: int) -> train_state.TrainState:
+    make, _ = OPTIMIZERS[config["optimizer"]]
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config["learning_rate"], total_steps // 20, total_steps)
+    params = CNN().init(jax.random.key(config["seed"]), jnp.zeros((1, 28, 28), jnp.uint8))["params"]
+    return train_state.TrainState.create(apply_fn=None, params=params, tx=make(schedule))
+
+
+def train_steps(state, loss_sum, images, labels, batches, first, unroll: int):
+    """`unroll` optimizer steps on the batches batches[first:first + unroll] of image indices."""
+    for k in range(unroll):
+        index = jax.lax.dynamic_index_in_dim(batches, first + k, keepdims=False)
+        grad_fn = jax.value_and_grad(cross_entropy, has_aux=True)
+        (loss, _), grads = grad_fn(state.params, images[index], labels[index])
+        state, loss_sum = state.apply_gradients(grads=grads), loss_sum + loss
+    return state, loss_sum
+
+
+def evaluate(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean loss and accuracy over all the given images."""
+    loss, logits = cross_entropy(params, images, labels)
+    return loss, (logits.argmax(-1) == labels).mean()
+
+
+def shuffle(key: jax.Array, epoch: int, n: int, batch_size: int) -> jax.Array:
+    """An epoch's batches of image indices; the last partial batch is dropped (a new one each epoch)."""
+    steps = n // batch_size
+    return jax.random.permutation(jax.random.fold_in(key, epoch), n)[:steps * batch_size].reshape(
+        steps, batch_size)
+
+
+def train(args: argparse.Namespace, log: logging.Logger) -> None:
+    """Train the CNN on data_dir/mnist.npz; write model_dir/params.msgpack and model.json."""
+    config = read_train_config(args.train_config)
+    npz = os.path.join(args.data_dir, NPZ_NAME)
+    arrays = load_mnist(npz)
+    n, batch_size, epochs = len(arrays["x_train"]), config["batch_size"], config["train_epochs"]
+    if batch_size > n:
+        raise CubeError(f"{args.train_config}: batch_size {batch_size} is larger than the {n} training images")
+    log.info(f"read {args.train_config}: {json.dumps(config)}")
+    for folder in (args.model_dir, args.log_dir):
+        os.makedirs(folder, exist_ok=True)
+    device = jax.devices()[0]
+    log.info(f"training on {jax.default_backend()} ({device.device_kind}), {n} images, {epochs} epochs")
+
+    data = jax.device_put({key: value.astype(np.int32) if key[0] == "y" else value
+                           for key, value in arrays.items()})  # stays on the device, as uint8 images
+    steps = n // batch_size
+    unroll = steps_per_call(steps)
+    state = create_state(config, steps * epochs)
+    key = jax.random.key(config["seed"] + 1)
+
+    started = time.perf_counter()
+    batches = shuffle(key, 0, n, batch_size)
+    loss_sum = jnp.zeros(())
+    step = jax.jit(train_steps, static_argnums=6).lower(
+        state, loss_sum, data["x_train"], data["y_train"], batches, 0, unroll).compile()
+    score = jax.jit(evaluate).lower(state.params, data["x_test"], data["y_test"]).compile()
+    compile_seconds = time.perf_counter() - started
+    log.info(f"compiled in {compile_seconds:.2f} s ({unroll} steps per call)")
+
+    history, time_to_target, train_seconds = [], None, 0.0
+    metrics_path = os.path.join(args.log_dir, "train_metrics.jsonl")
+    for epoch in range(1, epochs + 1):
+        epoch_start = time.perf_counter()
+        batches, loss_sum = shuffle(key, epoch, n, batch_size), jnp.zeros(())
+        for first in range(0, steps, unroll):
+            state, loss_sum = step(state, loss_sum, data["x_train"], data["y_train"], batches, first)
+            show_progress(epoch, first + unroll, steps)
+        test_loss, test_accuracy = (float(v) for v in score(state.params, data["x_test"], data["y_test"]))
+        epoch_seconds = time.perf_counter() - epoch_start
+        train_seconds += epoch_seconds
+        history.append({"epoch": epoch, "train_loss": float(loss_sum) / steps, "test_loss": test_loss,
+                        "test_accuracy": test_accuracy, "epoch_seconds": epoch_seconds,
+                        "elapsed_seconds": train_seconds})
+        write_atomically(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+        log.info(f"epoch {epoch}/{epochs}: train_loss {history[-1]['train_loss']:.4f}, test_loss "
+                 f"{test_loss:.4f}, test_accuracy {test_accuracy:.4f}, {epoch_seconds:.2f} s")
+        if config["target_accuracy"] is not None and test_accuracy >= config["target_accuracy"]:
+            time_to_target = train_seconds
+            log.info(f"reached target_accuracy {config['target_accuracy']} after {epoch} epochs, "
+                     f"{train_seconds:.2f} s")
+            break
+
+    write_atomically(os.path.join(args.model_dir, "params.msgpack"), serialization.to_bytes(state.params))
+    summary = {
+        "architecture": "CNN(conv32/4x4/s2, conv64/3x3/s2, dense128, dense10)",
+        "config": config, "data_sha256": sha256_of(npz),
+        "test_accuracy": history[-1]["test_accuracy"], "test_loss": history[-1]["test_loss"],
+        "epochs_run": len(history), "time_to_target_seconds": time_to_target,
+        "train_seconds": train_seconds, "compile_seconds": compile_seconds,
+        "images_per_second": len(history) * steps * batch_size / train_seconds,
+        "backend": jax.default_backend(), "device_kind": device.device_kind,
+        "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
+    }
+    write_atomically(os.path.join(args.model_dir, "model.json"), json.dumps(summary, indent=2).encode())
+    log.info(f"written {args.model_dir}/params.msgpack and model.json: test_accuracy "
+             f"{summary['test_accuracy']:.4f}")
+
+
+def show_progress(epoch: int, done: int, steps: int) -> None:
+    """A live step counter on a terminal; nothing in logs, where the epoch lines say enough."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
+
+
 # ----------------------------------------------------------------------------------------- CLI
 TASKS = {
     "download": (download, {"data_config": "data.yaml: uri and hash of the data set",
                             "data_dir": "folder that receives mnist.npz",
                             "log_dir": "folder that receives mnist_download.log"}),
+    "train": (train, {"train_config": "train.yaml: optimizer, train_epochs, batch_size, ...",
+                      "data_dir": "folder holding mnist.npz (from the download task)",
+                      "model_dir": "folder that receives params.msgpack and model.json",
+                      "log_dir": "folder that receives mnist_train.log and train_metrics.jsonl"}),
 }
 
 
@@ -347,16 +528,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def open_log(log_dir: str, task: str) -> logging.Logger:
-    """Events go to log_dir/mnist_TASK.log with timestamps, and to stderr as plain lines."""
+    """Events go to log_dir/mnist_TASK.log with timestamps, and as plain lines to stdout (or to
+    stderr for warnings and errors)."""
     os.makedirs(log_dir, exist_ok=True)
     log = logging.getLogger(f"mnist.{task}")
     log.setLevel(logging.INFO)
     log.propagate = False
     to_file = logging.FileHandler(os.path.join(log_dir, f"mnist_{task}.log"), encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    to_stderr = logging.StreamHandler(sys.stderr)
-    to_stderr.setFormatter(logging.Formatter("%(message)s"))
-    log.handlers = [to_file, to_stderr]
+    to_stdout, to_stderr = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
+    to_stderr.setLevel(logging.WARNING)
+    log.handlers = [to_file, to_stdout, to_stderr]
     return log
 
 

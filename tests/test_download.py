@@ -13,13 +13,14 @@ from conftest import ROOT, idx_bytes, make_mnist, npz_bytes, sha256
 import mnist
 
 
-def run_download(tmp_path, config, capsys=None):
-    """Write `config` as data.yaml and run the task in-process; return (exit code, stderr)."""
+def run_download(tmp_path, config, capsys):
+    """Write `config` as data.yaml and run the task in-process; return (exit code, its output)."""
     config_path = tmp_path / "data.yaml"
     config_path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
     code = mnist.main(["download", f"--data_config={config_path}", f"--data_dir={tmp_path / 'data'}",
                        f"--log_dir={tmp_path / 'logs'}"])
-    return code, capsys.readouterr().err if capsys else ""
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 def data_files(tmp_path):

@@ -1,0 +1,161 @@
+"""The train task: config checks, outputs, optimizers, determinism, and a short run on real MNIST."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from conftest import make_digits, npz_bytes
+import mnist
+
+
+@pytest.fixture
+def cube(tmp_path):
+    """A workspace holding a small learnable data set in data/mnist.npz."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mnist.npz").write_bytes(npz_bytes(make_digits()))
+    return tmp_path
+
+
+def run_train(cube, config, capsys, data_dir=None):
+    path = cube / "train.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    code = mnist.main(["train", f"--train_config={path}", f"--data_dir={data_dir or cube / 'data'}",
+                       f"--model_dir={cube / 'model'}", f"--log_dir={cube / 'logs'}"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_writes_model_metrics_and_logs(cube, capsys):
+    code, out, err = run_train(cube, {"optimizer": "adam", "train_epochs": 3, "batch_size": 32}, capsys)
+    assert code == 0, err
+    summary = json.loads((cube / "model" / "model.json").read_text())
+    assert summary["config"] == {"optimizer": "adam", "train_epochs": 3, "batch_size": 32, "seed": 0,
+                                 "learning_rate": mnist.OPTIMIZERS["adam"][1], "target_accuracy": None}
+    assert summary["epochs_run"] == 3 and summary["time_to_target_seconds"] is None
+    assert summary["test_accuracy"] > 0.9  # the bars are easy to learn; chance is 0.1
+    assert summary["data_sha256"] == mnist.sha256_of(str(cube / "data" / "mnist.npz"))
+    assert summary["backend"] == jax.default_backend() and summary["versions"]["jax"] == jax.__version__
+    for key in ("test_loss", "train_seconds", "compile_seconds", "images_per_second", "device_kind"):
+        assert summary[key]
+    metrics = [json.loads(line) for line in (cube / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert metrics[-1]["test_accuracy"] == summary["test_accuracy"]
+    assert all(m["elapsed_seconds"] >= m["epoch_seconds"] > 0 for m in metrics)
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch")] == [
+        "epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert "epoch 3/3" in (cube / "logs" / "mnist_train.log").read_text()
+    restored = mnist.serialization.from_bytes(
+        mnist.create_state(summary["config"], 1).params, (cube / "model" / "params.msgpack").read_bytes())
+    loss, accuracy = mnist.evaluate(restored, *(np.load(cube / "data" / "mnist.npz")[k] for k in ("x_test", "y_test")))
+    assert float(accuracy) == pytest.approx(summary["test_accuracy"])
+    leftovers = [f for d in ("model", "logs") for f in os.listdir(cube / d) if f.startswith(".")]
+    assert leftovers == []
+
+
+def test_target_accuracy_stops_early(cube, capsys):
+    code, out, err = run_train(cube, {"optimizer": "adam", "train_epochs": 20, "batch_size": 32,
+                                      "target_accuracy": 0.5}, capsys)
+    assert code == 0, err
+    summary = json.loads((cube / "model" / "model.json").read_text())
+    assert summary["epochs_run"] < 20 and summary["test_accuracy"] >= 0.5
+    assert 0 < summary["time_to_target_seconds"] == summary["train_seconds"]
+    assert "reached target_accuracy 0.5" in out
+
+
+def test_same_seed_gives_identical_params(cube, capsys):
+    config = {"optimizer": "adam", "train_epochs": 1, "batch_size": 64, "seed": 3}
+    digests = []
+    for _ in range(2):
+        assert run_train(cube, config, capsys)[0] == 0
+        digests.append(mnist.sha256_of(str(cube / "model" / "params.msgpack")))
+    assert run_train(cube, {**config, "seed": 4}, capsys)[0] == 0
+    assert digests[0] == digests[1] != mnist.sha256_of(str(cube / "model" / "params.msgpack"))
+
+
+@pytest.mark.parametrize("name", list(mnist.OPTIMIZERS))
+def test_every_optimizer_builds_and_steps(name):
+    data = make_digits(64, 8)
+    config = {"optimizer": name, "learning_rate": mnist.OPTIMIZERS[name][1], "seed": 0}
+    state = mnist.create_state(config, total_steps=10)
+    batches = jnp.arange(64).reshape(2, 32)
+    new, loss_sum = jax.jit(mnist.train_steps, static_argnums=6)(
+        state, jnp.zeros(()), data["x_train"], data["y_train"].astype(np.int32), batches, 0, 2)
+    assert np.isfinite(float(loss_sum)) and float(loss_sum) > 0
+    before, after = jax.tree.leaves(state.params), jax.tree.leaves(new.params)
+    assert all(a.shape == b.shape for a, b in zip(before, after))
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_model_shapes():
+    params = mnist.CNN().init(jax.random.key(0), jnp.zeros((1, 28, 28), jnp.uint8))["params"]
+    logits = mnist.CNN().apply({"params": params}, jnp.zeros((5, 28, 28), jnp.uint8))
+    assert logits.shape == (5, 10) and logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("steps, unroll", [(468, 6), (1875, 5), (7, 7), (13, 1), (16, 8)])
+def test_steps_per_call_divides_the_epoch(steps, unroll):
+    assert mnist.steps_per_call(steps) == unroll
+
+
+GOOD = {"optimizer": "adam", "train_epochs": 1, "batch_size": 32}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({**GOOD, "epochs": 3}, "unknown key 'epochs'"),
+    ({"optimizer": "adam", "batch_size": 32}, "missing key 'train_epochs'"),
+    ({**GOOD, "train_epochs": "5"}, "train_epochs must be an integer, got '5'"),
+    ({**GOOD, "batch_size": 32.5}, "batch_size must be an integer"),
+    ({**GOOD, "train_epochs": True}, "train_epochs must be an integer, got True"),
+    ({**GOOD, "learning_rate": "fast"}, "learning_rate must be a number"),
+    ({**GOOD, "train_epochs": 0}, "train_epochs must be positive"),
+    ({**GOOD, "batch_size": -4}, "batch_size must be positive"),
+    ({**GOOD, "learning_rate": 0}, "learning_rate must be positive"),
+    ({**GOOD, "seed": -1}, "seed must be 0 or more"),
+    ({**GOOD, "target_accuracy": 1.5}, "target_accuracy must lie in (0, 1]"),
+    ({**GOOD, "optimizer": "adamax2"}, "unknown optimizer 'adamax2' (known: adam, adamw, sgd, momentum"),
+    ({**GOOD, "batch_size": 100000}, "batch_size 100000 is larger than the 512 training images"),
+    ("optimizer: [adam\n", "not valid YAML"),
+])
+def test_bad_train_config_fails_before_compiling(cube, capsys, monkeypatch, config, message):
+    monkeypatch.setattr(mnist.jax, "jit", lambda *a, **k: pytest.fail("compiled before checking"))
+    code, out, err = run_train(cube, config, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("mnist.py train: error: ")
+    assert message in lines[0] and "train.yaml" in lines[0]
+    assert not (cube / "model").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file; run the download task first"),
+    (b"not a zip", "not a usable MNIST .npz"),
+])
+def test_missing_or_malformed_data(cube, capsys, monkeypatch, content, message):
+    monkeypatch.setattr(mnist.jax, "jit", lambda *a, **k: pytest.fail("compiled before checking"))
+    (cube / "data" / "mnist.npz").unlink()
+    if content:
+        (cube / "data" / "mnist.npz").write_bytes(content)
+    code, out, err = run_train(cube, GOOD, capsys)
+    assert code == 1 and message in err and "mnist.npz" in err
+
+
+def test_write_atomically_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
+    target = tmp_path / "params.msgpack"
+    mnist.write_atomically(str(target), b"good")
+    monkeypatch.setattr(mnist.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        mnist.write_atomically(str(target), b"half-written")
+    assert target.read_bytes() == b"good" and os.listdir(tmp_path) == ["params.msgpack"]
+
+
+def test_short_run_on_real_mnist(tmp_path, capsys, real_data):
+    """One epoch on the real data: a sanity check; full accuracy runs belong to `nox -s bench`."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mnist.npz").symlink_to(real_data / "mnist.npz")
+    code, out, err = run_train(tmp_path, {"optimizer": "adam", "train_epochs": 1, "batch_size": 256}, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["test_accuracy"] > 0.97
