@@ -1,14 +1,273 @@
-"""The MNIST MLCube's toolchain. `nox -l` lists the sessions; `nox -s NAME` runs one."""
+"""The MNIST MLCube's toolchain. `nox -l` lists the sessions; `nox -s NAME` runs one.
+
+Runners take task names, then options:   nox -s run-docker -- download train --network=host
+  --workspace=PATH      where relative paths of mlcube.yaml resolve (default: workspace/)
+  --NAME=PATH, NAME=PATH   replace the path of a task parameter, e.g. --data_dir=/scratch/mnist
+  --gpus=all|N|device=I,J  give the container GPUs (default: platform.accelerator_count of mlcube.yaml)
+  --network=NAME        the container's network, e.g. host
+  --env=NAME=VALUE      set a variable for the task (repeatable)
+  --build-arg=NAME=VALUE   a Dockerfile ARG, when an image is built (BASE_IMAGE, JAX_EXTRA)
+  --dry-run             print the equivalent command line for each task and run nothing
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
 import nox
+import yaml
 
 nox.options.sessions = []  # a bare `nox` lists the sessions and runs nothing
 nox.options.reuse_existing_virtualenvs = True
 
-TEST_DEPS = ["-r", "requirements.txt", "pytest"]
+ROOT = Path(__file__).resolve().parent
+CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())
+TEST_DEPS = ["-r", "requirements.txt", "pytest", "nox", "docker", "spython"]
 
 
+class UsageError(Exception):
+    """A mistake in a runner's arguments or environment: reported as one line."""
+
+
+# ------------------------------------------------------------------------ the MLCube contract
+@dataclasses.dataclass
+class Options:
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    workspace: Path = ROOT / "workspace"
+    params: dict[str, str] = dataclasses.field(default_factory=dict)
+    gpus: str | None = None
+    network: str | None = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    build_args: dict[str, str] = dataclasses.field(default_factory=dict)
+    dry_run: bool = False
+
+
+@dataclasses.dataclass
+class Run:
+    """One task with its parameters resolved, as MLCube's reference runners resolve them."""
+
+    task: str
+    host_args: list[str]  # --name=/host/path, for a run without a container
+    container_args: list[str]  # --name=/mlcube_ioN[/file]
+    mounts: dict[str, tuple[str, bool]]  # host folder: (folder in the container, read-only)
+
+
+def parameters(task: str) -> dict[str, tuple[dict, bool]]:
+    """Each parameter of `task`, inputs first: (its spec in mlcube.yaml, whether it is an output)."""
+    spec = CUBE["tasks"][task]["parameters"]
+    return {**{name: (p, False) for name, p in (spec.get("inputs") or {}).items()},
+            **{name: (p, True) for name, p in (spec.get("outputs") or {}).items()}}
+
+
+def pair(value: str, option: str) -> tuple[str, str]:
+    name, eq, rest = value.partition("=")
+    if not (name and eq):
+        raise UsageError(f"{option} expects NAME=VALUE, got {value!r}")
+    return name, rest
+
+
+def parse_args(args: list[str]) -> Options:
+    opts = Options()
+    for arg in args:
+        if arg == "--dry-run":
+            opts.dry_run = True
+            continue
+        name, eq, value = arg.removeprefix("--").partition("=")
+        if not eq:
+            if arg.startswith("-"):
+                raise UsageError(f"unknown option {arg!r} (options: --workspace, --NAME of a parameter, "
+                                 "--gpus, --network, --env, --build-arg, --dry-run)")
+            if arg not in CUBE["tasks"]:
+                raise UsageError(f"unknown task {arg!r} (tasks: {', '.join(CUBE['tasks'])})")
+            opts.tasks.append(arg)
+        elif name == "workspace":
+            opts.workspace = Path(value).resolve()
+        elif name in ("gpus", "network"):
+            setattr(opts, name, value)
+        elif name in ("env", "build-arg"):
+            key, val = pair(value, f"--{name}")
+            (opts.env if name == "env" else opts.build_args)[key] = val
+        else:
+            opts.params[name] = value
+    valid = sorted({name for task in opts.tasks for name in parameters(task)})
+    for name in opts.params:
+        if name not in valid:
+            raise UsageError(f"unknown parameter {name!r} for {', '.join(opts.tasks)} "
+                             f"(parameters: {', '.join(valid)})")
+    return opts
+
+
+def resolve(task: str, opts: Options) -> Run:
+    """Host paths, mounts and arguments for `task`. Relative paths resolve against the workspace; each
+    host folder is mounted once, at /mlcube_io<N>, read-only unless some output is written there."""
+    run = Run(task, [], [], {})
+    for name, (spec, output) in parameters(task).items():
+        path = Path(os.path.expandvars(os.path.expanduser(opts.params.get(name, spec["default"]))))
+        path = Path(os.path.abspath(opts.workspace / path))
+        folder, file = (path.parent, "/" + path.name) if spec["type"] == "file" else (path, "")
+        target, read_only = run.mounts.get(str(folder), (f"/mlcube_io{len(run.mounts)}", True))
+        run.mounts[str(folder)] = (target, read_only and not output)
+        run.host_args.append(f"--{name}={path}")
+        run.container_args.append(f"--{name}={target}{file}")
+    return run
+
+
+def run_tasks(session: nox.Session, opts: Options, command, execute) -> None:
+    """Run each task in order through `execute(run, opts)`, or print `command(run, opts)` for
+    --dry-run; stop at the first failure, exiting with that task's exit code."""
+    if not opts.tasks:
+        session.error(f"name at least one task: {', '.join(CUBE['tasks'])}")
+    for task in opts.tasks:
+        run = resolve(task, opts)
+        if opts.dry_run:
+            print(shlex.join(command(run, opts)))
+            continue
+        for folder in run.mounts:
+            os.makedirs(folder, exist_ok=True)
+        code = execute(run, opts)
+        if code:
+            session.log(f"task {task} failed with exit code {code}")
+            raise SystemExit(code)
+
+
+def options(session: nox.Session) -> Options:
+    try:
+        return parse_args(session.posargs)
+    except UsageError as e:
+        session.error(str(e))
+
+
+# ------------------------------------------------------------------------------ local runner
+@nox.session(name="run-local")
+def run_local(session: nox.Session) -> None:
+    """Run tasks in a virtualenv here, no container: `nox -s run-local -- download train`."""
+    opts = options(session)
+    if not opts.dry_run:
+        session.install("-r", "requirements.txt")
+    python = str(Path(session.virtualenv.bin) / "python")
+
+    def command(run: Run, opts: Options) -> list[str]:
+        return [python, str(ROOT / "mnist.py"), run.task, *run.host_args]
+
+    run_tasks(session, opts, command,
+              lambda run, opts: subprocess.call(command(run, opts), env={**os.environ, **opts.env}))
+
+
+# ----------------------------------------------------------------------------- Docker runner
+def docker_client():
+    try:
+        import docker
+    except ImportError:
+        raise UsageError("the Docker runner needs the Docker SDK for Python: pip install docker") from None
+    try:
+        client = docker.from_env()
+        client.ping()
+        return client
+    except docker.errors.DockerException as e:
+        if "Permission denied" in str(e):
+            raise UsageError("no permission on the Docker daemon's socket: add yourself to the docker group "
+                             "(sudo usermod -aG docker $USER, then log in again)") from None
+        raise UsageError("no Docker daemon answers: start it (sudo systemctl start docker) or set "
+                         "DOCKER_HOST to one that runs") from None
+
+
+def docker_build(client, build_args: dict[str, str]) -> None:
+    """Build docker.image from the Dockerfile with the classic builder, streaming its output."""
+    docker = CUBE["docker"]
+    step = "the start"
+    for chunk in client.api.build(path=str(ROOT / docker.get("build_context", ".")),
+                                  dockerfile=docker.get("build_file", "Dockerfile"), tag=docker["image"],
+                                  buildargs=build_args, rm=True, decode=True):
+        text = chunk.get("stream", "")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        step = text.strip() if text.startswith("Step ") else step
+        if "error" in chunk:
+            raise UsageError(f"docker build of {docker['image']} failed at {step}: {chunk['error'].strip()}")
+
+
+def gpus_wanted(opts: Options) -> str | None:
+    """--gpus if given, else mlcube.yaml's accelerator_count; None runs on the CPU."""
+    count = (CUBE.get("platform") or {}).get("accelerator_count") or 0
+    return opts.gpus or (str(count) if count else None)
+
+
+def docker_command(run: Run, opts: Options) -> list[str]:
+    """The `docker run` command line equivalent to what docker_execute does through the SDK."""
+    gpus = gpus_wanted(opts)
+    return ["docker", "run", "--rm", f"--user={os.getuid()}:{os.getgid()}",
+            *([f"--network={opts.network}"] if opts.network else []),
+            *([f"--gpus={gpus}"] if gpus else []),
+            *(f"--env={key}={value}" for key, value in opts.env.items()),
+            *(f"--volume={host}:{target}:{'ro' if ro else 'rw'}" for host, (target, ro) in run.mounts.items()),
+            CUBE["docker"]["image"], run.task, *run.container_args]
+
+
+def device_requests(gpus: str | None) -> list:
+    if not gpus:
+        return []
+    from docker.types import DeviceRequest
+
+    if gpus.startswith("device="):
+        return [DeviceRequest(device_ids=gpus.removeprefix("device=").split(","), capabilities=[["gpu"]])]
+    return [DeviceRequest(count=-1 if gpus == "all" else int(gpus), capabilities=[["gpu"]])]
+
+
+def docker_execute(client, run: Run, opts: Options) -> int:
+    """Run the task in a container as the caller's uid:gid, streaming its output; always remove it."""
+    container = client.containers.create(
+        CUBE["docker"]["image"], [run.task, *run.container_args], user=f"{os.getuid()}:{os.getgid()}",
+        volumes={host: {"bind": target, "mode": "ro" if ro else "rw"} for host, (target, ro) in run.mounts.items()},
+        environment=opts.env, network_mode=opts.network, device_requests=device_requests(gpus_wanted(opts)))
+    try:
+        output = container.attach(stdout=True, stderr=True, stream=True, logs=True, demux=True)
+        container.start()
+        for out, err in output:
+            for stream, data in ((sys.stdout, out), (sys.stderr, err)):
+                if data:
+                    stream.buffer.write(data)
+                    stream.flush()
+        return container.wait()["StatusCode"]
+    finally:
+        container.remove(force=True)
+
+
+@nox.session(name="configure-docker", python=False)
+def configure_docker(session: nox.Session) -> None:
+    """Build the Docker image named in mlcube.yaml: `-- --build-arg=BASE_IMAGE=...` to pick the base."""
+    try:
+        docker_build(docker_client(), options(session).build_args)
+    except UsageError as e:
+        session.error(str(e))
+
+
+@nox.session(name="run-docker", python=False)
+def run_docker(session: nox.Session) -> None:
+    """Run tasks in the Docker image, building it first if missing: `nox -s run-docker -- train`."""
+    opts = options(session)
+    try:
+        client = None if opts.dry_run else docker_client()
+        if client and not client.images.list(name=CUBE["docker"]["image"]):
+            docker_build(client, opts.build_args)
+    except UsageError as e:
+        session.error(str(e))
+    run_tasks(session, opts, docker_command, lambda run, opts: docker_execute(client, run, opts))
+
+
+# ------------------------------------------------------------------------------ development
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (pytest; extra arguments go to pytest)."""
     session.install(*TEST_DEPS)
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and common mistakes with ruff."""
+    session.install("ruff")
+    session.run("ruff", "check", "mnist.py", "noxfile.py", "tests")

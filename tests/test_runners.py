@@ -1,0 +1,214 @@
+"""The nox runners: the MLCube contract without a daemon, then run-local and run-docker for real."""
+import grp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import ROOT, make_digits, npz_bytes, sha256
+
+sys.path.insert(0, str(ROOT))
+import noxfile  # noqa: E402
+
+IMAGE = noxfile.CUBE["docker"]["image"]
+
+
+# ------------------------------------------------------------------ contract, no daemon needed
+def test_parse_args_tasks_overrides_and_options(tmp_path):
+    opts = noxfile.parse_args(["download", "train", "--data_dir=/d", "model_dir=m", f"--workspace={tmp_path}",
+                               "--gpus=all", "--network=host", "--env=A=1=2", "--build-arg=BASE_IMAGE=b",
+                               "--dry-run"])
+    assert opts.tasks == ["download", "train"] and opts.params == {"data_dir": "/d", "model_dir": "m"}
+    assert opts.workspace == tmp_path and opts.gpus == "all" and opts.network == "host"
+    assert opts.env == {"A": "1=2"} and opts.build_args == {"BASE_IMAGE": "b"} and opts.dry_run
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit"], "unknown task 'fit' (tasks: download, train)"),
+    (["train", "--fast"], "unknown option '--fast'"),
+    (["train", "--data_config=x"], "unknown parameter 'data_config' for train (parameters: data_dir, log_dir,"),
+    (["download", "--env=NOVALUE"], "--env expects NAME=VALUE"),
+])
+def test_parse_args_errors(args, message):
+    with pytest.raises(noxfile.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        noxfile.parse_args(args)
+
+
+def test_resolve_download_mounts_and_args(tmp_path):
+    run = noxfile.resolve("download", noxfile.parse_args(["download", f"--workspace={tmp_path}"]))
+    assert run.container_args == ["--data_config=/mlcube_io0/data.yaml", "--data_dir=/mlcube_io1",
+                                  "--log_dir=/mlcube_io2"]
+    assert run.mounts == {str(tmp_path): ("/mlcube_io0", True), str(tmp_path / "data"): ("/mlcube_io1", False),
+                          str(tmp_path / "logs"): ("/mlcube_io2", False)}
+    assert run.host_args == [f"--data_config={tmp_path}/data.yaml", f"--data_dir={tmp_path}/data",
+                             f"--log_dir={tmp_path}/logs"]
+
+
+def test_resolve_overrides_and_shared_folders(tmp_path):
+    opts = noxfile.parse_args(["train", f"--workspace={tmp_path}", "--data_dir=/abs/data", "log_dir=/abs/data",
+                               "train_config=~/t.yaml"])
+    run = noxfile.resolve("train", opts)
+    # log_dir shares data_dir's folder: one mount, writable because an output lands there.
+    assert run.mounts == {"/abs/data": ("/mlcube_io0", False), os.path.expanduser("~"): ("/mlcube_io1", True),
+                          str(tmp_path / "model"): ("/mlcube_io2", False)}
+    assert run.container_args == ["--data_dir=/mlcube_io0", "--train_config=/mlcube_io1/t.yaml",
+                                  "--log_dir=/mlcube_io0", "--model_dir=/mlcube_io2"]
+
+
+def test_docker_command_line(tmp_path):
+    opts = noxfile.parse_args(["train", f"--workspace={tmp_path}", "--network=host", "--gpus=all", "--env=X=1"])
+    assert noxfile.docker_command(noxfile.resolve("train", opts), opts) == [
+        "docker", "run", "--rm", f"--user={os.getuid()}:{os.getgid()}", "--network=host", "--gpus=all",
+        "--env=X=1", f"--volume={tmp_path / 'data'}:/mlcube_io0:ro", f"--volume={tmp_path}:/mlcube_io1:ro",
+        f"--volume={tmp_path / 'logs'}:/mlcube_io2:rw", f"--volume={tmp_path / 'model'}:/mlcube_io3:rw",
+        IMAGE, "train", "--data_dir=/mlcube_io0", "--train_config=/mlcube_io1/train.yaml",
+        "--log_dir=/mlcube_io2", "--model_dir=/mlcube_io3"]
+
+
+def test_gpus_from_option_or_accelerator_count(monkeypatch):
+    assert noxfile.gpus_wanted(noxfile.Options()) is None  # CPU by default: mlcube.yaml asks for none
+    assert noxfile.gpus_wanted(noxfile.Options(gpus="device=1")) == "device=1"
+    monkeypatch.setitem(noxfile.CUBE["platform"], "accelerator_count", 2)
+    assert noxfile.gpus_wanted(noxfile.Options()) == "2"
+    all_gpus, two, chosen = (noxfile.device_requests(g)[0] for g in ("all", "2", "device=0,3"))
+    assert (all_gpus["Count"], two["Count"], chosen["DeviceIDs"]) == (-1, 2, ["0", "3"])
+    assert noxfile.device_requests(None) == []
+
+
+# ------------------------------------------------------------------------- runners, for real
+def nox(*args, user=None, env=None):
+    """Run a nox session of this repo as a user would; as (uid, gid) `user` when given."""
+    command = [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), *args]
+    if user:
+        command = ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}",
+                   f"--groups={grp.getgrnam('docker').gr_gid}", *command]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1200)
+
+
+def workspace(tmp_path, server, body, epochs=1, batch_size=128, digest=None):
+    """A workspace whose data.yaml points at `body` on the test's HTTP server."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "data.yaml").write_text(yaml.safe_dump({"uri": server.serve("/mnist.npz", body),
+                                                  "hash": digest or sha256(body)}))
+    (ws / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": epochs,
+                                                   "batch_size": batch_size}))
+    return ws
+
+
+def test_dry_run_prints_and_runs_nothing(tmp_path):
+    result = nox("-s", "run-docker", "--", "download", f"--workspace={tmp_path}", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"docker run --rm --user={os.getuid()}:{os.getgid()} --volume={tmp_path}:/mlcube_io0:ro" in result.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_run_local_download_then_train(tmp_path, server):
+    ws = workspace(tmp_path, server, npz_bytes(make_digits()), epochs=2, batch_size=64)
+    result = nox("-s", "run-local", "--", "download", "train", f"--workspace={ws}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((ws / "model" / "model.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["test_accuracy"] > 0.5
+    assert (ws / "logs" / "mnist_download.log").exists() and (ws / "logs" / "train_metrics.jsonl").exists()
+
+
+def test_run_local_stops_at_first_failure_with_its_code(tmp_path, server):
+    ws = workspace(tmp_path, server, npz_bytes(make_digits()), digest="f" * 64)
+    result = nox("-s", "run-local", "--", "download", "train", f"--workspace={ws}")
+    assert result.returncode == 1 and "SHA-256 mismatch" in result.stderr
+    assert "task download failed with exit code 1" in result.stderr
+    assert not (ws / "model").exists() and not (ws / "logs" / "mnist_train.log").exists()
+
+
+# ------------------------------------------------------------ Docker, against a real engine
+def docker_ready():
+    try:
+        import docker
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+needs_docker = pytest.mark.skipif(not docker_ready(), reason="no Docker daemon answers (start dockerd)")
+BASE = ["--build-arg=BASE_IMAGE=" + os.environ["MNIST_BASE_IMAGE"]] if "MNIST_BASE_IMAGE" in os.environ else []
+
+
+def containers():
+    return subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={IMAGE}"], capture_output=True,
+                          text=True).stdout.split()
+
+
+@pytest.fixture(scope="module")
+def image():
+    """The image, built through `nox -s configure-docker` (from $MNIST_BASE_IMAGE where set)."""
+    result = nox("-s", "configure-docker", "--", *BASE)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Successfully tagged " + IMAGE in result.stdout  # the build streamed its output
+    return IMAGE
+
+
+def hand_to_user(tmp_path):
+    """Who runs the session: as root, a plain uid that is given tmp_path, so ownership means something."""
+    if os.getuid() != 0:
+        return None, (os.getuid(), os.getgid())
+    for path in (tmp_path, *tmp_path.rglob("*")):
+        os.chown(path, 4321, 4321)
+    return (4321, 4321), (4321, 4321)
+
+
+@needs_docker
+def test_run_docker_download_and_train_real_mnist(tmp_path, server, real_data, image):
+    body = (real_data / "mnist.npz").read_bytes()
+    ws = workspace(tmp_path, server, body, epochs=1, batch_size=512)
+    run_as, owner = hand_to_user(tmp_path)
+    result = nox("-s", "run-docker", "--", "download", "train", f"--workspace={ws}", "--network=host",
+                 user=run_as, env={"HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sha256((ws / "data" / "mnist.npz").read_bytes()) == sha256(body)
+    summary = json.loads((ws / "model" / "model.json").read_text())
+    assert summary["test_accuracy"] > 0.95 and summary["backend"] == "cpu"
+    written = [p for d in ("data", "logs", "model") for p in (ws / d, *(ws / d).iterdir())]
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in written} == {owner}
+    assert "epoch 1/1" in result.stdout  # the container's output streamed through
+    assert containers() == []
+
+
+@needs_docker
+def test_run_docker_failing_task_propagates_its_code(tmp_path, server, image):
+    ws = workspace(tmp_path, server, npz_bytes(make_digits()), digest="e" * 64)
+    result = nox("-s", "run-docker", "--", "download", "train", f"--workspace={ws}", "--network=host")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "SHA-256 mismatch" in result.stderr and "task download failed with exit code 1" in result.stderr
+    assert not (ws / "data" / "mnist.npz").exists() and not (ws / "model").exists()
+    assert containers() == []
+
+
+@needs_docker
+def test_run_docker_interrupted_leaves_no_container(tmp_path, server, image):
+    ws = workspace(tmp_path, server, npz_bytes(make_digits(4096, 64)), epochs=500, batch_size=32)
+    (ws / "data").mkdir()
+    (ws / "data" / "mnist.npz").write_bytes(npz_bytes(make_digits(4096, 64)))
+    process = subprocess.Popen([sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "run-docker",
+                                "--", "train", f"--workspace={ws}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not containers() and time.time() < deadline:
+        time.sleep(0.5)
+    assert containers(), "the container never started"
+    time.sleep(3)
+    process.send_signal(2)  # Ctrl-C
+    assert process.wait(timeout=60) != 0
+    assert containers() == []
+
+
+def test_no_daemon_is_one_clear_line(tmp_path):
+    result = nox("-s", "run-docker", "--", "download", f"--workspace={tmp_path}",
+                 env={"DOCKER_HOST": f"unix://{tmp_path}/nothing.sock"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no Docker daemon answers: start it" in result.stderr
