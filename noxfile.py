@@ -199,7 +199,7 @@ def gpus_wanted(opts: Options) -> str | None:
 def docker_command(run: Run, opts: Options) -> list[str]:
     """The `docker run` command line equivalent to what docker_execute does through the SDK."""
     gpus = gpus_wanted(opts)
-    return ["docker", "run", "--rm", f"--user={os.getuid()}:{os.getgid()}",
+    return ["docker", "run", "--rm", f"--user={os.geteuid()}:{os.getegid()}",
             *([f"--network={opts.network}"] if opts.network else []),
             *([f"--gpus={gpus}"] if gpus else []),
             *(f"--env={key}={value}" for key, value in opts.env.items()),
@@ -220,7 +220,7 @@ def device_requests(gpus: str | None) -> list:
 def docker_execute(client, run: Run, opts: Options) -> int:
     """Run the task in a container as the caller's uid:gid, streaming its output; always remove it."""
     container = client.containers.create(
-        CUBE["docker"]["image"], [run.task, *run.container_args], user=f"{os.getuid()}:{os.getgid()}",
+        CUBE["docker"]["image"], [run.task, *run.container_args], user=f"{os.geteuid()}:{os.getegid()}",
         volumes={host: {"bind": target, "mode": "ro" if ro else "rw"} for host, (target, ro) in run.mounts.items()},
         environment=opts.env, network_mode=opts.network, device_requests=device_requests(gpus_wanted(opts)))
     try:

@@ -5,7 +5,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -63,7 +65,7 @@ def test_resolve_overrides_and_shared_folders(tmp_path):
 def test_docker_command_line(tmp_path):
     opts = noxfile.parse_args(["train", f"--workspace={tmp_path}", "--network=host", "--gpus=all", "--env=X=1"])
     assert noxfile.docker_command(noxfile.resolve("train", opts), opts) == [
-        "docker", "run", "--rm", f"--user={os.getuid()}:{os.getgid()}", "--network=host", "--gpus=all",
+        "docker", "run", "--rm", f"--user={os.geteuid()}:{os.getegid()}", "--network=host", "--gpus=all",
         "--env=X=1", f"--volume={tmp_path / 'data'}:/mlcube_io0:ro", f"--volume={tmp_path}:/mlcube_io1:ro",
         f"--volume={tmp_path / 'logs'}:/mlcube_io2:rw", f"--volume={tmp_path / 'model'}:/mlcube_io3:rw",
         IMAGE, "train", "--data_dir=/mlcube_io0", "--train_config=/mlcube_io1/train.yaml",
@@ -81,19 +83,19 @@ def test_gpus_from_option_or_accelerator_count(monkeypatch):
 
 
 # ------------------------------------------------------------------------- runners, for real
-def nox(*args, user=None, env=None):
-    """Run a nox session of this repo as a user would; as (uid, gid) `user` when given."""
-    command = [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), *args]
-    if user:
-        command = ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}",
-                   f"--groups={grp.getgrnam('docker').gr_gid}", *command]
+def nox(*args, env=None, user=None):
+    """Run a nox session of this repo as a user would, or as `user` (see plain_user) when given."""
+    python, cube, run_as = (sys.executable, ROOT, []) if user is None else (
+        user / "venv" / "bin" / "python", user / "cube",
+        ["setpriv", "--reuid=4321", "--regid=4321", f"--groups={grp.getgrnam('docker').gr_gid}"])
+    command = [*run_as, str(python), "-m", "nox", "-f", str(cube / "noxfile.py"), *args]
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1200)
 
 
 def workspace(tmp_path, server, body, epochs=1, batch_size=128, digest=None):
     """A workspace whose data.yaml points at `body` on the test's HTTP server."""
     ws = tmp_path / "ws"
-    ws.mkdir()
+    ws.mkdir(parents=True)
     (ws / "data.yaml").write_text(yaml.safe_dump({"uri": server.serve("/mnist.npz", body),
                                                   "hash": digest or sha256(body)}))
     (ws / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": epochs,
@@ -104,7 +106,7 @@ def workspace(tmp_path, server, body, epochs=1, batch_size=128, digest=None):
 def test_dry_run_prints_and_runs_nothing(tmp_path):
     result = nox("-s", "run-docker", "--", "download", f"--workspace={tmp_path}", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert f"docker run --rm --user={os.getuid()}:{os.getgid()} --volume={tmp_path}:/mlcube_io0:ro" in result.stdout
+    assert f"docker run --rm --user={os.geteuid()}:{os.getegid()} --volume={tmp_path}:/mlcube_io0:ro" in result.stdout
     assert os.listdir(tmp_path) == []
 
 
@@ -154,22 +156,40 @@ def image():
     return IMAGE
 
 
-def hand_to_user(tmp_path):
-    """Who runs the session: as root, a plain uid that is given tmp_path, so ownership means something."""
+@pytest.fixture(scope="module")
+def plain_user():
+    """Run as root (as CI does), files owned by the caller would prove nothing. So, as root, make a
+    home for uid 4321 holding a copy of the cube and a Python with the runners' needs, and run the
+    session as that user; otherwise the caller is the plain user."""
     if os.getuid() != 0:
-        return None, (os.getuid(), os.getgid())
-    for path in (tmp_path, *tmp_path.rglob("*")):
-        os.chown(path, 4321, 4321)
-    return (4321, 4321), (4321, 4321)
+        yield None
+        return
+    home = Path(tempfile.mkdtemp(prefix="mnist-user-"))
+    subprocess.run(["/usr/bin/python3", "-m", "venv", home / "venv"], check=True)
+    subprocess.run([home / "venv" / "bin" / "pip", "install", "-q", "nox", "pyyaml", "docker"], check=True)
+    for name in ("noxfile.py", "mlcube.yaml"):
+        (home / "cube").mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, home / "cube" / name)
+    chown(home, 4321)
+    yield home
+    shutil.rmtree(home)
+
+
+def chown(folder, uid):
+    for path in (folder, *folder.rglob("*")):
+        os.chown(path, uid, uid, follow_symlinks=False)
 
 
 @needs_docker
-def test_run_docker_download_and_train_real_mnist(tmp_path, server, real_data, image):
+def test_run_docker_download_and_train_real_mnist(tmp_path, server, real_data, image, plain_user):
     body = (real_data / "mnist.npz").read_bytes()
-    ws = workspace(tmp_path, server, body, epochs=1, batch_size=512)
-    run_as, owner = hand_to_user(tmp_path)
+    home = plain_user or tmp_path
+    ws = workspace(home / "work", server, body, epochs=1, batch_size=512)
+    if plain_user:
+        chown(home / "work", 4321)
+    owner = (4321, 4321) if plain_user else (os.getuid(), os.getgid())
     result = nox("-s", "run-docker", "--", "download", "train", f"--workspace={ws}", "--network=host",
-                 user=run_as, env={"HOME": str(tmp_path)})
+                 env={"HOME": str(home)}, user=plain_user)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sha256((ws / "data" / "mnist.npz").read_bytes()) == sha256(body)
     summary = json.loads((ws / "model" / "model.json").read_text())
