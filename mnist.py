@@ -445,10 +445,12 @@ def evaluate(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, j
     return loss, (logits.argmax(-1) == labels).mean()
 
 
-def shuffle(key: jax.Array, n: int, batch_size: int) -> jax.Array:
-    """An epoch's batches of image indices; the last partial batch is dropped (a new one each epoch)."""
+def plan_epoch(key: jax.Array, epoch, n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """An epoch's batches of image indices, and its key for shifting images. The last partial batch
+    is dropped, a different one each epoch. Derived from (key, epoch) alone, so runs repeat exactly."""
+    order_key, shift_key = jax.random.split(jax.random.fold_in(key, epoch))
     steps = n // batch_size
-    return jax.random.permutation(key, n)[:steps * batch_size].reshape(steps, batch_size)
+    return jax.random.permutation(order_key, n)[:steps * batch_size].reshape(steps, batch_size), shift_key
 
 
 def train(args: argparse.Namespace, log: logging.Logger) -> None:
@@ -473,9 +475,11 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     key = jax.random.key(config["seed"] + 1)
 
     started = time.perf_counter()
-    batches, loss_sum = shuffle(key, n, batch_size), jnp.zeros(())
+    plan = jax.jit(plan_epoch, static_argnums=(2, 3)).lower(key, 0, n, batch_size).compile()
+    batches, shift_key = plan(key, 0)
+    loss_sum = jnp.zeros(())
     step = jax.jit(train_steps, static_argnums=7).lower(
-        state, loss_sum, data["x_train"], data["y_train"], batches, 0, key, unroll).compile()
+        state, loss_sum, data["x_train"], data["y_train"], batches, 0, shift_key, unroll).compile()
     score = jax.jit(evaluate).lower(state.params, data["x_test"], data["y_test"]).compile()
     compile_seconds = time.perf_counter() - started
     log.info(f"compiled in {compile_seconds:.2f} s ({unroll} steps per call)")
@@ -484,8 +488,7 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     metrics_path = os.path.join(args.log_dir, "train_metrics.jsonl")
     for epoch in range(1, epochs + 1):
         epoch_start = time.perf_counter()
-        order_key, shift_key = jax.random.split(jax.random.fold_in(key, epoch))
-        batches, loss_sum = shuffle(order_key, n, batch_size), jnp.zeros(())
+        (batches, shift_key), loss_sum = plan(key, epoch), jnp.zeros(())
         for first in range(0, steps, unroll):
             state, loss_sum = step(state, loss_sum, data["x_train"], data["y_train"], batches, first, shift_key)
             show_progress(epoch, first + unroll, steps)
