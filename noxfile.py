@@ -7,6 +7,7 @@ Runners take task names, then options:   nox -s run-docker -- download train --n
   --network=NAME        the container's network, e.g. host
   --env=NAME=VALUE      set a variable for the task (repeatable)
   --build-arg=NAME=VALUE   a Dockerfile ARG, when an image is built (BASE_IMAGE, JAX_EXTRA)
+  --from-docker         configure-singularity: convert the Docker image instead of building the recipe
   --dry-run             print the equivalent command line for each task and run nothing
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,7 @@ class Options:
     network: str | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     build_args: dict[str, str] = dataclasses.field(default_factory=dict)
+    from_docker: bool = False
     dry_run: bool = False
 
 
@@ -77,14 +80,14 @@ def pair(value: str, option: str) -> tuple[str, str]:
 def parse_args(args: list[str]) -> Options:
     opts = Options()
     for arg in args:
-        if arg == "--dry-run":
-            opts.dry_run = True
+        if arg in ("--dry-run", "--from-docker"):
+            setattr(opts, arg[2:].replace("-", "_"), True)
             continue
         name, eq, value = arg.removeprefix("--").partition("=")
         if not eq:
             if arg.startswith("-"):
                 raise UsageError(f"unknown option {arg!r} (options: --workspace, --NAME of a parameter, "
-                                 "--gpus, --network, --env, --build-arg, --dry-run)")
+                                 "--gpus, --network, --env, --build-arg, --from-docker, --dry-run)")
             if arg not in CUBE["tasks"]:
                 raise UsageError(f"unknown task {arg!r} (tasks: {', '.join(CUBE['tasks'])})")
             opts.tasks.append(arg)
@@ -262,6 +265,90 @@ def run_docker(session: nox.Session) -> None:
     run_tasks(session, opts, docker_command, lambda run, opts: docker_execute(client, run, opts))
 
 
+# ------------------------------------------------------------------------ Singularity runner
+def singularity_client():
+    """spython's client, once a Singularity or Apptainer binary is known to be there."""
+    if not shutil.which("singularity"):
+        if shutil.which("apptainer"):
+            raise UsageError("found apptainer but no `singularity` command, which spython runs: link one "
+                             "(ln -s \"$(command -v apptainer)\" ~/.local/bin/singularity)")
+        raise UsageError("neither apptainer nor singularity is on PATH: install Apptainer "
+                         "(https://apptainer.org/docs/admin/main/installation.html) or SingularityCE")
+    try:
+        from spython.main import Client
+    except ImportError:
+        raise UsageError("the Singularity runner needs spython: pip install spython") from None
+    return Client
+
+
+def singularity_image(opts: Options) -> Path:
+    """Where the image lives: workspace/.image/, as MLCube's Singularity runner keeps it."""
+    return opts.workspace / ".image" / CUBE["singularity"]["image"]
+
+
+def singularity_build(client, opts: Options) -> None:
+    """Build the image from Singularity.recipe without root (--fakeroot), or from the Docker image."""
+    image = singularity_image(opts)
+    image.parent.mkdir(parents=True, exist_ok=True)
+    recipe = f"docker-daemon://{CUBE['docker']['image']}" if opts.from_docker else str(ROOT / "Singularity.recipe")
+    try:
+        _, output = client.build(recipe=recipe, image=str(image), sudo=False, force=True, stream=True,
+                                 options=[] if opts.from_docker else ["--fakeroot"])
+        for line in output:
+            print(line, end="", flush=True)
+    except subprocess.CalledProcessError as e:
+        raise UsageError(f"singularity build of {image} from {recipe} failed with exit code {e.returncode}") from None
+
+
+def singularity_binds(run: Run) -> list[str]:
+    return [f"{host}:{target}:{'ro' if ro else 'rw'}" for host, (target, ro) in run.mounts.items()]
+
+
+def singularity_options(opts: Options) -> list[str]:
+    return [option for key, value in opts.env.items() for option in ("--env", f"{key}={value}")]
+
+
+def singularity_command(run: Run, opts: Options) -> list[str]:
+    """The `singularity run` command line that spython runs for singularity_execute."""
+    return ["singularity", "run", *(["--nv"] if gpus_wanted(opts) else []),
+            *(arg for bind in singularity_binds(run) for arg in ("--bind", bind)), *singularity_options(opts),
+            str(singularity_image(opts)), run.task, *run.container_args]
+
+
+def singularity_execute(client, run: Run, opts: Options) -> int:
+    """Run the task through spython, streaming its output; return its exit code."""
+    try:
+        for line in client.run(str(singularity_image(opts)), args=[run.task, *run.container_args],
+                               bind=singularity_binds(run), nv=bool(gpus_wanted(opts)),
+                               options=singularity_options(opts), stream=True, stream_type="both"):
+            print(line, end="", flush=True)
+        return 0
+    except subprocess.CalledProcessError as e:
+        return e.returncode
+
+
+@nox.session(name="configure-singularity", python=False)
+def configure_singularity(session: nox.Session) -> None:
+    """Build the Singularity image from Singularity.recipe, unprivileged (`-- --from-docker` to convert)."""
+    try:
+        singularity_build(singularity_client(), options(session))
+    except UsageError as e:
+        session.error(str(e))
+
+
+@nox.session(name="run-singularity", python=False)
+def run_singularity(session: nox.Session) -> None:
+    """Run tasks in the Singularity image, building it first if missing: `nox -s run-singularity -- train`."""
+    opts = options(session)
+    try:
+        client = None if opts.dry_run else singularity_client()
+        if client and not singularity_image(opts).exists():
+            singularity_build(client, opts)
+    except UsageError as e:
+        session.error(str(e))
+    run_tasks(session, opts, singularity_command, lambda run, opts: singularity_execute(client, run, opts))
+
+
 # ------------------------------------------------------------------------------- benchmark
 SHARED = ROOT.parent / "shared"
 TARGET_CONFIG = {"optimizer": "adam", "train_epochs": 5, "batch_size": 128, "target_accuracy": 0.99}
@@ -346,4 +433,5 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """Check style and common mistakes with ruff."""
     session.install("ruff")
-    session.run("ruff", "check", "mnist.py", "noxfile.py", "tests")
+    session.run("ruff", "check", "--isolated", "--line-length=120", "--select=E,F,W,I,B",
+                "mnist.py", "noxfile.py", "tests", "tests/standin/singularity")

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
 from conftest import ROOT, idx_bytes, make_mnist, npz_bytes, sha256
+
 import mnist
 
 

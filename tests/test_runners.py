@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, make_digits, npz_bytes, sha256
 
 sys.path.insert(0, str(ROOT))

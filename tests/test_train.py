@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-
 from conftest import make_digits, npz_bytes
+
 import mnist
 
 
@@ -87,8 +87,8 @@ def test_every_optimizer_builds_and_steps(name):
         state, jnp.zeros(()), data["x_train"], data["y_train"].astype(np.int32), batches, 0, jax.random.key(0), 2)
     assert np.isfinite(float(loss_sum)) and float(loss_sum) > 0
     before, after = jax.tree.leaves(state.params), jax.tree.leaves(new.params)
-    assert all(a.shape == b.shape for a, b in zip(before, after))
-    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+    assert all(a.shape == b.shape for a, b in zip(before, after, strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_shift_moves_each_image_by_at_most_one_pixel():

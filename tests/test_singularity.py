@@ -1,0 +1,129 @@
+"""The Singularity runner and recipe.
+
+No Singularity or Apptainer binary can be installed on the test machines, so the runner tests put a
+STAND-IN on PATH (tests/standin/singularity): it records every command line it is given and acts
+it out on the host (a placeholder image for `build`; `run` maps the binds back to host paths and
+runs mnist.py). Everything up to that boundary is real: the nox session, spython, the exact command
+lines, and mnist.py writing into the workspace. The recipe is parsed with spython's real parser.
+"""
+import json
+import os
+import shlex
+
+import pytest
+import yaml
+from conftest import ROOT, make_digits, npz_bytes, sha256
+from spython.main.parse.parsers import DockerParser, SingularityParser
+from test_runners import nox
+
+STANDIN = ROOT / "tests" / "standin"
+IMAGE = "mnist-0.0.1.simg"
+
+
+@pytest.fixture
+def standin(tmp_path):
+    """PATH with the stand-in binary first, and a function returning what it was asked to do."""
+    log = tmp_path / "standin.log"
+    log.touch()
+    env = {"PATH": f"{STANDIN}:{os.environ['PATH']}", "STANDIN_LOG": str(log)}
+
+    def recorded():
+        return [cmd for cmd in map(json.loads, log.read_text().splitlines()) if cmd != ["singularity", "--version"]]
+
+    return env, recorded
+
+
+def workspace(tmp_path, server, digest=None):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    body = npz_bytes(make_digits())
+    ws.joinpath("data.yaml").write_text(yaml.safe_dump({"uri": server.serve("/mnist.npz", body),
+                                                        "hash": digest or sha256(body)}))
+    ws.joinpath("train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 1, "batch_size": 64}))
+    return ws
+
+
+def test_standin_configure_singularity_builds_the_recipe_without_root(tmp_path, standin):
+    env, recorded = standin
+    result = nox("-s", "configure-singularity", "--", f"--workspace={tmp_path}", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert recorded() == [["singularity", "build", "--force", "--fakeroot", str(tmp_path / ".image" / IMAGE),
+                           str(ROOT / "Singularity.recipe")]]
+    assert (tmp_path / ".image" / IMAGE).is_file() and "Build complete" in result.stdout
+
+
+def test_standin_configure_singularity_from_the_docker_image(tmp_path, standin):
+    env, recorded = standin
+    result = nox("-s", "configure-singularity", "--", f"--workspace={tmp_path}", "--from-docker", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert recorded() == [["singularity", "build", "--force", str(tmp_path / ".image" / IMAGE),
+                           "docker-daemon://mlcommons/mnist:0.0.1"]]
+
+
+def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
+    env, recorded = standin
+    ws = workspace(tmp_path, server)
+    result = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", "--env=SEEN=1", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    image = str(ws / ".image" / IMAGE)
+    assert recorded() == [
+        ["singularity", "build", "--force", "--fakeroot", image, str(ROOT / "Singularity.recipe")],
+        ["singularity", "run", "--bind", f"{ws}:/mlcube_io0:ro", "--bind", f"{ws}/data:/mlcube_io1:rw",
+         "--bind", f"{ws}/logs:/mlcube_io2:rw", "--env", "SEEN=1", image, "download",
+         "--data_config=/mlcube_io0/data.yaml", "--data_dir=/mlcube_io1", "--log_dir=/mlcube_io2"],
+        ["singularity", "run", "--bind", f"{ws}/data:/mlcube_io0:ro", "--bind", f"{ws}:/mlcube_io1:ro",
+         "--bind", f"{ws}/logs:/mlcube_io2:rw", "--bind", f"{ws}/model:/mlcube_io3:rw", "--env", "SEEN=1", image,
+         "train", "--data_dir=/mlcube_io0", "--train_config=/mlcube_io1/train.yaml", "--log_dir=/mlcube_io2",
+         "--model_dir=/mlcube_io3"]]
+    assert json.loads((ws / "model" / "model.json").read_text())["epochs_run"] == 1
+    assert "epoch 1/1" in result.stdout  # the task's output streamed through spython
+    dry = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", "--env=SEEN=1", "--dry-run")
+    assert [shlex.split(line) for line in dry.stdout.splitlines()] == recorded()[1:]
+
+
+def test_standin_gpus_add_nv(tmp_path, server, standin):
+    env, recorded = standin
+    ws = workspace(tmp_path, server)
+    result = nox("-s", "run-singularity", "--", "download", f"--workspace={ws}", "--gpus=all", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert recorded()[-1][:3] == ["singularity", "run", "--nv"]
+
+
+def test_standin_failing_task_propagates_its_code(tmp_path, server, standin):
+    env, recorded = standin
+    ws = workspace(tmp_path, server, digest="d" * 64)
+    result = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", env=env)
+    assert result.returncode == 1 and "SHA-256 mismatch" in result.stdout + result.stderr
+    assert "task download failed with exit code 1" in result.stderr
+    image = str(ws / ".image" / IMAGE)
+    assert [cmd[cmd.index(image) + 1] for cmd in recorded() if cmd[1] == "run"] == ["download"]  # no train
+
+
+@pytest.mark.parametrize("binaries, message", [
+    ([], "neither apptainer nor singularity is on PATH: install Apptainer"),
+    (["apptainer"], "found apptainer but no `singularity` command"),
+])
+def test_missing_binary_is_one_clear_line(tmp_path, binaries, message):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in binaries:
+        (bin_dir / name).symlink_to("/bin/true")
+    python_dir = os.path.dirname(os.path.realpath(os.sys.executable))
+    result = nox("-s", "run-singularity", "--", "download", f"--workspace={tmp_path}",
+                 env={"PATH": f"{bin_dir}:{python_dir}:/usr/bin:/bin"})
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recipe_stays_in_step_with_the_dockerfile():
+    """spython's parsers read both files: same base, same files, same venv install, same entry point."""
+    docker = DockerParser(str(ROOT / "Dockerfile")).recipe["spython-base"]
+    recipe = SingularityParser(str(ROOT / "Singularity.recipe")).recipe["spython-base"]
+    assert recipe.fromHeader == docker.fromHeader
+    assert [line.split() for line in recipe.files] == docker.files
+    assert shlex.split(recipe.cmd) == ["exec", *docker.entrypoint, "$@"]
+    assert "python3 -m venv /opt/venv" in recipe.install and "python3 -m venv /opt/venv" in docker.install
+    assert any("pip install" in line and "-r /mlcube/requirements.txt" in line for line in recipe.install)
+    environ = " ".join(recipe.environ).split()
+    assert {"PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1", "PYTHONNOUSERSITE=1"} <= set(environ)
+    assert {"PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1"} <= set(docker.environ)
+    assert recipe.labels and "%help" in (ROOT / "Singularity.recipe").read_text()
