@@ -455,6 +455,17 @@ def plan_epoch(key: jax.Array, epoch, n: int, batch_size: int) -> tuple[jax.Arra
     return jax.random.permutation(order_key, n)[:steps * batch_size].reshape(steps, batch_size), shift_key
 
 
+def compile_programs(state, data: dict, key: jax.Array, batch_size: int, unroll: int):
+    """The three programs of a run, compiled once, before training: plan_epoch, train_steps, evaluate."""
+    n = len(data["x_train"])
+    plan = jax.jit(plan_epoch, static_argnums=(2, 3)).lower(key, 0, n, batch_size).compile()
+    batches, shift_key = plan(key, 0)
+    step = jax.jit(train_steps, static_argnums=7).lower(
+        state, jnp.zeros(()), data["x_train"], data["y_train"], batches, 0, shift_key, unroll).compile()
+    score = jax.jit(evaluate).lower(state.params, data["x_test"], data["y_test"]).compile()
+    return plan, step, score
+
+
 def train(args: argparse.Namespace, log: logging.Logger) -> None:
     """Train the CNN on data_dir/mnist.npz; write model_dir/params.msgpack and model.json."""
     config = read_train_config(args.train_config)
@@ -466,23 +477,17 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     log.info(f"read {args.train_config}: {json.dumps(config)}")
     for folder in (args.model_dir, args.log_dir):
         os.makedirs(folder, exist_ok=True)
-    device = jax.devices()[0]
-    log.info(f"training on {jax.default_backend()} ({device.device_kind}), {n} images, {epochs} epochs")
+    log.info(f"training on {jax.default_backend()} ({jax.devices()[0].device_kind}), {n} images, "
+             f"{epochs} epochs")
 
     data = jax.device_put({key: value.astype(np.int32) if key[0] == "y" else value
                            for key, value in arrays.items()})  # stays on the device, as uint8 images
     steps = n // batch_size
     unroll = steps_per_call(steps)
-    state = create_state(config, steps * epochs)
     key = jax.random.key(config["seed"] + 1)
-
     started = time.perf_counter()
-    plan = jax.jit(plan_epoch, static_argnums=(2, 3)).lower(key, 0, n, batch_size).compile()
-    batches, shift_key = plan(key, 0)
-    loss_sum = jnp.zeros(())
-    step = jax.jit(train_steps, static_argnums=7).lower(
-        state, loss_sum, data["x_train"], data["y_train"], batches, 0, shift_key, unroll).compile()
-    score = jax.jit(evaluate).lower(state.params, data["x_test"], data["y_test"]).compile()
+    state = create_state(config, steps * epochs)
+    plan, step, score = compile_programs(state, data, key, batch_size, unroll)
     compile_seconds = time.perf_counter() - started
     log.info(f"compiled in {compile_seconds:.2f} s ({unroll} steps per call)")
 
@@ -517,7 +522,7 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
         "epochs_run": len(history), "time_to_target_seconds": time_to_target,
         "train_seconds": train_seconds, "compile_seconds": compile_seconds,
         "images_per_second": len(history) * steps * batch_size / train_seconds,
-        "backend": jax.default_backend(), "device_kind": device.device_kind,
+        "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
     }
     write_atomically(os.path.join(args.model_dir, "model.json"), json.dumps(summary, indent=2).encode())
