@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shlex
@@ -29,6 +30,9 @@ import yaml
 
 nox.options.sessions = []  # a bare `nox` lists the sessions and runs nothing
 nox.options.reuse_existing_virtualenvs = True
+
+for noisy in ("docker", "urllib3"):  # nox shows every logger's debug lines; theirs are not for users
+    logging.getLogger(noisy).setLevel(logging.WARNING)
 
 ROOT = Path(__file__).resolve().parent
 CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())

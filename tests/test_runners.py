@@ -82,11 +82,11 @@ def test_gpus_from_option_or_accelerator_count(monkeypatch):
 
 
 # ------------------------------------------------------------------------- runners, for real
-def nox(*args, env=None, user=None):
+def nox(*args, env=None, user=None, docker_group=True):
     """Run a nox session of this repo as a user would, or as `user` (see plain_user) when given."""
+    groups = f"--groups={grp.getgrnam('docker').gr_gid}" if docker_group else "--clear-groups"
     python, cube, run_as = (sys.executable, ROOT, []) if user is None else (
-        user / "venv" / "bin" / "python", user / "cube",
-        ["setpriv", "--reuid=4321", "--regid=4321", f"--groups={grp.getgrnam('docker').gr_gid}"])
+        user / "venv" / "bin" / "python", user / "cube", ["setpriv", "--reuid=4321", "--regid=4321", groups])
     command = [*run_as, str(python), "-m", "nox", "-f", str(cube / "noxfile.py"), *args]
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1200)
 
@@ -224,6 +224,24 @@ def test_run_docker_interrupted_leaves_no_container(tmp_path, server, image):
     process.send_signal(2)  # Ctrl-C
     assert process.wait(timeout=60) != 0
     assert containers() == []
+
+
+@needs_docker
+def test_failed_build_names_the_step(image):
+    result = nox("-s", "configure-docker", "--", "--build-arg=BASE_IMAGE=mnist-no-such-base:0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "docker build of mlcommons/mnist:0.0.1 failed at Step 2/" in line and ": FROM ${BASE_IMAGE}: " in line
+
+
+@needs_docker
+def test_no_permission_on_the_socket_is_one_clear_line(plain_user):
+    if plain_user is None:
+        pytest.skip("needs root, to run the session as a user outside the docker group")
+    result = nox("-s", "run-docker", "--", "download", f"--workspace={plain_user}", user=plain_user,
+                 docker_group=False, env={"HOME": str(plain_user)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no permission on the Docker daemon's socket: add yourself to the docker group" in result.stderr
 
 
 def test_no_daemon_is_one_clear_line(tmp_path):
