@@ -336,6 +336,9 @@ def assemble_npz(sources: dict, folder: str, log: logging.Logger) -> bytes:
 
 
 # --------------------------------------------------------------------------------------- model
+ARCHITECTURE = "CNN(conv16/4x4/s2, conv32/3x3/s2, dense128, dense10)"  # recorded in model.json
+
+
 class CNN(nn.Module):
     """Two stride-2 convolutions and a dense layer. Strides instead of pooling: XLA's CPU backend
     runs the gradient of pooling slowly, and a strided convolution learns its own downsampling."""
@@ -424,10 +427,13 @@ def create_state(config: dict, total_steps: int) -> train_state.TrainState:
     tx = make(schedule)
 
     def init(key: jax.Array) -> train_state.TrainState:
-        params = CNN().init(key, jnp.zeros((1, 28, 28), jnp.uint8))["params"]
-        return train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+        return train_state.TrainState.create(apply_fn=None, params=init_params(key), tx=tx)
 
     return jax.jit(init)(jax.random.key(config["seed"]))  # one compilation, not one per operation
+
+
+def init_params(key: jax.Array):
+    return CNN().init(key, jnp.zeros((1, 28, 28), jnp.uint8))["params"]
 
 
 def train_steps(state, loss_sum, images, labels, batches, first, key, unroll: int):
@@ -441,10 +447,12 @@ def train_steps(state, loss_sum, images, labels, batches, first, key, unroll: in
     return state, loss_sum
 
 
-def evaluate(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean loss and accuracy over all the given images."""
+def evaluate(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mean loss, accuracy and each image's predicted class. train and the evaluate task both run
+    this one function, so the figures they report are the same bits."""
     loss, logits = cross_entropy(params, images, labels)
-    return loss, (logits.argmax(-1) == labels).mean()
+    predicted = logits.argmax(-1)
+    return loss, (predicted == labels).mean(), predicted
 
 
 def plan_epoch(key: jax.Array, epoch, n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -499,7 +507,7 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
         for first in range(0, steps, unroll):
             state, loss_sum = step(state, loss_sum, data["x_train"], data["y_train"], batches, first, shift_key)
             show_progress(epoch, first + unroll, steps)
-        test_loss, test_accuracy = (float(v) for v in score(state.params, data["x_test"], data["y_test"]))
+        test_loss, test_accuracy = (float(v) for v in score(state.params, data["x_test"], data["y_test"])[:2])
         epoch_seconds = time.perf_counter() - epoch_start
         train_seconds += epoch_seconds
         history.append({"epoch": epoch, "train_loss": float(loss_sum) / steps, "test_loss": test_loss,
@@ -516,7 +524,7 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
 
     write_atomically(os.path.join(args.model_dir, "params.msgpack"), serialization.to_bytes(state.params))
     summary = {
-        "architecture": "CNN(conv16/4x4/s2, conv32/3x3/s2, dense128, dense10)",
+        "architecture": ARCHITECTURE,
         "config": config, "data_sha256": sha256_of(npz),
         "test_accuracy": history[-1]["test_accuracy"], "test_loss": history[-1]["test_loss"],
         "epochs_run": len(history), "time_to_target_seconds": time_to_target,
@@ -536,6 +544,92 @@ def show_progress(epoch: int, done: int, steps: int) -> None:
         sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
 
 
+# ---------------------------------------------------------------------------------- evaluation
+def load_model(model_dir: str) -> tuple[dict, dict]:
+    """The parameters and model.json that train wrote, checked against this file's CNN."""
+    summary_path, params_path = (os.path.join(model_dir, name) for name in ("model.json", "params.msgpack"))
+    try:
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+        with open(params_path, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError as e:
+        raise CubeError(f"{e.filename}: no such file; run the train task first") from None
+    except (OSError, ValueError) as e:
+        raise CubeError(f"{summary_path}: not a readable model.json ({e})") from None
+    if not isinstance(summary, dict) or summary.get("architecture") != ARCHITECTURE:
+        found = summary.get("architecture") if isinstance(summary, dict) else None
+        raise CubeError(f"{summary_path}: written for architecture {found!r}, but this mnist.py builds "
+                        f"{ARCHITECTURE!r}; retrain with this version")
+    template = jax.eval_shape(init_params, jax.random.key(0))
+    try:
+        params = serialization.from_bytes(template, blob)
+        same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, template, params)
+    except Exception as e:  # msgpack and Flax raise many kinds for a damaged file
+        raise CubeError(f"{params_path}: not parameters of {ARCHITECTURE} ({type(e).__name__}: {e})") from None
+    if not all(jax.tree.leaves(same)):
+        raise CubeError(f"{params_path}: its arrays do not fit {ARCHITECTURE}; retrain with this version")
+    return params, summary
+
+
+def evaluate_task(args: argparse.Namespace, log: logging.Logger) -> None:
+    """Score the trained model on all test images; write log_dir/evaluate_metrics.json."""
+    params, summary = load_model(args.model_dir)
+    arrays = load_mnist(os.path.join(args.data_dir, NPZ_NAME))
+    labels = arrays["y_test"].astype(np.int32)
+    loss, accuracy, predicted = jax.jit(evaluate)(params, arrays["x_test"], labels)
+    confusion = np.zeros((10, 10), np.int64)
+    np.add.at(confusion, (labels, np.asarray(predicted)), 1)
+    metrics = {
+        "test_accuracy": float(accuracy), "test_loss": float(loss), "images": len(labels),
+        "per_class_accuracy": [float(c) for c in confusion.diagonal() / np.maximum(confusion.sum(1), 1)],
+        "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted class
+        "data_sha256": sha256_of(os.path.join(args.data_dir, NPZ_NAME)),
+    }
+    os.makedirs(args.log_dir, exist_ok=True)
+    write_atomically(os.path.join(args.log_dir, "evaluate_metrics.json"), json.dumps(metrics, indent=2).encode())
+    same = (metrics["test_accuracy"], metrics["test_loss"]) == (summary["test_accuracy"], summary["test_loss"])
+    log.info(f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} on "
+             f"{len(labels)} images: {'the same as' if same else 'different from'} what train recorded")
+    log.info(f"written {args.log_dir}/evaluate_metrics.json")
+
+
+def read_images(path: str) -> np.ndarray:
+    """uint8 images N×28×28 (or one 28×28) from a .npy, an .npz (its one array, or x_test) or IDX."""
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as npz:
+                names = npz.files if len(npz.files) == 1 else [n for n in npz.files if n == "x_test"]
+                if not names:
+                    raise CubeError(f"{path}: holds {', '.join(npz.files)}; expected one array, or x_test")
+                images = npz[names[0]]
+        elif path.endswith(".npy"):
+            images = np.load(path, allow_pickle=False)
+        else:
+            images = read_idx(path, path)
+    except FileNotFoundError:
+        raise CubeError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CubeError(f"{path}: not readable images ({e})") from None
+    images = images[None] if images.shape == (28, 28) else images
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise CubeError(f"{path}: expected uint8 images N×28×28 or one 28×28, "
+                        f"found {images.dtype} {'×'.join(map(str, images.shape))}")
+    return images
+
+
+def infer(args: argparse.Namespace, log: logging.Logger) -> None:
+    """Classify images with the trained model; write each one's class and probabilities as JSON."""
+    params, _ = load_model(args.model_dir)
+    images = read_images(args.images)
+    probabilities = np.asarray(jax.jit(lambda p, x: jax.nn.softmax(CNN().apply({"params": p}, x)))(params, images))
+    predictions = [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]}
+                   for p in probabilities]
+    os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
+    write_atomically(args.predictions, json.dumps({"images": args.images, "predictions": predictions}).encode())
+    log.info(f"classified {len(images)} images from {args.images}; written {args.predictions}")
+
+
 # ----------------------------------------------------------------------------------------- CLI
 TASKS = {
     "download": (download, {"data_config": "data.yaml: uri and hash of the data set",
@@ -545,6 +639,12 @@ TASKS = {
                       "data_dir": "folder holding mnist.npz (from the download task)",
                       "model_dir": "folder that receives params.msgpack and model.json",
                       "log_dir": "folder that receives mnist_train.log and train_metrics.jsonl"}),
+    "evaluate": (evaluate_task, {"data_dir": "folder holding mnist.npz",
+                                 "model_dir": "folder holding params.msgpack and model.json (from train)",
+                                 "log_dir": "folder that receives evaluate_metrics.json and mnist_evaluate.log"}),
+    "infer": (infer, {"model_dir": "folder holding params.msgpack and model.json (from train)",
+                      "images": "images to classify: .npy, .npz or IDX; uint8 N×28×28 or 28×28",
+                      "predictions": "JSON file that receives each image's class and probabilities"}),
 }
 
 
@@ -558,26 +658,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def open_log(log_dir: str, task: str) -> logging.Logger:
-    """Events go to log_dir/mnist_TASK.log with timestamps, and as plain lines to stdout (or to
-    stderr for warnings and errors)."""
-    os.makedirs(log_dir, exist_ok=True)
+def open_log(log_dir: str | None, task: str) -> logging.Logger:
+    """Events go as plain lines to stdout (or to stderr for warnings and errors) and, for a task
+    with a log_dir, to log_dir/mnist_TASK.log with timestamps."""
     log = logging.getLogger(f"mnist.{task}")
     log.setLevel(logging.INFO)
     log.propagate = False
-    to_file = logging.FileHandler(os.path.join(log_dir, f"mnist_{task}.log"), encoding="utf-8")
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     to_stdout, to_stderr = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
     to_stderr.setLevel(logging.WARNING)
-    log.handlers = [to_file, to_stdout, to_stderr]
+    log.handlers = [to_stdout, to_stderr]
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        to_file = logging.FileHandler(os.path.join(log_dir, f"mnist_{task}.log"), encoding="utf-8")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.handlers.append(to_file)
     return log
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        log = open_log(args.log_dir, args.task)
+        log = open_log(getattr(args, "log_dir", None), args.task)
     except OSError as e:
         print(f"mnist.py {args.task}: error: {args.log_dir}: cannot write logs ({e.strerror})",
               file=sys.stderr)

@@ -30,7 +30,7 @@ def test_parse_args_tasks_overrides_and_options(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["fit"], "unknown task 'fit' (tasks: download, train)"),
+    (["fit"], "unknown task 'fit' (tasks: download, train, evaluate, infer)"),
     (["train", "--fast"], "unknown option '--fast'"),
     (["train", "--data_config=x"], "unknown parameter 'data_config' for train (parameters: data_dir, log_dir,"),
     (["download", "--env=NOVALUE"], "--env expects NAME=VALUE"),

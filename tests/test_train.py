@@ -51,7 +51,8 @@ def test_train_writes_model_metrics_and_logs(cube, capsys):
     assert "epoch 3/3" in (cube / "logs" / "mnist_train.log").read_text()
     restored = mnist.serialization.from_bytes(
         mnist.create_state(summary["config"], 1).params, (cube / "model" / "params.msgpack").read_bytes())
-    loss, accuracy = mnist.evaluate(restored, *(np.load(cube / "data" / "mnist.npz")[k] for k in ("x_test", "y_test")))
+    test = np.load(cube / "data" / "mnist.npz")
+    loss, accuracy, _ = mnist.evaluate(restored, test["x_test"], test["y_test"])
     assert float(accuracy) == pytest.approx(summary["test_accuracy"])
     leftovers = [f for d in ("model", "logs") for f in os.listdir(cube / d) if f.startswith(".")]
     assert leftovers == []

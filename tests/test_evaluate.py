@@ -1,0 +1,133 @@
+"""The evaluate and infer tasks, on a model that train wrote."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+from conftest import make_digits, npz_bytes
+
+import mnist
+
+
+def run(*args, capsys):
+    code = mnist.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workspace with small learnable data and a model trained on it for two epochs."""
+    ws = tmp_path_factory.mktemp("ws")
+    (ws / "data").mkdir()
+    (ws / "data" / "mnist.npz").write_bytes(npz_bytes(make_digits()))
+    (ws / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 2, "batch_size": 64}))
+    assert mnist.main(["train", f"--train_config={ws / 'train.yaml'}", f"--data_dir={ws / 'data'}",
+                       f"--model_dir={ws / 'model'}", f"--log_dir={ws / 'logs'}"]) == 0
+    return ws
+
+
+def test_evaluate_equals_what_train_recorded(trained, capsys):
+    code, out, err = run("evaluate", f"--data_dir={trained / 'data'}", f"--model_dir={trained / 'model'}",
+                         f"--log_dir={trained / 'logs'}", capsys=capsys)
+    assert code == 0, err
+    metrics = json.loads((trained / "logs" / "evaluate_metrics.json").read_text())
+    summary = json.loads((trained / "model" / "model.json").read_text())
+    assert (metrics["test_accuracy"], metrics["test_loss"]) == (summary["test_accuracy"], summary["test_loss"])
+    confusion = np.array(metrics["confusion_matrix"])
+    labels = np.load(trained / "data" / "mnist.npz")["y_test"]
+    assert confusion.shape == (10, 10) and confusion.sum() == metrics["images"] == len(labels)
+    assert confusion.sum(1).tolist() == np.bincount(labels, minlength=10).tolist()  # rows are true classes
+    assert confusion.trace() / confusion.sum() == pytest.approx(metrics["test_accuracy"])
+    assert len(metrics["per_class_accuracy"]) == 10
+    assert "the same as what train recorded" in out
+    assert "test_accuracy" in (trained / "logs" / "mnist_evaluate.log").read_text()
+
+
+def test_infer_agrees_with_evaluate(trained, tmp_path, capsys):
+    code, out, err = run("infer", f"--model_dir={trained / 'model'}", f"--images={trained / 'data' / 'mnist.npz'}",
+                         f"--predictions={tmp_path / 'out' / 'predictions.json'}", capsys=capsys)
+    assert code == 0, err
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]
+    labels = np.load(trained / "data" / "mnist.npz")["y_test"]
+    classes = np.array([p["class"] for p in predictions])
+    summary = json.loads((trained / "model" / "model.json").read_text())
+    assert (classes == labels).mean() == pytest.approx(summary["test_accuracy"])
+    assert all(abs(sum(p["probabilities"]) - 1) < 1e-4 and p["class"] == np.argmax(p["probabilities"])
+               for p in predictions)
+
+
+def test_infer_one_image_from_npy(trained, tmp_path, capsys):
+    image = np.load(trained / "data" / "mnist.npz")["x_test"][3]
+    np.save(tmp_path / "one.npy", image)
+    code, out, err = run("infer", f"--model_dir={trained / 'model'}", f"--images={tmp_path / 'one.npy'}",
+                         f"--predictions={tmp_path / 'p.json'}", capsys=capsys)
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "p.json").read_text())["predictions"]) == 1
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((2, 28, 28), np.float32), "expected uint8 images N×28×28 or one 28×28, found float32 2×28×28"),
+    (np.zeros((2, 27, 28), np.uint8), "found uint8 2×27×28"),
+    ({"a": np.zeros((1, 28, 28), np.uint8), "b": np.zeros((1, 28, 28), np.uint8)}, "expected one array, or x_test"),
+    (None, "no such file"),
+])
+def test_infer_refuses_bad_images(trained, tmp_path, capsys, images, message):
+    path = tmp_path / ("images.npz" if isinstance(images, dict) else "images.npy")
+    if isinstance(images, dict):
+        np.savez(path, **images)
+    elif images is not None:
+        np.save(path, images)
+    code, out, err = run("infer", f"--model_dir={trained / 'model'}", f"--images={path}",
+                         f"--predictions={tmp_path / 'p.json'}", capsys=capsys)
+    assert code == 1 and message in err and str(path) in err
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: (m / "params.msgpack").write_bytes(b"\x93garbage"), "not parameters of CNN"),
+    (lambda m: (m / "params.msgpack").write_bytes((m / "params.msgpack").read_bytes()[:100]), "not parameters of"),
+    (lambda m: (m / "model.json").write_text(json.dumps({"architecture": "MLP(512, 10)"})),
+     "written for architecture 'MLP(512, 10)'"),
+    (lambda m: (m / "params.msgpack").unlink(), "params.msgpack: no such file; run the train task first"),
+])
+def test_a_damaged_or_foreign_model_is_refused(trained, tmp_path, capsys, damage, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("params.msgpack", "model.json"):
+        (model / name).write_bytes((trained / "model" / name).read_bytes())
+    damage(model)
+    for task in (["evaluate", f"--data_dir={trained / 'data'}", f"--log_dir={tmp_path / 'logs'}"],
+                 ["infer", f"--images={trained / 'data' / 'mnist.npz'}", f"--predictions={tmp_path / 'p.json'}"]):
+        code, out, err = run(*task, f"--model_dir={model}", capsys=capsys)
+        assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_params_of_another_shape_are_refused(trained, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_bytes((trained / "model" / "model.json").read_bytes())
+    params = mnist.init_params(mnist.jax.random.key(0))
+    params["Dense_1"]["kernel"] = np.zeros((128, 11), np.float32)
+    (model / "params.msgpack").write_bytes(mnist.serialization.to_bytes(params))
+    code, out, err = run("evaluate", f"--data_dir={trained / 'data'}", f"--model_dir={model}",
+                         f"--log_dir={tmp_path / 'logs'}", capsys=capsys)
+    assert code == 1 and "its arrays do not fit CNN" in err
+
+
+def test_infer_on_real_test_images_agrees_with_evaluate(tmp_path, capsys, real_data):
+    """A short training on the real data; infer on the original IDX test images matches evaluate."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mnist.npz").symlink_to(real_data / "mnist.npz")
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 1, "batch_size": 512}))
+    assert run("train", f"--train_config={tmp_path / 'train.yaml'}", f"--data_dir={tmp_path / 'data'}",
+               f"--model_dir={tmp_path / 'model'}", f"--log_dir={tmp_path / 'logs'}", capsys=capsys)[0] == 0
+    assert run("evaluate", f"--data_dir={tmp_path / 'data'}", f"--model_dir={tmp_path / 'model'}",
+               f"--log_dir={tmp_path / 'logs'}", capsys=capsys)[0] == 0
+    assert run("infer", f"--model_dir={tmp_path / 'model'}", f"--images={real_data / 't10k-images-idx3-ubyte.gz'}",
+               f"--predictions={tmp_path / 'p.json'}", capsys=capsys)[0] == 0
+    classes = [p["class"] for p in json.loads((tmp_path / "p.json").read_text())["predictions"]]
+    accuracy = json.loads((tmp_path / "logs" / "evaluate_metrics.json").read_text())["test_accuracy"]
+    labels = np.load(real_data / "mnist.npz")["y_test"]
+    assert len(classes) == 10000 and np.mean(np.array(classes) == labels) == pytest.approx(accuracy)
+    assert accuracy > 0.95
