@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import urllib.error
@@ -50,6 +51,14 @@ IDX_FILES = {"train_images": "x_train", "train_labels": "y_train",
 
 class CubeError(Exception):
     """A problem the user can fix: reported as one line, with a non-zero exit."""
+
+
+class Stopped(Exception):
+    """A signal asked a task to stop, and it did at a safe point; exit status 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.code = 128 + signum
 
 
 def read_yaml(path: str) -> dict:
@@ -383,6 +392,7 @@ REQUIRED = {"optimizer": str, "train_epochs": int, "batch_size": int}
 OPTIONAL = {"learning_rate": float, "seed": int, "target_accuracy": float}
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
 MAX_UNROLL = 4  # training steps per compiled call; see steps_per_call
+CHECKPOINT_NAME = "checkpoint.msgpack"  # in model_dir while a run is incomplete
 
 
 def read_train_config(path: str) -> dict:
@@ -499,33 +509,41 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     compile_seconds = time.perf_counter() - started
     log.info(f"compiled in {compile_seconds:.2f} s ({unroll} steps per call)")
 
-    history, time_to_target, train_seconds = [], None, 0.0
+    checkpoint = os.path.join(args.model_dir, CHECKPOINT_NAME)
+    run_id = {"architecture": ARCHITECTURE, "config": config, "data_sha256": sha256_of(npz)}
+    state, history = resume(checkpoint, run_id, state, log)
+    target = config["target_accuracy"]
     metrics_path = os.path.join(args.log_dir, "train_metrics.jsonl")
-    for epoch in range(1, epochs + 1):
-        epoch_start = time.perf_counter()
-        (batches, shift_key), loss_sum = plan(key, epoch), jnp.zeros(())
-        for first in range(0, steps, unroll):
-            state, loss_sum = step(state, loss_sum, data["x_train"], data["y_train"], batches, first, shift_key)
-            show_progress(epoch, first + unroll, steps)
-        test_loss, test_accuracy = (float(v) for v in score(state.params, data["x_test"], data["y_test"])[:2])
-        epoch_seconds = time.perf_counter() - epoch_start
-        train_seconds += epoch_seconds
-        history.append({"epoch": epoch, "train_loss": float(loss_sum) / steps, "test_loss": test_loss,
-                        "test_accuracy": test_accuracy, "epoch_seconds": epoch_seconds,
-                        "elapsed_seconds": train_seconds})
-        write_atomically(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
-        log.info(f"epoch {epoch}/{epochs}: train_loss {history[-1]['train_loss']:.4f}, test_loss "
-                 f"{test_loss:.4f}, test_accuracy {test_accuracy:.4f}, {epoch_seconds:.2f} s")
-        if config["target_accuracy"] is not None and test_accuracy >= config["target_accuracy"]:
-            time_to_target = train_seconds
-            log.info(f"reached target_accuracy {config['target_accuracy']} after {epoch} epochs, "
-                     f"{train_seconds:.2f} s")
-            break
+    with StopSignals() as stop:
+        for epoch in range(len(history) + 1, epochs + 1):
+            if history and target is not None and history[-1]["test_accuracy"] >= target:
+                break
+            epoch_start = time.perf_counter()
+            (batches, shift_key), loss_sum = plan(key, epoch), jnp.zeros(())
+            for first in range(0, steps, unroll):
+                if stop.signum is not None:
+                    raise Stopped(f"stopped in epoch {epoch}; run the same command again to resume "
+                                  + (f"after epoch {epoch - 1}" if epoch > 1 else "from the start"), stop.signum)
+                state, loss_sum = step(state, loss_sum, data["x_train"], data["y_train"], batches, first, shift_key)
+                show_progress(epoch, first + unroll, steps)
+            test_loss, test_accuracy = (float(v) for v in score(state.params, data["x_test"], data["y_test"])[:2])
+            epoch_seconds = time.perf_counter() - epoch_start
+            history.append({"epoch": epoch, "train_loss": float(loss_sum) / steps, "test_loss": test_loss,
+                            "test_accuracy": test_accuracy, "epoch_seconds": epoch_seconds,
+                            "elapsed_seconds": (history[-1]["elapsed_seconds"] if history else 0) + epoch_seconds})
+            write_atomically(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+            save_checkpoint(checkpoint, run_id, state, history)
+            log.info(f"epoch {epoch}/{epochs}: train_loss {history[-1]['train_loss']:.4f}, test_loss "
+                     f"{test_loss:.4f}, test_accuracy {test_accuracy:.4f}, {epoch_seconds:.2f} s")
+    train_seconds = history[-1]["elapsed_seconds"]
+    time_to_target = train_seconds if target is not None and history[-1]["test_accuracy"] >= target else None
+    if time_to_target is not None:
+        log.info(f"reached target_accuracy {target} after {len(history)} epochs, {train_seconds:.2f} s")
 
     write_atomically(os.path.join(args.model_dir, "params.msgpack"), serialization.to_bytes(state.params))
     summary = {
         "architecture": ARCHITECTURE,
-        "config": config, "data_sha256": sha256_of(npz),
+        "config": config, "data_sha256": run_id["data_sha256"],
         "test_accuracy": history[-1]["test_accuracy"], "test_loss": history[-1]["test_loss"],
         "epochs_run": len(history), "time_to_target_seconds": time_to_target,
         "train_seconds": train_seconds, "compile_seconds": compile_seconds,
@@ -534,8 +552,53 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
     }
     write_atomically(os.path.join(args.model_dir, "model.json"), json.dumps(summary, indent=2).encode())
+    os.unlink(checkpoint)  # the run is complete: a rerun starts afresh
     log.info(f"written {args.model_dir}/params.msgpack and model.json: test_accuracy "
              f"{summary['test_accuracy']:.4f}")
+
+
+def save_checkpoint(path: str, run_id: dict, state: train_state.TrainState, history: list[dict]) -> None:
+    """Parameters, optimizer state and step count, and the epochs so far. The PRNG keys need no
+    saving: each epoch's are derived from the seed and the epoch's number."""
+    record = {"state": serialization.to_state_dict(state), "run": json.dumps(run_id), "history": json.dumps(history)}
+    write_atomically(path, serialization.msgpack_serialize(record))
+
+
+def resume(path: str, run_id: dict, state: train_state.TrainState, log: logging.Logger):
+    """The state and history saved in the checkpoint of this same run, or a fresh start."""
+    if not os.path.exists(path):
+        return state, []
+    start_over = f"delete {path} to start over"
+    try:
+        with open(path, "rb") as f:
+            record = serialization.msgpack_restore(f.read())
+        saved = json.loads(record["run"])
+        history = json.loads(record["history"])
+        state = serialization.from_state_dict(state, record["state"])
+    except Exception as e:  # msgpack and Flax raise many kinds for a damaged file
+        raise CubeError(f"{path}: not a readable checkpoint ({type(e).__name__}); {start_over}") from None
+    for key, value in run_id.items():
+        if saved.get(key) != value:
+            raise CubeError(f"{path}: a checkpoint of another run (its {key} differs); {start_over}")
+    log.info(f"resumed from {path} after epoch {len(history)}")
+    return state, history
+
+
+class StopSignals:
+    """Within the block, SIGINT and SIGTERM only set `signum`, which the training loop reads between
+    steps: a run stops where nothing is half done."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.catch) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def catch(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def show_progress(epoch: int, done: int, steps: int) -> None:
@@ -691,6 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     except CubeError as e:
         log.error(f"mnist.py {args.task}: error: {e}")
         return 1
+    except Stopped as e:
+        log.error(f"mnist.py {args.task}: {e}")
+        return e.code
     except KeyboardInterrupt:
         log.error(f"mnist.py {args.task}: interrupted")
         return 130
