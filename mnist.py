@@ -552,6 +552,7 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
     }
     write_atomically(os.path.join(args.model_dir, "model.json"), json.dumps(summary, indent=2).encode())
+    save_plot(os.path.join(args.log_dir, "training_curves.png"), draw_curves(history), log)
     os.unlink(checkpoint)  # the run is complete: a rerun starts afresh
     log.info(f"written {args.model_dir}/params.msgpack and model.json: test_accuracy "
              f"{summary['test_accuracy']:.4f}")
@@ -655,6 +656,7 @@ def evaluate_task(args: argparse.Namespace, log: logging.Logger) -> None:
     log.info(f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} on "
              f"{len(labels)} images: {'the same as' if same else 'different from'} what train recorded")
     log.info(f"written {args.log_dir}/evaluate_metrics.json")
+    save_plot(os.path.join(args.log_dir, "confusion_matrix.png"), draw_confusion(confusion), log)
 
 
 def read_images(path: str) -> np.ndarray:
@@ -691,6 +693,53 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
     write_atomically(args.predictions, json.dumps({"images": args.images, "predictions": predictions}).encode())
     log.info(f"classified {len(images)} images from {args.images}; written {args.predictions}")
+
+
+# ------------------------------------------------------------------------------------ pictures
+def save_plot(path: str, draw, log: logging.Logger) -> None:
+    """Draw a figure with `draw(figure)` and write it as a PNG, when the optional matplotlib is there."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        from matplotlib import pyplot
+    except ImportError:
+        log.info(f"no {os.path.basename(path)}: it needs matplotlib (pip install matplotlib)")
+        return
+    figure = pyplot.figure(figsize=(9, 4))
+    draw(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    pyplot.close(figure)
+    write_atomically(path, buffer.getvalue())
+    log.info(f"written {path}")
+
+
+def draw_curves(history: list[dict]):
+    """Loss and accuracy per epoch, side by side."""
+    def draw(figure) -> None:
+        epochs = [h["epoch"] for h in history]
+        loss, accuracy = figure.subplots(1, 2)
+        loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+        loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
+        accuracy.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", color="C1")
+        for axes, title in ((loss, "loss"), (accuracy, "test accuracy (%)")):
+            axes.set(title=title, xlabel="epoch", xticks=epochs)
+        loss.legend()
+    return draw
+
+
+def draw_confusion(confusion: np.ndarray):
+    """The confusion matrix with its counts; the diagonal holds the correct answers."""
+    def draw(figure) -> None:
+        axes = figure.subplots()
+        axes.imshow(np.log1p(confusion), cmap="Blues")
+        for (true, guess), count in np.ndenumerate(confusion):
+            axes.text(guess, true, count, ha="center", va="center", fontsize=7,
+                      color="white" if true == guess else "black")
+        axes.set(xlabel="predicted class", ylabel="true class", xticks=range(10), yticks=range(10),
+                 title="confusion matrix (test images)")
+    return draw
 
 
 # ----------------------------------------------------------------------------------------- CLI

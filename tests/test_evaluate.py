@@ -1,5 +1,6 @@
 """The evaluate and infer tasks, on a model that train wrote."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -131,3 +132,19 @@ def test_infer_on_real_test_images_agrees_with_evaluate(tmp_path, capsys, real_d
     labels = np.load(real_data / "mnist.npz")["y_test"]
     assert len(classes) == 10000 and np.mean(np.array(classes) == labels) == pytest.approx(accuracy)
     assert accuracy > 0.95
+
+
+def test_pictures_are_written_when_matplotlib_is_there(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert (trained / "logs" / "training_curves.png").read_bytes().startswith(b"\x89PNG\r\n")
+    code, out, err = run("evaluate", f"--data_dir={trained / 'data'}", f"--model_dir={trained / 'model'}",
+                         f"--log_dir={tmp_path}", capsys=capsys)
+    assert code == 0 and (tmp_path / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG\r\n")
+
+
+def test_without_matplotlib_a_note_not_a_failure(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    code, out, err = run("evaluate", f"--data_dir={trained / 'data'}", f"--model_dir={trained / 'model'}",
+                         f"--log_dir={tmp_path}", capsys=capsys)
+    assert code == 0 and "no confusion_matrix.png: it needs matplotlib (pip install matplotlib)" in out
+    assert (tmp_path / "evaluate_metrics.json").exists() and not (tmp_path / "confusion_matrix.png").exists()
