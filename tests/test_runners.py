@@ -200,6 +200,24 @@ def test_run_docker_download_and_train_real_mnist(tmp_path, server, real_data, i
 
 
 @needs_docker
+def test_run_local_and_run_docker_train_the_same_bits(tmp_path, server, image):
+    """Same seed, same data, same JAX on the same CPU: the same params.msgpack, in or out of Docker."""
+    body = npz_bytes(make_digits())
+    outputs = {}
+    for runner, extra in (("run-local", []), ("run-docker", ["--network=host"])):
+        ws = workspace(tmp_path / runner, server, body, epochs=2, batch_size=64)
+        result = nox("-s", runner, "--", "download", "train", f"--workspace={ws}", *extra)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        outputs[runner] = (json.loads((ws / "model" / "model.json").read_text()),
+                           (ws / "model" / "params.msgpack").read_bytes())
+    (local, local_params), (docker, docker_params) = outputs["run-local"], outputs["run-docker"]
+    if local["versions"] != docker["versions"]:
+        pytest.skip(f"JAX, Flax or Optax differ: {local['versions']} here, {docker['versions']} in the image")
+    assert (local["config"], local["data_sha256"]) == (docker["config"], docker["data_sha256"])
+    assert local_params == docker_params
+
+
+@needs_docker
 def test_run_docker_failing_task_propagates_its_code(tmp_path, server, image):
     ws = workspace(tmp_path, server, npz_bytes(make_digits()), digest="e" * 64)
     result = nox("-s", "run-docker", "--", "download", "train", f"--workspace={ws}", "--network=host")
