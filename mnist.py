@@ -10,6 +10,7 @@ Docker or under Singularity, where MLCube mounts each path into the container.
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import hashlib
 import http.client
@@ -35,6 +36,7 @@ import yaml
 from flax import linen as nn
 from flax import serialization
 from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # -------------------------------------------------------------------------------------- config
 HTTP_TIMEOUT = 30.0  # seconds to connect, and at most between two reads of a body
@@ -393,6 +395,9 @@ OPTIONAL = {"learning_rate": float, "seed": int, "target_accuracy": float}
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
 MAX_UNROLL = 4  # training steps per compiled call; see steps_per_call
 CHECKPOINT_NAME = "checkpoint.msgpack"  # in model_dir while a run is incomplete
+# Calls queued on the devices at most. Enough to keep them busy; an unbounded queue of programs
+# with collectives deadlocked XLA's CPU backend (2 devices on 2 cores, after about 50 calls).
+MAX_IN_FLIGHT = 8
 
 
 def read_train_config(path: str) -> dict:
@@ -430,7 +435,7 @@ def steps_per_call(steps: int) -> int:
     return max(k for k in range(1, MAX_UNROLL + 1) if steps % k == 0)
 
 
-def create_state(config: dict, total_steps: int) -> train_state.TrainState:
+def create_state(config: dict, total_steps: int, sharding: NamedSharding | None = None) -> train_state.TrainState:
     make, _ = OPTIMIZERS[config["optimizer"]]
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config["learning_rate"], total_steps // 20, total_steps)
@@ -439,20 +444,26 @@ def create_state(config: dict, total_steps: int) -> train_state.TrainState:
     def init(key: jax.Array) -> train_state.TrainState:
         return train_state.TrainState.create(apply_fn=None, params=init_params(key), tx=tx)
 
-    return jax.jit(init)(jax.random.key(config["seed"]))  # one compilation, not one per operation
+    # One compilation, not one per operation; the state is replicated on every device.
+    return jax.jit(init, out_shardings=sharding)(jax.random.key(config["seed"]))
 
 
 def init_params(key: jax.Array):
     return CNN().init(key, jnp.zeros((1, 28, 28), jnp.uint8))["params"]
 
 
-def train_steps(state, loss_sum, images, labels, batches, first, key, unroll: int):
-    """`unroll` optimizer steps on the batches batches[first:first + unroll] of image indices."""
+def train_steps(state, loss_sum, images, labels, batches, first, key, unroll: int, split=None):
+    """`unroll` optimizer steps on the batches batches[first:first + unroll] of image indices.
+    With `split`, each device gathers and learns from its own slice of every batch (data
+    parallelism); XLA sums the gradients across devices, and the replicated state stays in step."""
     for k in range(unroll):
         index = jax.lax.dynamic_index_in_dim(batches, first + k, keepdims=False)
-        moved = shift(images[index], jax.random.fold_in(key, first + k))
+        images_k, labels_k = images[index], labels[index]
+        if split is not None:
+            images_k, labels_k = (jax.lax.with_sharding_constraint(a, split) for a in (images_k, labels_k))
+        moved = shift(images_k, jax.random.fold_in(key, first + k))
         grad_fn = jax.value_and_grad(cross_entropy, has_aux=True)
-        (loss, _), grads = grad_fn(state.params, moved, labels[index])
+        (loss, _), grads = grad_fn(state.params, moved, labels_k)
         state, loss_sum = state.apply_gradients(grads=grads), loss_sum + loss
     return state, loss_sum
 
@@ -473,15 +484,21 @@ def plan_epoch(key: jax.Array, epoch, n: int, batch_size: int) -> tuple[jax.Arra
     return jax.random.permutation(order_key, n)[:steps * batch_size].reshape(steps, batch_size), shift_key
 
 
-def compile_programs(state, data: dict, key: jax.Array, batch_size: int, unroll: int):
+def compile_programs(state, data: dict, key: jax.Array, batch_size: int, unroll: int, mesh: Mesh):
     """The three programs of a run, compiled once, before training: plan_epoch, train_steps, evaluate."""
-    n = len(data["x_train"])
-    plan = jax.jit(plan_epoch, static_argnums=(2, 3)).lower(key, 0, n, batch_size).compile()
+    n, replicated = len(data["x_train"]), NamedSharding(mesh, PartitionSpec())
+    plan = jax.jit(plan_epoch, static_argnums=(2, 3), out_shardings=replicated).lower(key, 0, n, batch_size).compile()
     batches, shift_key = plan(key, 0)
-    step = jax.jit(train_steps, static_argnums=7).lower(
-        state, jnp.zeros(()), data["x_train"], data["y_train"], batches, 0, shift_key, unroll).compile()
-    score = jax.jit(evaluate).lower(state.params, data["x_test"], data["y_test"]).compile()
+    step = jax.jit(train_steps, static_argnums=(7, 8), out_shardings=replicated).lower(
+        state, jnp.zeros(()), data["x_train"], data["y_train"], batches, 0, shift_key, unroll,
+        NamedSharding(mesh, PartitionSpec("batch"))).compile()
+    score = jax.jit(evaluate, out_shardings=replicated).lower(state.params, data["x_test"], data["y_test"]).compile()
     return plan, step, score
+
+
+def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array placed on the sharding's devices, which may belong to other processes too."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def train(args: argparse.Namespace, log: logging.Logger) -> None:
@@ -490,28 +507,36 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     npz = os.path.join(args.data_dir, NPZ_NAME)
     arrays = load_mnist(npz)
     n, batch_size, epochs = len(arrays["x_train"]), config["batch_size"], config["train_epochs"]
+    devices, writer = jax.devices(), jax.process_index() == 0  # one process writes for all
     if batch_size > n:
         raise CubeError(f"{args.train_config}: batch_size {batch_size} is larger than the {n} training images")
+    if batch_size % len(devices):
+        raise CubeError(f"{args.train_config}: batch_size {batch_size} does not split evenly over the "
+                        f"{len(devices)} devices; use a multiple of {len(devices)}")
     log.info(f"read {args.train_config}: {json.dumps(config)}")
-    for folder in (args.model_dir, args.log_dir):
-        os.makedirs(folder, exist_ok=True)
-    log.info(f"training on {jax.default_backend()} ({jax.devices()[0].device_kind}), {n} images, "
-             f"{epochs} epochs")
+    if writer:
+        for folder in (args.model_dir, args.log_dir):
+            os.makedirs(folder, exist_ok=True)
+    log.info(f"training on {len(devices)} {jax.default_backend()} device(s) ({devices[0].device_kind}), "
+             f"{n} images, {epochs} epochs")
 
-    data = jax.device_put({key: value.astype(np.int32) if key[0] == "y" else value
-                           for key, value in arrays.items()})  # stays on the device, as uint8 images
+    mesh = Mesh(np.array(devices), ("batch",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    data = {key: global_array(value.astype(np.int32) if key[0] == "y" else value, replicated)
+            for key, value in arrays.items()}  # on every device for the whole run, images as uint8
     steps = n // batch_size
     unroll = steps_per_call(steps)
     key = jax.random.key(config["seed"] + 1)
     started = time.perf_counter()
-    state = create_state(config, steps * epochs)
-    plan, step, score = compile_programs(state, data, key, batch_size, unroll)
+    state = create_state(config, steps * epochs, replicated)
+    plan, step, score = compile_programs(state, data, key, batch_size, unroll, mesh)
     compile_seconds = time.perf_counter() - started
     log.info(f"compiled in {compile_seconds:.2f} s ({unroll} steps per call)")
 
     checkpoint = os.path.join(args.model_dir, CHECKPOINT_NAME)
     run_id = {"architecture": ARCHITECTURE, "config": config, "data_sha256": sha256_of(npz)}
     state, history = resume(checkpoint, run_id, state, log)
+    state = jax.tree.map(lambda a: global_array(np.asarray(a), replicated), state) if history else state
     target = config["target_accuracy"]
     metrics_path = os.path.join(args.log_dir, "train_metrics.jsonl")
     with StopSignals() as stop:
@@ -520,19 +545,24 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
                 break
             epoch_start = time.perf_counter()
             (batches, shift_key), loss_sum = plan(key, epoch), jnp.zeros(())
+            in_flight = collections.deque()
             for first in range(0, steps, unroll):
                 if stop.signum is not None:
                     raise Stopped(f"stopped in epoch {epoch}; run the same command again to resume "
                                   + (f"after epoch {epoch - 1}" if epoch > 1 else "from the start"), stop.signum)
                 state, loss_sum = step(state, loss_sum, data["x_train"], data["y_train"], batches, first, shift_key)
+                in_flight.append(loss_sum)
+                if len(in_flight) > MAX_IN_FLIGHT:
+                    in_flight.popleft().block_until_ready()
                 show_progress(epoch, first + unroll, steps)
             test_loss, test_accuracy = (float(v) for v in score(state.params, data["x_test"], data["y_test"])[:2])
             epoch_seconds = time.perf_counter() - epoch_start
             history.append({"epoch": epoch, "train_loss": float(loss_sum) / steps, "test_loss": test_loss,
                             "test_accuracy": test_accuracy, "epoch_seconds": epoch_seconds,
                             "elapsed_seconds": (history[-1]["elapsed_seconds"] if history else 0) + epoch_seconds})
-            write_atomically(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
-            save_checkpoint(checkpoint, run_id, state, history)
+            if writer:
+                write_atomically(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+                save_checkpoint(checkpoint, run_id, state, history)
             log.info(f"epoch {epoch}/{epochs}: train_loss {history[-1]['train_loss']:.4f}, test_loss "
                      f"{test_loss:.4f}, test_accuracy {test_accuracy:.4f}, {epoch_seconds:.2f} s")
     train_seconds = history[-1]["elapsed_seconds"]
@@ -540,6 +570,8 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     if time_to_target is not None:
         log.info(f"reached target_accuracy {target} after {len(history)} epochs, {train_seconds:.2f} s")
 
+    if not writer:
+        return
     write_atomically(os.path.join(args.model_dir, "params.msgpack"), serialization.to_bytes(state.params))
     summary = {
         "architecture": ARCHITECTURE,
@@ -770,31 +802,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def open_log(log_dir: str | None, task: str) -> logging.Logger:
+def join_cluster() -> tuple[int, int]:
+    """Start JAX's distributed runtime when a launcher runs several processes: explicitly, through
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID, or under
+    Slurm's srun or Open MPI's mpirun, which JAX recognises itself. Returns (process index, count)."""
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        try:
+            count, index = int(env.get("JAX_NUM_PROCESSES", "")), int(env.get("JAX_PROCESS_ID", ""))
+        except ValueError:
+            raise CubeError("JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+                            "set to integers too") from None
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], count, index)
+    elif int(env.get("SLURM_NTASKS", 1)) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", 1)) > 1:
+        jax.distributed.initialize()
+    return jax.process_index(), jax.process_count()
+
+
+def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) -> logging.Logger:
     """Events go as plain lines to stdout (or to stderr for warnings and errors) and, for a task
-    with a log_dir, to log_dir/mnist_TASK.log with timestamps."""
+    with a log_dir, to log_dir/mnist_TASK.log with timestamps. In a run of several processes each
+    line names its process, and only process 0 keeps the log file."""
     log = logging.getLogger(f"mnist.{task}")
     log.setLevel(logging.INFO)
     log.propagate = False
+    tag = f"[process {process[0]}/{process[1]}] " if process[1] > 1 else ""
     to_stdout, to_stderr = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
     to_stderr.setLevel(logging.WARNING)
     log.handlers = [to_stdout, to_stderr]
-    if log_dir:
+    if log_dir and process[0] == 0:
         os.makedirs(log_dir, exist_ok=True)
-        to_file = logging.FileHandler(os.path.join(log_dir, f"mnist_{task}.log"), encoding="utf-8")
-        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.handlers.append(to_file)
+        log.handlers.append(logging.FileHandler(os.path.join(log_dir, f"mnist_{task}.log"), encoding="utf-8"))
+        log.handlers[-1].setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s"))
+    for handler in log.handlers[:2]:
+        handler.setFormatter(logging.Formatter(f"{tag}%(message)s"))
     return log
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        log = open_log(getattr(args, "log_dir", None), args.task)
+        process = join_cluster() if args.task == "train" else (0, 1)
+        log = open_log(getattr(args, "log_dir", None), args.task, process)
     except OSError as e:
-        print(f"mnist.py {args.task}: error: {args.log_dir}: cannot write logs ({e.strerror})",
-              file=sys.stderr)
+        print(f"mnist.py {args.task}: error: {args.log_dir}: cannot write logs ({e.strerror})", file=sys.stderr)
+        return 1
+    except CubeError as e:
+        print(f"mnist.py {args.task}: error: {e}", file=sys.stderr)
         return 1
     log.info(f"started {args.task}")
     try:
