@@ -23,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nox
 import yaml
@@ -152,6 +154,37 @@ def options(session: nox.Session) -> Options:
         session.error(str(e))
 
 
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """What a container runner needs of its runtime: a client, whether the image is there, how to
+    build it, the command line a task runs as, and how to run it for real."""
+
+    connect: Callable[[], Any]
+    has_image: Callable[[Any, Options], bool]
+    build: Callable[[Any, Options], None]
+    command: Callable[[Run, Options], list[str]]
+    execute: Callable[[Any, Run, Options], int]
+
+
+def configure(session: nox.Session, runtime: Runtime) -> None:
+    try:
+        runtime.build(runtime.connect(), options(session))
+    except UsageError as e:
+        session.error(str(e))
+
+
+def run_in(session: nox.Session, runtime: Runtime) -> None:
+    """Run the session's tasks in the runtime's image, building the image first if it is missing."""
+    opts = options(session)
+    try:
+        client = None if opts.dry_run else runtime.connect()
+        if client and not runtime.has_image(client, opts):
+            runtime.build(client, opts)
+    except UsageError as e:
+        session.error(str(e))
+    run_tasks(session, opts, runtime.command, lambda run, opts: runtime.execute(client, run, opts))
+
+
 # ------------------------------------------------------------------------------ local runner
 @nox.session(name="run-local")
 def run_local(session: nox.Session) -> None:
@@ -186,13 +219,13 @@ def docker_client():
                          "DOCKER_HOST to one that runs") from None
 
 
-def docker_build(client, build_args: dict[str, str]) -> None:
+def docker_build(client, opts: Options) -> None:
     """Build docker.image from the Dockerfile with the classic builder, streaming its output."""
     docker = CUBE["docker"]
     step = "the start"
     for chunk in client.api.build(path=str(ROOT / docker.get("build_context", ".")),
                                   dockerfile=docker.get("build_file", "Dockerfile"), tag=docker["image"],
-                                  buildargs=build_args, rm=True, decode=True):
+                                  buildargs=opts.build_args, rm=True, decode=True):
         text = chunk.get("stream", "")
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -247,26 +280,20 @@ def docker_execute(client, run: Run, opts: Options) -> int:
         container.remove(force=True)
 
 
+DOCKER = Runtime(docker_client, lambda client, opts: bool(client.images.list(name=CUBE["docker"]["image"])),
+                 docker_build, docker_command, docker_execute)
+
+
 @nox.session(name="configure-docker", python=False)
 def configure_docker(session: nox.Session) -> None:
     """Build the Docker image named in mlcube.yaml: `-- --build-arg=BASE_IMAGE=...` to pick the base."""
-    try:
-        docker_build(docker_client(), options(session).build_args)
-    except UsageError as e:
-        session.error(str(e))
+    configure(session, DOCKER)
 
 
 @nox.session(name="run-docker", python=False)
 def run_docker(session: nox.Session) -> None:
     """Run tasks in the Docker image, building it first if missing: `nox -s run-docker -- train`."""
-    opts = options(session)
-    try:
-        client = None if opts.dry_run else docker_client()
-        if client and not client.images.list(name=CUBE["docker"]["image"]):
-            docker_build(client, opts.build_args)
-    except UsageError as e:
-        session.error(str(e))
-    run_tasks(session, opts, docker_command, lambda run, opts: docker_execute(client, run, opts))
+    run_in(session, DOCKER)
 
 
 # ------------------------------------------------------------------------ Singularity runner
@@ -331,26 +358,20 @@ def singularity_execute(client, run: Run, opts: Options) -> int:
         return e.returncode
 
 
+SINGULARITY = Runtime(singularity_client, lambda client, opts: singularity_image(opts).exists(),
+                      singularity_build, singularity_command, singularity_execute)
+
+
 @nox.session(name="configure-singularity", python=False)
 def configure_singularity(session: nox.Session) -> None:
     """Build the Singularity image from Singularity.recipe, unprivileged (`-- --from-docker` to convert)."""
-    try:
-        singularity_build(singularity_client(), options(session))
-    except UsageError as e:
-        session.error(str(e))
+    configure(session, SINGULARITY)
 
 
 @nox.session(name="run-singularity", python=False)
 def run_singularity(session: nox.Session) -> None:
     """Run tasks in the Singularity image, building it first if missing: `nox -s run-singularity -- train`."""
-    opts = options(session)
-    try:
-        client = None if opts.dry_run else singularity_client()
-        if client and not singularity_image(opts).exists():
-            singularity_build(client, opts)
-    except UsageError as e:
-        session.error(str(e))
-    run_tasks(session, opts, singularity_command, lambda run, opts: singularity_execute(client, run, opts))
+    run_in(session, SINGULARITY)
 
 
 # ------------------------------------------------------------------------------- benchmark
@@ -385,8 +406,7 @@ def train_command(python: str, work: Path, config: dict) -> list[str]:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Time to 99 % on real MNIST beside the reference trainers (`-- speed`), and the default
-    workspace/train.yaml's accuracy over 3 seeds (`-- accuracy`); both by default."""
+    """Time to 99 % beside the reference trainers (`-- speed`), default-config accuracy (`-- accuracy`)."""
     parts = session.posargs or ["speed", "accuracy"]
     data = Path(os.environ.get("MNIST_DATA_DIR", SHARED / "data" / "mnist"))
     if not (data / "mnist.npz").is_file():
