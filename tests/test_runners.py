@@ -109,13 +109,15 @@ def test_dry_run_prints_and_runs_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_run_local_download_then_train(tmp_path, server):
+def test_run_local_every_task(tmp_path, server):
     ws = workspace(tmp_path, server, npz_bytes(make_digits()), epochs=2, batch_size=64)
-    result = nox("-s", "run-local", "--", "download", "train", f"--workspace={ws}")
+    result = nox("-s", "run-local", "--", "download", "train", "evaluate", "infer", f"--workspace={ws}")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((ws / "model" / "model.json").read_text())
     assert summary["epochs_run"] == 2 and summary["test_accuracy"] > 0.5
     assert (ws / "logs" / "mnist_download.log").exists() and (ws / "logs" / "train_metrics.jsonl").exists()
+    assert json.loads((ws / "logs" / "evaluate_metrics.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+    assert len(json.loads((ws / "predictions" / "predictions.json").read_text())["predictions"]) == 128
 
 
 def test_run_local_stops_at_first_failure_with_its_code(tmp_path, server):
@@ -187,13 +189,15 @@ def test_run_docker_download_and_train_real_mnist(tmp_path, server, real_data, i
     if plain_user:
         chown(home / "work", 4321)
     owner = (4321, 4321) if plain_user else (os.getuid(), os.getgid())
-    result = nox("-s", "run-docker", "--", "download", "train", f"--workspace={ws}", "--network=host",
-                 env={"HOME": str(home)}, user=plain_user)
+    result = nox("-s", "run-docker", "--", "download", "train", "evaluate", "infer", f"--workspace={ws}",
+                 "--network=host", env={"HOME": str(home)}, user=plain_user)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sha256((ws / "data" / "mnist.npz").read_bytes()) == sha256(body)
     summary = json.loads((ws / "model" / "model.json").read_text())
     assert summary["test_accuracy"] > 0.95 and summary["backend"] == "cpu"
-    written = [p for d in ("data", "logs", "model") for p in (ws / d, *(ws / d).iterdir())]
+    assert json.loads((ws / "logs" / "evaluate_metrics.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+    assert len(json.loads((ws / "predictions" / "predictions.json").read_text())["predictions"]) == 10000
+    written = [p for d in ("data", "logs", "model", "predictions") for p in (ws / d, *(ws / d).iterdir())]
     assert {(p.stat().st_uid, p.stat().st_gid) for p in written} == {owner}
     assert "epoch 1/1" in result.stdout  # the container's output streamed through
     assert containers() == []
