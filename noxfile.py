@@ -276,6 +276,9 @@ def docker_execute(client, run: Run, opts: Options) -> int:
                     stream.buffer.write(data)
                     stream.flush()
         return container.wait()["StatusCode"]
+    except KeyboardInterrupt:
+        container.stop(timeout=10)  # SIGTERM first: train stops at a safe point, ready to resume
+        raise
     finally:
         container.remove(force=True)
 
