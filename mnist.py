@@ -3,6 +3,8 @@
 
     python mnist.py download --data_config=PATH --data_dir=PATH --log_dir=PATH
     python mnist.py train --train_config=PATH --data_dir=PATH --model_dir=PATH --log_dir=PATH
+    python mnist.py evaluate --data_dir=PATH --model_dir=PATH --log_dir=PATH
+    python mnist.py infer --model_dir=PATH --images=PATH --predictions=PATH
 
 Each task reads and writes only the paths it is given, so the same command runs on a laptop, in
 Docker or under Singularity, where MLCube mounts each path into the container.
