@@ -71,6 +71,21 @@ def test_docker_command_line(tmp_path):
         "--log_dir=/mlcube_io2", "--model_dir=/mlcube_io3"]
 
 
+def test_build_context_holds_only_what_the_image_needs(tmp_path):
+    """.dockerignore, as the Docker SDK applies it, on a copy of the cube with data and a venv in it."""
+    from docker.utils.build import exclude_paths
+
+    cube = tmp_path / "cube"
+    shutil.copytree(ROOT, cube, ignore=shutil.ignore_patterns(".git", ".nox", ".gpu"))
+    for junk in ("workspace/data/mnist.npz", "workspace/model/params.msgpack", ".nox/tests/bin/python", ".git/HEAD"):
+        (cube / junk).parent.mkdir(parents=True, exist_ok=True)
+        (cube / junk).write_text("x")
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert sorted(exclude_paths(str(cube), patterns, dockerfile="Dockerfile")) == [
+        ".dockerignore", "Dockerfile", "mnist.py", "requirements.txt", "workspace/data.yaml", "workspace/train.yaml"]
+
+
 def test_gpus_from_option_or_accelerator_count(monkeypatch):
     assert noxfile.gpus_wanted(noxfile.Options()) is None  # CPU by default: mlcube.yaml asks for none
     assert noxfile.gpus_wanted(noxfile.Options(gpus="device=1")) == "device=1"
