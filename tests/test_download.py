@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +284,22 @@ def test_cli_error_exits_1_with_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"mnist.py download: error: {tmp_path / 'data.yaml'}: missing key 'hash' (expected uri, hash)")
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_is_a_drop_in_twin(tmp_path, capsys):
+    """The IDX route on a real twin data set, from file:// URIs: Fashion-MNIST has 6000 images of each
+    class for training and 1000 for testing."""
+    names = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+             "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
+    config = {"files": {name: {"uri": (FASHION / file).as_uri(), "hash": sha256((FASHION / file).read_bytes())}
+                        for name, file in names.items()}}
+    code, out = run_download(tmp_path, config, capsys)
+    assert code == 0, out
+    arrays = mnist.load_mnist(str(tmp_path / "data" / "mnist.npz"))
+    assert arrays["x_train"].shape == (60000, 28, 28) and arrays["x_test"].shape == (10000, 28, 28)
+    assert np.bincount(arrays["y_train"]).tolist() == [6000] * 10
+    assert np.bincount(arrays["y_test"]).tolist() == [1000] * 10
