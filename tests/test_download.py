@@ -42,7 +42,8 @@ def good(server):
     return {"uri": server.serve("/mnist.npz", body), "hash": sha256(body)}, body
 
 
-def test_download_writes_verified_npz_and_log(tmp_path, good, capsys):
+def test_download_writes_verified_npz_and_log(tmp_path, good, capsys, monkeypatch):
+    monkeypatch.setattr(mnist, "CHUNK", 4096)  # several chunks, so progress has something to report
     config, body = good
     code, err = run_download(tmp_path, config, capsys)
     assert code == 0, err
@@ -55,6 +56,8 @@ def test_download_writes_verified_npz_and_log(tmp_path, good, capsys):
                   "verified SHA-256", "written "):
         assert event in log
     assert log.splitlines()[0][:4].isdigit()  # timestamped
+    assert [line.split(":")[1].split()[0] for line in err.splitlines() if "% of" in line] == [
+        "25%", "50%", "75%", "100%"]  # progress, not on a terminal: a line a quarter
 
 
 def test_rerun_downloads_nothing(tmp_path, good, server, capsys):
