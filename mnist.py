@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -183,36 +184,35 @@ def fetch_http(uri: str, out, label: str, log: logging.Logger) -> tuple[str, int
                     "check the network, or point uri at a local copy")
 
 
-def fetch(uri: str, expected: str, folder: str, log: logging.Logger) -> str:
-    """Stream `uri` into a temporary file in `folder`, hashing as it goes; return its path
-    only once its SHA-256 matches. On any failure the temporary file is removed."""
+def fetch(uri: str, expected: str, out, log: logging.Logger) -> None:
+    """Stream `uri` into the file `out`, hashing as it goes; a CubeError unless its SHA-256 matches."""
     label = os.path.basename(urllib.parse.urlsplit(uri).path) or uri
-    fd, tmp = create_temp(folder, label)
+    if uri.startswith(("http://", "https://")):
+        digest, size = fetch_http(uri, out, label, log)
+    else:
+        try:
+            with open(uri, "rb") as source:
+                digest, size = stream(source, out, os.fstat(source.fileno()).st_size, label)
+        except OSError as e:
+            raise CubeError(f"{uri}: cannot read ({e.strerror})") from None
+    log.info(f"fetched {size} bytes from {uri}")
+    if digest != expected:
+        raise CubeError(f"{uri}: SHA-256 mismatch: expected {expected}, got {digest}; "
+                        "the download is corrupt or the hash in the data config is wrong")
+    log.info(f"verified SHA-256 {digest} of {uri}")
+
+
+@contextlib.contextmanager
+def staged(path: str):
+    """A new temporary file beside `path` (so that a rename is atomic), with the umask's
+    permissions, open for writing; removed when the block ends unless commit() moved it to `path`."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.urandom(4).hex()}.part")
     try:
-        with os.fdopen(fd, "wb") as out:
-            if uri.startswith(("http://", "https://")):
-                digest, size = fetch_http(uri, out, label, log)
-            else:
-                try:
-                    with open(uri, "rb") as source:
-                        digest, size = stream(source, out, os.fstat(source.fileno()).st_size, label)
-                except OSError as e:
-                    raise CubeError(f"{uri}: cannot read ({e.strerror})") from None
-        log.info(f"fetched {size} bytes from {uri}")
-        if digest != expected:
-            raise CubeError(f"{uri}: SHA-256 mismatch: expected {expected}, got {digest}; "
-                            "the download is corrupt or the hash in the data config is wrong")
-        log.info(f"verified SHA-256 {digest} of {uri}")
-        return tmp
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def create_temp(folder: str, name: str) -> tuple[int, str]:
-    """A new file beside its final place (so a rename is atomic), with the umask's permissions."""
-    path = os.path.join(folder, f".{name}.{os.urandom(4).hex()}.part")
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as out:
+            yield out, tmp
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def sha256_of(path: str) -> str:
@@ -223,10 +223,10 @@ def sha256_of(path: str) -> str:
     return sha.hexdigest()
 
 
-def commit(tmp: str, path: str) -> None:
-    """Make a finished temporary file durable, then put it at `path` in one atomic step."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+def commit(out, tmp: str, path: str) -> None:
+    """Make a finished staged file durable, then put it at `path` in one atomic step."""
+    out.flush()
+    os.fsync(out.fileno())
     os.replace(tmp, path)
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
@@ -236,15 +236,9 @@ def commit(tmp: str, path: str) -> None:
 
 
 def write_atomically(path: str, data: bytes) -> None:
-    fd, tmp = create_temp(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        commit(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with staged(path) as (out, tmp):
+        out.write(data)
+        commit(out, tmp, path)
 
 
 def read_idx(path: str, where: str) -> np.ndarray:
@@ -306,17 +300,16 @@ def download(args: argparse.Namespace, log: logging.Logger) -> None:
         log.info(f"skipped: {final} is already present and matches its SHA-256")
         return
     if NPZ_NAME in sources:
-        tmp = fetch(*sources[NPZ_NAME], args.data_dir, log)
-        try:
+        with staged(final) as (out, tmp):
+            fetch(*sources[NPZ_NAME], out, log)
+            out.flush()
             load_mnist(tmp)
-            commit(tmp, final)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+            commit(out, tmp, final)
+        record[NPZ_NAME] = sources[NPZ_NAME][1]
     else:
-        write_atomically(final, assemble_npz(sources, args.data_dir, log))
-    record[NPZ_NAME] = sha256_of(final)
+        data = assemble_npz(sources, final, log)
+        write_atomically(final, data)
+        record[NPZ_NAME] = hashlib.sha256(data).hexdigest()
     write_atomically(record_path, json.dumps(record, indent=2).encode())
     log.info(f"written {final} (SHA-256 {record[NPZ_NAME]})")
 
@@ -333,16 +326,15 @@ def expected_npz_digest(sources: dict, record: dict, record_path: str) -> str | 
         return None
 
 
-def assemble_npz(sources: dict, folder: str, log: logging.Logger) -> bytes:
-    """Fetch and verify the four IDX files, then pack their arrays as the Keras-layout npz."""
+def assemble_npz(sources: dict, final: str, log: logging.Logger) -> bytes:
+    """Fetch and verify the four IDX files beside `final`, then pack their arrays as the Keras-layout npz."""
     arrays = {}
     for name, key in IDX_FILES.items():
         uri, digest = sources[name]
-        tmp = fetch(uri, digest, folder, log)
-        try:
+        with staged(final) as (out, tmp):
+            fetch(uri, digest, out, log)
+            out.flush()
             arrays[key] = read_idx(tmp, uri)
-        finally:
-            os.unlink(tmp)
     buffer = io.BytesIO()
     np.savez(buffer, **check_mnist(arrays, "the IDX files"))
     return buffer.getvalue()
@@ -374,8 +366,13 @@ def shift(images: jax.Array, key: jax.Array) -> jax.Array:
     return jax.vmap(lambda image, at: jax.lax.dynamic_slice(image, at, (28, 28)))(padded, offsets)
 
 
+def predict(params, images: jax.Array) -> jax.Array:
+    """Logits, one row of 10 per image."""
+    return CNN().apply({"params": params}, images)
+
+
 def cross_entropy(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits = CNN().apply({"params": params}, images)
+    logits = predict(params, images)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
 
@@ -458,13 +455,13 @@ def train_steps(state, loss_sum, images, labels, batches, first, key, unroll: in
     """`unroll` optimizer steps on the batches batches[first:first + unroll] of image indices.
     With `split`, each device gathers and learns from its own slice of every batch (data
     parallelism); XLA sums the gradients across devices, and the replicated state stays in step."""
+    grad_fn = jax.value_and_grad(cross_entropy, has_aux=True)
     for k in range(unroll):
         index = jax.lax.dynamic_index_in_dim(batches, first + k, keepdims=False)
         images_k, labels_k = images[index], labels[index]
         if split is not None:
             images_k, labels_k = (jax.lax.with_sharding_constraint(a, split) for a in (images_k, labels_k))
         moved = shift(images_k, jax.random.fold_in(key, first + k))
-        grad_fn = jax.value_and_grad(cross_entropy, has_aux=True)
         (loss, _), grads = grad_fn(state.params, moved, labels_k)
         state, loss_sum = state.apply_gradients(grads=grads), loss_sum + loss
     return state, loss_sum
@@ -517,8 +514,7 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
                         f"{len(devices)} devices; use a multiple of {len(devices)}")
     log.info(f"read {args.train_config}: {json.dumps(config)}")
     if writer:
-        for folder in (args.model_dir, args.log_dir):
-            os.makedirs(folder, exist_ok=True)
+        os.makedirs(args.model_dir, exist_ok=True)  # open_log made log_dir
     log.info(f"training on {len(devices)} {jax.default_backend()} device(s) ({devices[0].device_kind}), "
              f"{n} images, {epochs} epochs")
 
@@ -582,7 +578,7 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
         "epochs_run": len(history), "time_to_target_seconds": time_to_target,
         "train_seconds": train_seconds, "compile_seconds": compile_seconds,
         "images_per_second": len(history) * steps * batch_size / train_seconds,
-        "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
     }
     write_atomically(os.path.join(args.model_dir, "model.json"), json.dumps(summary, indent=2).encode())
@@ -684,7 +680,6 @@ def evaluate_task(args: argparse.Namespace, log: logging.Logger) -> None:
         "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted class
         "data_sha256": sha256_of(os.path.join(args.data_dir, NPZ_NAME)),
     }
-    os.makedirs(args.log_dir, exist_ok=True)
     write_atomically(os.path.join(args.log_dir, "evaluate_metrics.json"), json.dumps(metrics, indent=2).encode())
     same = (metrics["test_accuracy"], metrics["test_loss"]) == (summary["test_accuracy"], summary["test_loss"])
     log.info(f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} on "
@@ -721,7 +716,7 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
     """Classify images with the trained model; write each one's class and probabilities as JSON."""
     params, _ = load_model(args.model_dir)
     images = read_images(args.images)
-    probabilities = np.asarray(jax.jit(lambda p, x: jax.nn.softmax(CNN().apply({"params": p}, x)))(params, images))
+    probabilities = np.asarray(jax.nn.softmax(jax.jit(predict)(params, images)))
     predictions = [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]}
                    for p in probabilities]
     os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
