@@ -11,10 +11,10 @@ import os
 import shlex
 
 import pytest
-import yaml
-from conftest import ROOT, make_digits, npz_bytes, sha256
+from conftest import ROOT, make_digits, npz_bytes
 from spython.main.parse.parsers import DockerParser, SingularityParser
 from test_runners import nox
+from test_runners import workspace as runner_workspace
 
 STANDIN = ROOT / "tests" / "standin"
 IMAGE = "mnist-0.0.1.simg"
@@ -34,13 +34,7 @@ def standin(tmp_path):
 
 
 def workspace(tmp_path, server, digest=None):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    body = npz_bytes(make_digits())
-    ws.joinpath("data.yaml").write_text(yaml.safe_dump({"uri": server.serve("/mnist.npz", body),
-                                                        "hash": digest or sha256(body)}))
-    ws.joinpath("train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 1, "batch_size": 64}))
-    return ws
+    return runner_workspace(tmp_path, server, npz_bytes(make_digits()), epochs=1, batch_size=64, digest=digest)
 
 
 def test_standin_configure_singularity_builds_the_recipe_without_root(tmp_path, standin):
