@@ -105,9 +105,28 @@ def test_model_shapes():
     assert logits.shape == (5, 10) and logits.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("steps, unroll", [(468, 4), (1875, 3), (3, 3), (13, 1), (16, 4)])
-def test_steps_per_call_divides_the_epoch(steps, unroll):
-    assert mnist.steps_per_call(steps) == unroll
+@pytest.mark.parametrize("size, height, channels", [(4, 28, 1), (3, 14, 16)])
+def test_conv_computes_what_flax_conv_computes(size, height, channels):
+    images = jax.random.normal(jax.random.key(1), (5, height, height, channels))
+    flax_conv = mnist.nn.Conv(32, (size, size), strides=2)
+    variables = flax_conv.init(jax.random.key(0), images)
+    ours = mnist.Conv(32, size)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), images)) == jax.tree.map(jnp.shape, variables)
+    np.testing.assert_allclose(ours.apply(variables, images), flax_conv.apply(variables, images), atol=1e-5)
+
+
+def test_the_saved_average_follows_the_parameters():
+    state = mnist.create_state({"optimizer": "sgd", "learning_rate": 0.1, "seed": 0}, total_steps=10)
+    new = state.apply_gradients(grads=jax.tree.map(jnp.ones_like, state.params))
+    for before, after, average in zip(*map(jax.tree.leaves, (state.params, new.params, new.average)), strict=True):
+        assert not np.allclose(before, after)
+        np.testing.assert_allclose(average, mnist.AVERAGE_DECAY * before + (1 - mnist.AVERAGE_DECAY) * after,
+                                   rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("steps, count", [(468, 52), (1875, 25), (3, 3), (128, 64), (67, 1)])
+def test_steps_per_call_divides_the_epoch(steps, count):
+    assert mnist.steps_per_call(steps) == count
 
 
 GOOD = {"optimizer": "adam", "train_epochs": 1, "batch_size": 32}
