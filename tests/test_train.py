@@ -92,6 +92,22 @@ def test_every_optimizer_builds_and_steps(name):
     assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def test_one_call_of_four_steps_equals_four_calls_of_one():
+    data = make_digits(256, 8)
+    state = mnist.create_state({"optimizer": "adam", "learning_rate": 1e-3, "seed": 0}, total_steps=4)
+    batches = jax.random.permutation(jax.random.key(1), 256).reshape(8, 32)
+    run = jax.jit(mnist.train_steps, static_argnums=7)
+    args = (data["x_train"], data["y_train"].astype(np.int32), batches)
+    looped, looped_loss = run(state, jnp.zeros(()), *args, 2, jax.random.key(2), 4)
+    single, single_loss = state, jnp.zeros(())
+    for first in range(2, 6):
+        single, single_loss = run(single, single_loss, *args, first, jax.random.key(2), 1)
+    assert int(looped.step) == int(single.step) == 4
+    np.testing.assert_allclose(looped_loss, single_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(looped.average), jax.tree.leaves(single.average), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_shift_moves_each_image_by_at_most_one_pixel():
     images = jnp.zeros((64, 28, 28), jnp.uint8).at[:, 14, 14].set(255)
     moved = np.asarray(mnist.shift(images, jax.random.key(0)))
