@@ -343,6 +343,7 @@ def assemble_npz(sources: dict, final: str, log: logging.Logger) -> bytes:
 
 # --------------------------------------------------------------------------------------- model
 ARCHITECTURE = "CNN(conv16/4x4/s2, conv32/3x3/s2, dense128, dense10)"  # recorded in model.json
+SCORE_BATCH = 1000  # images that evaluation and inference score at once
 
 
 class Conv(nn.Module):
@@ -393,9 +394,14 @@ def predict(params, images: jax.Array) -> jax.Array:
     return CNN().apply({"params": params}, images)
 
 
-def cross_entropy(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits = predict(params, images)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+def predict_all(params, images: jax.Array) -> jax.Array:
+    """predict for any number of images, SCORE_BATCH at a time, so that memory stays bounded (all
+    60,000 training images at once took 3.7 GB)."""
+    return jax.lax.map(lambda image: predict(params, image[None])[0], images, batch_size=SCORE_BATCH)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 # ------------------------------------------------------------------------------------ training
@@ -495,14 +501,14 @@ def train_steps(state, loss_sum, images, labels, batches, first, key, count: int
     Conv is a matrix product: a loop of nn.Conv steps ran about 23 times slower.) With `split`, each
     device gathers and learns from its own slice of every batch (data parallelism); XLA sums the
     gradients across devices, and the replicated state stays in step."""
-    grad_fn = jax.value_and_grad(cross_entropy, has_aux=True)
+    grad_fn = jax.value_and_grad(lambda params, images, labels: cross_entropy(predict(params, images), labels))
 
     def step(carry, i):
         state, loss_sum = carry
         images_i, labels_i = images[batches[i]], labels[batches[i]]
         if split is not None:
             images_i, labels_i = (jax.lax.with_sharding_constraint(a, split) for a in (images_i, labels_i))
-        (loss, _), grads = grad_fn(state.params, shift(images_i, jax.random.fold_in(key, i)), labels_i)
+        loss, grads = grad_fn(state.params, shift(images_i, jax.random.fold_in(key, i)), labels_i)
         return (state.apply_gradients(grads=grads), loss_sum + loss), None
 
     return jax.lax.scan(step, (state, loss_sum), first + jnp.arange(count))[0]
@@ -511,9 +517,9 @@ def train_steps(state, loss_sum, images, labels, batches, first, key, count: int
 def evaluate(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean loss, accuracy and each image's predicted class. train and the evaluate task both run
     this one function, so the figures they report are the same bits."""
-    loss, logits = cross_entropy(params, images, labels)
+    logits = predict_all(params, images)
     predicted = logits.argmax(-1)
-    return loss, (predicted == labels).mean(), predicted
+    return cross_entropy(logits, labels), (predicted == labels).mean(), predicted
 
 
 def plan_epoch(key: jax.Array, epoch, n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -757,7 +763,7 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
     """Classify images with the trained model; write each one's class and probabilities as JSON."""
     params, _ = load_model(args.model_dir)
     images = read_images(args.images)
-    probabilities = np.asarray(jax.nn.softmax(jax.jit(predict)(params, images)))
+    probabilities = np.asarray(jax.nn.softmax(jax.jit(predict_all)(params, images)))
     predictions = [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]}
                    for p in probabilities]
     os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)

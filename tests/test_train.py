@@ -121,6 +121,13 @@ def test_model_shapes():
     assert logits.shape == (5, 10) and logits.dtype == jnp.float32
 
 
+def test_predict_all_scores_every_image_in_batches():
+    images = jax.random.randint(jax.random.key(1), (2 * mnist.SCORE_BATCH + 7, 28, 28), 0, 256).astype(jnp.uint8)
+    params = mnist.init_params(jax.random.key(0))
+    np.testing.assert_allclose(jax.jit(mnist.predict_all)(params, images), mnist.predict(params, images),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("size, height, channels", [(4, 28, 1), (3, 14, 16)])
 def test_conv_computes_what_flax_conv_computes(size, height, channels):
     images = jax.random.normal(jax.random.key(1), (5, height, height, channels))
