@@ -637,8 +637,8 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
 
 
 def save_checkpoint(path: str, run_id: dict, state: TrainState, history: list[dict]) -> None:
-    """Parameters, optimizer state and step count, and the epochs so far. The PRNG keys need no
-    saving: each epoch's are derived from the seed and the epoch's number."""
+    """Parameters and their average, optimizer state and step count, and the epochs so far. The PRNG
+    keys need no saving: each epoch's are derived from the seed and the epoch's number."""
     record = {"state": serialization.to_state_dict(state), "run": json.dumps(run_id), "history": json.dumps(history)}
     write_atomically(path, serialization.msgpack_serialize(record))
 
