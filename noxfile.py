@@ -437,6 +437,12 @@ def bench(session: nox.Session) -> None:
             ratio = f"{(r['to_99'] or r['seconds']) / ours:.1f}" + ("" if r["to_99"] else "+") if ours else "-"
             print(f"{name:<16} {to_99:>12} {r['epochs_to_99'] or '-':>7} {r['seconds']:>8.1f} "
                   f"{r['accuracy']:>10.4f} {r['peak_mb']:>8.0f} {ratio:>11}")
+        summary = json.loads((work / "model" / "model.json").read_text())  # mnist.py's own account
+        to_target = summary["time_to_target_seconds"]
+        print(f"mnist.py on {summary['backend']} ({summary['device_kind']}): compilation "
+              f"{summary['compile_seconds']:.2f} s, training to 99 % "
+              + (f"{to_target:.2f} s" if to_target is not None else "not reached")
+              + f", {summary['images_per_second']:.0f} images/s")
 
     if "accuracy" in parts:
         default = yaml.safe_load((ROOT / "workspace" / "train.yaml").read_text())
