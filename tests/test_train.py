@@ -138,7 +138,7 @@ def test_conv_computes_what_flax_conv_computes(size, height, channels):
     np.testing.assert_allclose(ours.apply(variables, images), flax_conv.apply(variables, images), atol=1e-5)
 
 
-def test_the_saved_average_follows_the_parameters():
+def test_the_average_follows_the_parameters():
     state = mnist.create_state({"optimizer": "sgd", "learning_rate": 0.1, "seed": 0}, total_steps=10)
     new = state.apply_gradients(grads=jax.tree.map(jnp.ones_like, state.params))
     for before, after, average in zip(*map(jax.tree.leaves, (state.params, new.params, new.average)), strict=True):
