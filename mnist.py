@@ -274,10 +274,13 @@ def check_mnist(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarr
     return arrays
 
 
-def load_mnist(path: str) -> dict[str, np.ndarray]:
-    """The four MNIST arrays from an npz, pickles refused, shapes and labels checked."""
+def load_mnist(path: str) -> tuple[dict[str, np.ndarray], str]:
+    """The four MNIST arrays from an npz (pickles refused, shapes and labels checked), and the
+    file's SHA-256, from one read of it."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with open(path, "rb") as f:
+            blob = f.read()
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             missing = [key for key in ARRAYS if key not in npz.files]
             if missing:
                 raise CubeError(f"{path}: missing array '{missing[0]}' (expected {', '.join(ARRAYS)})")
@@ -286,7 +289,7 @@ def load_mnist(path: str) -> dict[str, np.ndarray]:
         raise CubeError(f"{path}: no such file; run the download task first") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise CubeError(f"{path}: not a usable MNIST .npz ({e})") from None
-    return check_mnist(arrays, path)
+    return check_mnist(arrays, path), hashlib.sha256(blob).hexdigest()
 
 
 def download(args: argparse.Namespace, log: logging.Logger) -> None:
@@ -551,8 +554,7 @@ def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
 def train(args: argparse.Namespace, log: logging.Logger) -> None:
     """Train the CNN on data_dir/mnist.npz; write model_dir/params.msgpack and model.json."""
     config = read_train_config(args.train_config)
-    npz = os.path.join(args.data_dir, NPZ_NAME)
-    arrays = load_mnist(npz)
+    arrays, data_sha256 = load_mnist(os.path.join(args.data_dir, NPZ_NAME))
     n, batch_size, epochs = len(arrays["x_train"]), config["batch_size"], config["train_epochs"]
     devices, writer = jax.devices(), jax.process_index() == 0  # one process writes for all
     if batch_size > n:
@@ -580,7 +582,7 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     log.info(f"compiled in {compile_seconds:.2f} s ({count} steps per call)")
 
     checkpoint = os.path.join(args.model_dir, CHECKPOINT_NAME)
-    run_id = {"architecture": ARCHITECTURE, "config": config, "data_sha256": sha256_of(npz)}
+    run_id = {"architecture": ARCHITECTURE, "config": config, "data_sha256": data_sha256}
     state, history = resume(checkpoint, run_id, state, log)
     state = jax.tree.map(lambda a: global_array(np.asarray(a), replicated), state) if history else state
     target = config["target_accuracy"]
@@ -717,7 +719,7 @@ def load_model(model_dir: str) -> tuple[dict, dict]:
 def evaluate_task(args: argparse.Namespace, log: logging.Logger) -> None:
     """Score the trained model on all test images; write log_dir/evaluate_metrics.json."""
     params, summary = load_model(args.model_dir)
-    arrays = load_mnist(os.path.join(args.data_dir, NPZ_NAME))
+    arrays, data_sha256 = load_mnist(os.path.join(args.data_dir, NPZ_NAME))
     labels = arrays["y_test"].astype(np.int32)
     loss, accuracy, predicted = jax.jit(evaluate)(params, arrays["x_test"], labels)
     confusion = np.zeros((10, 10), np.int64)
@@ -726,7 +728,7 @@ def evaluate_task(args: argparse.Namespace, log: logging.Logger) -> None:
         "test_accuracy": float(accuracy), "test_loss": float(loss), "images": len(labels),
         "per_class_accuracy": [float(c) for c in confusion.diagonal() / np.maximum(confusion.sum(1), 1)],
         "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted class
-        "data_sha256": sha256_of(os.path.join(args.data_dir, NPZ_NAME)),
+        "data_sha256": data_sha256,
     }
     write_atomically(os.path.join(args.log_dir, "evaluate_metrics.json"), json.dumps(metrics, indent=2).encode())
     same = (metrics["test_accuracy"], metrics["test_loss"]) == (summary["test_accuracy"], summary["test_loss"])

@@ -219,7 +219,7 @@ def test_idx_route_assembles_npz(tmp_path, server, capsys, gzipped):
     config = idx_config(server, arrays, gzipped)
     code, err = run_download(tmp_path, config, capsys)
     assert code == 0, err
-    loaded = mnist.load_mnist(str(tmp_path / "data" / "mnist.npz"))
+    loaded, _ = mnist.load_mnist(str(tmp_path / "data" / "mnist.npz"))
     for key in mnist.ARRAYS:
         np.testing.assert_array_equal(loaded[key], arrays[key])
     assert data_files(tmp_path) == ["download.json", "mnist.npz"]
@@ -245,7 +245,7 @@ def test_real_idx_files_over_http(tmp_path, server, capsys, real_data):
                                "hash": digests[file]} for name, file in names.items()}}
     code, err = run_download(tmp_path, config, capsys)
     assert code == 0, err
-    arrays = mnist.load_mnist(str(tmp_path / "data" / "mnist.npz"))
+    arrays, _ = mnist.load_mnist(str(tmp_path / "data" / "mnist.npz"))
     assert arrays["x_train"].shape == (60000, 28, 28) and arrays["x_test"].shape == (10000, 28, 28)
     assert np.bincount(arrays["y_train"]).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert np.bincount(arrays["y_test"]).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -302,7 +302,7 @@ def test_fashion_mnist_is_a_drop_in_twin(tmp_path, capsys):
                         for name, file in names.items()}}
     code, out = run_download(tmp_path, config, capsys)
     assert code == 0, out
-    arrays = mnist.load_mnist(str(tmp_path / "data" / "mnist.npz"))
+    arrays, _ = mnist.load_mnist(str(tmp_path / "data" / "mnist.npz"))
     assert arrays["x_train"].shape == (60000, 28, 28) and arrays["x_test"].shape == (10000, 28, 28)
     assert np.bincount(arrays["y_train"]).tolist() == [6000] * 10
     assert np.bincount(arrays["y_test"]).tolist() == [1000] * 10
