@@ -592,17 +592,7 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
             if history and target is not None and history[-1]["test_accuracy"] >= target:
                 break
             epoch_start = time.perf_counter()
-            (batches, shift_key), loss_sum = plan(key, epoch), jnp.zeros(())
-            in_flight = collections.deque()
-            for first in range(0, steps, count):
-                if stop.signum is not None:
-                    raise Stopped(f"stopped in epoch {epoch}; run the same command again to resume "
-                                  + (f"after epoch {epoch - 1}" if epoch > 1 else "from the start"), stop.signum)
-                state, loss_sum = step(state, loss_sum, data["x_train"], data["y_train"], batches, first, shift_key)
-                in_flight.append(loss_sum)
-                if len(in_flight) > MAX_IN_FLIGHT:
-                    in_flight.popleft().block_until_ready()
-                show_progress(epoch, first + count, steps)
+            state, loss_sum = train_epoch(plan, step, state, data, key, epoch, stop)
             test_loss, test_accuracy = (float(v) for v in score(state.average, data["x_test"], data["y_test"])[:2])
             epoch_seconds = time.perf_counter() - epoch_start
             history.append({"epoch": epoch, "train_loss": float(loss_sum) / steps, "test_loss": test_loss,
@@ -636,6 +626,25 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     os.unlink(checkpoint)  # the run is complete: a rerun starts afresh
     log.info(f"written {args.model_dir}/params.msgpack and model.json: test_accuracy "
              f"{summary['test_accuracy']:.4f}")
+
+
+def train_epoch(plan, step, state: TrainState, data: dict, key: jax.Array, epoch: int, stop: StopSignals):
+    """One epoch of the compiled programs: the state after it, and its summed training loss (on the
+    device). The host queues at most MAX_IN_FLIGHT calls ahead, and stops between two of them."""
+    (batches, shift_key), loss_sum = plan(key, epoch), jnp.zeros(())
+    steps = len(batches)
+    count = steps_per_call(steps)
+    in_flight = collections.deque()
+    for first in range(0, steps, count):
+        if stop.signum is not None:
+            raise Stopped(f"stopped in epoch {epoch}; run the same command again to resume "
+                          + (f"after epoch {epoch - 1}" if epoch > 1 else "from the start"), stop.signum)
+        state, loss_sum = step(state, loss_sum, data["x_train"], data["y_train"], batches, first, shift_key)
+        in_flight.append(loss_sum)
+        if len(in_flight) > MAX_IN_FLIGHT:
+            in_flight.popleft().block_until_ready()
+        show_progress(epoch, first + count, steps)
+    return state, loss_sum
 
 
 def save_checkpoint(path: str, run_id: dict, state: TrainState, history: list[dict]) -> None:
