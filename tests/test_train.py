@@ -1,5 +1,6 @@
 """The train task: config checks, outputs, optimizers, determinism, and a short run on real MNIST."""
 import json
+import logging
 import os
 
 import jax
@@ -76,6 +77,27 @@ def test_same_seed_gives_identical_params(cube, capsys):
         digests.append(mnist.sha256_of(str(cube / "model" / "params.msgpack")))
     assert run_train(cube, {**config, "seed": 4}, capsys)[0] == 0
     assert digests[0] == digests[1] != mnist.sha256_of(str(cube / "model" / "params.msgpack"))
+
+
+def test_nothing_compiles_after_compile_programs(cube, capsys, caplog, monkeypatch):
+    """Epochs, their last partial batch (512 images, batch 48) and evaluation reuse the programs
+    compiled before training; JAX logs every compilation, and none may follow compile_programs."""
+    compile_programs = mnist.compile_programs
+
+    def compile_then_mark(*args):
+        programs = compile_programs(*args)
+        logging.getLogger("test").warning("compile_programs returned")
+        return programs
+
+    monkeypatch.setattr(mnist, "compile_programs", compile_then_mark)
+    jax.clear_caches()  # programs compiled by earlier tests would not be logged again
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        code, _, err = run_train(cube, {"optimizer": "adam", "train_epochs": 2, "batch_size": 48}, capsys)
+    assert code == 0, err
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("Compiling jit(train_steps)") for m in messages)
+    after = messages[messages.index("compile_programs returned") + 1:]
+    assert [m for m in after if m.startswith("Compiling")] == []
 
 
 @pytest.mark.parametrize("name", list(mnist.OPTIMIZERS))
