@@ -98,6 +98,14 @@ def server():
     s.httpd.server_close()
 
 
+class Terminal(io.StringIO):
+    """A stand-in for stderr on a terminal (isatty() is true) that records what the tasks draw. Set
+    it in the test's body: capsys replaces sys.stderr after the fixtures are set up."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 @pytest.fixture(autouse=True)
 def quick_network(monkeypatch):
     """Keep retries and timeouts short so the fault tests take seconds, not minutes."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, idx_bytes, make_mnist, npz_bytes, sha256
+from conftest import ROOT, Terminal, idx_bytes, make_mnist, npz_bytes, sha256
 
 import mnist
 
@@ -58,6 +58,17 @@ def test_download_writes_verified_npz_and_log(tmp_path, good, capsys, monkeypatc
     assert log.splitlines()[0][:4].isdigit()  # timestamped
     assert [line.split(":")[1].split()[0] for line in err.splitlines() if "% of" in line] == [
         "25%", "50%", "75%", "100%"]  # progress, not on a terminal: a line a quarter
+
+
+def test_live_progress_bar_on_a_terminal(tmp_path, good, capsys, monkeypatch):
+    monkeypatch.setattr(mnist, "CHUNK", 4096)
+    monkeypatch.setattr(sys, "stderr", terminal := Terminal())
+    config, body = good
+    assert run_download(tmp_path, config, capsys)[0] == 0
+    frames = terminal.getvalue().split("\r")[1:]  # each redraw starts at the line's beginning
+    assert len(frames) == -(-len(body) // 4096) and frames[-1].endswith("\n")
+    assert frames[0].startswith("mnist.npz [#") and frames[-1].startswith(f"mnist.npz [{'#' * 30}]")
+    assert "% of" not in terminal.getvalue()  # the quarter lines are for logs, not terminals
 
 
 def test_rerun_downloads_nothing(tmp_path, good, server, capsys):

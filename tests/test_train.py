@@ -2,13 +2,14 @@
 import json
 import logging
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from conftest import make_digits, npz_bytes
+from conftest import Terminal, make_digits, npz_bytes
 
 import mnist
 
@@ -77,6 +78,15 @@ def test_same_seed_gives_identical_params(cube, capsys):
         digests.append(mnist.sha256_of(str(cube / "model" / "params.msgpack")))
     assert run_train(cube, {**config, "seed": 4}, capsys)[0] == 0
     assert digests[0] == digests[1] != mnist.sha256_of(str(cube / "model" / "params.msgpack"))
+
+
+def test_live_step_counter_on_a_terminal(cube, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", terminal := Terminal())
+    code, _, err = run_train(cube, {"optimizer": "sgd", "train_epochs": 2, "batch_size": 4}, capsys)
+    assert code == 0, err
+    # 512 images at batch 4: 128 steps an epoch, 64 a call; the counter is erased at the epoch's end
+    assert terminal.getvalue() == "".join(f"\repoch {e}: step 64/128\repoch {e}: step 128/128\r\033[K"
+                                          for e in (1, 2))
 
 
 def test_nothing_compiles_after_compile_programs(cube, capsys, caplog, monkeypatch):
