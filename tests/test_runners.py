@@ -14,6 +14,7 @@ import yaml
 from conftest import ROOT, make_digits, npz_bytes, sha256
 
 sys.path.insert(0, str(ROOT))
+import mnist  # noqa: E402
 import noxfile  # noqa: E402
 
 IMAGE = noxfile.CUBE["docker"]["image"]
@@ -27,6 +28,12 @@ def test_parse_args_tasks_overrides_and_options(tmp_path):
     assert opts.tasks == ["download", "train"] and opts.params == {"data_dir": "/d", "model_dir": "m"}
     assert opts.workspace == tmp_path and opts.gpus == "all" and opts.network == "host"
     assert opts.env == {"A": "1=2"} and opts.build_args == {"BASE_IMAGE": "b"} and opts.dry_run
+
+
+def test_mlcube_yaml_and_mnist_py_name_the_same_tasks_and_parameters():
+    """The contract has two sides: a task or parameter on one only would fail at run time."""
+    cube = {task: set(noxfile.parameters(task)) for task in noxfile.CUBE["tasks"]}
+    assert cube == {task: set(params) for task, (_, params) in mnist.TASKS.items()}
 
 
 @pytest.mark.parametrize("args, message", [
