@@ -1,7 +1,9 @@
 """The evaluate and infer tasks, on a model that train wrote."""
 import json
+import logging
 import sys
 
+import jax
 import numpy as np
 import pytest
 import yaml
@@ -43,6 +45,19 @@ def test_evaluate_equals_what_train_recorded(trained, capsys):
     assert len(metrics["per_class_accuracy"]) == 10
     assert "the same as what train recorded" in out
     assert "test_accuracy" in (trained / "logs" / "mnist_evaluate.log").read_text()
+
+
+@pytest.mark.parametrize("task, args", [
+    ("evaluate", ["--data_dir=WS/data", "--model_dir=WS/model", "--log_dir=WS/logs"]),
+    ("infer", ["--model_dir=WS/model", "--images=WS/data/mnist.npz", "--predictions=WS/predictions.json"]),
+])
+def test_each_task_compiles_one_program(trained, capsys, caplog, task, args):
+    """Loading the model runs nothing, and scoring is one program, not one for each operation."""
+    jax.clear_caches()  # programs compiled by earlier tests would not be logged again
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        code, _, err = run(task, *(arg.replace("WS", str(trained)) for arg in args), capsys=capsys)
+    assert code == 0, err
+    assert len([r for r in caplog.records if r.getMessage().startswith("Compiling")]) == 1
 
 
 def test_infer_agrees_with_evaluate(trained, tmp_path, capsys):
