@@ -117,9 +117,9 @@ def test_every_optimizer_builds_and_steps(name):
     data = make_digits(64, 8)
     config = {"optimizer": name, "learning_rate": mnist.OPTIMIZERS[name][1], "seed": 0}
     state = mnist.create_state(config, total_steps=10)
-    batches = jnp.arange(64).reshape(2, 32)
+    batches, offsets = jnp.arange(64).reshape(2, 32), jnp.ones((2, 32, 2), jnp.int32)
     new, loss_sum = jax.jit(mnist.train_steps, static_argnums=7)(
-        state, jnp.zeros(()), data["x_train"], data["y_train"].astype(np.int32), batches, 0, jax.random.key(0), 2)
+        state, jnp.zeros(()), data["x_train"], data["y_train"].astype(np.int32), batches, offsets, 0, 2)
     assert np.isfinite(float(loss_sum)) and float(loss_sum) > 0
     before, after = jax.tree.leaves(state.params), jax.tree.leaves(new.params)
     assert all(a.shape == b.shape for a, b in zip(before, after, strict=True))
@@ -129,24 +129,35 @@ def test_every_optimizer_builds_and_steps(name):
 def test_one_call_of_four_steps_equals_four_calls_of_one():
     data = make_digits(256, 8)
     state = mnist.create_state({"optimizer": "adam", "learning_rate": 1e-3, "seed": 0}, total_steps=4)
-    batches = jax.random.permutation(jax.random.key(1), 256).reshape(8, 32)
+    batches, offsets = mnist.plan_epoch(1, 1, 256, 32)
     run = jax.jit(mnist.train_steps, static_argnums=7)
-    args = (data["x_train"], data["y_train"].astype(np.int32), batches)
-    looped, looped_loss = run(state, jnp.zeros(()), *args, 2, jax.random.key(2), 4)
+    args = (data["x_train"], data["y_train"].astype(np.int32), batches, offsets)
+    looped, looped_loss = run(state, jnp.zeros(()), *args, 2, 4)
     single, single_loss = state, jnp.zeros(())
     for first in range(2, 6):
-        single, single_loss = run(single, single_loss, *args, first, jax.random.key(2), 1)
+        single, single_loss = run(single, single_loss, *args, first, 1)
     assert int(looped.step) == int(single.step) == 4
     np.testing.assert_allclose(looped_loss, single_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(looped.average), jax.tree.leaves(single.average), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_shift_moves_each_image_by_at_most_one_pixel():
-    images = jnp.zeros((64, 28, 28), jnp.uint8).at[:, 14, 14].set(255)
-    moved = np.asarray(mnist.shift(images, jax.random.key(0)))
-    rows, cols = np.nonzero(moved.reshape(64, -1) == 255)[1] // 28, np.nonzero(moved.reshape(64, -1) == 255)[1] % 28
-    assert len(rows) == 64 and set(rows) == set(cols) == {13, 14, 15}  # every offset occurs, nothing lost
+def test_shift_moves_each_image_by_its_offsets_less_one():
+    offsets = np.array([(r, c) for r in range(3) for c in range(3)], np.int32)
+    images = jnp.zeros((9, 28, 28), jnp.uint8).at[:, 14, 14].set(255)
+    moved = np.asarray(mnist.shift(images, offsets))
+    assert [tuple(np.argwhere(image == 255)[0]) for image in moved] == [(15 - r, 15 - c) for r, c in offsets]
+    assert (moved.reshape(9, -1) > 0).sum(1).tolist() == [1] * 9  # nothing else drawn, nothing lost
+
+
+def test_plan_epoch_is_a_function_of_seed_and_epoch():
+    batches, offsets = mnist.plan_epoch(0, 1, 100, 32)
+    assert batches.shape == (3, 32) and offsets.shape == (3, 32, 2)  # the last 4 images are dropped
+    assert len(set(np.asarray(batches).ravel())) == 96 and 0 <= batches.min() and batches.max() < 100
+    assert set(np.asarray(offsets).ravel()) == {0, 1, 2}
+    again, other = mnist.plan_epoch(0, 1, 100, 32), mnist.plan_epoch(0, 2, 100, 32)
+    assert all(np.array_equal(a, b) for a, b in zip((batches, offsets), again, strict=True))
+    assert not np.array_equal(batches, other[0]) and not np.array_equal(offsets, other[1])
 
 
 def test_model_shapes():
