@@ -529,9 +529,8 @@ def evaluate(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, j
 def plan_epoch(seed, epoch, n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
     """An epoch's batches of image indices, and each image's offsets for shift: all of its
     randomness, drawn at once, so that a step draws none (in the program XLA compiles for an H100,
-    43 kernels a step instead of 50).
-    The last partial batch is dropped, a different one each epoch. Derived from (seed, epoch) alone,
-    so runs repeat exactly."""
+    43 kernels a step instead of 50). The last partial batch is dropped, a different one each epoch.
+    Derived from (seed, epoch) alone, so runs repeat exactly."""
     order_key, shift_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), epoch))
     steps = n // batch_size
     batches = jax.random.permutation(order_key, n)[:steps * batch_size].reshape(steps, batch_size)
