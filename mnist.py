@@ -500,10 +500,10 @@ def init_params(key: jax.Array):
 
 def train_steps(state, loss_sum, images, labels, batches, offsets, first, count: int, split=None):
     """`count` optimizer steps on batches[first:first + count] (image indices), each image shifted by
-    its offsets, as one loop that XLA compiles once. (XLA's CPU backend runs this loop as fast as unrolled steps because
-    Conv is a matrix product: a loop of nn.Conv steps ran about 23 times slower.) With `split`, each
-    device gathers and learns from its own slice of every batch (data parallelism); XLA sums the
-    gradients across devices, and the replicated state stays in step."""
+    its offsets, as one loop that XLA compiles once. (XLA's CPU backend runs this loop as fast as
+    unrolled steps because Conv is a matrix product: a loop of nn.Conv steps ran about 23 times
+    slower.) With `split`, each device gathers and learns from its own slice of every batch (data
+    parallelism); XLA sums the gradients across devices, and the replicated state stays in step."""
     grad_fn = jax.value_and_grad(lambda params, images, labels: cross_entropy(predict(params, images), labels))
 
     def step(carry, i):
