@@ -13,16 +13,12 @@ Runners take task names, then options:   nox -s run-docker -- download train --n
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -379,79 +375,17 @@ def run_singularity(session: nox.Session) -> None:
 
 # ------------------------------------------------------------------------------- benchmark
 SHARED = ROOT.parent / "shared"
-TARGET_CONFIG = {"optimizer": "adam", "train_epochs": 5, "batch_size": 128, "target_accuracy": 0.99}
-ANCHORS = {"flax_reference": ([], 4), "torch_reference": (["torch==2.13.0"], 3)}  # needs, epochs to run
-EPOCH_LINE = re.compile(r"^epoch (\d+)\S* .*?(?:test_acc=|test_accuracy )([0-9.]+)")
-
-
-def measure(command: list[str]) -> dict:
-    """Run a trainer; note when each epoch line appears, when it first reaches 99 %, and its peak RSS."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    result = {"epochs": 0, "accuracy": None, "to_99": None, "epochs_to_99": None}
-    for line in process.stdout:
-        print("   ", line.rstrip(), flush=True)
-        if match := EPOCH_LINE.match(line):
-            result.update(epochs=int(match[1]), accuracy=float(match[2]))
-            if result["to_99"] is None and result["accuracy"] >= 0.99:
-                result.update(to_99=time.perf_counter() - start, epochs_to_99=result["epochs"])
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"{shlex.join(command)} failed")
-    return {**result, "seconds": time.perf_counter() - start, "peak_mb": usage.ru_maxrss / 1024}
-
-
-def train_command(python: str, work: Path, config: dict) -> list[str]:
-    (work / "train.yaml").write_text(yaml.safe_dump(config))
-    return [python, str(ROOT / "mnist.py"), "train", f"--train_config={work / 'train.yaml'}",
-            f"--data_dir={work / 'data'}", f"--model_dir={work / 'model'}", f"--log_dir={work / 'logs'}"]
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Time to 99 % beside the reference trainers (`-- speed`), default-config accuracy (`-- accuracy`)."""
-    parts = session.posargs or ["speed", "accuracy"]
     data = Path(os.environ.get("MNIST_DATA_DIR", SHARED / "data" / "mnist"))
     if not (data / "mnist.npz").is_file():
         session.error(f"no {data / 'mnist.npz'}: set MNIST_DATA_DIR to a folder holding the real MNIST")
-    session.install("-r", "requirements.txt")
-    python = str(Path(session.virtualenv.bin) / "python")
-    work = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
-    (work / "data").mkdir()
-    (work / "data" / "mnist.npz").symlink_to(data / "mnist.npz")
-
-    if "speed" in parts:
-        rows = {"mnist.py": measure(train_command(python, work, TARGET_CONFIG))}
-        for name, (needs, epochs) in ANCHORS.items():
-            if (SHARED / "anchors" / f"{name}.py").is_file():
-                if needs:
-                    session.install(*needs)
-                rows[name] = measure([python, str(SHARED / "anchors" / f"{name}.py"), str(data / "mnist.npz"),
-                                      str(epochs)])
-        ours = rows["mnist.py"]["to_99"]
-        print(f"\nTime to 99 % test accuracy, whole process, {TARGET_CONFIG} for mnist.py:")
-        print(f"{'system':<16} {'to 99 % (s)':>12} {'epochs':>7} {'run (s)':>8} {'final acc':>10} "
-              f"{'peak MB':>8} {'× mnist.py':>11}")
-        for name, r in rows.items():
-            to_99 = f"{r['to_99']:.1f}" if r["to_99"] else f">{r['seconds']:.0f}"
-            ratio = f"{(r['to_99'] or r['seconds']) / ours:.1f}" + ("" if r["to_99"] else "+") if ours else "-"
-            print(f"{name:<16} {to_99:>12} {r['epochs_to_99'] or '-':>7} {r['seconds']:>8.1f} "
-                  f"{r['accuracy']:>10.4f} {r['peak_mb']:>8.0f} {ratio:>11}")
-        summary = json.loads((work / "model" / "model.json").read_text())  # mnist.py's own account
-        to_target = summary["time_to_target_seconds"]
-        print(f"mnist.py on {summary['backend']} ({summary['device_kind']}): compilation "
-              f"{summary['compile_seconds']:.2f} s, training to 99 % "
-              + (f"{to_target:.2f} s" if to_target is not None else "not reached")
-              + f", {summary['images_per_second']:.0f} images/s")
-
-    if "accuracy" in parts:
-        default = yaml.safe_load((ROOT / "workspace" / "train.yaml").read_text())
-        scores = []
-        for seed in (0, 1, 2):
-            measure(train_command(python, work, {**default, "seed": seed}))
-            scores.append(json.loads((work / "model" / "model.json").read_text())["test_accuracy"])
-        print(f"\nworkspace/train.yaml {default}, seeds 0-2: test accuracy "
-              f"{', '.join(f'{a:.4f}' for a in scores)}; mean {sum(scores) / 3:.4f}, min {min(scores):.4f}")
+    session.install("-r", "requirements.txt", "torch==2.13.0")  # torch for the PyTorch-shaped reference
+    session.run("python", ".ci/bench.py", str(data / "mnist.npz"), f"--anchors={SHARED / 'anchors'}",
+                *session.posargs)
 
 
 # ------------------------------------------------------------------------------ development
@@ -467,4 +401,4 @@ def lint(session: nox.Session) -> None:
     """Check style and common mistakes with ruff."""
     session.install("ruff")
     session.run("ruff", "check", "--isolated", "--line-length=120", "--select=E,F,W,I,B",
-                "mnist.py", "noxfile.py", "tests", "tests/standin/singularity")
+                "mnist.py", "noxfile.py", ".ci/bench.py", "tests", "tests/standin/singularity")

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Speed and accuracy figures of mnist.py beside the reference trainers, measured in one run.
+
+    python3 .ci/bench.py NPZ [--anchors=DIR] [--references=flax_reference,torch_reference] [speed] [accuracy]
+
+`nox -s bench` runs it in a virtualenv with mnist.py's requirements; on a GPU machine it runs as it is
+with any Python that has JAX (CUDA build), Flax, Optax and PyYAML: no nox, Docker or network needed.
+  speed     the benchmark config to 99 % test accuracy, with a cold and then a warm compilation cache
+            (whole process, per-program compile seconds, epochs, peak memory), then each reference
+  accuracy  the default workspace/train.yaml over seeds 0-2
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_CONFIG = {"optimizer": "adam", "train_epochs": 5, "batch_size": 128, "target_accuracy": 0.99}
+REFERENCE_EPOCHS = {"flax_reference": 4, "torch_reference": 3}
+EPOCH_LINE = re.compile(r"^epoch (\d+)\S* .*?(?:test_acc=|test_accuracy )([0-9.]+)")
+COMPILE_LINE = re.compile(r"Finished XLA compilation of jit\((\w+)\) in ([0-9.]+) sec")
+
+
+def measure(command: list[str], env: dict | None = None) -> dict:
+    """Run a trainer; note when its epoch lines appear, when it first reaches 99 %, its peak RSS, and the
+    compile seconds of each program that JAX logs (mnist.py with JAX_LOG_COMPILES=1)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT,
+                                   env={**os.environ, **(env or {})})
+        result = {"epochs": 0, "accuracy": None, "to_99": None, "epochs_to_99": None}
+        for line in process.stdout:
+            print("   ", line.rstrip(), flush=True)
+            if match := EPOCH_LINE.match(line):
+                result.update(epochs=int(match[1]), accuracy=float(match[2]))
+                if result["to_99"] is None and result["accuracy"] >= 0.99:
+                    result.update(to_99=time.perf_counter() - start, epochs_to_99=result["epochs"])
+        _, status, usage = os.wait4(process.pid, 0)
+        errors.seek(0)
+        log = errors.read()
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"{shlex.join(command)} failed:\n{log[-3000:]}")
+    compiles = {}
+    for name, seconds in COMPILE_LINE.findall(log):
+        compiles[name] = compiles.get(name, 0) + float(seconds)
+    return {**result, "seconds": time.perf_counter() - start, "peak_mb": usage.ru_maxrss / 1024,
+            "compiles": compiles}
+
+
+def train(work: Path, config: dict, cache: Path) -> dict:
+    """mnist.py train with `config`, compiled programs cached in `cache`; its figures and model.json's."""
+    (work / "train.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, str(ROOT / "mnist.py"), "train", f"--train_config={work / 'train.yaml'}",
+               f"--data_dir={work / 'data'}", f"--model_dir={work / 'model'}", f"--log_dir={work / 'logs'}"]
+    env = {"JAX_LOG_COMPILES": "1", "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    result = measure(command, env)
+    return {**result, "model": json.loads((work / "model" / "model.json").read_text())}
+
+
+def speed(work: Path, npz: Path, anchors: Path, references: list[str]) -> None:
+    cache = work / "cache"
+    rows = {"mnist.py cold": train(work, TARGET_CONFIG, cache), "mnist.py warm": train(work, TARGET_CONFIG, cache)}
+    for name in references:
+        if (anchors / f"{name}.py").is_file():
+            rows[name] = measure([sys.executable, str(anchors / f"{name}.py"), str(npz),
+                                  str(REFERENCE_EPOCHS[name])])
+    model = rows["mnist.py warm"]["model"]
+    print(f"\nTime to 99 % test accuracy, whole process, on {model['backend']} ({model['device_kind']}); "
+          f"mnist.py with {TARGET_CONFIG}:")
+    print(f"{'system':<16} {'to 99 % (s)':>12} {'epochs':>7} {'run (s)':>8} {'final acc':>10} "
+          f"{'peak MB':>8} {'/ warm':>7}")
+    ours = rows["mnist.py warm"]["to_99"]
+    for name, r in rows.items():
+        to_99 = f"{r['to_99']:.2f}" if r["to_99"] else f">{r['seconds']:.0f}"
+        ratio = (r["to_99"] or r["seconds"]) / ours if ours else float("nan")
+        print(f"{name:<16} {to_99:>12} {r['epochs_to_99'] or '-':>7} {r['seconds']:>8.2f} "
+              f"{r['accuracy']:>10.4f} {r['peak_mb']:>8.0f} {ratio:>6.1f}{'' if r['to_99'] else '+'}")
+    for name in ("mnist.py cold", "mnist.py warm"):
+        r = rows[name]
+        to_target = r["model"]["time_to_target_seconds"]
+        programs = ", ".join(f"{program} {seconds:.2f}" for program, seconds in r["compiles"].items())
+        print(f"{name}: compiled in {r['model']['compile_seconds']:.2f} s ({programs}); training to 99 % "
+              + (f"{to_target:.3f} s" if to_target is not None else "not reached")
+              + f", {r['model']['images_per_second']:.0f} images/s")
+
+
+def accuracy(work: Path) -> None:
+    default = yaml.safe_load((ROOT / "workspace" / "train.yaml").read_text())
+    runs = [train(work, {**default, "seed": seed}, work / "cache") for seed in (0, 1, 2)]
+    scores = [r["model"]["test_accuracy"] for r in runs]
+    train_seconds = [r["model"]["train_seconds"] for r in runs]
+    print(f"\nworkspace/train.yaml {default}, seeds 0-2: test accuracy "
+          f"{', '.join(f'{a:.4f}' for a in scores)}; mean {sum(scores) / 3:.4f}, min {min(scores):.4f}; "
+          f"training {', '.join(f'{seconds:.1f}' for seconds in train_seconds)} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("npz", type=Path, help="the real MNIST, mnist.npz")
+    parser.add_argument("parts", nargs="*", choices=["speed", "accuracy"], default=["speed", "accuracy"])
+    parser.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors",
+                        help="folder of the reference trainers")
+    parser.add_argument("--references", default="flax_reference,torch_reference",
+                        help="which reference trainers to run, comma-separated")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
+    (work / "data").mkdir()
+    (work / "data" / "mnist.npz").symlink_to(args.npz.resolve())
+    if "speed" in args.parts:
+        speed(work, args.npz.resolve(), args.anchors, [r for r in args.references.split(",") if r])
+    if "accuracy" in args.parts:
+        accuracy(work)
+
+
+if __name__ == "__main__":
+    main()
