@@ -106,18 +106,21 @@ def accuracy(work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("npz", type=Path, help="the real MNIST, mnist.npz")
-    parser.add_argument("parts", nargs="*", choices=["speed", "accuracy"], default=["speed", "accuracy"])
+    parser.add_argument("parts", nargs="*", metavar="speed|accuracy", help="what to measure (default: both)")
     parser.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors",
                         help="folder of the reference trainers")
     parser.add_argument("--references", default="flax_reference,torch_reference",
                         help="which reference trainers to run, comma-separated")
     args = parser.parse_args()
+    parts = args.parts or ["speed", "accuracy"]
+    if not set(parts) <= {"speed", "accuracy"}:
+        parser.error(f"unknown part in {' '.join(parts)} (expected speed, accuracy or both)")
     work = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
     (work / "data").mkdir()
     (work / "data" / "mnist.npz").symlink_to(args.npz.resolve())
-    if "speed" in args.parts:
+    if "speed" in parts:
         speed(work, args.npz.resolve(), args.anchors, [r for r in args.references.split(",") if r])
-    if "accuracy" in args.parts:
+    if "accuracy" in parts:
         accuracy(work)
 
 
