@@ -135,3 +135,8 @@ def make_digits(n_train=512, n_test=128, seed=0) -> dict:
 
     (x_train, y_train), (x_test, y_test) = split(n_train), split(n_test)
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def create_state(config: dict, total_steps: int):
+    """A run's first TrainState, as train makes it."""
+    return mnist.jax.jit(mnist.state_initializer(config, total_steps))(config["seed"])

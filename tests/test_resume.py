@@ -7,7 +7,7 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, make_digits, npz_bytes
+from conftest import ROOT, create_state, make_digits, npz_bytes
 
 import mnist
 
@@ -79,7 +79,7 @@ def test_signals_stop_cleanly_and_say_how_to_resume(cube, uninterrupted, signum)
 
 def test_checkpoint_of_another_run_is_refused(cube, capsys):
     (cube / "model").mkdir()
-    state = mnist.create_state({**CONFIG, "learning_rate": 1e-3}, 10)
+    state = create_state({**CONFIG, "learning_rate": 1e-3}, 10)
     other = {"architecture": mnist.ARCHITECTURE, "config": {**CONFIG, "seed": 6}, "data_sha256": "0" * 64}
     mnist.save_checkpoint(str(cube / "model" / mnist.CHECKPOINT_NAME), other, state, [])
     code = mnist.main(command(cube)[2:])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from conftest import Terminal, make_digits, npz_bytes
+from conftest import Terminal, create_state, make_digits, npz_bytes
 
 import mnist
 
@@ -52,7 +52,7 @@ def test_train_writes_model_metrics_and_logs(cube, capsys):
         "epoch 1/3", "epoch 2/3", "epoch 3/3"]
     assert "epoch 3/3" in (cube / "logs" / "mnist_train.log").read_text()
     restored = mnist.serialization.from_bytes(
-        mnist.create_state(summary["config"], 1).params, (cube / "model" / "params.msgpack").read_bytes())
+        create_state(summary["config"], 1).params, (cube / "model" / "params.msgpack").read_bytes())
     test = np.load(cube / "data" / "mnist.npz")
     loss, accuracy, _ = mnist.evaluate(restored, test["x_test"], test["y_test"])
     assert float(accuracy) == pytest.approx(summary["test_accuracy"])
@@ -92,7 +92,7 @@ def test_live_step_counter_on_a_terminal(cube, capsys, monkeypatch):
 def test_nothing_compiles_after_compile_programs(cube, capsys, caplog, monkeypatch):
     """Epochs, their last partial batch (512 images, batch 48) and evaluation reuse the programs
     compiled before training; JAX logs every compilation, and none may follow compile_programs.
-    None precedes create_state's either: the random keys are made inside the programs."""
+    None precedes the first either: the random keys are made inside the programs."""
     compile_programs = mnist.compile_programs
 
     def compile_then_mark(*args):
@@ -116,7 +116,7 @@ def test_nothing_compiles_after_compile_programs(cube, capsys, caplog, monkeypat
 def test_every_optimizer_builds_and_steps(name):
     data = make_digits(64, 8)
     config = {"optimizer": name, "learning_rate": mnist.OPTIMIZERS[name][1], "seed": 0}
-    state = mnist.create_state(config, total_steps=10)
+    state = create_state(config, total_steps=10)
     batches, offsets = jnp.arange(64).reshape(2, 32), jnp.ones((2, 32, 2), jnp.int32)
     new, loss_sum = jax.jit(mnist.train_steps, static_argnums=7)(
         state, jnp.zeros(()), data["x_train"], data["y_train"].astype(np.int32), batches, offsets, 0, 2)
@@ -128,7 +128,7 @@ def test_every_optimizer_builds_and_steps(name):
 
 def test_one_call_of_four_steps_equals_four_calls_of_one():
     data = make_digits(256, 8)
-    state = mnist.create_state({"optimizer": "adam", "learning_rate": 1e-3, "seed": 0}, total_steps=4)
+    state = create_state({"optimizer": "adam", "learning_rate": 1e-3, "seed": 0}, total_steps=4)
     batches, offsets = mnist.plan_epoch(1, 1, 256, 32)
     run = jax.jit(mnist.train_steps, static_argnums=7)
     args = (data["x_train"], data["y_train"].astype(np.int32), batches, offsets)
@@ -184,7 +184,7 @@ def test_conv_computes_what_flax_conv_computes(size, height, channels):
 
 
 def test_the_average_follows_the_parameters():
-    state = mnist.create_state({"optimizer": "sgd", "learning_rate": 0.1, "seed": 0}, total_steps=10)
+    state = create_state({"optimizer": "sgd", "learning_rate": 0.1, "seed": 0}, total_steps=10)
     new = state.apply_gradients(grads=jax.tree.map(jnp.ones_like, state.params))
     for before, after, average in zip(*map(jax.tree.leaves, (state.params, new.params, new.average)), strict=True):
         assert not np.allclose(before, after)
