@@ -1,4 +1,4 @@
-# The MNIST MLCube image: mnist.py and its dependencies in a virtualenv, run as a non-root user.
+# The MNIST MLCube image: mnist.py and its dependencies in a virtualenv; tasks run as their caller.
 #   nox -s configure-docker                                 (or: docker build -t mlcommons/mnist:0.0.1 .)
 # Classic-builder syntax only: the Docker SDK for Python builds without BuildKit.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
@@ -6,7 +6,7 @@ FROM ${BASE_IMAGE}
 
 # JAX_EXTRA=cuda12 installs JAX's CUDA build for a GPU image; left empty, JAX runs on the CPU.
 ARG JAX_EXTRA=
-# HOME=/tmp: the runners start the container as the caller's uid, which has no home in the image.
+# HOME=/tmp: tasks run as the caller's uid, which has no home in the image.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -20,7 +20,9 @@ COPY requirements.txt /mlcube/requirements.txt
 RUN pip install -r /mlcube/requirements.txt ${JAX_EXTRA:+"jax[$JAX_EXTRA]"}
 COPY mnist.py /mlcube/mnist.py
 
-RUN useradd --system --no-create-home --uid 10001 mlcube
-USER mlcube
+# No USER: MLCube's runner starts the container with no --user, as root, and mnist.py then becomes the
+# owner of the folder that receives the task's first output (MLCube made it as its caller), so the caller
+# owns what the task writes. Our runners pass --user=UID:GID and drop every capability.
+ENV MNIST_RUN_AS_OUTPUT_OWNER=1
 WORKDIR /mlcube
 ENTRYPOINT ["python3", "/mlcube/mnist.py"]

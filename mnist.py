@@ -31,8 +31,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from importlib.metadata import version
 from collections.abc import Callable
+from importlib.metadata import version
 from typing import Any, NamedTuple
 
 import jax
@@ -621,7 +621,8 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
                 break
             epoch_start = time.perf_counter()
             state, loss_sum = train_epoch(programs, state, data, data_seed, epoch, stop)
-            test_loss, test_accuracy = (float(v) for v in programs.score(state.average, data["x_test"], data["y_test"])[:2])
+            scores = programs.score(state.average, data["x_test"], data["y_test"])
+            test_loss, test_accuracy = float(scores[0]), float(scores[1])
             epoch_seconds = time.perf_counter() - epoch_start
             history.append({"epoch": epoch, "train_loss": float(loss_sum) / steps, "test_loss": test_loss,
                             "test_accuracy": test_accuracy, "epoch_seconds": epoch_seconds,
@@ -648,6 +649,7 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
         "images_per_second": len(history) * steps * batch_size / train_seconds,
         "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
+        "image": container_image(),
     }
     write_atomically(os.path.join(args.model_dir, "model.json"), json.dumps(summary, indent=2).encode())
     save_plot(os.path.join(args.log_dir, "training_curves.png"), draw_curves(history), log)
@@ -725,6 +727,11 @@ def show_progress(epoch: int, done: int, steps: int) -> None:
         sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
 
 
+def container_image() -> str | None:
+    """The image this task runs in, as the runner that started it names it (its ID); None outside one."""
+    return os.environ.get("MNIST_IMAGE") or None
+
+
 # ---------------------------------------------------------------------------------- evaluation
 def load_model(model_dir: str) -> tuple[dict, dict]:
     """The parameters and model.json that train wrote, checked against this file's CNN."""
@@ -765,7 +772,7 @@ def evaluate_task(args: argparse.Namespace, log: logging.Logger) -> None:
         "test_accuracy": float(accuracy), "test_loss": float(loss), "images": len(labels),
         "per_class_accuracy": [float(c) for c in confusion.diagonal() / np.maximum(confusion.sum(1), 1)],
         "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted class
-        "data_sha256": data_sha256,
+        "data_sha256": data_sha256, "image": container_image(),
     }
     write_atomically(os.path.join(args.log_dir, "evaluate_metrics.json"), json.dumps(metrics, indent=2).encode())
     same = (metrics["test_accuracy"], metrics["test_loss"]) == (summary["test_accuracy"], summary["test_loss"])
@@ -825,7 +832,7 @@ def save_plot(path: str, draw, log: logging.Logger) -> None:
         matplotlib.use("Agg")  # files only, no display
         from matplotlib import pyplot
     except ImportError:
-        log.info(f"no {os.path.basename(path)}: it needs matplotlib (pip install matplotlib)")
+        log.info(f"no {os.path.basename(path)}: matplotlib, which requirements.txt names, is not installed")
         return
     figure = pyplot.figure(figsize=(9, 4))
     draw(figure)
@@ -881,6 +888,10 @@ TASKS = {
 }
 
 
+OUTPUTS = {"download": ("data_dir", "log_dir"), "train": ("log_dir", "model_dir"),  # as in mlcube.yaml
+           "evaluate": ("log_dir",), "infer": ("predictions",)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mnist.py", description=__doc__.split("\n\n")[0])
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
@@ -929,13 +940,36 @@ def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) 
     return log
 
 
+def run_as_output_owner(args: argparse.Namespace) -> None:
+    """In the image (MNIST_RUN_AS_OUTPUT_OWNER is set there), a task started as root becomes the owner
+    of the folder that receives its first output. MLCube's runner starts containers with no --user and
+    makes that folder as its caller, so the caller owns, rewrites and deletes what the task writes.
+    Our runners pass --user, and a root caller owns the folder already: nothing changes then."""
+    if os.geteuid() != 0 or not os.environ.get("MNIST_RUN_AS_OUTPUT_OWNER"):
+        return
+    folder = os.path.abspath(getattr(args, OUTPUTS[args.task][0]))
+    while not os.path.isdir(folder):  # a file's folder, or the nearest one that exists
+        folder = os.path.dirname(folder)
+    owner = os.stat(folder)
+    if owner.st_uid == 0:
+        return
+    try:
+        os.setgroups([])
+        os.setgid(owner.st_gid)
+        os.setuid(owner.st_uid)
+    except PermissionError:
+        raise CubeError(f"{folder}: cannot run as its owner {owner.st_uid}:{owner.st_gid} (no CAP_SETUID); "
+                        f"start the container with --user={owner.st_uid}:{owner.st_gid}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        run_as_output_owner(args)
         process = join_cluster() if args.task == "train" else (0, 1)
         log = open_log(getattr(args, "log_dir", None), args.task, process)
     except OSError as e:
-        print(f"mnist.py {args.task}: error: {args.log_dir}: cannot write logs ({e.strerror})", file=sys.stderr)
+        print(f"mnist.py {args.task}: error: {e.filename}: cannot write logs ({e.strerror})", file=sys.stderr)
         return 1
     except CubeError as e:
         print(f"mnist.py {args.task}: error: {e}", file=sys.stderr)

@@ -4,7 +4,8 @@ Runners take task names, then options:   nox -s run-docker -- download train --n
   --workspace=PATH      where relative paths of mlcube.yaml resolve (default: workspace/)
   --NAME=PATH, NAME=PATH   replace the path of a task parameter, e.g. --data_dir=/scratch/mnist
   --gpus=all|N|device=I,J  give the container GPUs (default: platform.accelerator_count of mlcube.yaml)
-  --network=NAME        the container's network, e.g. host
+  --network=NAME        the container's network (default: none, but for download, which fetches data)
+  --memory=SIZE, --cpus=N  limit the container's memory (e.g. 8g) and processors (e.g. 2.5)
   --env=NAME=VALUE      set a variable for the task (repeatable)
   --build-arg=NAME=VALUE   a Dockerfile ARG, when an image is built (BASE_IMAGE, JAX_EXTRA)
   --from-docker         configure-singularity: convert the Docker image instead of building the recipe
@@ -13,8 +14,11 @@ Runners take task names, then options:   nox -s run-docker -- download train --n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,7 +38,7 @@ for noisy in ("docker", "urllib3"):  # nox shows every logger's debug lines; the
 
 ROOT = Path(__file__).resolve().parent
 CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())
-TEST_DEPS = ["-r", "requirements.txt", "pytest", "nox", "docker", "spython", "matplotlib"]
+TEST_DEPS = ["-r", "requirements.txt", "pytest", "nox", "docker", "spython"]
 
 
 class UsageError(Exception):
@@ -49,6 +53,8 @@ class Options:
     params: dict[str, str] = dataclasses.field(default_factory=dict)
     gpus: str | None = None
     network: str | None = None
+    memory: str | None = None
+    cpus: str | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     build_args: dict[str, str] = dataclasses.field(default_factory=dict)
     from_docker: bool = False
@@ -89,19 +95,23 @@ def parse_args(args: list[str]) -> Options:
         if not eq:
             if arg.startswith("-"):
                 raise UsageError(f"unknown option {arg!r} (options: --workspace, --NAME of a parameter, "
-                                 "--gpus, --network, --env, --build-arg, --from-docker, --dry-run)")
+                                 "--gpus, --network, --memory, --cpus, --env, --build-arg, --from-docker, --dry-run)")
             if arg not in CUBE["tasks"]:
                 raise UsageError(f"unknown task {arg!r} (tasks: {', '.join(CUBE['tasks'])})")
             opts.tasks.append(arg)
         elif name == "workspace":
             opts.workspace = Path(value).resolve()
-        elif name in ("gpus", "network"):
+        elif name in ("gpus", "network", "memory", "cpus"):
             setattr(opts, name, value)
         elif name in ("env", "build-arg"):
             key, val = pair(value, f"--{name}")
             (opts.env if name == "env" else opts.build_args)[key] = val
         else:
             opts.params[name] = value
+    if opts.cpus is not None and not re.fullmatch(r"[0-9]*\.?[0-9]+", opts.cpus):
+        raise UsageError(f"--cpus expects a number of processors such as 2 or 1.5, got {opts.cpus!r}")
+    if opts.memory is not None and not re.fullmatch(r"[0-9]+[bkmgBKMG]?", opts.memory):
+        raise UsageError(f"--memory expects a size such as 8g or 512m, got {opts.memory!r}")
     valid = sorted({name for task in opts.tasks for name in parameters(task)})
     for name in opts.params:
         if name not in valid:
@@ -152,30 +162,59 @@ def options(session: nox.Session) -> Options:
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """What a container runner needs of its runtime: a client, whether the image is there, how to
-    build it, the command line a task runs as, and how to run it for real."""
+    """What a container runner needs of its runtime: a client, the files an image is built from, what
+    the image in place records of its sources (None: no image), how to build one that records them,
+    the command line a task runs as, and how to run it for real."""
 
     connect: Callable[[], Any]
-    has_image: Callable[[Any, Options], bool]
-    build: Callable[[Any, Options], None]
+    source_files: Callable[[Options], list[str]]
+    built_from: Callable[[Any, Options], dict | None]
+    build: Callable[[Any, Options, dict], None]
     command: Callable[[Run, Options], list[str]]
     execute: Callable[[Any, Run, Options], int]
 
 
+def sources(runtime: Runtime, opts: Options) -> dict:
+    """What an image is built from, as Go-task's `sources:` fingerprint: each file's SHA-256, and the
+    build arguments."""
+    files = {name: hashlib.sha256((ROOT / name).read_bytes()).hexdigest() for name in runtime.source_files(opts)}
+    return {"files": files, "build_args": opts.build_args}
+
+
+def why_rebuild(recorded: dict | None, wanted: dict) -> str | None:
+    """Why the image in place does not fit the sources, or None when it does. Build arguments count
+    when given: an image built with --build-arg=JAX_EXTRA=cuda12 serves later runs that name none."""
+    if recorded is None:
+        return "there is no image yet"
+    files = recorded.get("files", {})
+    changed = sorted(name for name in {*files, *wanted["files"]} if files.get(name) != wanted["files"].get(name))
+    args = sorted(name for name, value in wanted["build_args"].items()
+                  if recorded.get("build_args", {}).get(name) != value)
+    if changed or args:
+        return "changed since it was built: " + ", ".join(changed + [f"--build-arg={name}" for name in args])
+    return None
+
+
 def configure(session: nox.Session, runtime: Runtime) -> None:
+    opts = options(session)
     try:
-        runtime.build(runtime.connect(), options(session))
+        runtime.build(runtime.connect(), opts, sources(runtime, opts))
     except UsageError as e:
         session.error(str(e))
 
 
 def run_in(session: nox.Session, runtime: Runtime) -> None:
-    """Run the session's tasks in the runtime's image, building the image first if it is missing."""
+    """Run the session's tasks in the runtime's image, (re)building it first when it is missing or was
+    built from other sources, and saying why in one line."""
     opts = options(session)
     try:
         client = None if opts.dry_run else runtime.connect()
-        if client and not runtime.has_image(client, opts):
-            runtime.build(client, opts)
+        if client:
+            wanted = sources(runtime, opts)
+            reason = why_rebuild(runtime.built_from(client, opts), wanted)
+            if reason:
+                session.log(f"building the image: {reason}")
+                runtime.build(client, opts, wanted)
     except UsageError as e:
         session.error(str(e))
     run_tasks(session, opts, runtime.command, lambda run, opts: runtime.execute(client, run, opts))
@@ -215,19 +254,44 @@ def docker_client():
                          "DOCKER_HOST to one that runs") from None
 
 
-def docker_build(client, opts: Options) -> None:
-    """Build docker.image from the Dockerfile with the classic builder, streaming its output."""
+IMAGE = CUBE["docker"]["image"]
+SOURCES_LABEL = "org.mlcommons.mnist.sources"  # the image's sources (see `sources`), as JSON
+ONLINE_TASKS = {"download"}  # the task that fetches data; the others run with no network at all
+TMPFS_SIZE = "256m"  # of /tmp, HOME in the image, which holds matplotlib's cache
+
+
+def docker_sources(context: Path | None = None) -> list[str]:
+    """The build context's files (mlcube.yaml's, or `context`), as the Docker SDK selects them with
+    .dockerignore."""
+    from docker.utils.build import exclude_paths
+
+    context = context or ROOT / CUBE["docker"].get("build_context", ".")
+    lines = (line.strip() for line in (context / ".dockerignore").read_text().splitlines())
+    patterns = [line for line in lines if line and not line.startswith("#")]
+    files = exclude_paths(str(context), patterns, dockerfile=CUBE["docker"].get("build_file", "Dockerfile"))
+    return sorted(str((context / name).relative_to(ROOT)) for name in files)
+
+
+def docker_built_from(client, opts: Options) -> dict | None:
+    images = client.images.list(name=IMAGE)
+    return json.loads(images[0].labels.get(SOURCES_LABEL, "{}")) if images else None
+
+
+def docker_build(client, opts: Options, sources: dict) -> None:
+    """Build docker.image from the Dockerfile with the classic builder, streaming its output, and
+    label it with its sources."""
     docker = CUBE["docker"]
     step = "the start"
     for chunk in client.api.build(path=str(ROOT / docker.get("build_context", ".")),
-                                  dockerfile=docker.get("build_file", "Dockerfile"), tag=docker["image"],
-                                  buildargs=opts.build_args, rm=True, decode=True):
+                                  dockerfile=docker.get("build_file", "Dockerfile"), tag=IMAGE,
+                                  buildargs=opts.build_args, labels={SOURCES_LABEL: json.dumps(sources)},
+                                  rm=True, decode=True):
         text = chunk.get("stream", "")
         sys.stdout.write(text)
         sys.stdout.flush()
         step = text.strip() if text.startswith("Step ") else step
         if "error" in chunk:
-            raise UsageError(f"docker build of {docker['image']} failed at {step}: {chunk['error'].strip()}")
+            raise UsageError(f"docker build of {IMAGE} failed at {step}: {chunk['error'].strip()}")
 
 
 def gpus_wanted(opts: Options) -> str | None:
@@ -236,15 +300,33 @@ def gpus_wanted(opts: Options) -> str | None:
     return opts.gpus or (str(count) if count else None)
 
 
-def docker_command(run: Run, opts: Options) -> list[str]:
-    """The `docker run` command line equivalent to what docker_execute does through the SDK."""
+def network(run: Run, opts: Options) -> str | None:
+    """--network if given; else none, unless the task fetches data (None: the runtime's default)."""
+    return opts.network or (None if run.task in ONLINE_TASKS else "none")
+
+
+def task_env(opts: Options, image: str) -> dict[str, str]:
+    """The task's variables: the image it runs in, which its outputs record, then the caller's --env."""
+    return {"MNIST_IMAGE": image, **opts.env}
+
+
+def docker_command(run: Run, opts: Options, image: str = IMAGE) -> list[str]:
+    """The `docker run` command line equivalent to what docker_execute does through the SDK. Least
+    privilege: the caller's uid:gid, no capabilities, no privilege gain, a read-only root file
+    system with a small /tmp, no network unless the task needs one, read-only inputs."""
     gpus = gpus_wanted(opts)
     return ["docker", "run", "--rm", f"--user={os.geteuid()}:{os.getegid()}",
-            *([f"--network={opts.network}"] if opts.network else []),
+            *([f"--network={network(run, opts)}"] if network(run, opts) else []),
+            "--cap-drop=ALL", "--security-opt=no-new-privileges", "--read-only", f"--tmpfs=/tmp:size={TMPFS_SIZE}",
+            *([f"--memory={opts.memory}"] if opts.memory else []), *([f"--cpus={opts.cpus}"] if opts.cpus else []),
             *([f"--gpus={gpus}"] if gpus else []),
-            *(f"--env={key}={value}" for key, value in opts.env.items()),
-            *(f"--volume={host}:{target}:{'ro' if ro else 'rw'}" for host, (target, ro) in run.mounts.items()),
-            CUBE["docker"]["image"], run.task, *run.container_args]
+            *(f"--env={key}={value}" for key, value in task_env(opts, image).items()),
+            *(f"--volume={host}:{target}:{mode(ro)}" for host, (target, ro) in run.mounts.items()),
+            IMAGE, run.task, *run.container_args]
+
+
+def mode(read_only: bool) -> str:
+    return "ro" if read_only else "rw"
 
 
 def device_requests(gpus: str | None) -> list:
@@ -257,12 +339,20 @@ def device_requests(gpus: str | None) -> list:
     return [DeviceRequest(count=-1 if gpus == "all" else int(gpus), capabilities=[["gpu"]])]
 
 
+def container_settings(run: Run, opts: Options, image_id: str) -> dict:
+    """docker_command's settings in the Docker SDK's terms, but for the image and its arguments."""
+    return dict(
+        user=f"{os.geteuid()}:{os.getegid()}", network_mode=network(run, opts), cap_drop=["ALL"],
+        security_opt=["no-new-privileges"], read_only=True, tmpfs={"/tmp": f"size={TMPFS_SIZE}"},
+        mem_limit=opts.memory, nano_cpus=int(float(opts.cpus) * 1e9) if opts.cpus else None,
+        device_requests=device_requests(gpus_wanted(opts)), environment=task_env(opts, image_id),
+        volumes={host: {"bind": target, "mode": mode(ro)} for host, (target, ro) in run.mounts.items()})
+
+
 def docker_execute(client, run: Run, opts: Options) -> int:
-    """Run the task in a container as the caller's uid:gid, streaming its output; always remove it."""
-    container = client.containers.create(
-        CUBE["docker"]["image"], [run.task, *run.container_args], user=f"{os.geteuid()}:{os.getegid()}",
-        volumes={host: {"bind": target, "mode": "ro" if ro else "rw"} for host, (target, ro) in run.mounts.items()},
-        environment=opts.env, network_mode=opts.network, device_requests=device_requests(gpus_wanted(opts)))
+    """docker_command's container through the SDK, streaming its output; always removed."""
+    settings = container_settings(run, opts, client.images.get(IMAGE).id)
+    container = client.containers.create(IMAGE, [run.task, *run.container_args], **settings)
     try:
         output = container.attach(stdout=True, stderr=True, stream=True, logs=True, demux=True)
         container.start()
@@ -279,8 +369,8 @@ def docker_execute(client, run: Run, opts: Options) -> int:
         container.remove(force=True)
 
 
-DOCKER = Runtime(docker_client, lambda client, opts: bool(client.images.list(name=CUBE["docker"]["image"])),
-                 docker_build, docker_command, docker_execute)
+DOCKER = Runtime(docker_client, lambda opts: docker_sources(), docker_built_from, docker_build, docker_command,
+                 docker_execute)
 
 
 @nox.session(name="configure-docker", python=False)
@@ -316,11 +406,35 @@ def singularity_image(opts: Options) -> Path:
     return opts.workspace / ".image" / CUBE["singularity"]["image"]
 
 
-def singularity_build(client, opts: Options) -> None:
+def singularity_sources(opts: Options) -> list[str]:
+    """The recipe and the files its %files section copies in; the Docker image's with --from-docker."""
+    if opts.from_docker:
+        return docker_sources()
+    from spython.main.parse.parsers import SingularityParser
+
+    recipe = SingularityParser(str(ROOT / "Singularity.recipe")).recipe["spython-base"]
+    return sorted(["Singularity.recipe", *(line.split()[0] for line in recipe.files)])
+
+
+def singularity_record(opts: Options) -> Path:
+    """Where an image's sources are kept: beside it, as a SIF file holds no labels we can add at build."""
+    return singularity_image(opts).with_name(singularity_image(opts).name + ".sources.json")
+
+
+def singularity_built_from(client, opts: Options) -> dict | None:
+    if not singularity_image(opts).exists():
+        return None
+    try:
+        return json.loads(singularity_record(opts).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def singularity_build(client, opts: Options, sources: dict) -> None:
     """Build the image from Singularity.recipe without root (--fakeroot), or from the Docker image."""
     image = singularity_image(opts)
     image.parent.mkdir(parents=True, exist_ok=True)
-    recipe = f"docker-daemon://{CUBE['docker']['image']}" if opts.from_docker else str(ROOT / "Singularity.recipe")
+    recipe = f"docker-daemon://{IMAGE}" if opts.from_docker else str(ROOT / "Singularity.recipe")
     try:
         _, output = client.build(recipe=recipe, image=str(image), sudo=False, force=True, stream=True,
                                  options=[] if opts.from_docker else ["--fakeroot"])
@@ -328,20 +442,35 @@ def singularity_build(client, opts: Options) -> None:
             print(line, end="", flush=True)
     except subprocess.CalledProcessError as e:
         raise UsageError(f"singularity build of {image} from {recipe} failed with exit code {e.returncode}") from None
+    singularity_record(opts).write_text(json.dumps(sources))
 
 
 def singularity_binds(run: Run) -> list[str]:
-    return [f"{host}:{target}:{'ro' if ro else 'rw'}" for host, (target, ro) in run.mounts.items()]
+    return [f"{host}:{target}:{mode(ro)}" for host, (target, ro) in run.mounts.items()]
 
 
-def singularity_options(opts: Options) -> list[str]:
-    return [option for key, value in opts.env.items() for option in ("--env", f"{key}={value}")]
+def singularity_options(run: Run, opts: Options) -> list[str]:
+    """Least privilege that an unprivileged user may ask for: --containall (no host /tmp, home or
+    environment; own PID and IPC namespaces), --no-home, no network unless the task needs one, the
+    limits asked for, and the task's variables."""
+    net = network(run, opts)
+    return ["--containall", "--no-home",
+            *(["--net", f"--network={net}"] if net and net != "host" else []),
+            *([f"--memory={opts.memory}"] if opts.memory else []), *([f"--cpus={opts.cpus}"] if opts.cpus else []),
+            *(option for key, value in task_env(opts, singularity_image_id(opts)).items()
+              for option in ("--env", f"{key}={value}"))]
+
+
+def singularity_image_id(opts: Options) -> str:
+    """The image's path and what it was built from: a SIF's own digest would take a read of the whole file."""
+    recorded = json.dumps(singularity_built_from(None, opts) or {}, sort_keys=True).encode()
+    return f"{singularity_image(opts)} (sources {hashlib.sha256(recorded).hexdigest()[:16]})"
 
 
 def singularity_command(run: Run, opts: Options) -> list[str]:
     """The `singularity run` command line that spython runs for singularity_execute."""
     return ["singularity", "run", *(["--nv"] if gpus_wanted(opts) else []),
-            *(arg for bind in singularity_binds(run) for arg in ("--bind", bind)), *singularity_options(opts),
+            *(arg for bind in singularity_binds(run) for arg in ("--bind", bind)), *singularity_options(run, opts),
             str(singularity_image(opts)), run.task, *run.container_args]
 
 
@@ -350,15 +479,15 @@ def singularity_execute(client, run: Run, opts: Options) -> int:
     try:
         for line in client.run(str(singularity_image(opts)), args=[run.task, *run.container_args],
                                bind=singularity_binds(run), nv=bool(gpus_wanted(opts)),
-                               options=singularity_options(opts), stream=True, stream_type="both"):
+                               options=singularity_options(run, opts), stream=True, stream_type="both"):
             print(line, end="", flush=True)
         return 0
     except subprocess.CalledProcessError as e:
         return e.returncode
 
 
-SINGULARITY = Runtime(singularity_client, lambda client, opts: singularity_image(opts).exists(),
-                      singularity_build, singularity_command, singularity_execute)
+SINGULARITY = Runtime(singularity_client, singularity_sources, singularity_built_from, singularity_build,
+                      singularity_command, singularity_execute)
 
 
 @nox.session(name="configure-singularity", python=False)
@@ -371,6 +500,20 @@ def configure_singularity(session: nox.Session) -> None:
 def run_singularity(session: nox.Session) -> None:
     """Run tasks in the Singularity image, building it first if missing: `nox -s run-singularity -- train`."""
     run_in(session, SINGULARITY)
+
+
+# ---------------------------------------------------------------------------- MLCube's own CLI
+MLCUBE = ["mlcube==0.0.9", "mlcube-docker==0.0.9", "mlcube-singularity==0.0.9"]
+
+
+@nox.session
+def mlcube(session: nox.Session) -> None:
+    """MLCube's reference CLI and runners: `nox -s mlcube -- run --mlcube=. --platform=docker --task=train`."""
+    session.install("pip<24.1")  # MLCube pins omegaconf 2.1, whose metadata newer pips reject
+    session.install(*MLCUBE)
+    # MLCube writes its settings to ~/mlcube.yaml unless told otherwise: keep them in its virtualenv.
+    settings = os.environ.get("MLCUBE_SYSTEM_SETTINGS", str(Path(session.virtualenv.location) / "mlcube.yaml"))
+    session.run("mlcube", *session.posargs, env={"MLCUBE_SYSTEM_SETTINGS": settings})
 
 
 # ------------------------------------------------------------------------------- benchmark

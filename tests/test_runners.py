@@ -34,6 +34,9 @@ def test_mlcube_yaml_and_mnist_py_name_the_same_tasks_and_parameters():
     """The contract has two sides: a task or parameter on one only would fail at run time."""
     cube = {task: set(noxfile.parameters(task)) for task in noxfile.CUBE["tasks"]}
     assert cube == {task: set(params) for task, (_, params) in mnist.TASKS.items()}
+    outputs = {task: tuple(name for name, (_, output) in noxfile.parameters(task).items() if output)
+               for task in noxfile.CUBE["tasks"]}
+    assert outputs == mnist.OUTPUTS
 
 
 @pytest.mark.parametrize("args, message", [
@@ -69,28 +72,56 @@ def test_resolve_overrides_and_shared_folders(tmp_path):
 
 
 def test_docker_command_line(tmp_path):
-    opts = noxfile.parse_args(["train", f"--workspace={tmp_path}", "--network=host", "--gpus=all", "--env=X=1"])
+    opts = noxfile.parse_args(["train", f"--workspace={tmp_path}", "--network=host", "--gpus=all", "--env=X=1",
+                               "--memory=2g", "--cpus=1.5"])
     assert noxfile.docker_command(noxfile.resolve("train", opts), opts) == [
-        "docker", "run", "--rm", f"--user={os.geteuid()}:{os.getegid()}", "--network=host", "--gpus=all",
-        "--env=X=1", f"--volume={tmp_path / 'data'}:/mlcube_io0:ro", f"--volume={tmp_path}:/mlcube_io1:ro",
+        "docker", "run", "--rm", f"--user={os.geteuid()}:{os.getegid()}", "--network=host", "--cap-drop=ALL",
+        "--security-opt=no-new-privileges", "--read-only", "--tmpfs=/tmp:size=256m", "--memory=2g", "--cpus=1.5",
+        "--gpus=all", f"--env=MNIST_IMAGE={IMAGE}", "--env=X=1",
+        f"--volume={tmp_path / 'data'}:/mlcube_io0:ro", f"--volume={tmp_path}:/mlcube_io1:ro",
         f"--volume={tmp_path / 'logs'}:/mlcube_io2:rw", f"--volume={tmp_path / 'model'}:/mlcube_io3:rw",
         IMAGE, "train", "--data_dir=/mlcube_io0", "--train_config=/mlcube_io1/train.yaml",
         "--log_dir=/mlcube_io2", "--model_dir=/mlcube_io3"]
 
 
-def test_build_context_holds_only_what_the_image_needs(tmp_path):
+def test_build_context_holds_only_what_the_image_needs(tmp_path, monkeypatch):
     """.dockerignore, as the Docker SDK applies it, on a copy of the cube with data and a venv in it."""
-    from docker.utils.build import exclude_paths
-
     cube = tmp_path / "cube"
     shutil.copytree(ROOT, cube, ignore=shutil.ignore_patterns(".git", ".nox", ".gpu"))
     for junk in ("workspace/data/mnist.npz", "workspace/model/params.msgpack", ".nox/tests/bin/python", ".git/HEAD"):
         (cube / junk).parent.mkdir(parents=True, exist_ok=True)
         (cube / junk).write_text("x")
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    assert sorted(exclude_paths(str(cube), patterns, dockerfile="Dockerfile")) == [
-        ".dockerignore", "Dockerfile", "mnist.py", "requirements.txt", "workspace/data.yaml", "workspace/train.yaml"]
+    monkeypatch.setattr(noxfile, "ROOT", cube)
+    assert noxfile.docker_sources(cube) == [".dockerignore", "Dockerfile", "mnist.py", "requirements.txt"]
+
+
+def test_why_rebuild_names_what_changed():
+    """Go-task's `sources:` check: files by digest, build arguments only where this run names them."""
+    built = {"files": {"mnist.py": "a", "Dockerfile": "b"}, "build_args": {"JAX_EXTRA": "cuda12"}}
+    same = {"files": {"mnist.py": "a", "Dockerfile": "b"}, "build_args": {}}
+    assert noxfile.why_rebuild(built, same) is None
+    assert noxfile.why_rebuild(built, {**same, "build_args": {"JAX_EXTRA": "cuda12"}}) is None
+    assert noxfile.why_rebuild(None, same) == "there is no image yet"
+    assert noxfile.why_rebuild(built, {"files": {"mnist.py": "c", "Dockerfile": "b", "requirements.txt": "d"},
+                                       "build_args": {"JAX_EXTRA": ""}}) == (
+        "changed since it was built: mnist.py, requirements.txt, --build-arg=JAX_EXTRA")
+    assert noxfile.why_rebuild({}, same) == "changed since it was built: Dockerfile, mnist.py"  # no record
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--cpus=two", "--cpus expects a number of processors such as 2 or 1.5, got 'two'"),
+    ("--memory=8GB", "--memory expects a size such as 8g or 512m, got '8GB'"),
+])
+def test_limits_are_checked(option, message):
+    with pytest.raises(noxfile.UsageError, match=message):
+        noxfile.parse_args(["train", option])
+
+
+def test_only_download_gets_a_network():
+    opts = noxfile.parse_args(["download", "train"])
+    assert [noxfile.network(noxfile.resolve(task, opts), opts) for task in opts.tasks] == [None, "none"]
+    opts = noxfile.parse_args(["train", "--network=bridge"])
+    assert noxfile.network(noxfile.resolve("train", opts), opts) == "bridge"
 
 
 def test_gpus_from_option_or_accelerator_count(monkeypatch):
@@ -127,7 +158,8 @@ def workspace(tmp_path, server, body, epochs=1, batch_size=128, digest=None):
 def test_dry_run_prints_and_runs_nothing(tmp_path):
     result = nox("-s", "run-docker", "--", "download", f"--workspace={tmp_path}", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert f"docker run --rm --user={os.geteuid()}:{os.getegid()} --volume={tmp_path}:/mlcube_io0:ro" in result.stdout
+    assert f"docker run --rm --user={os.geteuid()}:{os.getegid()} --cap-drop=ALL" in result.stdout
+    assert f"--volume={tmp_path}:/mlcube_io0:ro" in result.stdout
     assert os.listdir(tmp_path) == []
 
 

@@ -11,7 +11,7 @@ import os
 import shlex
 
 import pytest
-from conftest import ROOT, make_digits, npz_bytes
+from conftest import ROOT, make_digits, npz_bytes, sha256
 from spython.main.parse.parsers import DockerParser, SingularityParser
 from test_runners import nox
 from test_runners import workspace as runner_workspace
@@ -60,15 +60,20 @@ def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
     result = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", "--env=SEEN=1", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     image = str(ws / ".image" / IMAGE)
+    built = json.loads((ws / ".image" / f"{IMAGE}.sources.json").read_text())
+    assert sorted(built["files"]) == ["Singularity.recipe", "mnist.py", "requirements.txt"]
+    provenance = ["--env", f"MNIST_IMAGE={image} (sources {sha256(json.dumps(built, sort_keys=True).encode())[:16]})"]
     assert recorded() == [
         ["singularity", "build", "--force", "--fakeroot", image, str(ROOT / "Singularity.recipe")],
         ["singularity", "run", "--bind", f"{ws}:/mlcube_io0:ro", "--bind", f"{ws}/data:/mlcube_io1:rw",
-         "--bind", f"{ws}/logs:/mlcube_io2:rw", "--env", "SEEN=1", image, "download",
-         "--data_config=/mlcube_io0/data.yaml", "--data_dir=/mlcube_io1", "--log_dir=/mlcube_io2"],
+         "--bind", f"{ws}/logs:/mlcube_io2:rw", "--containall", "--no-home", *provenance, "--env", "SEEN=1", image,
+         "download", "--data_config=/mlcube_io0/data.yaml", "--data_dir=/mlcube_io1", "--log_dir=/mlcube_io2"],
         ["singularity", "run", "--bind", f"{ws}/data:/mlcube_io0:ro", "--bind", f"{ws}:/mlcube_io1:ro",
-         "--bind", f"{ws}/logs:/mlcube_io2:rw", "--bind", f"{ws}/model:/mlcube_io3:rw", "--env", "SEEN=1", image,
+         "--bind", f"{ws}/logs:/mlcube_io2:rw", "--bind", f"{ws}/model:/mlcube_io3:rw", "--containall", "--no-home",
+         "--net", "--network=none", *provenance, "--env", "SEEN=1", image,
          "train", "--data_dir=/mlcube_io0", "--train_config=/mlcube_io1/train.yaml", "--log_dir=/mlcube_io2",
          "--model_dir=/mlcube_io3"]]
+    assert json.loads((ws / "model" / "model.json").read_text())["image"] == provenance[1].removeprefix("MNIST_IMAGE=")
     assert json.loads((ws / "model" / "model.json").read_text())["epochs_run"] == 1
     assert "epoch 1/1" in result.stdout  # the task's output streamed through spython
     dry = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", "--env=SEEN=1", "--dry-run")
@@ -121,3 +126,20 @@ def test_recipe_stays_in_step_with_the_dockerfile():
     assert {"PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1", "PYTHONNOUSERSITE=1"} <= set(environ)
     assert {"PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1"} <= set(docker.environ)
     assert recipe.labels and "%help" in (ROOT / "Singularity.recipe").read_text()
+
+
+def test_standin_run_singularity_rebuilds_a_stale_image_and_says_why(tmp_path, server, standin):
+    """The image records its sources beside it; a run rebuilds when they no longer match, else not."""
+    env, recorded = standin
+    ws = workspace(tmp_path, server)
+    assert nox("-s", "run-singularity", "--", "download", f"--workspace={ws}", env=env).returncode == 0
+    record = ws / ".image" / f"{IMAGE}.sources.json"
+    again = nox("-s", "run-singularity", "--", "download", f"--workspace={ws}", env=env)
+    assert again.returncode == 0 and "building the image" not in again.stderr
+    built = json.loads(record.read_text())
+    record.write_text(json.dumps({**built, "files": {**built["files"], "mnist.py": "0" * 64}}))
+    stale = nox("-s", "run-singularity", "--", "download", f"--workspace={ws}", env=env)
+    assert stale.returncode == 0, stale.stdout + stale.stderr
+    assert "building the image: changed since it was built: mnist.py" in stale.stderr
+    assert [cmd[1] for cmd in recorded()] == ["build", "run", "run", "build", "run"]
+    assert json.loads(record.read_text()) == built

@@ -1,0 +1,97 @@
+"""MLCube's own CLI (mlcube 0.0.9 and its Docker runner from PyPI, in their nox-managed virtualenv) runs
+this cube's image on the real Docker engine, as the root caller and as a plain user in the docker group."""
+import json
+import os
+import subprocess
+
+import pytest
+import yaml
+from conftest import ROOT, sha256
+from test_runners import IMAGE, chown, image, needs_docker, nox, plain_user  # noqa: F401 (fixtures)
+
+TASKS = ["download", "train", "evaluate", "infer", "download,train"]
+
+
+def exited_containers():
+    return subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={IMAGE}", "--filter", "status=exited"],
+                          capture_output=True, text=True).stdout.split()
+
+
+def offline_workspace(base, real_data):
+    """A workspace with the real mnist.npz beside data.yaml (a plain-path uri), and one short epoch."""
+    ws = base / "work" / "ws"
+    ws.mkdir(parents=True)
+    body = (real_data / "mnist.npz").read_bytes()
+    (ws / "mnist.npz").write_bytes(body)
+    (ws / "data.yaml").write_text(yaml.safe_dump({"uri": "mnist.npz", "hash": sha256(body)}))
+    (ws / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 1, "batch_size": 512}))
+    return ws
+
+
+def mlcube(*args, user=None, home=None):
+    """`nox -s mlcube -- ARGS`: as the caller, or as the plain user with its own copy of the cube."""
+    cube = ROOT if user is None else user / "cube"
+    env = {"MLCUBE_SYSTEM_SETTINGS": str((home or cube) / "mlcube-settings.yaml")}
+    if user is not None:
+        env["HOME"] = str(user)
+    return nox("-s", "mlcube", "--", *(arg.replace("{cube}", str(cube)) for arg in args), env=env, user=user)
+
+
+@needs_docker
+@pytest.mark.parametrize("caller", ["caller", "plain user"])
+def test_mlcube_run_every_task_out_of_the_box(real_data, image, plain_user, caller, tmp_path):
+    """No -P flags: the image starts as root, as MLCube starts it, and becomes the owner of the folders
+    MLCube made for the caller; the caller can rewrite and delete everything the tasks wrote."""
+    user = plain_user if caller == "plain user" else None
+    if caller == "plain user" and user is None:
+        pytest.skip("needs root, to run MLCube as a plain user in the docker group")
+    home = user or tmp_path
+    ws = offline_workspace(home, real_data)
+    if user is not None:
+        chown(home / "work", 4321)
+    for task in TASKS:
+        before = set(exited_containers())
+        result = mlcube("run", "--mlcube={cube}", "--platform=docker", f"--task={task}", f"--workspace={ws}",
+                        user=user, home=home)
+        assert result.returncode == 0, f"{task}: " + result.stdout[-3000:] + result.stderr[-3000:]
+        subprocess.run(["docker", "rm", *(set(exited_containers()) - before)], capture_output=True)  # MLCube's
+    summary = json.loads((ws / "model" / "model.json").read_text())
+    assert summary["epochs_run"] == 1 and summary["test_accuracy"] > 0.9 and summary["image"] is None
+    metrics = json.loads((ws / "logs" / "evaluate_metrics.json").read_text())
+    assert metrics["test_accuracy"] == summary["test_accuracy"]
+    assert len(json.loads((ws / "predictions" / "predictions.json").read_text())["predictions"]) == 10000
+    assert (ws / "logs" / "training_curves.png").stat().st_size and (ws / "logs" / "confusion_matrix.png").stat().st_size
+    owner = (4321, 4321) if user else (os.getuid(), os.getgid())
+    written = [p for d in ("data", "logs", "model", "predictions") for p in (ws / d, *(ws / d).iterdir())]
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in written} == {owner}
+    rewrite_then_delete = ("import pathlib, shutil, sys\n"
+                           "for d in sys.argv[1:]:\n"
+                           "    for p in pathlib.Path(d).iterdir(): p.write_bytes(p.read_bytes())\n"
+                           "    shutil.rmtree(d)\n")
+    run_as = ["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups"] if user else []
+    done = subprocess.run([*run_as, "/usr/bin/python3", "-c", rewrite_then_delete,
+                           *(str(ws / d) for d in ("data", "logs", "model", "predictions"))], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in ws.iterdir()) == ["data.yaml", "mnist.npz", "train.yaml"]
+
+
+@needs_docker
+def test_mlcube_configure_builds_from_the_dockerfile(image, tmp_path):
+    """MLCube's default strategy pulls, which an unpushed image cannot; `auto` builds it here."""
+    before = subprocess.run(["docker", "image", "inspect", "--format={{.Id}}", IMAGE], capture_output=True,
+                            text=True).stdout.strip()
+    result = mlcube("configure", "--mlcube=.", "--platform=docker", "-Pdocker.build_strategy=auto", home=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Will build image" in result.stdout + result.stderr
+    inspect = json.loads(subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True,
+                                        text=True).stdout)[0]
+    assert inspect["Config"]["Entrypoint"] == ["python3", "/mlcube/mnist.py"]
+    assert before and inspect["Id"]  # built (from the layer cache, so the ID may be the same)
+
+
+@pytest.mark.parametrize("args", [["describe", "--mlcube=."], ["show_config", "--mlcube=.", "--platform=singularity"],
+                                  ["show_config", "--mlcube=.", "--platform=docker"]])
+def test_mlcube_accepts_the_cube(args, tmp_path):
+    result = mlcube(*args, home=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "mnist" in result.stdout
