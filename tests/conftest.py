@@ -1,10 +1,14 @@
 """Shared fixtures: a real HTTP server on 127.0.0.1, small synthetic MNIST files, the real data."""
 import collections
+import grp
 import hashlib
 import http.server
 import io
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,6 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import mnist  # noqa: E402
+import noxfile  # noqa: E402
+
+IMAGE = noxfile.CUBE["docker"]["image"]
 
 
 def sha256(data: bytes) -> str:
@@ -140,3 +147,64 @@ def make_digits(n_train=512, n_test=128, seed=0) -> dict:
 def create_state(config: dict, total_steps: int):
     """A run's first TrainState, as train makes it."""
     return mnist.jax.jit(mnist.state_initializer(config, total_steps))(config["seed"])
+
+
+# ------------------------------------------------------------------- the runners, run for real
+def nox(*args, env=None, user=None, docker_group=True):
+    """Run a nox session of this repo as a user would, or as `user` (see plain_user) when given."""
+    groups = f"--groups={grp.getgrnam('docker').gr_gid}" if docker_group else "--clear-groups"
+    python, cube, run_as = (sys.executable, ROOT, []) if user is None else (
+        user / "venv" / "bin" / "python", user / "cube", ["setpriv", "--reuid=4321", "--regid=4321", groups])
+    command = [*run_as, str(python), "-m", "nox", "-f", str(cube / "noxfile.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1200)
+
+
+def docker_ready():
+    try:
+        import docker
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+needs_docker = pytest.mark.skipif(not docker_ready(), reason="no Docker daemon answers (start dockerd)")
+BASE = ["--build-arg=BASE_IMAGE=" + os.environ["MNIST_BASE_IMAGE"]] if "MNIST_BASE_IMAGE" in os.environ else []
+
+
+@pytest.fixture(scope="session")
+def image():
+    """The image, built through `nox -s configure-docker` (from $MNIST_BASE_IMAGE where set)."""
+    result = nox("-s", "configure-docker", "--", *BASE)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Successfully tagged " + IMAGE in result.stdout  # the build streamed its output
+    return IMAGE
+
+
+CUBE_FILES = ("noxfile.py", "mlcube.yaml", "Dockerfile", ".dockerignore", "requirements.txt", "mnist.py",
+              "Singularity.recipe")
+
+
+@pytest.fixture(scope="session")
+def plain_user():
+    """Run as root (as CI does), files owned by the caller would prove nothing. So, as root, make a
+    home for uid 4321 holding a copy of the cube and a Python with the runners' needs, and run the
+    session as that user; otherwise the caller is the plain user."""
+    if os.getuid() != 0:
+        yield None
+        return
+    home = Path(tempfile.mkdtemp(prefix="mnist-user-"))
+    subprocess.run(["/usr/bin/python3", "-m", "venv", home / "venv"], check=True)
+    subprocess.run([home / "venv" / "bin" / "pip", "install", "-q", "nox", "pyyaml", "docker"], check=True)
+    (home / "cube").mkdir()
+    for name in CUBE_FILES:
+        shutil.copy(ROOT / name, home / "cube" / name)
+    chown(home, 4321)
+    yield home
+    shutil.rmtree(home)
+
+
+def chown(folder, uid):
+    for path in (folder, *folder.rglob("*")):
+        os.chown(path, uid, uid, follow_symlinks=False)

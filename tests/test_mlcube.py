@@ -6,27 +6,23 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import ROOT, sha256
-from test_runners import IMAGE, chown, image, needs_docker, nox, plain_user  # noqa: F401 (fixtures)
+from conftest import IMAGE, ROOT, chown, needs_docker, nox, sha256
 
 TASKS = ["download", "train", "evaluate", "infer", "download,train"]
-
 
 def exited_containers():
     return subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={IMAGE}", "--filter", "status=exited"],
                           capture_output=True, text=True).stdout.split()
 
-
 def offline_workspace(base, real_data):
     """A workspace with the real mnist.npz beside data.yaml (a plain-path uri), and one short epoch."""
-    ws = base / "work" / "ws"
+    ws = base / "mlcube" / "ws"
     ws.mkdir(parents=True)
     body = (real_data / "mnist.npz").read_bytes()
     (ws / "mnist.npz").write_bytes(body)
     (ws / "data.yaml").write_text(yaml.safe_dump({"uri": "mnist.npz", "hash": sha256(body)}))
     (ws / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 1, "batch_size": 512}))
     return ws
-
 
 def mlcube(*args, user=None, home=None):
     """`nox -s mlcube -- ARGS`: as the caller, or as the plain user with its own copy of the cube."""
@@ -35,7 +31,6 @@ def mlcube(*args, user=None, home=None):
     if user is not None:
         env["HOME"] = str(user)
     return nox("-s", "mlcube", "--", *(arg.replace("{cube}", str(cube)) for arg in args), env=env, user=user)
-
 
 @needs_docker
 @pytest.mark.parametrize("caller", ["caller", "plain user"])
@@ -48,7 +43,7 @@ def test_mlcube_run_every_task_out_of_the_box(real_data, image, plain_user, call
     home = user or tmp_path
     ws = offline_workspace(home, real_data)
     if user is not None:
-        chown(home / "work", 4321)
+        chown(home / "mlcube", 4321)
     for task in TASKS:
         before = set(exited_containers())
         result = mlcube("run", "--mlcube={cube}", "--platform=docker", f"--task={task}", f"--workspace={ws}",
@@ -60,7 +55,8 @@ def test_mlcube_run_every_task_out_of_the_box(real_data, image, plain_user, call
     metrics = json.loads((ws / "logs" / "evaluate_metrics.json").read_text())
     assert metrics["test_accuracy"] == summary["test_accuracy"]
     assert len(json.loads((ws / "predictions" / "predictions.json").read_text())["predictions"]) == 10000
-    assert (ws / "logs" / "training_curves.png").stat().st_size and (ws / "logs" / "confusion_matrix.png").stat().st_size
+    for picture in ("training_curves.png", "confusion_matrix.png"):
+        assert (ws / "logs" / picture).read_bytes().startswith(b"\x89PNG")
     owner = (4321, 4321) if user else (os.getuid(), os.getgid())
     written = [p for d in ("data", "logs", "model", "predictions") for p in (ws / d, *(ws / d).iterdir())]
     assert {(p.stat().st_uid, p.stat().st_gid) for p in written} == {owner}
@@ -74,19 +70,16 @@ def test_mlcube_run_every_task_out_of_the_box(real_data, image, plain_user, call
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in ws.iterdir()) == ["data.yaml", "mnist.npz", "train.yaml"]
 
-
 @needs_docker
 def test_mlcube_configure_builds_from_the_dockerfile(image, tmp_path):
-    """MLCube's default strategy pulls, which an unpushed image cannot; `auto` builds it here."""
-    before = subprocess.run(["docker", "image", "inspect", "--format={{.Id}}", IMAGE], capture_output=True,
-                            text=True).stdout.strip()
+    """MLCube's default strategy pulls, which an unpushed image cannot; `auto` builds it here, with
+    the docker CLI, from the same Dockerfile and context."""
     result = mlcube("configure", "--mlcube=.", "--platform=docker", "-Pdocker.build_strategy=auto", home=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Will build image" in result.stdout + result.stderr
+    assert f"Successfully tagged {IMAGE}" in result.stdout
     inspect = json.loads(subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True,
                                         text=True).stdout)[0]
     assert inspect["Config"]["Entrypoint"] == ["python3", "/mlcube/mnist.py"]
-    assert before and inspect["Id"]  # built (from the layer cache, so the ID may be the same)
 
 
 @pytest.mark.parametrize("args", [["describe", "--mlcube=."], ["show_config", "--mlcube=.", "--platform=singularity"],

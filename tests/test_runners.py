@@ -1,23 +1,18 @@
 """The nox runners: the MLCube contract without a daemon, then run-local and run-docker for real."""
-import grp
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, make_digits, npz_bytes, sha256
+from conftest import BASE, CUBE_FILES, IMAGE, ROOT, chown, make_digits, needs_docker, nox, npz_bytes, sha256
 
 sys.path.insert(0, str(ROOT))
 import mnist  # noqa: E402
 import noxfile  # noqa: E402
-
-IMAGE = noxfile.CUBE["docker"]["image"]
 
 
 # ------------------------------------------------------------------ contract, no daemon needed
@@ -135,15 +130,6 @@ def test_gpus_from_option_or_accelerator_count(monkeypatch):
 
 
 # ------------------------------------------------------------------------- runners, for real
-def nox(*args, env=None, user=None, docker_group=True):
-    """Run a nox session of this repo as a user would, or as `user` (see plain_user) when given."""
-    groups = f"--groups={grp.getgrnam('docker').gr_gid}" if docker_group else "--clear-groups"
-    python, cube, run_as = (sys.executable, ROOT, []) if user is None else (
-        user / "venv" / "bin" / "python", user / "cube", ["setpriv", "--reuid=4321", "--regid=4321", groups])
-    command = [*run_as, str(python), "-m", "nox", "-f", str(cube / "noxfile.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1200)
-
-
 def workspace(tmp_path, server, body, epochs=1, batch_size=128, digest=None):
     """A workspace whose data.yaml points at `body` on the test's HTTP server."""
     ws = tmp_path / "ws"
@@ -183,78 +169,109 @@ def test_run_local_stops_at_first_failure_with_its_code(tmp_path, server):
 
 
 # ------------------------------------------------------------ Docker, against a real engine
-def docker_ready():
-    try:
-        import docker
-
-        docker.from_env().ping()
-        return True
-    except Exception:
-        return False
-
-
-needs_docker = pytest.mark.skipif(not docker_ready(), reason="no Docker daemon answers (start dockerd)")
-BASE = ["--build-arg=BASE_IMAGE=" + os.environ["MNIST_BASE_IMAGE"]] if "MNIST_BASE_IMAGE" in os.environ else []
-
-
 def containers():
     return subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={IMAGE}"], capture_output=True,
                           text=True).stdout.split()
 
 
-@pytest.fixture(scope="module")
-def image():
-    """The image, built through `nox -s configure-docker` (from $MNIST_BASE_IMAGE where set)."""
-    result = nox("-s", "configure-docker", "--", *BASE)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Successfully tagged " + IMAGE in result.stdout  # the build streamed its output
-    return IMAGE
-
-
-@pytest.fixture(scope="module")
-def plain_user():
-    """Run as root (as CI does), files owned by the caller would prove nothing. So, as root, make a
-    home for uid 4321 holding a copy of the cube and a Python with the runners' needs, and run the
-    session as that user; otherwise the caller is the plain user."""
-    if os.getuid() != 0:
-        yield None
-        return
-    home = Path(tempfile.mkdtemp(prefix="mnist-user-"))
-    subprocess.run(["/usr/bin/python3", "-m", "venv", home / "venv"], check=True)
-    subprocess.run([home / "venv" / "bin" / "pip", "install", "-q", "nox", "pyyaml", "docker"], check=True)
-    for name in ("noxfile.py", "mlcube.yaml"):
-        (home / "cube").mkdir(exist_ok=True)
-        shutil.copy(ROOT / name, home / "cube" / name)
-    chown(home, 4321)
-    yield home
-    shutil.rmtree(home)
-
-
-def chown(folder, uid):
-    for path in (folder, *folder.rglob("*")):
-        os.chown(path, uid, uid, follow_symlinks=False)
-
-
 @needs_docker
 def test_run_docker_download_and_train_real_mnist(tmp_path, server, real_data, image, plain_user):
+    """download with the host's network (the test's server is on its loopback), then the other tasks
+    with none: they train, write every output as the caller, and record the image they ran in."""
     body = (real_data / "mnist.npz").read_bytes()
     home = plain_user or tmp_path
     ws = workspace(home / "work", server, body, epochs=1, batch_size=512)
     if plain_user:
         chown(home / "work", 4321)
     owner = (4321, 4321) if plain_user else (os.getuid(), os.getgid())
-    result = nox("-s", "run-docker", "--", "download", "train", "evaluate", "infer", f"--workspace={ws}",
-                 "--network=host", env={"HOME": str(home)}, user=plain_user)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for tasks in (["download", "--network=host"], ["train", "evaluate", "infer"]):
+        result = nox("-s", "run-docker", "--", *tasks, f"--workspace={ws}", env={"HOME": str(home)}, user=plain_user)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "building the image" not in result.stderr  # the image fixture built it from these sources
     assert sha256((ws / "data" / "mnist.npz").read_bytes()) == sha256(body)
     summary = json.loads((ws / "model" / "model.json").read_text())
     assert summary["test_accuracy"] > 0.95 and summary["backend"] == "cpu"
-    assert json.loads((ws / "logs" / "evaluate_metrics.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+    image_id = subprocess.run(["docker", "image", "inspect", "--format={{.Id}}", IMAGE], capture_output=True,
+                              text=True).stdout.strip()
+    metrics = json.loads((ws / "logs" / "evaluate_metrics.json").read_text())
+    assert metrics["test_accuracy"] == summary["test_accuracy"]
+    assert summary["image"] == metrics["image"] == image_id
     assert len(json.loads((ws / "predictions" / "predictions.json").read_text())["predictions"]) == 10000
+    for picture in ("training_curves.png", "confusion_matrix.png"):  # matplotlib is in the image
+        assert (ws / "logs" / picture).read_bytes().startswith(b"\x89PNG")
     written = [p for d in ("data", "logs", "model", "predictions") for p in (ws / d, *(ws / d).iterdir())]
     assert {(p.stat().st_uid, p.stat().st_gid) for p in written} == {owner}
     assert "epoch 1/1" in result.stdout  # the container's output streamed through
     assert containers() == []
+
+
+PROBE = """
+import json, pathlib, sys, urllib.request
+def attempt(action):
+    try:
+        action()
+        return "ok"
+    except Exception as e:
+        return type(e).__name__
+url, *folders = sys.argv[1:]
+status = dict(line.split(":\t") for line in pathlib.Path("/proc/self/status").read_text().splitlines() if ":\t" in line)
+print(json.dumps({
+    "network": attempt(lambda: urllib.request.urlopen(url, timeout=5).read()),
+    "writes": {f: attempt(lambda f=f: pathlib.Path(f, "probe").write_text("x")) for f in folders},
+    "capabilities": status["CapEff"].strip(), "no_new_privs": status["NoNewPrivs"].strip(),
+    "user": f"{status['Uid'].split()[0]}:{status['Gid'].split()[0]}"}))
+"""
+
+
+@needs_docker
+def test_run_docker_tasks_get_least_privilege(tmp_path, server, image):
+    """train's container, exactly as run-docker makes it, with a probe in mnnist.py's place: it reaches
+    no server (a host-network twin does: the probe can tell), writes only its outputs and /tmp, holds
+    no capability, cannot gain privileges, and runs as the caller."""
+    import docker
+
+    client = docker.from_env()
+    url = server.serve("/ping", b"pong")
+    results = {}
+    for network in ([], ["--network=host"]):
+        opts = noxfile.parse_args(["train", f"--workspace={tmp_path}", *network])
+        run = noxfile.resolve("train", opts)
+        for folder in run.mounts:
+            os.makedirs(folder, exist_ok=True)
+        folders = ["/", "/mlcube", "/tmp", *(target for target, _ in run.mounts.values())]
+        output = client.containers.run(IMAGE, [url, *folders], entrypoint=["python3", "-c", PROBE], remove=True,
+                                       **noxfile.container_settings(run, opts, "probe"))
+        results[bool(network)] = json.loads(output)
+    confined, open_twin = results[False], results[True]
+    assert confined["network"] == "URLError" and open_twin["network"] == "ok"
+    assert confined["writes"] == {"/": "OSError", "/mlcube": "OSError", "/tmp": "ok",
+                                  "/mlcube_io0": "OSError", "/mlcube_io1": "OSError",  # data_dir, train_config
+                                  "/mlcube_io2": "ok", "/mlcube_io3": "ok"}  # log_dir, model_dir
+    assert confined["capabilities"] == "0000000000000000" and confined["no_new_privs"] == "1"
+    assert confined["user"] == f"{os.geteuid()}:{os.getegid()}"
+
+
+@needs_docker
+def test_run_docker_rebuilds_a_stale_image_and_says_why(tmp_path, server, image):
+    """A copy of the cube whose mnist.py differs: its first run rebuilds the image, saying why in one
+    line; its second finds the image built from the same sources and starts at once."""
+    cube = tmp_path / "cube"
+    cube.mkdir()
+    for name in CUBE_FILES:
+        shutil.copy(ROOT / name, cube / name)
+    with open(cube / "mnist.py", "a") as f:
+        f.write("# edited\n")
+    ws = workspace(tmp_path, server, npz_bytes(make_digits()))
+    command = [sys.executable, "-m", "nox", "-f", str(cube / "noxfile.py"), "-s", "run-docker", "--", "download",
+               f"--workspace={ws}", "--network=host", *BASE]
+    stale = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert stale.returncode == 0, stale.stdout[-3000:] + stale.stderr[-3000:]
+    assert "building the image: changed since it was built: mnist.py\n" in stale.stderr
+    fresh = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0 and "building the image" not in fresh.stderr
+    edited = subprocess.run(["docker", "run", "--rm", "--entrypoint=tail", IMAGE, "-1", "/mlcube/mnist.py"],
+                            capture_output=True, text=True).stdout
+    assert edited == "# edited\n"
 
 
 @needs_docker

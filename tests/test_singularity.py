@@ -11,14 +11,12 @@ import os
 import shlex
 
 import pytest
-from conftest import ROOT, make_digits, npz_bytes, sha256
+from conftest import ROOT, make_digits, nox, npz_bytes, sha256
 from spython.main.parse.parsers import DockerParser, SingularityParser
-from test_runners import nox
 from test_runners import workspace as runner_workspace
 
 STANDIN = ROOT / "tests" / "standin"
 IMAGE = "mnist-0.0.1.simg"
-
 
 @pytest.fixture
 def standin(tmp_path):
@@ -32,10 +30,8 @@ def standin(tmp_path):
 
     return env, recorded
 
-
 def workspace(tmp_path, server, digest=None):
     return runner_workspace(tmp_path, server, npz_bytes(make_digits()), epochs=1, batch_size=64, digest=digest)
-
 
 def test_standin_configure_singularity_builds_the_recipe_without_root(tmp_path, standin):
     env, recorded = standin
@@ -45,14 +41,12 @@ def test_standin_configure_singularity_builds_the_recipe_without_root(tmp_path, 
                            str(ROOT / "Singularity.recipe")]]
     assert (tmp_path / ".image" / IMAGE).is_file() and "Build complete" in result.stdout
 
-
 def test_standin_configure_singularity_from_the_docker_image(tmp_path, standin):
     env, recorded = standin
     result = nox("-s", "configure-singularity", "--", f"--workspace={tmp_path}", "--from-docker", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert recorded() == [["singularity", "build", "--force", str(tmp_path / ".image" / IMAGE),
                            "docker-daemon://mlcommons/mnist:0.0.1"]]
-
 
 def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
     env, recorded = standin
@@ -79,14 +73,12 @@ def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
     dry = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", "--env=SEEN=1", "--dry-run")
     assert [shlex.split(line) for line in dry.stdout.splitlines()] == recorded()[1:]
 
-
 def test_standin_gpus_add_nv(tmp_path, server, standin):
     env, recorded = standin
     ws = workspace(tmp_path, server)
     result = nox("-s", "run-singularity", "--", "download", f"--workspace={ws}", "--gpus=all", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert recorded()[-1][:3] == ["singularity", "run", "--nv"]
-
 
 def test_standin_failing_task_propagates_its_code(tmp_path, server, standin):
     env, recorded = standin
@@ -96,7 +88,6 @@ def test_standin_failing_task_propagates_its_code(tmp_path, server, standin):
     assert "task download failed with exit code 1" in result.stderr
     image = str(ws / ".image" / IMAGE)
     assert [cmd[cmd.index(image) + 1] for cmd in recorded() if cmd[1] == "run"] == ["download"]  # no train
-
 
 @pytest.mark.parametrize("binaries, message", [
     ([], "neither apptainer nor singularity is on PATH: install Apptainer"),
@@ -112,7 +103,6 @@ def test_missing_binary_is_one_clear_line(tmp_path, binaries, message):
                  env={"PATH": f"{bin_dir}:{python_dir}:/usr/bin:/bin"})
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
-
 def test_recipe_stays_in_step_with_the_dockerfile():
     """spython's parsers read both files: same base, same files, same venv install, same entry point."""
     docker = DockerParser(str(ROOT / "Dockerfile")).recipe["spython-base"]
@@ -126,7 +116,6 @@ def test_recipe_stays_in_step_with_the_dockerfile():
     assert {"PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1", "PYTHONNOUSERSITE=1"} <= set(environ)
     assert {"PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1"} <= set(docker.environ)
     assert recipe.labels and "%help" in (ROOT / "Singularity.recipe").read_text()
-
 
 def test_standin_run_singularity_rebuilds_a_stale_image_and_says_why(tmp_path, server, standin):
     """The image records its sources beside it; a run rebuilds when they no longer match, else not."""
