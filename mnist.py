@@ -15,6 +15,8 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import errno
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -22,15 +24,19 @@ import http.client
 import io
 import json
 import logging
+import math
 import os
 import re
 import signal
+import socket
+import stat
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any, NamedTuple
@@ -50,6 +56,10 @@ HTTP_TIMEOUT = 30.0  # seconds to connect, and at most between two reads of a bo
 HTTP_ATTEMPTS = 4  # tries for connection faults and 5xx answers; a 4xx answer is never retried
 RETRY_DELAY = 1.0  # seconds before the second try, doubled before each one after it
 CHUNK = 1 << 20
+MAX_CONFIG_BYTES = 64 << 10  # a config is a few lines; this bounds what the YAML reader parses
+MAX_DATA_BYTES = 128 << 20  # of a downloaded file, and of an IDX file's arrays: MNIST's largest is 47 MB
+MAX_URI_CHARS = 2048
+LOCK_NAME = ".mnist.lock"  # in a folder that one run at a time may write: data_dir, model_dir
 
 NPZ_NAME = "mnist.npz"
 RECORD_NAME = "download.json"  # where the npz came from, and its SHA-256
@@ -70,14 +80,52 @@ class Stopped(Exception):
         self.code = 128 + signum
 
 
+class Terminated(Exception):
+    """SIGTERM (`docker stop`, `timeout`) outside training's safe points: unwind as Ctrl-C does, so that
+    no temporary file is left behind."""
+
+
+def shorten(value: object, limit: int = 60) -> str:
+    """A value as a message shows it: its repr, cut to a short prefix."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def open_regular(path: str, where: str | None = None):
+    """`path` opened for binary reading if it is a regular file. Devices and FIFOs are refused before a
+    byte is read: /dev/zero never ends, and opening a FIFO waits for a writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CubeError(f"{where or path}: not a regular file (a device, FIFO or socket); give a file")
+    return os.fdopen(fd, "rb")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: a few hundred bytes of nested aliases expand to gigabytes when a
+    value is printed or walked, and a config needs none."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        with open_regular(path) as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise CubeError(f"{path}: cannot read ({e.strerror})") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise CubeError(f"{path}: larger than {MAX_CONFIG_BYTES >> 10} KiB; a config is a few lines")
+    try:
+        data = yaml.load(text, Loader=ConfigLoader)
     except yaml.YAMLError as e:
-        raise CubeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        raise CubeError(f"{path}: not valid YAML ({shorten(' '.join(str(e).split()), 200)[1:-1]})") from None
+    except RecursionError:
+        raise CubeError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise CubeError(f"{path}: expected a mapping of keys, found {type(data).__name__}")
     return data
@@ -91,40 +139,65 @@ def check_keys(data: object, required: list[str], optional: list[str], where: st
             raise CubeError(f"{where}: missing key '{key}' (expected {', '.join(required + optional)})")
     for key in data:
         if key not in required + optional:
-            raise CubeError(f"{where}: unknown key '{key}' (expected {', '.join(required + optional)})")
+            raise CubeError(f"{where}: unknown key {shorten(key)} (expected {', '.join(required + optional)})")
     return data
 
 
+def to_json(value: object, indent: int | None = 2) -> bytes:
+    """Strict JSON (no NaN or Infinity, which most readers reject): a non-finite number becomes null."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+    return json.dumps(finite(value), indent=indent, allow_nan=False).encode()
+
+
 # ---------------------------------------------------------------------------------------- data
-def read_data_config(path: str) -> dict[str, tuple[str, str]]:
-    """Map each source file's name to its (uri, sha256), from either form of `data.yaml`."""
+class Source(NamedTuple):
+    """One file to fetch: where from, the SHA-256 it must have, and the most bytes it may have (its
+    exact size where data.yaml gives one)."""
+    uri: str
+    sha256: str
+    size: int | None
+
+
+def read_data_config(path: str) -> dict[str, Source]:
+    """Map each source file's name to its Source, from either form of `data.yaml`."""
     config = read_yaml(path)
     base = os.path.dirname(os.path.abspath(path))
     if "files" not in config:
-        check_keys(config, ["uri", "hash"], [], path)
+        check_keys(config, ["uri", "hash"], ["size"], path)
         return {NPZ_NAME: read_source(config, base, path)}
     files = check_keys(config, ["files"], [], path)["files"]
     check_keys(files, list(IDX_FILES), [], f"{path}: files")
-    return {name: read_source(check_keys(files[name], ["uri", "hash"], [], f"{path}: files.{name}"),
+    return {name: read_source(check_keys(files[name], ["uri", "hash"], ["size"], f"{path}: files.{name}"),
                               base, f"{path}: files.{name}")
             for name in IDX_FILES}
 
 
-def read_source(entry: dict, base: str, where: str) -> tuple[str, str]:
-    uri, digest = str(entry["uri"]), str(entry["hash"]).strip().lower()
+def read_source(entry: dict, base: str, where: str) -> Source:
+    uri, digest, size = str(entry["uri"]), str(entry["hash"]).strip().lower(), entry.get("size")
     digest = digest.removeprefix("sha256:")
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise CubeError(f"{where}: hash must be a SHA-256 digest (64 hex digits, 'sha256:' prefix "
-                        f"optional), got {entry['hash']!r}")
+                        f"optional), got {shorten(entry['hash'])}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_DATA_BYTES):
+        raise CubeError(f"{where}: size must be the file's size in bytes, 1 to {MAX_DATA_BYTES}, got {shorten(size)}")
+    if len(uri) > MAX_URI_CHARS:
+        raise CubeError(f"{where}: uri longer than {MAX_URI_CHARS} characters: {shorten(uri)}")
     scheme = urllib.parse.urlsplit(uri).scheme
     if scheme == "file":
         uri = urllib.request.url2pathname(urllib.parse.urlsplit(uri).path)
     elif scheme == "":  # a plain path is relative to the config file, as it is in the container
         uri = os.path.join(base, uri)
     elif scheme not in ("http", "https"):
-        raise CubeError(f"{where}: unsupported uri scheme '{scheme}:' in {uri!r} "
+        raise CubeError(f"{where}: unsupported uri scheme {shorten(scheme + ':')} in {shorten(uri)} "
                         "(expected http://, https://, file:// or a local path)")
-    return uri, digest
+    return Source(uri, digest, size)
 
 
 class Progress:
@@ -147,39 +220,46 @@ class Progress:
             sys.stderr.write(f"{self.label}: {25 * self.shown}% of {self.total / 1e6:.1f} MB\n")
 
 
-def stream(source, out, total: int | None, label: str) -> tuple[str, int]:
-    """Copy `source` to `out` in chunks, returning the SHA-256 and size of what was copied."""
+def stream(source, out, total: int | None, uri: str, limit: int, why: str) -> tuple[str, int]:
+    """Copy `source` to the staged file `out` in chunks, returning the SHA-256 and size of what was
+    copied; a CubeError as soon as it passes `limit` bytes (`why` says where the limit comes from)."""
     out.seek(0)
     out.truncate()
-    sha, size, progress = hashlib.sha256(), 0, Progress(label, total)
+    sha, size = hashlib.sha256(), 0
+    progress = Progress(os.path.basename(urllib.parse.urlsplit(uri).path) or uri, total)
     while chunk := source.read(CHUNK):
-        out.write(chunk)
-        sha.update(chunk)
         size += len(chunk)
+        if size > limit:
+            raise CubeError(f"{uri}: stopped after {limit} bytes, {why}; check the uri")
+        write_staged(out, chunk)
+        sha.update(chunk)
         progress.update(size)
     return sha.hexdigest(), size
 
 
-def fetch_http(uri: str, out, label: str, log: logging.Logger) -> tuple[str, int]:
+def fetch_http(source: Source, out, log: logging.Logger) -> tuple[str, int]:
+    uri, (limit, why) = source.uri, size_limit(source)
     delay = RETRY_DELAY
     for attempt in range(1, HTTP_ATTEMPTS + 1):
         try:
             with urllib.request.urlopen(uri, timeout=HTTP_TIMEOUT) as response:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
-                digest, size = stream(response, out, total, label)
+                if total is not None and (total > limit or (source.size and total != source.size)):
+                    raise CubeError(f"{uri}: the server declares {total} bytes, but {why}; check the uri")
+                digest, size = stream(response, out, total, uri, limit, why)
             if total is not None and size < total:
                 raise http.client.IncompleteRead(b"", total - size)
             return digest, size
         except urllib.error.HTTPError as e:
             if e.code < 500:
-                raise CubeError(f"{uri}: the server answered HTTP {e.code} {e.reason}; "
+                raise CubeError(f"{uri}: the server answered HTTP {e.code} {shorten(e.reason)[1:-1]}; "
                                 "check the uri in the data config") from None
-            problem = f"HTTP {e.code} {e.reason}"
+            problem = f"HTTP {e.code} {shorten(e.reason)[1:-1]}"
         except http.client.IncompleteRead as e:
             problem = f"the body ended {e.expected} bytes short of its Content-Length"
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-            problem = str(getattr(e, "reason", e)) or type(e).__name__
+            problem = shorten(str(getattr(e, "reason", e)) or type(e).__name__, 200)[1:-1]
         if attempt < HTTP_ATTEMPTS:
             log.warning(f"{uri}: {problem}; retrying in {delay:g} s ({attempt}/{HTTP_ATTEMPTS})")
             time.sleep(delay)
@@ -188,20 +268,27 @@ def fetch_http(uri: str, out, label: str, log: logging.Logger) -> tuple[str, int
                     "check the network, or point uri at a local copy")
 
 
-def fetch(uri: str, expected: str, out, log: logging.Logger) -> None:
-    """Stream `uri` into the file `out`, hashing as it goes; a CubeError unless its SHA-256 matches."""
-    label = os.path.basename(urllib.parse.urlsplit(uri).path) or uri
+def size_limit(source: Source) -> tuple[int, str]:
+    """The most bytes `source` may have, and where that limit comes from."""
+    if source.size is not None:
+        return source.size, f"its size in the data config is {source.size}"
+    return MAX_DATA_BYTES, "the most a data file may have (set its size: in the data config if it is larger)"
+
+
+def fetch(source: Source, out, log: logging.Logger) -> None:
+    """Stream the source into the file `out`, hashing as it goes; a CubeError unless its SHA-256 matches."""
+    uri = source.uri
     if uri.startswith(("http://", "https://")):
-        digest, size = fetch_http(uri, out, label, log)
+        digest, size = fetch_http(source, out, log)
     else:
         try:
-            with open(uri, "rb") as source:
-                digest, size = stream(source, out, os.fstat(source.fileno()).st_size, label)
+            with open_regular(uri) as f:
+                digest, size = stream(f, out, os.fstat(f.fileno()).st_size, uri, *size_limit(source))
         except OSError as e:
             raise CubeError(f"{uri}: cannot read ({e.strerror})") from None
     log.info(f"fetched {size} bytes from {uri}")
-    if digest != expected:
-        raise CubeError(f"{uri}: SHA-256 mismatch: expected {expected}, got {digest}; "
+    if digest != source.sha256:
+        raise CubeError(f"{uri}: SHA-256 mismatch: expected {source.sha256}, got {digest}; "
                         "the download is corrupt or the hash in the data config is wrong")
     log.info(f"verified SHA-256 {digest} of {uri}")
 
@@ -209,14 +296,38 @@ def fetch(uri: str, expected: str, out, log: logging.Logger) -> None:
 @contextlib.contextmanager
 def staged(path: str):
     """A new temporary file beside `path` (so that a rename is atomic), with the umask's
-    permissions, open for writing; removed when the block ends unless commit() moved it to `path`."""
+    permissions, open for writing; removed when the block ends unless commit() moved it to `path`.
+    A run killed before that leaves it behind: the next run that holds the folder's lock removes it."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.urandom(4).hex()}.part")
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as out:
+        with open(tmp, "xb") as out:
             yield out, tmp
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_staged(out, data: bytes) -> None:
+    """Write to a staged file; a full or read-only disk is the destination's fault, said so."""
+    try:
+        out.write(data)
+    except OSError as e:
+        raise CubeError(os_fault(e, os.path.dirname(out.name))) from None
+
+
+def os_fault(e: OSError, path: str | None = None) -> str:
+    """An operating-system error as one line: the path, what went wrong, what to do."""
+    path = path or e.filename or "?"
+    hints = {errno.ENOSPC: "no space left on its device; free some, or choose a folder on another disk",
+             errno.EDQUOT: "over your disk quota there; free some space, or choose another folder",
+             errno.EACCES: "permission denied; check who owns it, or choose another folder",
+             errno.EPERM: "operation not permitted; check who owns it, or choose another folder",
+             errno.EROFS: "on a read-only file system; choose a writable folder",
+             errno.EISDIR: "is a folder where a file is expected; give a file's path",
+             errno.ENOTDIR: "a file stands where a folder is expected; give a folder's path",
+             errno.EEXIST: "a file stands where a folder is expected; give a folder's path",
+             errno.ENOENT: "no such file or folder"}
+    return f"{path}: {hints.get(e.errno, e.strerror or type(e).__name__)}"
 
 
 def sha256_of(path: str) -> str:
@@ -229,10 +340,14 @@ def sha256_of(path: str) -> str:
 
 def commit(out, tmp: str, path: str) -> None:
     """Make a finished staged file durable, then put it at `path` in one atomic step."""
-    out.flush()
-    os.fsync(out.fileno())
-    os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        out.flush()
+        os.fsync(out.fileno())
+        os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError as e:  # a full disk shows at the flush; a folder at `path` at the rename
+        blamed = path if e.errno == errno.EISDIR else os.path.dirname(os.path.abspath(path))
+        raise CubeError(os_fault(e, blamed)) from None
     try:
         os.fsync(folder)
     finally:
@@ -241,25 +356,56 @@ def commit(out, tmp: str, path: str) -> None:
 
 def write_atomically(path: str, data: bytes) -> None:
     with staged(path) as (out, tmp):
-        out.write(data)
+        write_staged(out, data)
         commit(out, tmp, path)
 
 
-def read_idx(path: str, where: str) -> np.ndarray:
-    """An array from an IDX file (gzipped or raw) of unsigned bytes."""
+@contextlib.contextmanager
+def reading(where: str, what: str):
+    """The faults of reading a file (missing, unreadable, damaged) as one CubeError naming `where`."""
     try:
-        with open(path, "rb") as f:
-            gzipped = f.read(2) == b"\x1f\x8b"
-        with (gzip.open if gzipped else open)(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
-        raise CubeError(f"{where}: not a readable IDX file ({e})") from None
-    # Header: two zero bytes, type code 0x08 (unsigned byte), the rank, then big-endian int32 sizes.
-    rank = data[3] if len(data) >= 4 and data[:3] == b"\0\0\x08" else 0
-    shape = tuple(int(n) for n in np.frombuffer(data, ">i4", rank, 4)) if len(data) >= 4 + 4 * rank else ()
-    body = data[4 + 4 * rank:]
-    if not rank or len(shape) != rank or len(body) != np.prod(shape):
-        raise CubeError(f"{where}: not an IDX file of unsigned bytes with a consistent size")
+        yield
+    except FileNotFoundError:
+        raise CubeError(f"{where}: no such file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise CubeError(f"{where}: not {what} ({shorten(str(e), 120)[1:-1]})") from None
+
+
+def open_maybe_gzipped(stack: contextlib.ExitStack, path: str, where: str):
+    """A regular file for reading, through gzip when it starts with gzip's magic bytes."""
+    f = stack.enter_context(open_regular(path, where))
+    gzipped = f.read(2) == b"\x1f\x8b"
+    f.seek(0)
+    return stack.enter_context(gzip.GzipFile(fileobj=f)) if gzipped else f
+
+
+def read_idx_header(f, where: str) -> tuple[int, ...]:
+    """The sizes in an IDX header: two zero bytes, type code 0x08 (unsigned byte), the rank, then
+    big-endian int32 sizes."""
+    head = f.read(4)
+    rank = head[3] if len(head) == 4 and head[:3] == b"\0\0\x08" else 0
+    sizes = f.read(4 * rank)
+    if not 1 <= rank <= 4 or len(sizes) != 4 * rank:
+        raise CubeError(f"{where}: not an IDX file of unsigned bytes (its header is not one)")
+    shape = tuple(int.from_bytes(sizes[i:i + 4], "big", signed=True) for i in range(0, 4 * rank, 4))
+    if min(shape) < 0:
+        raise CubeError(f"{where}: not an IDX file of unsigned bytes (negative sizes {shape})")
+    return shape
+
+
+def read_idx(path: str, where: str) -> np.ndarray:
+    """An array from an IDX file (gzipped or raw) of unsigned bytes, of at most MAX_DATA_BYTES."""
+    with contextlib.ExitStack() as stack, reading(where, "a readable IDX file"):
+        f = open_maybe_gzipped(stack, path, where)
+        shape = read_idx_header(f, where)
+        size = math.prod(shape)
+        if size > MAX_DATA_BYTES:
+            raise CubeError(f"{where}: its header declares {size} bytes of data, more than the "
+                            f"{MAX_DATA_BYTES} an MNIST-like file may have")
+        body = f.read(size + 1)
+    if len(body) != size:
+        raise CubeError(f"{where}: not an IDX file of unsigned bytes with a consistent size "
+                        f"(its header declares {size} bytes of data)")
     return np.frombuffer(body, np.uint8).reshape(shape)
 
 
@@ -277,54 +423,90 @@ def check_mnist(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarr
     return arrays
 
 
-def load_mnist(path: str) -> tuple[dict[str, np.ndarray], str]:
-    """The four MNIST arrays from an npz (pickles refused, shapes and labels checked), and the
-    file's SHA-256, from one read of it."""
+def load_mnist(path: str, where: str | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """The four MNIST arrays from an npz (pickles refused, sizes bounded, shapes and labels checked),
+    and the file's SHA-256, from one read of it. Messages name `where` (default: the path)."""
+    where = where or path
     try:
-        with open(path, "rb") as f:
-            blob = f.read()
+        with open_regular(path, where) as f:
+            blob = f.read(MAX_DATA_BYTES + 1)
+        if len(blob) > MAX_DATA_BYTES:
+            raise CubeError(f"{where}: larger than the {MAX_DATA_BYTES} bytes an MNIST-like file may have")
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             missing = [key for key in ARRAYS if key not in npz.files]
             if missing:
-                raise CubeError(f"{path}: missing array '{missing[0]}' (expected {', '.join(ARRAYS)})")
+                raise CubeError(f"{where}: missing array '{missing[0]}' (expected {', '.join(ARRAYS)})")
+            sizes = {key: npz.zip.getinfo(f"{key}.npy").file_size for key in ARRAYS}
+            if sum(sizes.values()) > MAX_DATA_BYTES:  # a compressed npz can unpack to any size
+                raise CubeError(f"{where}: its arrays unpack to {sum(sizes.values())} bytes, more than "
+                                f"the {MAX_DATA_BYTES} an MNIST-like data set may have")
             arrays = {key: npz[key] for key in ARRAYS}
     except FileNotFoundError:
-        raise CubeError(f"{path}: no such file; run the download task first") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise CubeError(f"{path}: not a usable MNIST .npz ({e})") from None
-    return check_mnist(arrays, path), hashlib.sha256(blob).hexdigest()
+        raise CubeError(f"{where}: no such file; run the download task first") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise CubeError(f"{where}: not a usable MNIST .npz ({shorten(str(e), 120)[1:-1]})") from None
+    return check_mnist(arrays, where), hashlib.sha256(blob).hexdigest()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+    """One run at a time in `folder`: an OS lock on folder/.mnist.lock, which dies with its process
+    (kill -9 too). Holding it, a run first removes the temporary files a killed run left there."""
+    path = os.path.join(folder, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 100, 0).decode(errors="replace").strip() or "starting"
+            raise CubeError(f"{folder}: in use by another run (process {holder}); wait for it to end, "
+                            "or choose another folder") from None
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        for name in os.listdir(folder):
+            if name.startswith(".") and name.endswith(".part"):
+                os.unlink(os.path.join(folder, name))
+        try:
+            yield
+        finally:
+            os.unlink(path)  # while still holding it, so that no one else holds this file
+    finally:
+        os.close(fd)
 
 
 def download(args: argparse.Namespace, log: logging.Logger) -> None:
     """Fetch the data set named in data_config, verify it, and write data_dir/mnist.npz."""
     sources = read_data_config(args.data_config)
-    log.info(f"read {args.data_config}: {', '.join(uri for uri, _ in sources.values())}")
+    log.info(f"read {args.data_config}: {', '.join(source.uri for source in sources.values())}")
     os.makedirs(args.data_dir, exist_ok=True)
-    final, record_path = (os.path.join(args.data_dir, name) for name in (NPZ_NAME, RECORD_NAME))
-    record = {"sources": {name: {"uri": uri, "sha256": digest}
-                          for name, (uri, digest) in sources.items()}}
+    with folder_lock(args.data_dir):
+        fetch_and_verify(sources, args.data_dir, log)
+
+
+def fetch_and_verify(sources: dict[str, Source], data_dir: str, log: logging.Logger) -> None:
+    final, record_path = (os.path.join(data_dir, name) for name in (NPZ_NAME, RECORD_NAME))
+    record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()}}
     if os.path.exists(final) and sha256_of(final) == expected_npz_digest(sources, record, record_path):
         log.info(f"skipped: {final} is already present and matches its SHA-256")
         return
     if NPZ_NAME in sources:
         with staged(final) as (out, tmp):
-            fetch(*sources[NPZ_NAME], out, log)
+            fetch(sources[NPZ_NAME], out, log)
             out.flush()
-            load_mnist(tmp)
+            load_mnist(tmp, sources[NPZ_NAME].uri)
             commit(out, tmp, final)
-        record[NPZ_NAME] = sources[NPZ_NAME][1]
+        record[NPZ_NAME] = sources[NPZ_NAME].sha256
     else:
         data = assemble_npz(sources, final, log)
         write_atomically(final, data)
         record[NPZ_NAME] = hashlib.sha256(data).hexdigest()
-    write_atomically(record_path, json.dumps(record, indent=2).encode())
+    write_atomically(record_path, to_json(record))
     log.info(f"written {final} (SHA-256 {record[NPZ_NAME]})")
 
 
-def expected_npz_digest(sources: dict, record: dict, record_path: str) -> str | None:
+def expected_npz_digest(sources: dict[str, Source], record: dict, record_path: str) -> str | None:
     """The SHA-256 that data_dir/mnist.npz has when it was made from these sources."""
     if NPZ_NAME in sources:
-        return sources[NPZ_NAME][1]
+        return sources[NPZ_NAME].sha256
     try:
         with open(record_path, encoding="utf-8") as f:
             previous = json.load(f)
@@ -333,15 +515,14 @@ def expected_npz_digest(sources: dict, record: dict, record_path: str) -> str | 
         return None
 
 
-def assemble_npz(sources: dict, final: str, log: logging.Logger) -> bytes:
+def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) -> bytes:
     """Fetch and verify the four IDX files beside `final`, then pack their arrays as the Keras-layout npz."""
     arrays = {}
     for name, key in IDX_FILES.items():
-        uri, digest = sources[name]
         with staged(final) as (out, tmp):
-            fetch(uri, digest, out, log)
+            fetch(sources[name], out, log)
             out.flush()
-            arrays[key] = read_idx(tmp, uri)
+            arrays[key] = read_idx(tmp, sources[name].uri)
     buffer = io.BytesIO()
     np.savez(buffer, **check_mnist(arrays, "the IDX files"))
     return buffer.getvalue()
@@ -350,6 +531,7 @@ def assemble_npz(sources: dict, final: str, log: logging.Logger) -> bytes:
 # --------------------------------------------------------------------------------------- model
 ARCHITECTURE = "CNN(conv16/4x4/s2, conv32/3x3/s2, dense128, dense10)"  # recorded in model.json
 SCORE_BATCH = 1000  # images that evaluation and inference score at once
+INFER_BATCH = 10 * SCORE_BATCH  # images that infer reads, scores and writes at a time: its memory stays flat
 
 
 class Conv(nn.Module):
@@ -429,6 +611,8 @@ OPTIONAL = {"learning_rate": float, "seed": int, "target_accuracy": float}
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
 AVERAGE_DECAY = 0.99  # of the parameter average that is evaluated and saved; see TrainState
 MAX_STEPS_PER_CALL = 64  # see steps_per_call
+MAX_SEED = 2**31 - 2  # the programs take the seed, and seed + 1 for the data, as int32
+MAX_STEPS = 2**31 - 1  # of a run: the optimizer's step counter is an int32
 CHECKPOINT_NAME = "checkpoint.msgpack"  # in model_dir while a run is incomplete
 # Calls queued on the devices at most: enough to keep them busy, and a stop waits for no more. An
 # unbounded queue of programs with collectives deadlocked XLA's CPU backend (2 devices on 2 cores).
@@ -441,16 +625,19 @@ def read_train_config(path: str) -> dict:
     for key, kind in {**REQUIRED, **OPTIONAL}.items():
         accepted = (int, float) if kind is float else kind  # YAML writes 1 for 1.0
         if key in config and (isinstance(config[key], bool) or not isinstance(config[key], accepted)):
-            raise CubeError(f"{path}: {key} must be {TYPE_NAMES[kind]}, got {config[key]!r}")
+            raise CubeError(f"{path}: {key} must be {TYPE_NAMES[kind]}, got {shorten(config[key])}")
     if config["optimizer"] not in OPTIMIZERS:
-        raise CubeError(f"{path}: unknown optimizer {config['optimizer']!r} (known: {', '.join(OPTIMIZERS)})")
+        raise CubeError(f"{path}: unknown optimizer {shorten(config['optimizer'])} (known: {', '.join(OPTIMIZERS)})")
+    for key in ("learning_rate", "target_accuracy"):
+        if key in config and not math.isfinite(config[key]):
+            raise CubeError(f"{path}: {key} must be a finite number, got {config[key]!r}")
     for key in ("train_epochs", "batch_size", "learning_rate"):
         if key in config and config[key] <= 0:
-            raise CubeError(f"{path}: {key} must be positive, got {config[key]!r}")
-    if config.get("seed", 0) < 0:
-        raise CubeError(f"{path}: seed must be 0 or more, got {config['seed']!r}")
+            raise CubeError(f"{path}: {key} must be positive, got {shorten(config[key])}")
+    if not 0 <= config.get("seed", 0) <= MAX_SEED:
+        raise CubeError(f"{path}: seed must lie in 0..{MAX_SEED}, got {shorten(config['seed'])}")
     if not 0 < config.get("target_accuracy", 1) <= 1:
-        raise CubeError(f"{path}: target_accuracy must lie in (0, 1], got {config['target_accuracy']!r}")
+        raise CubeError(f"{path}: target_accuracy must lie in (0, 1], got {shorten(config['target_accuracy'])}")
     return {"learning_rate": default_learning_rate(config["optimizer"], config["batch_size"]),
             "seed": 0, "target_accuracy": None, **config}
 
@@ -583,38 +770,53 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     """Train the CNN on data_dir/mnist.npz; write model_dir/params.msgpack and model.json."""
     config = read_train_config(args.train_config)
     arrays, data_sha256 = load_mnist(os.path.join(args.data_dir, NPZ_NAME))
-    n, batch_size, epochs = len(arrays["x_train"]), config["batch_size"], config["train_epochs"]
     devices, writer = jax.devices(), jax.process_index() == 0  # one process writes for all
-    if batch_size > n:
-        raise CubeError(f"{args.train_config}: batch_size {batch_size} is larger than the {n} training images")
-    if batch_size % len(devices):
-        raise CubeError(f"{args.train_config}: batch_size {batch_size} does not split evenly over the "
-                        f"{len(devices)} devices; use a multiple of {len(devices)}")
+    check_fits(config, len(arrays["x_train"]), len(devices), args.train_config)
     log.info(f"read {args.train_config}: {json.dumps(config)}")
+    log.info(f"training on {len(devices)} {jax.default_backend()} device(s) ({devices[0].device_kind}), "
+             f"{len(arrays['x_train'])} images, {config['train_epochs']} epochs")
     if writer:
         os.makedirs(args.model_dir, exist_ok=True)  # open_log made log_dir
-    log.info(f"training on {len(devices)} {jax.default_backend()} device(s) ({devices[0].device_kind}), "
-             f"{n} images, {epochs} epochs")
+    with folder_lock(args.model_dir) if writer else contextlib.nullcontext():
+        run_id = {"architecture": ARCHITECTURE, "config": config, "data_sha256": data_sha256}
+        state, history, compile_seconds = run_epochs(args, run_id, arrays, writer, log)
+        if writer:
+            write_model(args, run_id, len(arrays["x_train"]), state, history, compile_seconds, log)
 
+
+def check_fits(config: dict, n: int, devices: int, path: str) -> None:
+    """The config's batches fit the data, the devices, and the step counter."""
+    batch_size = config["batch_size"]
+    if batch_size > n:
+        raise CubeError(f"{path}: batch_size {batch_size} is larger than the {n} training images")
+    if batch_size % devices:
+        raise CubeError(f"{path}: batch_size {batch_size} does not split evenly over the "
+                        f"{devices} devices; use a multiple of {devices}")
+    if n // batch_size * config["train_epochs"] > MAX_STEPS:
+        raise CubeError(f"{path}: train_epochs {config['train_epochs']} makes more than {MAX_STEPS} steps, "
+                        f"which the step counter cannot count; use at most {MAX_STEPS // (n // batch_size)}")
+
+
+def run_epochs(args: argparse.Namespace, run_id: dict, arrays: dict, writer: bool, log: logging.Logger):
+    """Compile, resume from a checkpoint if there is one, then train epoch by epoch until the last or
+    the target accuracy; the final state, the history (a row per epoch) and the compile seconds."""
+    config = run_id["config"]
+    devices = jax.devices()
     mesh = Mesh(np.array(devices), ("batch",))
     replicated = NamedSharding(mesh, PartitionSpec())
     data = {key: global_array(value.astype(np.int32) if key[0] == "y" else value, replicated)
             for key, value in arrays.items()}  # on every device for the whole run, images as uint8
-    steps = n // batch_size
-    count = steps_per_call(steps)
+    steps = len(arrays["x_train"]) // config["batch_size"]
+    count, epochs, target = steps_per_call(steps), config["train_epochs"], config["target_accuracy"]
     data_seed = config["seed"] + 1  # for shuffling and shifting; the initialisation has its own stream
     started = time.perf_counter()
     programs = compile_programs(config, data, data_seed, steps * epochs, count, mesh)
     compile_seconds = time.perf_counter() - started
-    state = programs.init(config["seed"])
     log.info(f"compiled in {compile_seconds:.2f} s ({count} steps per call)")
 
     checkpoint = os.path.join(args.model_dir, CHECKPOINT_NAME)
-    run_id = {"architecture": ARCHITECTURE, "config": config, "data_sha256": data_sha256}
-    state, history = resume(checkpoint, run_id, state, log)
+    state, history = resume(checkpoint, run_id, programs.init(config["seed"]), log)
     state = jax.tree.map(lambda a: global_array(np.asarray(a), replicated), state) if history else state
-    target = config["target_accuracy"]
-    metrics_path = os.path.join(args.log_dir, "train_metrics.jsonl")
     with StopSignals() as stop:
         for epoch in range(len(history) + 1, epochs + 1):
             if history and target is not None and history[-1]["test_accuracy"] >= target:
@@ -628,34 +830,39 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
                             "test_accuracy": test_accuracy, "epoch_seconds": epoch_seconds,
                             "elapsed_seconds": (history[-1]["elapsed_seconds"] if history else 0) + epoch_seconds})
             if writer:
-                write_atomically(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+                write_atomically(os.path.join(args.log_dir, "train_metrics.jsonl"),
+                                 b"".join(to_json(h, indent=None) + b"\n" for h in history))
                 save_checkpoint(checkpoint, run_id, state, history)
             log.info(f"epoch {epoch}/{epochs}: train_loss {history[-1]['train_loss']:.4f}, test_loss "
                      f"{test_loss:.4f}, test_accuracy {test_accuracy:.4f}, {epoch_seconds:.2f} s")
-    train_seconds = history[-1]["elapsed_seconds"]
-    time_to_target = train_seconds if target is not None and history[-1]["test_accuracy"] >= target else None
-    if time_to_target is not None:
-        log.info(f"reached target_accuracy {target} after {len(history)} epochs, {train_seconds:.2f} s")
+    return state, history, compile_seconds
 
-    if not writer:
-        return
+
+def write_model(args: argparse.Namespace, run_id: dict, n: int, state: TrainState, history: list[dict],
+                compile_seconds: float, log: logging.Logger) -> None:
+    """params.msgpack (the parameter average), model.json, the curves; the checkpoint is removed."""
+    config, last = run_id["config"], history[-1]
+    reached = config["target_accuracy"] is not None and last["test_accuracy"] >= config["target_accuracy"]
+    if reached:
+        log.info(f"reached target_accuracy {config['target_accuracy']} after {len(history)} epochs, "
+                 f"{last['elapsed_seconds']:.2f} s")
     write_atomically(os.path.join(args.model_dir, "params.msgpack"), serialization.to_bytes(state.average))
+    images_per_epoch = n // config["batch_size"] * config["batch_size"]  # the last partial batch is dropped
     summary = {
         "architecture": ARCHITECTURE,
         "config": config, "data_sha256": run_id["data_sha256"],
-        "test_accuracy": history[-1]["test_accuracy"], "test_loss": history[-1]["test_loss"],
-        "epochs_run": len(history), "time_to_target_seconds": time_to_target,
-        "train_seconds": train_seconds, "compile_seconds": compile_seconds,
-        "images_per_second": len(history) * steps * batch_size / train_seconds,
-        "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+        "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
+        "epochs_run": len(history), "time_to_target_seconds": last["elapsed_seconds"] if reached else None,
+        "train_seconds": last["elapsed_seconds"], "compile_seconds": compile_seconds,
+        "images_per_second": len(history) * images_per_epoch / last["elapsed_seconds"],
+        "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
         "image": container_image(),
     }
-    write_atomically(os.path.join(args.model_dir, "model.json"), json.dumps(summary, indent=2).encode())
+    write_atomically(os.path.join(args.model_dir, "model.json"), to_json(summary))
     save_plot(os.path.join(args.log_dir, "training_curves.png"), draw_curves(history), log)
-    os.unlink(checkpoint)  # the run is complete: a rerun starts afresh
-    log.info(f"written {args.model_dir}/params.msgpack and model.json: test_accuracy "
-             f"{summary['test_accuracy']:.4f}")
+    os.unlink(os.path.join(args.model_dir, CHECKPOINT_NAME))  # the run is complete: a rerun starts afresh
+    log.info(f"written {args.model_dir}/params.msgpack and model.json: test_accuracy {last['test_accuracy']:.4f}")
 
 
 def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, epoch: int, stop: StopSignals):
@@ -737,18 +944,22 @@ def load_model(model_dir: str) -> tuple[dict, dict]:
     """The parameters and model.json that train wrote, checked against this file's CNN."""
     summary_path, params_path = (os.path.join(model_dir, name) for name in ("model.json", "params.msgpack"))
     try:
-        with open(summary_path, encoding="utf-8") as f:
-            summary = json.load(f)
-        with open(params_path, "rb") as f:
-            blob = f.read()
+        with open_regular(summary_path) as f:
+            summary = json.loads(f.read(MAX_CONFIG_BYTES))
+        with open_regular(params_path) as f:
+            blob = f.read(MAX_DATA_BYTES)
     except FileNotFoundError as e:
         raise CubeError(f"{e.filename}: no such file; run the train task first") from None
     except (OSError, ValueError) as e:
-        raise CubeError(f"{summary_path}: not a readable model.json ({e})") from None
+        raise CubeError(f"{summary_path}: not a readable model.json ({shorten(str(e), 120)[1:-1]})") from None
     if not isinstance(summary, dict) or summary.get("architecture") != ARCHITECTURE:
         found = summary.get("architecture") if isinstance(summary, dict) else None
-        raise CubeError(f"{summary_path}: written for architecture {found!r}, but this mnist.py builds "
+        raise CubeError(f"{summary_path}: written for architecture {shorten(found)}, but this mnist.py builds "
                         f"{ARCHITECTURE!r}; retrain with this version")
+    missing = [key for key in ("test_accuracy", "test_loss") if key not in summary]
+    if missing:
+        raise CubeError(f"{summary_path}: missing {', '.join(missing)}, which train writes; retrain, "
+                        "or restore the model.json written with params.msgpack")
     template = jax.eval_shape(lambda: init_params(jax.random.key(0)))  # shapes only: nothing runs
     try:
         params = serialization.from_bytes(template, blob)
@@ -774,7 +985,7 @@ def evaluate_task(args: argparse.Namespace, log: logging.Logger) -> None:
         "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted class
         "data_sha256": data_sha256, "image": container_image(),
     }
-    write_atomically(os.path.join(args.log_dir, "evaluate_metrics.json"), json.dumps(metrics, indent=2).encode())
+    write_atomically(os.path.join(args.log_dir, "evaluate_metrics.json"), to_json(metrics))
     same = (metrics["test_accuracy"], metrics["test_loss"]) == (summary["test_accuracy"], summary["test_loss"])
     log.info(f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} on "
              f"{len(labels)} images: {'the same as' if same else 'different from'} what train recorded")
@@ -782,28 +993,62 @@ def evaluate_task(args: argparse.Namespace, log: logging.Logger) -> None:
     save_plot(os.path.join(args.log_dir, "confusion_matrix.png"), draw_confusion(confusion), log)
 
 
-def read_images(path: str) -> np.ndarray:
-    """uint8 images N×28×28 (or one 28×28) from a .npy, an .npz (its one array, or x_test) or IDX."""
-    try:
-        if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as npz:
-                names = npz.files if len(npz.files) == 1 else [n for n in npz.files if n == "x_test"]
-                if not names:
-                    raise CubeError(f"{path}: holds {', '.join(npz.files)}; expected one array, or x_test")
-                images = npz[names[0]]
-        elif path.endswith(".npy"):
-            images = np.load(path, allow_pickle=False)
-        else:
-            images = read_idx(path, path)
-    except FileNotFoundError:
-        raise CubeError(f"{path}: no such file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise CubeError(f"{path}: not readable images ({e})") from None
-    images = images[None] if images.shape == (28, 28) else images
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise CubeError(f"{path}: expected uint8 images N×28×28 or one 28×28, "
-                        f"found {images.dtype} {'×'.join(map(str, images.shape))}")
-    return images
+@contextlib.contextmanager
+def image_batches(path: str, batch: int):
+    """The number of uint8 28×28 images in a .npy, an .npz (its one array, or x_test) or an IDX file
+    (gzipped or not), and an iterator over them, `batch` at a time: no more is ever in memory."""
+    with contextlib.ExitStack() as stack:
+        with reading(path, "readable images"):
+            if path.endswith((".npy", ".npz")):
+                f = stack.enter_context(open_regular(path)) if path.endswith(".npy") else npz_member(stack, path)
+                shape, dtype = npy_header(f, path)
+            else:
+                f = open_maybe_gzipped(stack, path, path)
+                shape, dtype = read_idx_header(f, path), "uint8"
+        if dtype != "uint8" or shape[-2:] != (28, 28) or len(shape) not in (2, 3):
+            raise CubeError(f"{path}: expected uint8 images N×28×28 or one 28×28, "
+                            f"found {dtype} {'×'.join(map(str, shape))}")
+        count = shape[0] if len(shape) == 3 else 1
+        yield count, read_batches(f, count, batch, path)
+
+
+def npz_member(stack: contextlib.ExitStack, path: str):
+    """The .npz's one array, or its x_test, open for reading as the .npy file it holds."""
+    archive = stack.enter_context(zipfile.ZipFile(stack.enter_context(open_regular(path))))
+    names = [name.removesuffix(".npy") for name in archive.namelist()]
+    chosen = names if len(names) == 1 else [name for name in names if name == "x_test"]
+    if not chosen:
+        raise CubeError(f"{path}: holds {shorten(', '.join(names))[1:-1]}; expected one array, or x_test")
+    return stack.enter_context(archive.open(chosen[0] + ".npy"))
+
+
+def npy_header(f, where: str) -> tuple[tuple[int, ...], str]:
+    """The shape and dtype a .npy header declares (nothing is unpickled: the bytes are read raw)."""
+    if f.read(6) != b"\x93NUMPY":
+        raise CubeError(f"{where}: not a .npy array (no NumPy header at its start)")
+    version = tuple(f.read(2))
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        raise CubeError(f"{where}: a .npy array of format version {version}; expected 1.0 or 2.0")
+    shape, fortran_order, dtype = read_header[version](f)
+    if fortran_order and len(shape) > 1:
+        raise CubeError(f"{where}: stored in Fortran order; save it with np.save(path, np.ascontiguousarray(images))")
+    return shape, str(dtype)
+
+
+def read_batches(f, count: int, batch: int, where: str):
+    """count images of 28×28 bytes from `f`, `batch` at a time; the file must hold exactly these."""
+    for first in range(0, count, batch):
+        n = min(batch, count - first)
+        with reading(where, "readable images"):
+            data = f.read(n * 784)
+        if len(data) != n * 784:
+            raise CubeError(f"{where}: ends within image {first + len(data) // 784 + 1} of the {count} it declares")
+        yield np.frombuffer(data, np.uint8).reshape(n, 28, 28)
+    with reading(where, "readable images"):
+        extra = f.read(1)
+    if extra:
+        raise CubeError(f"{where}: holds more than the {count} images it declares")
 
 
 def class_probabilities(params, images: jax.Array) -> jax.Array:
@@ -814,13 +1059,19 @@ def class_probabilities(params, images: jax.Array) -> jax.Array:
 def infer(args: argparse.Namespace, log: logging.Logger) -> None:
     """Classify images with the trained model; write each one's class and probabilities as JSON."""
     params, _ = load_model(args.model_dir)
-    images = read_images(args.images)
-    probabilities = np.asarray(jax.jit(class_probabilities)(params, images))
-    predictions = [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]}
-                   for p in probabilities]
+    score = jax.jit(class_probabilities)
     os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
-    write_atomically(args.predictions, json.dumps({"images": args.images, "predictions": predictions}).encode())
-    log.info(f"classified {len(images)} images from {args.images}; written {args.predictions}")
+    with image_batches(args.images, INFER_BATCH) as (count, batches), staged(args.predictions) as (out, tmp):
+        size = min(INFER_BATCH, count)  # every call the same shape: one program
+        write_staged(out, b'{"images": ' + to_json(args.images, None) + b', "predictions": [')
+        for i, images in enumerate(batches):
+            padded = np.pad(images, ((0, size - len(images)), (0, 0), (0, 0)))
+            probabilities = np.asarray(score(params, padded))[:len(images)]
+            rows = [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probabilities]
+            write_staged(out, (b", " if i else b"") + b", ".join(to_json(row, None) for row in rows))
+        write_staged(out, b"]}")
+        commit(out, tmp, args.predictions)
+    log.info(f"classified {count} images from {args.images}; written {args.predictions}")
 
 
 # ------------------------------------------------------------------------------------ pictures
@@ -964,12 +1215,14 @@ def run_as_output_owner(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, terminate)
+    logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
     try:
         run_as_output_owner(args)
         process = join_cluster() if args.task == "train" else (0, 1)
         log = open_log(getattr(args, "log_dir", None), args.task, process)
     except OSError as e:
-        print(f"mnist.py {args.task}: error: {e.filename}: cannot write logs ({e.strerror})", file=sys.stderr)
+        print(f"mnist.py {args.task}: error: cannot write logs: {os_fault(e)}", file=sys.stderr)
         return 1
     except CubeError as e:
         print(f"mnist.py {args.task}: error: {e}", file=sys.stderr)
@@ -981,15 +1234,22 @@ def main(argv: list[str] | None = None) -> int:
     except CubeError as e:
         log.error(f"mnist.py {args.task}: error: {e}")
         return 1
+    except OSError as e:  # one line for every fault the tasks do not name themselves
+        log.error(f"mnist.py {args.task}: error: {os_fault(e)}")
+        return 1
     except Stopped as e:
         log.error(f"mnist.py {args.task}: {e}")
         return e.code
-    except KeyboardInterrupt:
-        log.error(f"mnist.py {args.task}: interrupted")
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        log.error(f"mnist.py {args.task}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}")
+        return 143 if isinstance(e, Terminated) else 130
     finally:
         for handler in log.handlers:
             handler.close()
+
+
+def terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

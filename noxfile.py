@@ -536,7 +536,7 @@ def bench(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Run the test suite (pytest; extra arguments go to pytest)."""
     session.install(*TEST_DEPS)
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "--durations=15", *session.posargs)  # CI shows where its time goes
 
 
 @nox.session

@@ -297,7 +297,7 @@ def test_cli_error_exits_1_with_one_line(tmp_path):
                  f"--log_dir={tmp_path / 'l'}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"mnist.py download: error: {tmp_path / 'data.yaml'}: missing key 'hash' (expected uri, hash)")
+        f"mnist.py download: error: {tmp_path / 'data.yaml'}: missing key 'hash' (expected uri, hash, size)")
 
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist

@@ -210,7 +210,7 @@ GOOD = {"optimizer": "adam", "train_epochs": 1, "batch_size": 32}
     ({**GOOD, "train_epochs": 0}, "train_epochs must be positive"),
     ({**GOOD, "batch_size": -4}, "batch_size must be positive"),
     ({**GOOD, "learning_rate": 0}, "learning_rate must be positive"),
-    ({**GOOD, "seed": -1}, "seed must be 0 or more"),
+    ({**GOOD, "seed": -1}, "seed must lie in 0..2147483646, got -1"),
     ({**GOOD, "target_accuracy": 1.5}, "target_accuracy must lie in (0, 1]"),
     ({**GOOD, "optimizer": "adamax2"}, "unknown optimizer 'adamax2' (known: adam, adamw, sgd, momentum"),
     ({**GOOD, "batch_size": 100000}, "batch_size 100000 is larger than the 512 training images"),
