@@ -38,7 +38,7 @@ for noisy in ("docker", "urllib3"):  # nox shows every logger's debug lines; the
 
 ROOT = Path(__file__).resolve().parent
 CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())
-TEST_DEPS = ["-r", "requirements.txt", "pytest", "nox", "docker", "spython"]
+TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython"]
 
 
 class UsageError(Exception):

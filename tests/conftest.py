@@ -50,7 +50,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-Route = collections.namedtuple("Route", "body fail status truncate stall")
+Route = collections.namedtuple("Route", "body fail status truncate stall endless")
 
 
 class Quiet(http.server.ThreadingHTTPServer):
@@ -78,6 +78,10 @@ class Server:
                     return self.send_error(500)
                 time.sleep(route.stall)
                 self.send_response(route.status)
+                if route.endless:  # no Content-Length: the body ends when the connection does, never
+                    self.end_headers()
+                    while True:
+                        self.wfile.write(route.body)
                 self.send_header("Content-Length", str(len(route.body)))
                 self.end_headers()
                 self.wfile.write(route.body[:len(route.body) - route.truncate])
@@ -89,8 +93,8 @@ class Server:
         self.httpd = Quiet(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def serve(self, path, body, fail=0, status=200, truncate=0, stall=0.0) -> str:
-        self.routes[path] = Route(body, fail, status, truncate, stall)
+    def serve(self, path, body, fail=0, status=200, truncate=0, stall=0.0, endless=False) -> str:
+        self.routes[path] = Route(body, fail, status, truncate, stall, endless)
         return f"http://127.0.0.1:{self.httpd.server_port}{path}"
 
     def url(self, path) -> str:

@@ -317,3 +317,9 @@ def test_fashion_mnist_is_a_drop_in_twin(tmp_path, capsys):
     assert arrays["x_train"].shape == (60000, 28, 28) and arrays["x_test"].shape == (10000, 28, 28)
     assert np.bincount(arrays["y_train"]).tolist() == [6000] * 10
     assert np.bincount(arrays["y_test"]).tolist() == [1000] * 10
+
+
+def test_readme_says_how_often_a_download_is_tried():
+    """The words and the behaviour agree: HTTP_ATTEMPTS tries in all, the first and its retries."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"are tried {mnist.HTTP_ATTEMPTS} times in all ({mnist.HTTP_ATTEMPTS - 1} retries" in readme
