@@ -60,6 +60,8 @@ MAX_CONFIG_BYTES = 64 << 10  # a config is a few lines; this bounds what the YAM
 MAX_DATA_BYTES = 128 << 20  # of a downloaded file, and of an IDX file's arrays: MNIST's largest is 47 MB
 MAX_URI_CHARS = 2048
 LOCK_NAME = ".mnist.lock"  # in a folder that one run at a time may write: data_dir, model_dir
+CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
+MAX_CACHE_BYTES = 100 << 20  # beyond this, the least recently used programs are dropped; a run adds 0.5 MB
 
 NPZ_NAME = "mnist.npz"
 RECORD_NAME = "download.json"  # where the npz came from, and its SHA-256
@@ -1191,6 +1193,36 @@ def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) 
     return log
 
 
+def use_compilation_cache() -> str | None:
+    """Keep compiled programs between runs, so that a rerun loads them instead of compiling (on 2 CPU
+    cores: 0.4 s instead of 2.5 s): in $MNIST_COMPILATION_CACHE ("off" for no cache), by default in
+    the user's cache folder. JAX keys each entry by program, JAX version and device; a damaged or
+    foreign entry only costs a compilation."""
+    setting = os.environ.get(CACHE_VARIABLE, "")
+    if setting == "off" or jax.config.jax_compilation_cache_dir:  # JAX's own variable was set: it rules
+        return jax.config.jax_compilation_cache_dir
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = setting or os.path.join(user_cache, "mnist-mlcube", "jax")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program: they are small
+    prune_cache(folder)
+    return folder
+
+
+def prune_cache(folder: str) -> None:
+    """Keep the cache under MAX_CACHE_BYTES, dropping the entries written longest ago. (JAX's own
+    limit needs the filelock package, which the image does not have.)"""
+    with contextlib.suppress(FileNotFoundError):
+        entries = sorted((entry.stat().st_mtime, entry.stat().st_size, entry.path) for entry in os.scandir(folder))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in entries:
+            if total <= MAX_CACHE_BYTES:
+                break
+            with contextlib.suppress(FileNotFoundError):  # another run may have dropped it first
+                os.unlink(path)
+            total -= size
+
+
 def run_as_output_owner(args: argparse.Namespace) -> None:
     """In the image (MNIST_RUN_AS_OUTPUT_OWNER is set there), a task started as root becomes the owner
     of the folder that receives its first output. MLCube's runner starts containers with no --user and
@@ -1220,6 +1252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_as_output_owner(args)
         process = join_cluster() if args.task == "train" else (0, 1)
+        use_compilation_cache()
         log = open_log(getattr(args, "log_dir", None), args.task, process)
     except OSError as e:
         print(f"mnist.py {args.task}: error: cannot write logs: {os_fault(e)}", file=sys.stderr)

@@ -145,7 +145,7 @@ def run_tasks(session: nox.Session, opts: Options, command, execute) -> None:
         if opts.dry_run:
             print(shlex.join(command(run, opts)))
             continue
-        for folder in run.mounts:
+        for folder in container_mounts(run):
             os.makedirs(folder, exist_ok=True)
         code = execute(run, opts)
         if code:
@@ -258,6 +258,7 @@ IMAGE = CUBE["docker"]["image"]
 SOURCES_LABEL = "org.mlcommons.mnist.sources"  # the image's sources (see `sources`), as JSON
 ONLINE_TASKS = {"download"}  # the task that fetches data; the others run with no network at all
 TMPFS_SIZE = "256m"  # of /tmp, HOME in the image, which holds matplotlib's cache
+CACHE_VARIABLE, CACHE_TARGET = "MNIST_COMPILATION_CACHE", "/cache"  # see host_cache
 
 
 def docker_sources(context: Path | None = None) -> list[str]:
@@ -305,9 +306,26 @@ def network(run: Run, opts: Options) -> str | None:
     return opts.network or (None if run.task in ONLINE_TASKS else "none")
 
 
-def task_env(opts: Options, image: str) -> dict[str, str]:
-    """The task's variables: the image it runs in, which its outputs record, then the caller's --env."""
-    return {"MNIST_IMAGE": image, **opts.env}
+def task_env(run: Run, opts: Options, image: str) -> dict[str, str]:
+    """The task's variables: the image it runs in, which its outputs record, where it keeps compiled
+    programs, then the caller's --env."""
+    cached = any(target == CACHE_TARGET for target, _ in container_mounts(run).values())
+    return {"MNIST_IMAGE": image, CACHE_VARIABLE: CACHE_TARGET if cached else "off", **opts.env}
+
+
+def host_cache() -> str | None:
+    """The host folder where containers keep compiled programs between runs, by mnist.py's rule:
+    $MNIST_COMPILATION_CACHE ("off" for none), else the user's cache folder, which local runs share."""
+    setting = os.environ.get(CACHE_VARIABLE, "")
+    if setting == "off":
+        return None
+    return setting or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-mlcube" / "jax")
+
+
+def container_mounts(run: Run) -> dict[str, tuple[str, bool]]:
+    """The task's mounts and, read-write for a task that compiles, the cache of compiled programs."""
+    cache = host_cache() if run.task not in ONLINE_TASKS else None  # download compiles nothing
+    return {**run.mounts, **({cache: (CACHE_TARGET, False)} if cache else {})}
 
 
 def docker_command(run: Run, opts: Options, image: str = IMAGE) -> list[str]:
@@ -320,8 +338,8 @@ def docker_command(run: Run, opts: Options, image: str = IMAGE) -> list[str]:
             "--cap-drop=ALL", "--security-opt=no-new-privileges", "--read-only", f"--tmpfs=/tmp:size={TMPFS_SIZE}",
             *([f"--memory={opts.memory}"] if opts.memory else []), *([f"--cpus={opts.cpus}"] if opts.cpus else []),
             *([f"--gpus={gpus}"] if gpus else []),
-            *(f"--env={key}={value}" for key, value in task_env(opts, image).items()),
-            *(f"--volume={host}:{target}:{mode(ro)}" for host, (target, ro) in run.mounts.items()),
+            *(f"--env={key}={value}" for key, value in task_env(run, opts, image).items()),
+            *(f"--volume={host}:{target}:{mode(ro)}" for host, (target, ro) in container_mounts(run).items()),
             IMAGE, run.task, *run.container_args]
 
 
@@ -345,8 +363,8 @@ def container_settings(run: Run, opts: Options, image_id: str) -> dict:
         user=f"{os.geteuid()}:{os.getegid()}", network_mode=network(run, opts), cap_drop=["ALL"],
         security_opt=["no-new-privileges"], read_only=True, tmpfs={"/tmp": f"size={TMPFS_SIZE}"},
         mem_limit=opts.memory, nano_cpus=int(float(opts.cpus) * 1e9) if opts.cpus else None,
-        device_requests=device_requests(gpus_wanted(opts)), environment=task_env(opts, image_id),
-        volumes={host: {"bind": target, "mode": mode(ro)} for host, (target, ro) in run.mounts.items()})
+        device_requests=device_requests(gpus_wanted(opts)), environment=task_env(run, opts, image_id),
+        volumes={host: {"bind": target, "mode": mode(ro)} for host, (target, ro) in container_mounts(run).items()})
 
 
 def docker_execute(client, run: Run, opts: Options) -> int:
@@ -446,7 +464,7 @@ def singularity_build(client, opts: Options, sources: dict) -> None:
 
 
 def singularity_binds(run: Run) -> list[str]:
-    return [f"{host}:{target}:{mode(ro)}" for host, (target, ro) in run.mounts.items()]
+    return [f"{host}:{target}:{mode(ro)}" for host, (target, ro) in container_mounts(run).items()]
 
 
 def singularity_options(run: Run, opts: Options) -> list[str]:
@@ -457,7 +475,7 @@ def singularity_options(run: Run, opts: Options) -> list[str]:
     return ["--containall", "--no-home",
             *(["--net", f"--network={net}"] if net and net != "host" else []),
             *([f"--memory={opts.memory}"] if opts.memory else []), *([f"--cpus={opts.cpus}"] if opts.cpus else []),
-            *(option for key, value in task_env(opts, singularity_image_id(opts)).items()
+            *(option for key, value in task_env(run, opts, singularity_image_id(opts)).items()
               for option in ("--env", f"{key}={value}"))]
 
 

@@ -60,8 +60,7 @@ def train(work: Path, config: dict, cache: Path) -> dict:
     (work / "train.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, str(ROOT / "mnist.py"), "train", f"--train_config={work / 'train.yaml'}",
                f"--data_dir={work / 'data'}", f"--model_dir={work / 'model'}", f"--log_dir={work / 'logs'}"]
-    env = {"JAX_LOG_COMPILES": "1", "JAX_COMPILATION_CACHE_DIR": str(cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = {"JAX_LOG_COMPILES": "1", "MNIST_COMPILATION_CACHE": str(cache)}
     result = measure(command, env)
     return {**result, "model": json.loads((work / "model" / "model.json").read_text())}
 

@@ -66,17 +66,22 @@ def test_resolve_overrides_and_shared_folders(tmp_path):
                                   "--log_dir=/mlcube_io0", "--model_dir=/mlcube_io2"]
 
 
-def test_docker_command_line(tmp_path):
+def test_docker_command_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_COMPILATION_CACHE", str(tmp_path / "cache"))
     opts = noxfile.parse_args(["train", f"--workspace={tmp_path}", "--network=host", "--gpus=all", "--env=X=1",
                                "--memory=2g", "--cpus=1.5"])
     assert noxfile.docker_command(noxfile.resolve("train", opts), opts) == [
         "docker", "run", "--rm", f"--user={os.geteuid()}:{os.getegid()}", "--network=host", "--cap-drop=ALL",
         "--security-opt=no-new-privileges", "--read-only", "--tmpfs=/tmp:size=256m", "--memory=2g", "--cpus=1.5",
-        "--gpus=all", f"--env=MNIST_IMAGE={IMAGE}", "--env=X=1",
+        "--gpus=all", f"--env=MNIST_IMAGE={IMAGE}", "--env=MNIST_COMPILATION_CACHE=/cache", "--env=X=1",
         f"--volume={tmp_path / 'data'}:/mlcube_io0:ro", f"--volume={tmp_path}:/mlcube_io1:ro",
         f"--volume={tmp_path / 'logs'}:/mlcube_io2:rw", f"--volume={tmp_path / 'model'}:/mlcube_io3:rw",
+        f"--volume={tmp_path / 'cache'}:/cache:rw",
         IMAGE, "train", "--data_dir=/mlcube_io0", "--train_config=/mlcube_io1/train.yaml",
         "--log_dir=/mlcube_io2", "--model_dir=/mlcube_io3"]
+    monkeypatch.setenv("MNIST_COMPILATION_CACHE", "off")
+    command = noxfile.docker_command(noxfile.resolve("train", opts), opts)
+    assert "--env=MNIST_COMPILATION_CACHE=off" in command and not any(":/cache:" in arg for arg in command)
 
 
 def test_build_context_holds_only_what_the_image_needs(tmp_path, monkeypatch):

@@ -23,7 +23,8 @@ def standin(tmp_path):
     """PATH with the stand-in binary first, and a function returning what it was asked to do."""
     log = tmp_path / "standin.log"
     log.touch()
-    env = {"PATH": f"{STANDIN}:{os.environ['PATH']}", "STANDIN_LOG": str(log)}
+    env = {"PATH": f"{STANDIN}:{os.environ['PATH']}", "STANDIN_LOG": str(log),
+           "MNIST_COMPILATION_CACHE": str(tmp_path / "cache")}
 
     def recorded():
         return [cmd for cmd in map(json.loads, log.read_text().splitlines()) if cmd != ["singularity", "--version"]]
@@ -57,20 +58,24 @@ def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
     built = json.loads((ws / ".image" / f"{IMAGE}.sources.json").read_text())
     assert sorted(built["files"]) == ["Singularity.recipe", "mnist.py", "requirements.txt"]
     provenance = ["--env", f"MNIST_IMAGE={image} (sources {sha256(json.dumps(built, sort_keys=True).encode())[:16]})"]
+    cache = tmp_path / "cache"
     assert recorded() == [
         ["singularity", "build", "--force", "--fakeroot", image, str(ROOT / "Singularity.recipe")],
         ["singularity", "run", "--bind", f"{ws}:/mlcube_io0:ro", "--bind", f"{ws}/data:/mlcube_io1:rw",
-         "--bind", f"{ws}/logs:/mlcube_io2:rw", "--containall", "--no-home", *provenance, "--env", "SEEN=1", image,
-         "download", "--data_config=/mlcube_io0/data.yaml", "--data_dir=/mlcube_io1", "--log_dir=/mlcube_io2"],
+         "--bind", f"{ws}/logs:/mlcube_io2:rw", "--containall", "--no-home", *provenance,
+         "--env", "MNIST_COMPILATION_CACHE=off", "--env", "SEEN=1", image, "download", "--data_config=/mlcube_io0/data.yaml", "--data_dir=/mlcube_io1", "--log_dir=/mlcube_io2"],
         ["singularity", "run", "--bind", f"{ws}/data:/mlcube_io0:ro", "--bind", f"{ws}:/mlcube_io1:ro",
-         "--bind", f"{ws}/logs:/mlcube_io2:rw", "--bind", f"{ws}/model:/mlcube_io3:rw", "--containall", "--no-home",
-         "--net", "--network=none", *provenance, "--env", "SEEN=1", image,
+         "--bind", f"{ws}/logs:/mlcube_io2:rw", "--bind", f"{ws}/model:/mlcube_io3:rw", "--bind", f"{cache}:/cache:rw",
+         "--containall", "--no-home", "--net", "--network=none", *provenance,
+         "--env", "MNIST_COMPILATION_CACHE=/cache", "--env", "SEEN=1", image,
          "train", "--data_dir=/mlcube_io0", "--train_config=/mlcube_io1/train.yaml", "--log_dir=/mlcube_io2",
          "--model_dir=/mlcube_io3"]]
     assert json.loads((ws / "model" / "model.json").read_text())["image"] == provenance[1].removeprefix("MNIST_IMAGE=")
+    assert any(cache.iterdir())  # train kept its compiled programs in the bound cache folder
     assert json.loads((ws / "model" / "model.json").read_text())["epochs_run"] == 1
     assert "epoch 1/1" in result.stdout  # the task's output streamed through spython
-    dry = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", "--env=SEEN=1", "--dry-run")
+    dry = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", "--env=SEEN=1", "--dry-run",
+              env={"MNIST_COMPILATION_CACHE": str(cache)})
     assert [shlex.split(line) for line in dry.stdout.splitlines()] == recorded()[1:]
 
 def test_standin_gpus_add_nv(tmp_path, server, standin):
