@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import IMAGE, ROOT, chown, needs_docker, nox, sha256
+from conftest import BASE, IMAGE, ROOT, chown, needs_docker, nox, sha256
 
 TASKS = ["download", "train", "evaluate", "infer", "download,train"]
 
@@ -80,6 +80,7 @@ def test_mlcube_configure_builds_from_the_dockerfile(image, tmp_path):
     inspect = json.loads(subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True,
                                         text=True).stdout)[0]
     assert inspect["Config"]["Entrypoint"] == ["python3", "/mlcube/mnist.py"]
+    assert nox("-s", "configure-docker", "--", *BASE).returncode == 0  # the image as the other tests had it
 
 
 @pytest.mark.parametrize("args", [["describe", "--mlcube=."], ["show_config", "--mlcube=.", "--platform=singularity"],
