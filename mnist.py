@@ -533,6 +533,7 @@ def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) ->
 # --------------------------------------------------------------------------------------- model
 ARCHITECTURE = "CNN(conv16/4x4/s2, conv32/3x3/s2, dense128, dense10)"  # recorded in model.json
 SCORE_BATCH = 1000  # images that evaluation and inference score at once
+MISTAKES_SHOWN = 36  # the most confident mistakes that evaluate lists and draws
 INFER_BATCH = 10 * SCORE_BATCH  # images that infer reads, scores and writes at a time: its memory stays flat
 
 
@@ -979,12 +980,16 @@ def evaluate_task(args: argparse.Namespace, log: logging.Logger) -> None:
     arrays, data_sha256 = load_mnist(os.path.join(args.data_dir, NPZ_NAME))
     labels = arrays["y_test"].astype(np.int32)
     loss, accuracy, predicted = jax.jit(evaluate)(params, arrays["x_test"], labels)
+    predicted = np.asarray(predicted)
     confusion = np.zeros((10, 10), np.int64)
-    np.add.at(confusion, (labels, np.asarray(predicted)), 1)
+    np.add.at(confusion, (labels, predicted), 1)
+    probabilities = np.asarray(jax.jit(class_probabilities)(params, arrays["x_test"]))
+    mistakes = most_confident_mistakes(probabilities, labels, predicted)
     metrics = {
         "test_accuracy": float(accuracy), "test_loss": float(loss), "images": len(labels),
         "per_class_accuracy": [float(c) for c in confusion.diagonal() / np.maximum(confusion.sum(1), 1)],
         "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted class
+        "mistakes": int((predicted != labels).sum()), "mistakes_shown": mistakes,  # as mistakes.png draws them
         "data_sha256": data_sha256, "image": container_image(),
     }
     write_atomically(os.path.join(args.log_dir, "evaluate_metrics.json"), to_json(metrics))
@@ -993,6 +998,18 @@ def evaluate_task(args: argparse.Namespace, log: logging.Logger) -> None:
              f"{len(labels)} images: {'the same as' if same else 'different from'} what train recorded")
     log.info(f"written {args.log_dir}/evaluate_metrics.json")
     save_plot(os.path.join(args.log_dir, "confusion_matrix.png"), draw_confusion(confusion), log)
+    save_plot(os.path.join(args.log_dir, "mistakes.png"),
+              draw_mistakes(arrays["x_test"], mistakes, metrics["mistakes"]), log)
+
+
+def most_confident_mistakes(probabilities: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> list[dict]:
+    """The misclassified images, the most confident mistake first, MISTAKES_SHOWN at most: each one's
+    index in the test set, true class, predicted class and the probability the model gave that."""
+    wrong = np.flatnonzero(predicted != labels)
+    confidence = probabilities[wrong, predicted[wrong]]
+    return [{"index": int(i), "true": int(labels[i]), "predicted": int(predicted[i]),
+             "probability": round(float(probabilities[i, predicted[i]]), 4)}
+            for i in wrong[np.argsort(-confidence, kind="stable")][:MISTAKES_SHOWN]]
 
 
 @contextlib.contextmanager
@@ -1078,20 +1095,17 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
 
 # ------------------------------------------------------------------------------------ pictures
 def save_plot(path: str, draw, log: logging.Logger) -> None:
-    """Draw a figure with `draw(figure)` and write it as a PNG, when the optional matplotlib is there."""
+    """Draw a figure with `draw(figure)` and write it as a PNG, when matplotlib is there. A bare Figure,
+    not pyplot: no display, no global state, and a faster import."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        from matplotlib import pyplot
+        from matplotlib.figure import Figure
     except ImportError:
         log.info(f"no {os.path.basename(path)}: matplotlib, which requirements.txt names, is not installed")
         return
-    figure = pyplot.figure(figsize=(9, 4))
+    figure = Figure(figsize=(9, 4))
     draw(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    pyplot.close(figure)
     write_atomically(path, buffer.getvalue())
     log.info(f"written {path}")
 
@@ -1107,6 +1121,27 @@ def draw_curves(history: list[dict]):
         for axes, title in ((loss, "loss"), (accuracy, "test accuracy (%)")):
             axes.set(title=title, xlabel="epoch", xticks=epochs)
         loss.legend()
+    return draw
+
+
+def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int):
+    """A grid of the mistakes listed, each captioned true → predicted (probability); or, with none, a
+    note saying so."""
+    def draw(figure) -> None:
+        if not mistakes:
+            figure.text(0.5, 0.5, "no mistakes: every test image is classified correctly", ha="center", fontsize=14)
+            return
+        columns = min(len(mistakes), 9)
+        rows = -(-len(mistakes) // columns)
+        figure.set_size_inches(1.4 * columns, 1.6 * rows + 0.5)
+        for k, mistake in enumerate(mistakes):
+            axes = figure.add_subplot(rows, columns, k + 1)
+            axes.imshow(images[mistake["index"]], cmap="gray_r")
+            axes.set_title(f"{mistake['true']} → {mistake['predicted']} ({100 * mistake['probability']:.1f}%)",
+                           fontsize=10)
+            axes.set_axis_off()
+        shown = f"the {len(mistakes)} most confident of {total}" if len(mistakes) < total else f"all {total}"
+        figure.suptitle(f"{shown} mistakes: true → predicted (probability)")
     return draw
 
 

@@ -1,9 +1,11 @@
 """The evaluate and infer tasks, on a model that train wrote."""
+import io
 import json
 import logging
 import sys
 
 import jax
+import matplotlib.image
 import numpy as np
 import pytest
 import yaml
@@ -47,17 +49,20 @@ def test_evaluate_equals_what_train_recorded(trained, capsys):
     assert "test_accuracy" in (trained / "logs" / "mnist_evaluate.log").read_text()
 
 
-@pytest.mark.parametrize("task, args", [
-    ("evaluate", ["--data_dir=WS/data", "--model_dir=WS/model", "--log_dir=WS/logs"]),
-    ("infer", ["--model_dir=WS/model", "--images=WS/data/mnist.npz", "--predictions=WS/predictions.json"]),
+@pytest.mark.parametrize("task, args, programs", [
+    ("evaluate", ["--data_dir=WS/data", "--model_dir=WS/model", "--log_dir=WS/logs"],
+     ["jit(evaluate)", "jit(class_probabilities)"]),
+    ("infer", ["--model_dir=WS/model", "--images=WS/data/mnist.npz", "--predictions=WS/predictions.json"],
+     ["jit(class_probabilities)"]),
 ])
-def test_each_task_compiles_one_program(trained, capsys, caplog, task, args):
-    """Loading the model runs nothing, and scoring is one program, not one for each operation."""
+def test_each_task_compiles_its_programs_only(trained, capsys, caplog, task, args, programs):
+    """Loading the model runs nothing; scoring is one program (evaluate's figures, as train's, and the
+    probabilities that the mistakes are drawn with), not one for each operation."""
     jax.clear_caches()  # programs compiled by earlier tests would not be logged again
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
         code, _, err = run(task, *(arg.replace("WS", str(trained)) for arg in args), capsys=capsys)
     assert code == 0, err
-    assert len([r for r in caplog.records if r.getMessage().startswith("Compiling")]) == 1
+    assert [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Compiling")] == programs
 
 
 def test_infer_agrees_with_evaluate(trained, tmp_path, capsys):
@@ -149,12 +154,59 @@ def test_infer_on_real_test_images_agrees_with_evaluate(tmp_path, capsys, real_d
     assert accuracy > 0.95
 
 
-def test_pictures_are_written_when_matplotlib_is_there(trained, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    assert (trained / "logs" / "training_curves.png").read_bytes().startswith(b"\x89PNG\r\n")
+def rendered(draw) -> tuple:
+    """A figure as save_plot makes it, and the pixel size of its PNG."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 4))
+    draw(figure)
+    figure.savefig(buffer := io.BytesIO(), format="png", dpi=100, bbox_inches="tight")
+    return figure, matplotlib.image.imread(io.BytesIO(buffer.getvalue())).shape
+
+
+def test_pictures_show_what_they_claim(trained, tmp_path, capsys):
+    """Each PNG decodes to the size of the figure drawn from the task's own figures, and that figure
+    holds them: a panel per epoch's point, a count per cell, a panel per mistake listed."""
     code, out, err = run("evaluate", f"--data_dir={trained / 'data'}", f"--model_dir={trained / 'model'}",
                          f"--log_dir={tmp_path}", capsys=capsys)
-    assert code == 0 and (tmp_path / "confusion_matrix.png").read_bytes().startswith(b"\x89PNG\r\n")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "evaluate_metrics.json").read_text())
+    history = [json.loads(line) for line in (trained / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+    images = np.load(trained / "data" / "mnist.npz")["x_test"]
+    pictures = {trained / "logs" / "training_curves.png": mnist.draw_curves(history),
+                tmp_path / "confusion_matrix.png": mnist.draw_confusion(np.array(metrics["confusion_matrix"])),
+                tmp_path / "mistakes.png": mnist.draw_mistakes(images, metrics["mistakes_shown"], metrics["mistakes"])}
+    figures = {}
+    for path, draw in pictures.items():
+        figures[path.name], shape = rendered(draw)
+        assert matplotlib.image.imread(path).shape == shape and shape[0] > 150 and shape[1] > 300
+    loss, accuracy = figures["training_curves.png"].axes
+    assert [len(line.get_xdata()) for line in loss.lines + accuracy.lines] == [len(history)] * 3
+    counts = sorted(int(t.get_text()) for t in figures["confusion_matrix.png"].axes[0].texts)
+    assert counts == sorted(np.array(metrics["confusion_matrix"]).ravel().tolist())
+    panels = [axes for axes in figures["mistakes.png"].axes if axes.images]
+    assert 0 < len(panels) == len(metrics["mistakes_shown"]) <= mnist.MISTAKES_SHOWN
+    assert [axes.get_title() for axes in panels] == [f"{m['true']} → {m['predicted']} ({100 * m['probability']:.1f}%)"
+                                                     for m in metrics["mistakes_shown"]]
+    labels = np.load(trained / "data" / "mnist.npz")["y_test"]
+    assert metrics["mistakes"] == round((1 - metrics["test_accuracy"]) * len(labels))
+    shown = metrics["mistakes_shown"]
+    assert all(labels[m["index"]] == m["true"] != m["predicted"] for m in shown)
+    assert [m["probability"] for m in shown] == sorted((m["probability"] for m in shown), reverse=True)
+
+
+def test_no_mistakes_says_so(trained):
+    figure, _ = rendered(mnist.draw_mistakes(np.zeros((1, 28, 28), np.uint8), [], 0))
+    assert [text.get_text() for text in figure.texts] == ["no mistakes: every test image is classified correctly"]
+    assert not figure.axes
+
+
+def test_mistakes_are_the_most_confident_first():
+    probabilities = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4]])
+    labels, predicted = np.array([0, 0, 1, 1]), probabilities.argmax(1)
+    assert mnist.most_confident_mistakes(probabilities, labels, predicted) == [
+        {"index": 1, "true": 0, "predicted": 1, "probability": 0.7},
+        {"index": 3, "true": 1, "predicted": 0, "probability": 0.6}]
 
 
 def test_without_matplotlib_a_note_not_a_failure(trained, tmp_path, capsys, monkeypatch):
