@@ -210,7 +210,8 @@ def test_mistakes_are_the_most_confident_first():
 
 
 def test_without_matplotlib_a_note_not_a_failure(trained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing them now raises ImportError
     code, out, err = run("evaluate", f"--data_dir={trained / 'data'}", f"--model_dir={trained / 'model'}",
                          f"--log_dir={tmp_path}", capsys=capsys)
     assert code == 0 and "no confusion_matrix.png: matplotlib, which requirements.txt names, is not installed" in out
