@@ -9,10 +9,13 @@ Runners take task names, then options:   nox -s run-docker -- download train --n
   --env=NAME=VALUE      set a variable for the task (repeatable)
   --build-arg=NAME=VALUE   a Dockerfile ARG, when an image is built (BASE_IMAGE, JAX_EXTRA)
   --from-docker         configure-singularity: convert the Docker image instead of building the recipe
+  --pvc=NAME, --create-pvc, --namespace=NAME, --processes=N   run-k8s: the workspace's claim (made if
+                        asked), where the Jobs go, and how many pods train together
   --dry-run             print the equivalent command line for each task and run nothing
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,6 +26,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,7 @@ for noisy in ("docker", "urllib3"):  # nox shows every logger's debug lines; the
 
 ROOT = Path(__file__).resolve().parent
 CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())
-TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython"]
+TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython", "kubernetes-validate"]
 
 
 class UsageError(Exception):
@@ -59,6 +63,10 @@ class Options:
     build_args: dict[str, str] = dataclasses.field(default_factory=dict)
     from_docker: bool = False
     dry_run: bool = False
+    pvc: str = "mnist-workspace"
+    create_pvc: bool = False
+    namespace: str = "default"
+    processes: int = 1
 
 
 @dataclasses.dataclass
@@ -88,21 +96,26 @@ def pair(value: str, option: str) -> tuple[str, str]:
 def parse_args(args: list[str]) -> Options:
     opts = Options()
     for arg in args:
-        if arg in ("--dry-run", "--from-docker"):
+        if arg in ("--dry-run", "--from-docker", "--create-pvc"):
             setattr(opts, arg[2:].replace("-", "_"), True)
             continue
         name, eq, value = arg.removeprefix("--").partition("=")
         if not eq:
             if arg.startswith("-"):
                 raise UsageError(f"unknown option {arg!r} (options: --workspace, --NAME of a parameter, "
-                                 "--gpus, --network, --memory, --cpus, --env, --build-arg, --from-docker, --dry-run)")
+                                 "--gpus, --network, --memory, --cpus, --env, --build-arg, --from-docker, --dry-run, "
+                                 "--pvc, --create-pvc, --namespace, --processes)")
             if arg not in CUBE["tasks"]:
                 raise UsageError(f"unknown task {arg!r} (tasks: {', '.join(CUBE['tasks'])})")
             opts.tasks.append(arg)
         elif name == "workspace":
             opts.workspace = Path(value).resolve()
-        elif name in ("gpus", "network", "memory", "cpus"):
+        elif name in ("gpus", "network", "memory", "cpus", "pvc", "namespace"):
             setattr(opts, name, value)
+        elif name == "processes":
+            if not value.isdigit() or int(value) < 1:
+                raise UsageError(f"--processes expects a number of pods, 1 or more, got {value!r}")
+            opts.processes = int(value)
         elif name in ("env", "build-arg"):
             key, val = pair(value, f"--{name}")
             (opts.env if name == "env" else opts.build_args)[key] = val
@@ -520,6 +533,187 @@ def run_singularity(session: nox.Session) -> None:
     run_in(session, SINGULARITY)
 
 
+# ------------------------------------------------------------------------- Kubernetes runner
+# Each task is a batch/v1 Job running the image, the workspace on a PersistentVolumeClaim; `train
+# --processes=N` is an Indexed Job of N pods and a headless Service, through which the pods find pod 0,
+# JAX's coordinator. The manifests are plain dictionaries; the official client sends them.
+K8S_USER = 10001  # any uid but root's: the pods run as it, and the claim is made writable for its group
+COORDINATOR_PORT = 8476
+
+
+def quantity(size: str) -> str:
+    """A size as mlcube.yaml or Docker write it (8GB, 512m, 2GiB) as a Kubernetes quantity (8G, 512M, 2Gi)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtTpP]?)(i?)[bB]?\s*", str(size))
+    if not match:
+        raise UsageError(f"{size!r} is not a size such as 8GB or 512M")
+    number, unit, binary = match.groups()
+    if not unit:
+        return number
+    if binary:
+        return number + unit.upper() + "i"  # Ki, Mi, Gi, ...
+    return number + ("k" if unit in "kK" else unit.upper())  # Kubernetes writes kilo in lower case only
+
+
+def claim_path(host: str, opts: Options) -> str:
+    """A host path of the workspace as a path inside the claim ('' for its root)."""
+    relative = os.path.relpath(host, opts.workspace)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise UsageError(f"{host} is outside the workspace {opts.workspace}: run-k8s takes paths inside it, "
+                         "which lives on the claim")
+    return "" if relative == os.curdir else relative
+
+
+def k8s_resources(opts: Options) -> dict:
+    platform = CUBE.get("platform") or {}
+    requests = {"memory": quantity(opts.memory or platform.get("host_memory") or "2GB")}
+    requests.update({"cpu": opts.cpus} if opts.cpus else {})
+    gpus = gpus_wanted(opts)
+    if gpus and not gpus.isdigit():
+        raise UsageError(f"run-k8s takes --gpus as a number of GPUs per pod, got {gpus!r}")
+    return {"requests": requests, **({"limits": {"nvidia.com/gpu": gpus}} if gpus else {})}
+
+
+def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
+    """The pod template: the task in the image as a non-root user with no capabilities and a read-only
+    root file system, its folders on the claim (inputs read-only), made first by an init container."""
+    mounts = [{"name": "workspace", "mountPath": target, "readOnly": ro,
+               **({"subPath": claim_path(host, opts)} if claim_path(host, opts) else {})}
+              for host, (target, ro) in run.mounts.items()]
+    mounts += [{"name": "workspace", "mountPath": CACHE_TARGET, "subPath": ".cache/jax"},
+               {"name": "tmp", "mountPath": "/tmp"}]
+    folders = sorted({os.path.join("/workspace", claim_path(host, opts)) for host in run.mounts}
+                     | {"/workspace/.cache/jax"})
+    env = {"MNIST_IMAGE": IMAGE, CACHE_VARIABLE: CACHE_TARGET, **opts.env}
+    if processes > 1:
+        env.update(JAX_COORDINATOR_ADDRESS=f"{job}-0.{job}:{COORDINATOR_PORT}", JAX_NUM_PROCESSES=str(processes))
+    index = {"name": "JAX_PROCESS_ID", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
+    def locked() -> dict:  # a new dictionary each time, or the YAML would hold anchors
+        return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+    return {
+        "metadata": {"labels": {"app": "mnist", "mnist/task": run.task}},
+        "spec": {
+            "restartPolicy": "Never",
+            **({"subdomain": job} if processes > 1 else {}),
+            "securityContext": {"runAsNonRoot": True, "runAsUser": K8S_USER, "runAsGroup": K8S_USER,
+                                "fsGroup": K8S_USER, "seccompProfile": {"type": "RuntimeDefault"}},
+            "initContainers": [{"name": "folders", "image": IMAGE, "securityContext": locked(),
+                                "command": ["python3", "-c", "import os, sys; [os.makedirs(f, exist_ok=True) "
+                                            "for f in sys.argv[1:]]", *folders],
+                                "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]}],
+            "containers": [{"name": run.task, "image": IMAGE, "args": [run.task, *run.container_args],
+                            "env": [{"name": k, "value": v} for k, v in env.items()]
+                            + ([index] if processes > 1 else []),
+                            "resources": k8s_resources(opts), "securityContext": locked(),
+                            "volumeMounts": mounts}],
+            "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": opts.pvc}},
+                        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}}],
+        },
+    }
+
+
+def k8s_manifests(run: Run, opts: Options, job: str) -> list[dict]:
+    """The Job for one task, and for a training of several pods the headless Service that names them."""
+    if opts.processes > 1 and "train" not in opts.tasks:
+        raise UsageError(f"--processes applies to train only, not {', '.join(opts.tasks)}")
+    processes = opts.processes if run.task == "train" else 1
+    meta = {"name": job, "namespace": opts.namespace, "labels": {"app": "mnist", "mnist/task": run.task}}
+    spec = {"backoffLimit": 0, "template": k8s_pod(run, opts, job, processes)}
+    if processes > 1:
+        spec.update(completionMode="Indexed", completions=processes, parallelism=processes)
+    manifests = [{"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}]
+    if processes > 1:
+        manifests.insert(0, {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {
+            "clusterIP": "None", "selector": {"job-name": job},
+            "ports": [{"name": "coordinator", "port": COORDINATOR_PORT}]}})
+    return manifests
+
+
+def k8s_claim(opts: Options) -> dict:
+    """The workspace's claim, for --create-pvc: ReadWriteMany when several pods share a model_dir."""
+    size = quantity((CUBE.get("platform") or {}).get("host_disk_space") or "2GB")
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": opts.pvc, "namespace": opts.namespace, "labels": {"app": "mnist"}},
+            "spec": {"accessModes": ["ReadWriteMany" if opts.processes > 1 else "ReadWriteOnce"],
+                     "resources": {"requests": {"storage": size}}}}
+
+
+def k8s_job_name(task: str) -> str:
+    return f"mnist-{task}-{os.urandom(3).hex()}"
+
+
+def k8s_main(args: list[str]) -> int:
+    """run-k8s inside its virtualenv, where the Kubernetes client is: print the manifests for
+    --dry-run, else apply them task by task, streaming each pod's log, and delete what was made."""
+    try:
+        opts = parse_args(args)
+        if not opts.tasks:
+            raise UsageError(f"name at least one task: {', '.join(CUBE['tasks'])}")
+        plans = [k8s_manifests(resolve(task, opts), opts, k8s_job_name(task)) for task in opts.tasks]
+        if opts.dry_run:
+            print(yaml.safe_dump_all(([k8s_claim(opts)] if opts.create_pvc else []) + sum(plans, []),
+                                     sort_keys=False), end="")
+            return 0
+        return k8s_apply(opts, plans)
+    except UsageError as e:
+        print(f"run-k8s: error: {e}", file=sys.stderr)
+        return 1
+
+
+def k8s_apply(opts: Options, plans: list[list[dict]]) -> int:
+    """The calls to the cluster, kept thin: no cluster runs where the tests run."""
+    from kubernetes import client, config, utils, watch
+
+    try:
+        config.load_incluster_config() if "KUBERNETES_SERVICE_HOST" in os.environ else config.load_kube_config()
+    except config.ConfigException as e:
+        raise UsageError(f"no Kubernetes cluster to talk to ({e})") from None
+    api, core, batch = client.ApiClient(), client.CoreV1Api(), client.BatchV1Api()
+    if opts.create_pvc:
+        with contextlib.suppress(utils.FailToCreateError):  # it exists: use it
+            utils.create_from_dict(api, k8s_claim(opts))
+    for manifests in plans:
+        job = manifests[-1]["metadata"]["name"]
+        try:
+            for manifest in manifests:
+                utils.create_from_dict(api, manifest)
+            code = k8s_follow(core, batch, watch, job, opts.namespace)
+        finally:  # Ctrl-C too
+            batch.delete_namespaced_job(job, opts.namespace, propagation_policy="Background")
+            if len(manifests) > 1:
+                core.delete_namespaced_service(job, opts.namespace)
+        if code:
+            print(f"run-k8s: task {manifests[-1]['metadata']['labels']['mnist/task']} failed with exit code {code}",
+                  file=sys.stderr)
+            return code
+    return 0
+
+
+def k8s_follow(core, batch, watch, job: str, namespace: str) -> int:
+    """Stream the log of the Job's first pod, then wait for the Job; the task's exit code."""
+    selector = f"job-name={job}"
+    pods = watch.Watch().stream(core.list_namespaced_pod, namespace, label_selector=selector, timeout_seconds=600)
+    for event in pods:
+        pod = event["object"]
+        if pod.status.phase in ("Running", "Succeeded", "Failed"):
+            break
+    for line in watch.Watch().stream(core.read_namespaced_pod_log, pod.metadata.name, namespace, follow=True):
+        print(line, flush=True)
+    while not ((status := batch.read_namespaced_job_status(job, namespace).status).succeeded or status.failed):
+        time.sleep(1)
+    codes = [state.terminated.exit_code for pod in core.list_namespaced_pod(namespace, label_selector=selector).items
+             for state in (c.state for c in pod.status.container_statuses or []) if state.terminated]
+    return max(codes, default=0 if status.succeeded else 1)
+
+
+@nox.session(name="run-k8s")
+def run_k8s(session: nox.Session) -> None:
+    """Run tasks as Kubernetes Jobs: `nox -s run-k8s -- train --pvc=NAME [--processes=N] [--dry-run]`."""
+    session.install("nox", "pyyaml", "kubernetes")
+    session.run("python", str(ROOT / "noxfile.py"), "run-k8s", *session.posargs)  # where the client is
+
+
 # ---------------------------------------------------------------------------- MLCube's own CLI
 MLCUBE = ["mlcube==0.0.9", "mlcube-docker==0.0.9", "mlcube-singularity==0.0.9"]
 
@@ -563,3 +757,7 @@ def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "--isolated", "--line-length=120", "--select=E,F,W,I,B",
                 "mnist.py", "noxfile.py", ".ci/bench.py", "tests", "tests/standin/singularity")
+
+
+if __name__ == "__main__":  # run-k8s, inside its own virtualenv
+    sys.exit(k8s_main(sys.argv[2:]))

@@ -1,0 +1,150 @@
+"""run-k8s up to the cluster, which cannot run here: its manifests against the Kubernetes OpenAPI schemas
+(kubernetes-validate, strict), the session's --dry-run through its own virtualenv, and the multi-host
+wiring acted out by local processes, as the Indexed Job's pods would run it. The calls to a cluster
+(create, stream the log, delete) are not exercised: no STAND-IN here pretends to be one."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import ROOT, make_digits, nox, npz_bytes
+
+import noxfile
+
+KUBERNETES = "1.37.0"  # the newest release kubernetes-validate holds the schemas of
+
+
+def manifests(*args, workspace="/ws") -> list[dict]:
+    opts = noxfile.parse_args([*args, f"--workspace={workspace}"])
+    docs = [noxfile.k8s_claim(opts)] if opts.create_pvc else []
+    for task in opts.tasks:
+        docs += noxfile.k8s_manifests(noxfile.resolve(task, opts), opts, noxfile.k8s_job_name(task))
+    return docs
+
+
+@pytest.mark.parametrize("args", [
+    ["download", "train", "evaluate", "infer"],
+    ["train", "--processes=3", "--create-pvc", "--pvc=shared", "--namespace=ml"],
+    ["train", "--gpus=2", "--memory=6g", "--cpus=1.5", "--env=XLA_FLAGS=--xla_dump_to=/tmp"],
+    ["infer", "--images=incoming/batch.npy", "--predictions=out/p.json", "--create-pvc"],
+])
+def test_every_manifest_is_valid_kubernetes(args):
+    for doc in manifests(*args):
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)  # raises on any fault
+
+
+def test_a_wrong_manifest_is_caught():
+    """The check above can fail: a field Kubernetes does not have is refused."""
+    job = manifests("train")[-1]
+    job["spec"]["template"]["spec"]["containers"][0]["runAsRoot"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, KUBERNETES, strict=True)
+
+
+def test_pods_are_least_privileged_and_mount_inputs_read_only():
+    job = manifests("train", "--gpus=1")[-1]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    for container in pod["containers"] + pod["initContainers"]:
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                                "capabilities": {"drop": ["ALL"]}}
+    mounts = {m["mountPath"]: (m.get("subPath", ""), m.get("readOnly", False))
+              for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts == {"/mlcube_io0": ("data", True), "/mlcube_io1": ("", True), "/mlcube_io2": ("logs", False),
+                      "/mlcube_io3": ("model", False), "/cache": (".cache/jax", False), "/tmp": ("", False)}
+    assert pod["containers"][0]["resources"] == {"requests": {"memory": "8G"}, "limits": {"nvidia.com/gpu": "1"}}
+
+
+@pytest.mark.parametrize("size, expected", [("8GB", "8G"), ("512MB", "512M"), ("2GiB", "2Gi"), ("100kB", "100k"),
+                                            ("6g", "6G"), ("1.5G", "1.5G"), ("1024", "1024")])
+def test_platform_sizes_become_quantities(size, expected):
+    assert noxfile.quantity(size) == expected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data_dir=/elsewhere/data"], "/elsewhere/data is outside the workspace /ws"),
+    (["evaluate", "--processes=2"], "--processes applies to train only, not evaluate"),
+    (["train", "--processes=0"], "--processes expects a number of pods, 1 or more"),
+    (["train", "--gpus=all"], "run-k8s takes --gpus as a number of GPUs per pod"),
+])
+def test_usage_errors(args, message):
+    with pytest.raises(noxfile.UsageError, match=message):
+        manifests(*args)
+
+
+def test_session_dry_run_prints_manifests_for_kubectl(tmp_path):
+    """Through the session's own virtualenv (the Kubernetes client is not needed to print)."""
+    result = nox("-s", "run-k8s", "--", "download", "train", "--processes=2", "--create-pvc",
+                 f"--workspace={tmp_path}", "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    docs = list(yaml.safe_load_all(result.stdout))
+    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", "Job", "Service", "Job"]
+    assert "&id" not in result.stdout  # plain YAML, no anchors
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    assert os.listdir(tmp_path) == []  # nothing made here
+    bad = nox("-s", "run-k8s", "--", "evaluate", "--processes=2", f"--workspace={tmp_path}", "--dry-run")
+    assert bad.returncode == 1 and "run-k8s: error: --processes applies to train only" in bad.stdout + bad.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pod_command(job: dict, index: int, workspace: Path, port: int) -> tuple[list[str], dict]:
+    """What pod `index` of the Indexed Job runs, on this machine: its mounts as folders of `workspace`
+    (the claim), pod 0's DNS name as 127.0.0.1, the completion index that Kubernetes annotates."""
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    mounts = {m["mountPath"]: str(workspace / m.get("subPath", "")) for m in container["volumeMounts"]}
+
+    def local(value: str) -> str:
+        name, eq, path = value.rpartition("=") if value.startswith("--") else ("", "", value)
+        for target, folder in mounts.items():
+            if path == target or path.startswith(target + "/"):
+                return f"{name}{eq}{folder}{path[len(target):]}"
+        return value
+
+    env = {}
+    for variable in container["env"]:
+        if "valueFrom" in variable:
+            assert "job-completion-index" in variable["valueFrom"]["fieldRef"]["fieldPath"]
+            env[variable["name"]] = str(index)
+        else:
+            env[variable["name"]] = local(variable["value"])
+    host, _, _ = env["JAX_COORDINATOR_ADDRESS"].rpartition(":")
+    assert host == f"{job['metadata']['name']}-0.{job['spec']['template']['spec']['subdomain']}"
+    env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{port}"
+    return [sys.executable, str(ROOT / "mnist.py"), *map(local, container["args"])], env
+
+
+def test_indexed_job_pods_train_together(tmp_path):
+    """Two pods' commands and environments, as two local processes: they join through JAX's
+    coordinator, train one model, and only index 0 writes it."""
+    workspace = tmp_path / "claim"
+    for folder in ("data", "logs", "model", ".cache/jax"):
+        (workspace / folder).mkdir(parents=True)
+    (workspace / "data" / "mnist.npz").write_bytes(npz_bytes(make_digits(1024, 128)))
+    (workspace / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 1, "batch_size": 64}))
+    service, job = manifests("train", "--processes=2")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    port = free_port()
+    processes = []
+    for index in range(2):
+        command, env = pod_command(job, index, workspace, port)
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env}))
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for index, (out, err) in enumerate(outputs):
+        assert processes[index].returncode == 0, err[-2000:]
+        assert f"[process {index}/2] training on 2 cpu device(s)" in out
+    assert "written" in outputs[0][0] and "written" not in outputs[1][0]
+    assert sorted(os.listdir(workspace / "model")) == ["model.json", "params.msgpack"]
+    assert any((workspace / ".cache" / "jax").iterdir())  # the claim holds the compiled programs
