@@ -11,6 +11,7 @@ Runners take task names, then options:   nox -s run-docker -- download train --n
   --from-docker         configure-singularity: convert the Docker image instead of building the recipe
   --pvc=NAME, --create-pvc, --namespace=NAME, --processes=N   run-k8s: the workspace's claim (made if
                         asked), where the Jobs go, and how many pods train together
+  --local, --host=URL   run-kubeflow: run the pipeline here on Docker, or submit it to Kubeflow at URL
   --dry-run             print the equivalent command line for each task and run nothing
 """
 from __future__ import annotations
@@ -67,6 +68,8 @@ class Options:
     create_pvc: bool = False
     namespace: str = "default"
     processes: int = 1
+    local: bool = False
+    host: str | None = None
 
 
 @dataclasses.dataclass
@@ -96,7 +99,7 @@ def pair(value: str, option: str) -> tuple[str, str]:
 def parse_args(args: list[str]) -> Options:
     opts = Options()
     for arg in args:
-        if arg in ("--dry-run", "--from-docker", "--create-pvc"):
+        if arg in ("--dry-run", "--from-docker", "--create-pvc", "--local"):
             setattr(opts, arg[2:].replace("-", "_"), True)
             continue
         name, eq, value = arg.removeprefix("--").partition("=")
@@ -104,13 +107,13 @@ def parse_args(args: list[str]) -> Options:
             if arg.startswith("-"):
                 raise UsageError(f"unknown option {arg!r} (options: --workspace, --NAME of a parameter, "
                                  "--gpus, --network, --memory, --cpus, --env, --build-arg, --from-docker, --dry-run, "
-                                 "--pvc, --create-pvc, --namespace, --processes)")
+                                 "--pvc, --create-pvc, --namespace, --processes, --local, --host)")
             if arg not in CUBE["tasks"]:
                 raise UsageError(f"unknown task {arg!r} (tasks: {', '.join(CUBE['tasks'])})")
             opts.tasks.append(arg)
         elif name == "workspace":
             opts.workspace = Path(value).resolve()
-        elif name in ("gpus", "network", "memory", "cpus", "pvc", "namespace"):
+        elif name in ("gpus", "network", "memory", "cpus", "pvc", "namespace", "host"):
             setattr(opts, name, value)
         elif name == "processes":
             if not value.isdigit() or int(value) < 1:
@@ -714,6 +717,119 @@ def run_k8s(session: nox.Session) -> None:
     session.run("python", str(ROOT / "noxfile.py"), "run-k8s", *session.posargs)  # where the client is
 
 
+# --------------------------------------------------------------------------- Kubeflow runner
+# The tasks, in the order given, as one Kubeflow Pipelines (v2) pipeline built with the kfp SDK: each
+# task a container component whose inputs and outputs are artifacts. A folder a task reads comes from
+# the earlier task that wrote it; the rest (the configs, images) is imported from the workspace.
+PIPELINE_NAME = "mnist"
+# Runs the task, then reports its output artifacts in the executor output file, as KFP's Python
+# executor does for Python components (kfp.local finds a container component's artifacts only there),
+# then writes `status`. $0 is the executor input, $1 the status file.
+KFP_REPORT = """import json, os, sys
+outputs = json.loads(sys.argv[1])["outputs"]
+artifacts = {name: {"artifacts": [{"name": a["artifacts"][0]["name"], "uri": a["artifacts"][0]["uri"], "metadata": {}}]}
+             for name, a in outputs.get("artifacts", {}).items()}
+os.makedirs(os.path.dirname(outputs["outputFile"]), exist_ok=True)
+with open(outputs["outputFile"], "w") as f:
+    json.dump({"artifacts": artifacts}, f)"""
+KFP_WRAPPER = ('executor_input="$0"; status="$1"; shift; python3 /mlcube/mnist.py "$@" && '
+               f'python3 -c \'{KFP_REPORT}\' "$executor_input" && echo 0 > "$status"')
+
+
+def kfp_component(task: str):
+    """A task as a container component, from mlcube.yaml. It also writes `status`, only when the task
+    succeeded: kfp.local counts a container that was gone before it was asked for its exit code as a
+    success, and the runner checks `status` instead."""
+    from kfp import components
+
+    params = parameters(task)
+    args = [arg for name, (_, output) in params.items()
+            for arg in (f"--{name}", {"outputPath" if output else "inputPath": name})]
+    spec = {"name": task, "description": f"mnist.py {task}",
+            "inputs": [{"name": name, "type": "Artifact"} for name, (_, output) in params.items() if not output],
+            "outputs": [*({"name": name, "type": "Artifact"} for name, (_, output) in params.items() if output),
+                        {"name": "status", "type": "String"}],
+            "implementation": {"container": {"image": IMAGE, "command": [
+                "sh", "-c", KFP_WRAPPER, {"executorInput": None}, {"outputPath": "status"}, task, *args]}}}
+    return components.load_component_from_text(yaml.safe_dump(spec))
+
+
+def kfp_pipeline(opts: Options):
+    from kfp import dsl
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=CUBE.get("description", ""))
+    def pipeline():
+        produced = {}
+        for task in opts.tasks:
+            paths = dict(arg.removeprefix("--").split("=", 1) for arg in resolve(task, opts).host_args)
+            inputs = {}
+            for name, (_, output) in parameters(task).items():
+                if output:
+                    continue
+                if name not in produced:
+                    produced[name] = dsl.importer(artifact_uri=paths[name], artifact_class=dsl.Artifact).output
+                inputs[name] = produced[name]
+            step = kfp_component(task)(**inputs)
+            produced.update({name: step.outputs[name] for name, (_, output) in parameters(task).items() if output})
+
+    return pipeline
+
+
+def kfp_main(args: list[str]) -> int:
+    """run-kubeflow inside its virtualenv, where the kfp SDK is: write the compiled pipeline to the
+    workspace, then run it here (--local) or submit it (--host)."""
+    try:
+        opts = parse_args(args)
+        if not opts.tasks:
+            raise UsageError(f"name at least one task: {', '.join(CUBE['tasks'])}")
+        from kfp import compiler
+
+        package = opts.workspace / f"{PIPELINE_NAME}-pipeline.yaml"
+        opts.workspace.mkdir(parents=True, exist_ok=True)
+        compiler.Compiler().compile(kfp_pipeline(opts), str(package))
+        print(f"run-kubeflow: wrote {package}")
+        if opts.local:
+            return kfp_run_locally(opts)
+        if opts.host:
+            import kfp
+
+            run = kfp.Client(host=opts.host).create_run_from_pipeline_package(str(package), arguments={})
+            print(f"run-kubeflow: submitted run {run.run_id} to {opts.host}")
+        return 0
+    except UsageError as e:
+        print(f"run-kubeflow: error: {e}", file=sys.stderr)
+        return 1
+
+
+def kfp_run_locally(opts: Options) -> int:
+    """The pipeline on this machine's Docker engine, its pipeline root the workspace, each container
+    as least privileged as run-docker's; the exit code of the first task that did not succeed."""
+    from kfp import local
+
+    # kfp.local hands the component's command to Docker as CMD, after the image's ENTRYPOINT, where
+    # Kubernetes replaces the ENTRYPOINT with it; env runs the command as Kubernetes would.
+    runner = local.DockerRunner(entrypoint=["/usr/bin/env"], user=f"{os.geteuid()}:{os.getegid()}",
+                                cap_drop=["ALL"], security_opt=["no-new-privileges"], read_only=True,
+                                tmpfs={"/tmp": f"size={TMPFS_SIZE}"}, environment={CACHE_VARIABLE: "off"})
+    local.init(runner=runner, pipeline_root=str(opts.workspace), raise_on_error=False)
+    before = set(opts.workspace.glob(f"{PIPELINE_NAME}-20*"))  # a run's folder is named for its date
+    kfp_pipeline(opts)()
+    runs = sorted(set(opts.workspace.glob(f"{PIPELINE_NAME}-20*")) - before)
+    for task in opts.tasks:
+        if not runs or not (runs[-1] / task / "status").is_file():
+            print(f"run-kubeflow: task {task} failed (see its log above)", file=sys.stderr)
+            return 1
+    print(f"run-kubeflow: the tasks' outputs are in {runs[-1]}")
+    return 0
+
+
+@nox.session(name="run-kubeflow")
+def run_kubeflow(session: nox.Session) -> None:
+    """Build the tasks as a Kubeflow pipeline: `nox -s run-kubeflow -- download train [--local | --host=URL]`."""
+    session.install("nox", "pyyaml", "kfp", "docker")
+    session.run("python", str(ROOT / "noxfile.py"), "run-kubeflow", *session.posargs)  # where kfp is
+
+
 # ---------------------------------------------------------------------------- MLCube's own CLI
 MLCUBE = ["mlcube==0.0.9", "mlcube-docker==0.0.9", "mlcube-singularity==0.0.9"]
 
@@ -759,5 +875,5 @@ def lint(session: nox.Session) -> None:
                 "mnist.py", "noxfile.py", ".ci/bench.py", "tests", "tests/standin/singularity")
 
 
-if __name__ == "__main__":  # run-k8s, inside its own virtualenv
-    sys.exit(k8s_main(sys.argv[2:]))
+if __name__ == "__main__":  # run-k8s and run-kubeflow, each inside its own virtualenv
+    sys.exit({"run-k8s": k8s_main, "run-kubeflow": kfp_main}[sys.argv[1]](sys.argv[2:]))
