@@ -326,7 +326,8 @@ def task_env(run: Run, opts: Options, image: str) -> dict[str, str]:
     """The task's variables: the image it runs in, which its outputs record, where it keeps compiled
     programs, then the caller's --env."""
     cached = any(target == CACHE_TARGET for target, _ in container_mounts(run).values())
-    return {"MNIST_IMAGE": image, CACHE_VARIABLE: CACHE_TARGET if cached else "off", **opts.env}
+    cpu_only = {} if gpus_wanted(opts) else {"JAX_PLATFORMS": "cpu"}  # a GPU image would probe for CUDA, noisily
+    return {"MNIST_IMAGE": image, CACHE_VARIABLE: CACHE_TARGET if cached else "off", **cpu_only, **opts.env}
 
 
 def host_cache() -> str | None:

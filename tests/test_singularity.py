@@ -63,12 +63,12 @@ def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
         ["singularity", "build", "--force", "--fakeroot", image, str(ROOT / "Singularity.recipe")],
         ["singularity", "run", "--bind", f"{ws}:/mlcube_io0:ro", "--bind", f"{ws}/data:/mlcube_io1:rw",
          "--bind", f"{ws}/logs:/mlcube_io2:rw", "--containall", "--no-home", *provenance,
-         "--env", "MNIST_COMPILATION_CACHE=off", "--env", "SEEN=1", image,
+         "--env", "MNIST_COMPILATION_CACHE=off", "--env", "JAX_PLATFORMS=cpu", "--env", "SEEN=1", image,
          "download", "--data_config=/mlcube_io0/data.yaml", "--data_dir=/mlcube_io1", "--log_dir=/mlcube_io2"],
         ["singularity", "run", "--bind", f"{ws}/data:/mlcube_io0:ro", "--bind", f"{ws}:/mlcube_io1:ro",
          "--bind", f"{ws}/logs:/mlcube_io2:rw", "--bind", f"{ws}/model:/mlcube_io3:rw", "--bind", f"{cache}:/cache:rw",
          "--containall", "--no-home", "--net", "--network=none", *provenance,
-         "--env", "MNIST_COMPILATION_CACHE=/cache", "--env", "SEEN=1", image,
+         "--env", "MNIST_COMPILATION_CACHE=/cache", "--env", "JAX_PLATFORMS=cpu", "--env", "SEEN=1", image,
          "train", "--data_dir=/mlcube_io0", "--train_config=/mlcube_io1/train.yaml", "--log_dir=/mlcube_io2",
          "--model_dir=/mlcube_io3"]]
     assert json.loads((ws / "model" / "model.json").read_text())["image"] == provenance[1].removeprefix("MNIST_IMAGE=")
