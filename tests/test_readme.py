@@ -22,7 +22,18 @@ def section(title: str) -> str:
 
 
 def fenced(text: str, language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+    """The contents of the text's fenced blocks opened with ```language ("" for none)."""
+    blocks, opening, lines = [], None, []
+    for line in text.splitlines(keepends=True):
+        if not line.startswith("```"):
+            lines.append(line)
+        elif opening is None:
+            opening, lines = line.strip(), []
+        else:
+            if opening == "```" + language:
+                blocks.append("".join(lines))
+            opening = None
+    return blocks
 
 
 def commands(text: str) -> list[str]:
