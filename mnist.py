@@ -277,7 +277,7 @@ def size_limit(source: Source) -> tuple[int, str]:
     return MAX_DATA_BYTES, "the most a data file may have (set its size: in the data config if it is larger)"
 
 
-def fetch(source: Source, out, log: logging.Logger) -> None:
+def fetch_source(source: Source, out, log: logging.Logger) -> None:
     """Stream the source into the file `out`, hashing as it goes; a CubeError unless its SHA-256 matches."""
     uri = source.uri
     if uri.startswith(("http://", "https://")):
@@ -298,7 +298,7 @@ def fetch(source: Source, out, log: logging.Logger) -> None:
 @contextlib.contextmanager
 def staged(path: str):
     """A new temporary file beside `path` (so that a rename is atomic), with the umask's
-    permissions, open for writing; removed when the block ends unless commit() moved it to `path`.
+    permissions, open for writing; removed when the block ends unless move_into_place() put it at `path`.
     A run killed before that leaves it behind: the next run that holds the folder's lock removes it."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.urandom(4).hex()}.part")
     try:
@@ -340,7 +340,7 @@ def sha256_of(path: str) -> str:
     return sha.hexdigest()
 
 
-def commit(out, tmp: str, path: str) -> None:
+def move_into_place(out, tmp: str, path: str) -> None:
     """Make a finished staged file durable, then put it at `path` in one atomic step."""
     try:
         out.flush()
@@ -359,7 +359,7 @@ def commit(out, tmp: str, path: str) -> None:
 def write_atomically(path: str, data: bytes) -> None:
     with staged(path) as (out, tmp):
         write_staged(out, data)
-        commit(out, tmp, path)
+        move_into_place(out, tmp, path)
 
 
 @contextlib.contextmanager
@@ -492,10 +492,10 @@ def fetch_and_verify(sources: dict[str, Source], data_dir: str, log: logging.Log
         return
     if NPZ_NAME in sources:
         with staged(final) as (out, tmp):
-            fetch(sources[NPZ_NAME], out, log)
+            fetch_source(sources[NPZ_NAME], out, log)
             out.flush()
             load_mnist(tmp, sources[NPZ_NAME].uri)
-            commit(out, tmp, final)
+            move_into_place(out, tmp, final)
         record[NPZ_NAME] = sources[NPZ_NAME].sha256
     else:
         data = assemble_npz(sources, final, log)
@@ -522,7 +522,7 @@ def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) ->
     arrays = {}
     for name, key in IDX_FILES.items():
         with staged(final) as (out, tmp):
-            fetch(sources[name], out, log)
+            fetch_source(sources[name], out, log)
             out.flush()
             arrays[key] = read_idx(tmp, sources[name].uri)
     buffer = io.BytesIO()
@@ -711,7 +711,7 @@ def train_steps(state, loss_sum, images, labels, batches, offsets, first, count:
     return jax.lax.scan(step, (state, loss_sum), first + jnp.arange(count))[0]
 
 
-def evaluate(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def score(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean loss, accuracy and each image's predicted class. train and the evaluate task both run
     this one function, so the figures they report are the same bits."""
     logits = predict_all(params, images)
@@ -732,28 +732,30 @@ def plan_epoch(seed, epoch, n: int, batch_size: int) -> tuple[jax.Array, jax.Arr
 
 class Programs(NamedTuple):
     """A run's compiled programs. Every array they take and return is replicated on all devices,
-    except inside step, where each device learns from its slice of every batch."""
-    init: Callable  # (seed) -> the first TrainState
-    plan: Callable  # (seed, epoch) -> the epoch's batches and offsets (plan_epoch)
-    step: Callable  # (state, loss_sum, x_train, y_train, batches, offsets, first) -> state, loss_sum
-    score: Callable  # (params, x_test, y_test) -> loss, accuracy, predicted classes (evaluate)
+    except inside `steps`, where each device learns from its slice of every batch."""
+    init: Callable  # (seed) -> the first TrainState                                  state_initializer
+    plan: Callable  # (seed, epoch) -> the epoch's batches and offsets                 plan_epoch
+    steps: Callable  # (state, loss_sum, x_train, y_train, batches, offsets, first) -> state, loss_sum
+    score: Callable  # (params, x_test, y_test) -> loss, accuracy, predicted classes  score
 
 
 def compile_programs(config: dict, data: dict, seed: int, total_steps: int, count: int, mesh: Mesh) -> Programs:
     """Compile the four programs of a run before it starts, all at once: each is lowered from the
     shapes of its arguments (the state's and the batches' from init's and plan's outputs), and
-    XLA compiles outside Python's lock, so the slowest program sets the time."""
+    XLA compiles outside Python's lock, so the slowest program sets the time. The arguments that
+    shape a program (the data set's size, the batch size, the steps per call, the mesh) are bound
+    with functools.partial; what remains are the arrays and numbers each call passes."""
     replicated = NamedSharding(mesh, PartitionSpec())
     n, batch_size = len(data["x_train"]), config["batch_size"]
     init = jax.jit(state_initializer(config, total_steps), out_shardings=replicated).lower(config["seed"])
     plan = jax.jit(functools.partial(plan_epoch, n=n, batch_size=batch_size), out_shardings=replicated).lower(seed, 0)
     state, (batches, offsets) = init.out_info, plan.out_info
     split = NamedSharding(mesh, PartitionSpec("batch"))
-    step = jax.jit(functools.partial(train_steps, count=count, split=split), out_shardings=replicated).lower(
+    steps = jax.jit(functools.partial(train_steps, count=count, split=split), out_shardings=replicated).lower(
         state, jnp.zeros(()), data["x_train"], data["y_train"], batches, offsets, 0)
-    score = jax.jit(evaluate, out_shardings=replicated).lower(state.average, data["x_test"], data["y_test"])
+    scoring = jax.jit(score, out_shardings=replicated).lower(state.average, data["x_test"], data["y_test"])
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        return Programs(*pool.map(compile_program, (init, plan, step, score), (False, False, True, False)))
+        return Programs(*pool.map(compile_program, (init, plan, steps, scoring), (False, False, True, False)))
 
 
 def compile_program(program: jax.stages.Lowered, hot: bool) -> jax.stages.Compiled:
@@ -773,17 +775,17 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     """Train the CNN on data_dir/mnist.npz; write model_dir/params.msgpack and model.json."""
     config = read_train_config(args.train_config)
     arrays, data_sha256 = load_mnist(os.path.join(args.data_dir, NPZ_NAME))
-    devices, writer = jax.devices(), jax.process_index() == 0  # one process writes for all
+    devices, process_0 = jax.devices(), jax.process_index() == 0  # one process writes for all
     check_fits(config, len(arrays["x_train"]), len(devices), args.train_config)
     log.info(f"read {args.train_config}: {json.dumps(config)}")
     log.info(f"training on {len(devices)} {jax.default_backend()} device(s) ({devices[0].device_kind}), "
              f"{len(arrays['x_train'])} images, {config['train_epochs']} epochs")
-    if writer:
+    if process_0:
         os.makedirs(args.model_dir, exist_ok=True)  # open_log made log_dir
-    with folder_lock(args.model_dir) if writer else contextlib.nullcontext():
+    with folder_lock(args.model_dir) if process_0 else contextlib.nullcontext():
         run_id = {"architecture": ARCHITECTURE, "config": config, "data_sha256": data_sha256}
-        state, history, compile_seconds = run_epochs(args, run_id, arrays, writer, log)
-        if writer:
+        state, history, compile_seconds = run_epochs(args, run_id, arrays, process_0, log)
+        if process_0:
             write_model(args, run_id, len(arrays["x_train"]), state, history, compile_seconds, log)
 
 
@@ -800,7 +802,7 @@ def check_fits(config: dict, n: int, devices: int, path: str) -> None:
                         f"which the step counter cannot count; use at most {MAX_STEPS // (n // batch_size)}")
 
 
-def run_epochs(args: argparse.Namespace, run_id: dict, arrays: dict, writer: bool, log: logging.Logger):
+def run_epochs(args: argparse.Namespace, run_id: dict, arrays: dict, process_0: bool, log: logging.Logger):
     """Compile, resume from a checkpoint if there is one, then train epoch by epoch until the last or
     the target accuracy; the final state, the history (a row per epoch) and the compile seconds."""
     config = run_id["config"]
@@ -832,7 +834,7 @@ def run_epochs(args: argparse.Namespace, run_id: dict, arrays: dict, writer: boo
             history.append({"epoch": epoch, "train_loss": float(loss_sum) / steps, "test_loss": test_loss,
                             "test_accuracy": test_accuracy, "epoch_seconds": epoch_seconds,
                             "elapsed_seconds": (history[-1]["elapsed_seconds"] if history else 0) + epoch_seconds})
-            if writer:
+            if process_0:
                 write_atomically(os.path.join(args.log_dir, "train_metrics.jsonl"),
                                  b"".join(to_json(h, indent=None) + b"\n" for h in history))
                 save_checkpoint(checkpoint, run_id, state, history)
@@ -879,7 +881,7 @@ def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, ep
         if stop.signum is not None:
             raise Stopped(f"stopped in epoch {epoch}; run the same command again to resume "
                           + (f"after epoch {epoch - 1}" if epoch > 1 else "from the start"), stop.signum)
-        state, loss_sum = programs.step(state, loss_sum, data["x_train"], data["y_train"], batches, offsets, first)
+        state, loss_sum = programs.steps(state, loss_sum, data["x_train"], data["y_train"], batches, offsets, first)
         in_flight.append(loss_sum)
         if len(in_flight) > MAX_IN_FLIGHT:
             in_flight.popleft().block_until_ready()
@@ -974,12 +976,12 @@ def load_model(model_dir: str) -> tuple[dict, dict]:
     return params, summary
 
 
-def evaluate_task(args: argparse.Namespace, log: logging.Logger) -> None:
+def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
     """Score the trained model on all test images; write log_dir/evaluate_metrics.json."""
     params, summary = load_model(args.model_dir)
     arrays, data_sha256 = load_mnist(os.path.join(args.data_dir, NPZ_NAME))
     labels = arrays["y_test"].astype(np.int32)
-    loss, accuracy, predicted = jax.jit(evaluate)(params, arrays["x_test"], labels)
+    loss, accuracy, predicted = jax.jit(score)(params, arrays["x_test"], labels)
     predicted = np.asarray(predicted)
     confusion = np.zeros((10, 10), np.int64)
     np.add.at(confusion, (labels, predicted), 1)
@@ -1089,7 +1091,7 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
             rows = [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probabilities]
             write_staged(out, (b", " if i else b"") + b", ".join(to_json(row, None) for row in rows))
         write_staged(out, b"]}")
-        commit(out, tmp, args.predictions)
+        move_into_place(out, tmp, args.predictions)
     log.info(f"classified {count} images from {args.images}; written {args.predictions}")
 
 
@@ -1167,9 +1169,9 @@ TASKS = {
                       "data_dir": "folder holding mnist.npz (from the download task)",
                       "model_dir": "folder that receives params.msgpack and model.json",
                       "log_dir": "folder that receives mnist_train.log and train_metrics.jsonl"}),
-    "evaluate": (evaluate_task, {"data_dir": "folder holding mnist.npz",
-                                 "model_dir": "folder holding params.msgpack and model.json (from train)",
-                                 "log_dir": "folder that receives evaluate_metrics.json and mnist_evaluate.log"}),
+    "evaluate": (evaluate, {"data_dir": "folder holding mnist.npz",
+                            "model_dir": "folder holding params.msgpack and model.json (from train)",
+                            "log_dir": "folder that receives evaluate_metrics.json and mnist_evaluate.log"}),
     "infer": (infer, {"model_dir": "folder holding params.msgpack and model.json (from train)",
                       "images": "images to classify: .npy, .npz or IDX; uint8 N×28×28 or 28×28",
                       "predictions": "JSON file that receives each image's class and probabilities"}),

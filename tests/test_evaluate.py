@@ -51,7 +51,7 @@ def test_evaluate_equals_what_train_recorded(trained, capsys):
 
 @pytest.mark.parametrize("task, args, programs", [
     ("evaluate", ["--data_dir=WS/data", "--model_dir=WS/model", "--log_dir=WS/logs"],
-     ["jit(evaluate)", "jit(class_probabilities)"]),
+     ["jit(score)", "jit(class_probabilities)"]),
     ("infer", ["--model_dir=WS/model", "--images=WS/data/mnist.npz", "--predictions=WS/predictions.json"],
      ["jit(class_probabilities)"]),
 ])

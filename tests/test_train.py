@@ -54,7 +54,7 @@ def test_train_writes_model_metrics_and_logs(cube, capsys):
     restored = mnist.serialization.from_bytes(
         create_state(summary["config"], 1).params, (cube / "model" / "params.msgpack").read_bytes())
     test = np.load(cube / "data" / "mnist.npz")
-    loss, accuracy, _ = mnist.evaluate(restored, test["x_test"], test["y_test"])
+    loss, accuracy, _ = mnist.score(restored, test["x_test"], test["y_test"])
     assert float(accuracy) == pytest.approx(summary["test_accuracy"])
     leftovers = [f for d in ("model", "logs") for f in os.listdir(cube / d) if f.startswith(".")]
     assert leftovers == []
