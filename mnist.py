@@ -8,6 +8,17 @@
 
 Each task reads and writes only the paths it is given, so the same command runs on a laptop, in
 Docker or under Singularity, where MLCube mounts each path into the container.
+
+Reading order, top to bottom, as a run goes:
+  config      one-line errors (CubeError), bounded YAML reading, strict JSON
+  data        download: data.yaml -> fetch (HTTP or a file, bounded, hashed) -> verify -> mnist.npz,
+              written atomically (staged, move_into_place) under a folder lock
+  model       the CNN (Conv as a matrix product over patches), shift, score
+  training    train: read the config and data -> compile the four programs (compile_programs) ->
+              run_epochs (resume, then train_epoch after train_epoch) -> write_model
+  evaluation  evaluate (score, the confusion matrix, the most confident mistakes) and infer (streams)
+  pictures    the curves, the confusion matrix, the mistakes, drawn on a bare matplotlib Figure
+  CLI         TASKS (the contract's mnist.py side), parse_args, main: every error becomes one line
 """
 from __future__ import annotations
 
@@ -595,6 +606,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------ training
+# train compiles four programs before the first step (compile_programs; each a Programs field):
+#   init   (seed)                                   -> TrainState, replicated          state_initializer
+#   plan   (seed, epoch)                            -> batches [steps, batch] of image
+#                                                      indices, offsets [steps, batch, 2]  plan_epoch
+#   steps  (state, loss_sum, x_train, y_train,      -> state, loss_sum                 train_steps
+#           batches, offsets, first)                   `count` steps as one scan; each batch sharded
+#                                                      over the devices, the state replicated
+#   score  (params, x_test, y_test)                 -> loss, accuracy, predicted       score
+# Static (bound with functools.partial, so a change means another program): the data set's size, the
+# batch size, the steps per call and the mesh. The data set is placed on the devices once; an epoch
+# is one plan call, then steps calls of `count` steps each, then one score call on the average.
 # name: (Optax optimizer taking a learning-rate schedule, its peak learning rate at batch size 128).
 # Measured on MNIST, seed 0: each reaches 98.9-99.3 % after 5 epochs at batch 128, and none
 # diverges at batch 512, where the rates are twice as high.

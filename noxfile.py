@@ -13,6 +13,17 @@ Runners take task names, then options:   nox -s run-docker -- download train --n
                         asked), where the Jobs go, and how many pods train together
   --local, --host=URL   run-kubeflow: run the pipeline here on Docker, or submit it to Kubeflow at URL
   --dry-run             print the equivalent command line for each task and run nothing
+
+How a runner carries out the MLCube contract (reading order):
+  parse_args   the session's arguments -> Options (tasks, path overrides, runner options)
+  resolve      a task and Options -> Run: each parameter's host path (relative ones against the
+               workspace), its folder mounted once at /mlcube_io<N> (read-only unless an output lands
+               there), and the task's arguments with host paths (local) and with container paths
+  run_tasks    each task in order, or its command line for --dry-run; the first failure stops it
+  Runtime      what a container runner adds: a client, the image's sources and rebuilds, the
+               command line and its execution. Docker and Singularity are Runtimes; run-local runs
+               host_args in a virtualenv; run-k8s and run-kubeflow turn the same Runs into Jobs
+               and pipeline steps, inside their own virtualenvs.
 """
 from __future__ import annotations
 
@@ -404,8 +415,8 @@ def docker_execute(client, run: Run, opts: Options) -> int:
         container.remove(force=True)
 
 
-DOCKER = Runtime(docker_client, lambda opts: docker_sources(), docker_built_from, docker_build, docker_command,
-                 docker_execute)
+DOCKER = Runtime(connect=docker_client, source_files=lambda opts: docker_sources(), built_from=docker_built_from,
+                 build=docker_build, command=docker_command, execute=docker_execute)
 
 
 @nox.session(name="configure-docker", python=False)
@@ -521,8 +532,8 @@ def singularity_execute(client, run: Run, opts: Options) -> int:
         return e.returncode
 
 
-SINGULARITY = Runtime(singularity_client, singularity_sources, singularity_built_from, singularity_build,
-                      singularity_command, singularity_execute)
+SINGULARITY = Runtime(connect=singularity_client, source_files=singularity_sources, built_from=singularity_built_from,
+                      build=singularity_build, command=singularity_command, execute=singularity_execute)
 
 
 @nox.session(name="configure-singularity", python=False)
@@ -704,10 +715,15 @@ def k8s_follow(core, batch, watch, job: str, namespace: str) -> int:
             break
     for line in watch.Watch().stream(core.read_namespaced_pod_log, pod.metadata.name, namespace, follow=True):
         print(line, flush=True)
-    while not ((status := batch.read_namespaced_job_status(job, namespace).status).succeeded or status.failed):
+    status = batch.read_namespaced_job_status(job, namespace).status
+    while not (status.succeeded or status.failed):
         time.sleep(1)
-    codes = [state.terminated.exit_code for pod in core.list_namespaced_pod(namespace, label_selector=selector).items
-             for state in (c.state for c in pod.status.container_statuses or []) if state.terminated]
+        status = batch.read_namespaced_job_status(job, namespace).status
+    codes = []
+    for pod in core.list_namespaced_pod(namespace, label_selector=selector).items:
+        for container in pod.status.container_statuses or []:
+            if container.state.terminated:
+                codes.append(container.state.terminated.exit_code)
     return max(codes, default=0 if status.succeeded else 1)
 
 

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,7 +188,7 @@ def test_file_uri_and_plain_paths(tmp_path, capsys):
     body = npz_bytes(make_mnist())
     (tmp_path / "copy.npz").write_bytes(body)
     for uri in (f"file://{tmp_path / 'copy.npz'}", str(tmp_path / "copy.npz"), "copy.npz"):
-        (tmp_path / "data").exists() and [p.unlink() for p in (tmp_path / "data").iterdir()]
+        shutil.rmtree(tmp_path / "data", ignore_errors=True)
         code, err = run_download(tmp_path, {"uri": uri, "hash": sha256(body)}, capsys)
         assert code == 0, err
         assert (tmp_path / "data" / "mnist.npz").read_bytes() == body

@@ -241,7 +241,11 @@ def test_missing_or_malformed_data(cube, capsys, monkeypatch, content, message):
 def test_write_atomically_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
     target = tmp_path / "params.msgpack"
     mnist.write_atomically(str(target), b"good")
-    monkeypatch.setattr(mnist.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    def interrupted(*args):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(mnist.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         mnist.write_atomically(str(target), b"half-written")
     assert target.read_bytes() == b"good" and os.listdir(tmp_path) == ["params.msgpack"]
