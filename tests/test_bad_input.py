@@ -64,20 +64,29 @@ def config(path: Path, text: str) -> dict:
     return {}
 
 
+def data_config(ws: Path, lines: str) -> dict:
+    return config(ws / "data.yaml", f"hash: {'a' * 64}\n" + lines)
+
+
+def train_config(ws: Path, lines: str) -> dict:
+    """A train.yaml that would be good but for `lines`."""
+    return config(ws / "train.yaml", "optimizer: adam\ntrain_epochs: 1\nbatch_size: 32\n" + lines)
+
+
 # Each case: (name, task, what to do to the workspace before the run, returning the parameters to
 # change, and the fragment the one line must hold).
 CASES = [
     ("/dev/zero as the source", "download",
-     lambda ws: config(ws / "data.yaml", f"uri: file:///dev/zero\nhash: {'a' * 64}\n"),
+     lambda ws: data_config(ws, "uri: file:///dev/zero\n"),
      "/dev/zero: not a regular file (a device, FIFO or socket)"),
     ("a FIFO as the source", "download",
-     lambda ws: os.mkfifo(ws / "fifo") or config(ws / "data.yaml", f"uri: fifo\nhash: {'a' * 64}\n"),
+     lambda ws: os.mkfifo(ws / "fifo") or data_config(ws, "uri: fifo\n"),
      "fifo: not a regular file"),
     ("a source larger than its size:", "download",
-     lambda ws: config(ws / "data.yaml", f"uri: source.npz\nhash: {'a' * 64}\nsize: 1000\n"),
+     lambda ws: data_config(ws, "uri: source.npz\nsize: 1000\n"),
      "source.npz: stopped after 1000 bytes, its size in the data config is 1000"),
     ("size: not a number of bytes", "download",
-     lambda ws: config(ws / "data.yaml", f"uri: source.npz\nhash: {'a' * 64}\nsize: -5\n"),
+     lambda ws: data_config(ws, "uri: source.npz\nsize: -5\n"),
      "size must be the file's size in bytes, 1 to 134217728, got -5"),
     ("data_dir is a file", "download",
      lambda ws: {"data_dir": write(ws / "plain", "x")}, "plain: a file stands where a folder is expected"),
@@ -95,22 +104,22 @@ CASES = [
     ("YAML nested thousands deep", "train",
      lambda ws: config(ws / "train.yaml", "seed: " + "[" * 30000 + "]" * 30000 + "\n"), "not valid YAML"),
     ("a key of a kilobyte", "train",
-     lambda ws: config(ws / "train.yaml", "optimizer: adam\ntrain_epochs: 1\nbatch_size: 32\n" + "k" * 1000 + ": 1\n"),
+     lambda ws: train_config(ws, "k" * 1000 + ": 1\n"),
      "unknown key 'kkkkkkkk"),
     ("learning_rate .nan", "train",
-     lambda ws: config(ws / "train.yaml", "optimizer: adam\ntrain_epochs: 1\nbatch_size: 32\nlearning_rate: .nan\n"),
+     lambda ws: train_config(ws, "learning_rate: .nan\n"),
      "learning_rate must be a finite number, got nan"),
     ("learning_rate .inf", "train",
-     lambda ws: config(ws / "train.yaml", "optimizer: adam\ntrain_epochs: 1\nbatch_size: 32\nlearning_rate: .inf\n"),
+     lambda ws: train_config(ws, "learning_rate: .inf\n"),
      "learning_rate must be a finite number, got inf"),
     ("target_accuracy .nan", "train",
-     lambda ws: config(ws / "train.yaml", "optimizer: adam\ntrain_epochs: 1\nbatch_size: 32\ntarget_accuracy: .nan\n"),
+     lambda ws: train_config(ws, "target_accuracy: .nan\n"),
      "target_accuracy must be a finite number"),
     ("a seed beyond int32", "train",
-     lambda ws: config(ws / "train.yaml", f"optimizer: adam\ntrain_epochs: 1\nbatch_size: 32\nseed: {2**40}\n"),
+     lambda ws: train_config(ws, f"seed: {2**40}\n"),
      "seed must lie in 0..2147483646, got 1099511627776"),
     ("train_epochs beyond the step counter", "train",
-     lambda ws: config(ws / "train.yaml", f"optimizer: adam\ntrain_epochs: {10**12}\nbatch_size: 32\n"),
+     lambda ws: config(ws / "train.yaml", f"optimizer: adam\nbatch_size: 32\ntrain_epochs: {10**12}\n"),
      "makes more than 2147483647 steps, which the step counter cannot count; use at most 134217727"),
     ("model.json without test_loss", "evaluate",
      lambda ws: write(ws / "model" / "model.json", json.dumps(
