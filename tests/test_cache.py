@@ -12,7 +12,7 @@ from conftest import ROOT, make_digits, needs_docker, nox, npz_bytes, sha256
 
 import mnist
 
-PROGRAMS = ["jit_init", "jit_plan_epoch", "jit_train_steps", "jit_evaluate"]
+PROGRAMS = ["jit_init", "jit_plan_epoch", "jit_train_steps", "jit_score"]
 
 
 @pytest.fixture
