@@ -55,7 +55,7 @@ def test_mlcube_run_every_task_out_of_the_box(real_data, image, plain_user, call
     metrics = json.loads((ws / "logs" / "evaluate_metrics.json").read_text())
     assert metrics["test_accuracy"] == summary["test_accuracy"]
     assert len(json.loads((ws / "predictions" / "predictions.json").read_text())["predictions"]) == 10000
-    for picture in ("training_curves.png", "confusion_matrix.png"):
+    for picture in ("training_curves.png", "confusion_matrix.png", "mistakes.png"):
         assert (ws / "logs" / picture).read_bytes().startswith(b"\x89PNG")
     owner = (4321, 4321) if user else (os.getuid(), os.getgid())
     written = [p for d in ("data", "logs", "model", "predictions") for p in (ws / d, *(ws / d).iterdir())]

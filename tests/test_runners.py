@@ -201,7 +201,7 @@ def test_run_docker_download_and_train_real_mnist(tmp_path, server, real_data, i
     assert metrics["test_accuracy"] == summary["test_accuracy"]
     assert summary["image"] == metrics["image"] == image_id
     assert len(json.loads((ws / "predictions" / "predictions.json").read_text())["predictions"]) == 10000
-    for picture in ("training_curves.png", "confusion_matrix.png"):  # matplotlib is in the image
+    for picture in ("training_curves.png", "confusion_matrix.png", "mistakes.png"):  # matplotlib is in the image
         assert (ws / "logs" / picture).read_bytes().startswith(b"\x89PNG")
     written = [p for d in ("data", "logs", "model", "predictions") for p in (ws / d, *(ws / d).iterdir())]
     assert {(p.stat().st_uid, p.stat().st_gid) for p in written} == {owner}
