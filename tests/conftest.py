@@ -209,6 +209,17 @@ def plain_user():
     shutil.rmtree(home)
 
 
+def exited_containers() -> set[str]:
+    """The image's stopped containers: MLCube's runner passes no --rm, so its runs leave them."""
+    return set(subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={IMAGE}", "--filter", "status=exited"],
+                              capture_output=True, text=True).stdout.split())
+
+
+def remove_containers(ids: set[str]) -> None:
+    if ids:
+        subprocess.run(["docker", "rm", *ids], capture_output=True)
+
+
 def chown(folder, uid):
     for path in (folder, *folder.rglob("*")):
         os.chown(path, uid, uid, follow_symlinks=False)

@@ -6,13 +6,9 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import BASE, IMAGE, ROOT, chown, needs_docker, nox, sha256
+from conftest import BASE, IMAGE, ROOT, chown, exited_containers, needs_docker, nox, remove_containers, sha256
 
 TASKS = ["download", "train", "evaluate", "infer", "download,train"]
-
-def exited_containers():
-    return subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={IMAGE}", "--filter", "status=exited"],
-                          capture_output=True, text=True).stdout.split()
 
 def offline_workspace(base, real_data):
     """A workspace with the real mnist.npz beside data.yaml (a plain-path uri), and one short epoch."""
@@ -45,11 +41,11 @@ def test_mlcube_run_every_task_out_of_the_box(real_data, image, plain_user, call
     if user is not None:
         chown(home / "mlcube", 4321)
     for task in TASKS:
-        before = set(exited_containers())
+        before = exited_containers()
         result = mlcube("run", "--mlcube={cube}", "--platform=docker", f"--task={task}", f"--workspace={ws}",
                         user=user, home=home)
         assert result.returncode == 0, f"{task}: " + result.stdout[-3000:] + result.stderr[-3000:]
-        subprocess.run(["docker", "rm", *(set(exited_containers()) - before)], capture_output=True)  # MLCube's
+        remove_containers(exited_containers() - before)
     summary = json.loads((ws / "model" / "model.json").read_text())
     assert summary["epochs_run"] == 1 and summary["test_accuracy"] > 0.9 and summary["image"] is None
     metrics = json.loads((ws / "logs" / "evaluate_metrics.json").read_text())

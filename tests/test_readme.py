@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import ROOT, needs_docker, sha256
+from conftest import ROOT, exited_containers, needs_docker, remove_containers, sha256
 
 README = (ROOT / "README.md").read_text()
 
@@ -67,9 +67,11 @@ def test_quick_start_runs_as_written(tmp_path, real_data, image):
     (copy / "workspace" / "mnist.npz").write_bytes(body)
     (copy / "workspace" / "data.yaml").write_text(yaml.safe_dump({"uri": "mnist.npz", "hash": sha256(body)}))
     script = "\n".join(["set -euo pipefail", *(f"echo '>>> {c}'\n{c}" for c in commands(section("Quick start")))])
+    before = exited_containers()
     result = subprocess.run(["bash", "-c", script], cwd=copy, capture_output=True, text=True, timeout=1800,
                             env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path),
                                  "MNIST_COMPILATION_CACHE": str(tmp_path / "cache")})
+    remove_containers(exited_containers() - before)  # what `mlcube run` left
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert re.search(r"^epoch 5/5: train_loss [0-9.]+, test_loss [0-9.]+, test_accuracy 0\.99", result.stdout, re.M)
     listed = {"data": ["mnist.npz", "download.json"], "model": ["params.msgpack", "model.json"],
