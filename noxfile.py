@@ -1,18 +1,7 @@
 """The MNIST MLCube's toolchain. `nox -l` lists the sessions; `nox -s NAME` runs one.
 
-Runners take task names, then options:   nox -s run-docker -- download train --network=host
-  --workspace=PATH      where relative paths of mlcube.yaml resolve (default: workspace/)
-  --NAME=PATH, NAME=PATH   replace the path of a task parameter, e.g. --data_dir=/scratch/mnist
-  --gpus=all|N|device=I,J  give the container GPUs (default: platform.accelerator_count of mlcube.yaml)
-  --network=NAME        the container's network (default: none, but for download, which fetches data)
-  --memory=SIZE, --cpus=N  limit the container's memory (e.g. 8g) and processors (e.g. 2.5)
-  --env=NAME=VALUE      set a variable for the task (repeatable)
-  --build-arg=NAME=VALUE   a Dockerfile ARG, when an image is built (BASE_IMAGE, JAX_EXTRA)
-  --from-docker         configure-singularity: convert the Docker image instead of building the recipe
-  --pvc=NAME, --create-pvc, --namespace=NAME, --processes=N   run-k8s: the workspace's claim (made if
-                        asked), where the Jobs go, and how many pods train together
-  --local, --host=URL   run-kubeflow: run the pipeline here on Docker, or submit it to Kubeflow at URL
-  --dry-run             print the equivalent command line for each task and run nothing
+Runners take task names, then options (OPTIONS below; `nox -s run-local -- --help` lists them):
+    nox -s run-docker -- download train --network=host --data_dir=/scratch/mnist
 
 How a runner carries out the MLCube contract (reading order):
   parse_args   the session's arguments -> Options (tasks, path overrides, runner options)
@@ -29,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -41,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import nox
 import yaml
@@ -83,6 +73,16 @@ class Options:
     host: str | None = None
 
 
+class Mount(NamedTuple):
+    """Where a host folder appears in a container, and whether the task may write there."""
+    target: str
+    read_only: bool
+
+    @property
+    def mode(self) -> str:
+        return "ro" if self.read_only else "rw"
+
+
 @dataclasses.dataclass
 class Run:
     """One task with its parameters resolved, as MLCube's reference runners resolve them."""
@@ -90,7 +90,7 @@ class Run:
     task: str
     host_args: list[str]  # --name=/host/path, for a run without a container
     container_args: list[str]  # --name=/mlcube_ioN[/file]
-    mounts: dict[str, tuple[str, bool]]  # host folder: (folder in the container, read-only)
+    mounts: dict[str, Mount]  # host folder: where it is mounted
 
 
 def parameters(task: str) -> dict[str, tuple[dict, bool]]:
@@ -100,45 +100,88 @@ def parameters(task: str) -> dict[str, tuple[dict, bool]]:
             **{name: (p, True) for name, p in (spec.get("outputs") or {}).items()}}
 
 
-def pair(value: str, option: str) -> tuple[str, str]:
+def pair(value: str) -> tuple[str, str]:
     name, eq, rest = value.partition("=")
     if not (name and eq):
-        raise UsageError(f"{option} expects NAME=VALUE, got {value!r}")
+        raise UsageError(f"expects NAME=VALUE, got {value!r}")
     return name, rest
 
 
+def number_of_processes(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"expects a number of pods, 1 or more, got {value!r}")
+    return int(value)
+
+
+def matching(pattern: str, example: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise UsageError(f"expects {example}, got {value!r}")
+        return value
+    return check
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A runner option: its help line, the Options field it sets, and how its value is read (None: a
+    flag, which takes no value)."""
+    help: str
+    field: str
+    read: Callable[[str], Any] | None = str
+
+
+OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PATH sets a parameter
+    "workspace": Option("=PATH  where mlcube.yaml's relative paths resolve (default: workspace/)", "workspace",
+                        lambda value: Path(value).resolve()),
+    "env": Option("=NAME=VALUE  set a variable for the task (repeatable)", "env", pair),
+    "gpus": Option("=all|N|device=I,J  give the tasks GPUs (default: platform.accelerator_count)", "gpus"),
+    "network": Option("=NAME  the container's network (default: none, but for download)", "network"),
+    "memory": Option("=SIZE  limit the container's memory", "memory",
+                     matching(r"[0-9]+[bkmgBKMG]?", "a size such as 8g or 512m")),
+    "cpus": Option("=N  limit the container's processors", "cpus",
+                   matching(r"[0-9]*\.?[0-9]+", "a number of processors such as 2 or 1.5")),
+    "build-arg": Option("=NAME=VALUE  a Dockerfile ARG when an image is built", "build_args", pair),
+    "from-docker": Option("  configure-singularity: convert the Docker image, not the recipe", "from_docker", None),
+    "pvc": Option("=NAME  run-k8s: the workspace's PersistentVolumeClaim", "pvc"),
+    "create-pvc": Option("  run-k8s: make the claim first", "create_pvc", None),
+    "namespace": Option("=NAME  run-k8s: where the Jobs go", "namespace"),
+    "processes": Option("=N  run-k8s: train across N pods", "processes", number_of_processes),
+    "local": Option("  run-kubeflow: run the pipeline here, on Docker", "local", None),
+    "host": Option("=URL  run-kubeflow: submit the pipeline to Kubeflow at URL", "host"),
+    "dry-run": Option("  print what each task would run, and run nothing", "dry_run", None),
+}
+
+
+def usage() -> str:
+    return "\n".join(["options, after the task names:", "  --NAME=PATH  replace the path of a task parameter",
+                      *(f"  --{name}{option.help}" for name, option in OPTIONS.items())])
+
+
 def parse_args(args: list[str]) -> Options:
+    """The runners' arguments, read with OPTIONS: task names, --NAME=PATH parameters, options."""
     opts = Options()
     for arg in args:
-        if arg in ("--dry-run", "--from-docker", "--create-pvc", "--local"):
-            setattr(opts, arg[2:].replace("-", "_"), True)
-            continue
         name, eq, value = arg.removeprefix("--").partition("=")
-        if not eq:
-            if arg.startswith("-"):
-                raise UsageError(f"unknown option {arg!r} (options: --workspace, --NAME of a parameter, "
-                                 "--gpus, --network, --memory, --cpus, --env, --build-arg, --from-docker, --dry-run, "
-                                 "--pvc, --create-pvc, --namespace, --processes, --local, --host)")
+        option = OPTIONS.get(name) if arg.startswith("--") else None
+        if not arg.startswith("-") and not eq:
             if arg not in CUBE["tasks"]:
                 raise UsageError(f"unknown task {arg!r} (tasks: {', '.join(CUBE['tasks'])})")
             opts.tasks.append(arg)
-        elif name == "workspace":
-            opts.workspace = Path(value).resolve()
-        elif name in ("gpus", "network", "memory", "cpus", "pvc", "namespace", "host"):
-            setattr(opts, name, value)
-        elif name == "processes":
-            if not value.isdigit() or int(value) < 1:
-                raise UsageError(f"--processes expects a number of pods, 1 or more, got {value!r}")
-            opts.processes = int(value)
-        elif name in ("env", "build-arg"):
-            key, val = pair(value, f"--{name}")
-            (opts.env if name == "env" else opts.build_args)[key] = val
-        else:
+        elif option and option.read is None and not eq:
+            setattr(opts, option.field, True)
+        elif option and option.read is not None and eq:
+            try:
+                read = option.read(value)
+            except UsageError as e:
+                raise UsageError(f"--{name} {e}") from None
+            if isinstance(read, tuple):  # NAME=VALUE, for a dictionary of them
+                getattr(opts, option.field)[read[0]] = read[1]
+            else:
+                setattr(opts, option.field, read)
+        elif eq and not option:  # --NAME=PATH, or NAME=PATH as MLCube writes it
             opts.params[name] = value
-    if opts.cpus is not None and not re.fullmatch(r"[0-9]*\.?[0-9]+", opts.cpus):
-        raise UsageError(f"--cpus expects a number of processors such as 2 or 1.5, got {opts.cpus!r}")
-    if opts.memory is not None and not re.fullmatch(r"[0-9]+[bkmgBKMG]?", opts.memory):
-        raise UsageError(f"--memory expects a size such as 8g or 512m, got {opts.memory!r}")
+        else:
+            raise UsageError(f"unknown option {arg!r}; nox -s run-local -- --help lists them")
     valid = sorted({name for task in opts.tasks for name in parameters(task)})
     for name in opts.params:
         if name not in valid:
@@ -155,8 +198,8 @@ def resolve(task: str, opts: Options) -> Run:
         path = Path(os.path.expandvars(os.path.expanduser(opts.params.get(name, spec["default"]))))
         path = Path(os.path.abspath(opts.workspace / path))
         folder, file = (path.parent, "/" + path.name) if spec["type"] == "file" else (path, "")
-        target, read_only = run.mounts.get(str(folder), (f"/mlcube_io{len(run.mounts)}", True))
-        run.mounts[str(folder)] = (target, read_only and not output)
+        target, read_only = run.mounts.get(str(folder), Mount(f"/mlcube_io{len(run.mounts)}", True))
+        run.mounts[str(folder)] = Mount(target, read_only and not output)
         run.host_args.append(f"--{name}={path}")
         run.container_args.append(f"--{name}={target}{file}")
     return run
@@ -166,7 +209,7 @@ def run_tasks(session: nox.Session, opts: Options, command, execute) -> None:
     """Run each task in order through `execute(run, opts)`, or print `command(run, opts)` for
     --dry-run; stop at the first failure, exiting with that task's exit code."""
     if not opts.tasks:
-        session.error(f"name at least one task: {', '.join(CUBE['tasks'])}")
+        raise UsageError(f"name at least one task: {', '.join(CUBE['tasks'])}")
     for task in opts.tasks:
         run = resolve(task, opts)
         if opts.dry_run:
@@ -180,11 +223,22 @@ def run_tasks(session: nox.Session, opts: Options, command, execute) -> None:
             raise SystemExit(code)
 
 
-def options(session: nox.Session) -> Options:
-    try:
-        return parse_args(session.posargs)
-    except UsageError as e:
-        session.error(str(e))
+def runner(name: str, **settings):
+    """A runner's nox session: `--help` prints the options, and a UsageError anywhere in it ends the
+    session with its one line (the one place where they become session.error)."""
+    def decorate(function):
+        @nox.session(name=name, **settings)
+        @functools.wraps(function)
+        def session(session: nox.Session) -> None:
+            if "--help" in session.posargs:
+                print(usage())
+                return
+            try:
+                function(session, parse_args(session.posargs))
+            except UsageError as e:
+                session.error(str(e))
+        return session
+    return decorate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,36 +276,27 @@ def why_rebuild(recorded: dict | None, wanted: dict) -> str | None:
     return None
 
 
-def configure(session: nox.Session, runtime: Runtime) -> None:
-    opts = options(session)
-    try:
-        runtime.build(runtime.connect(), opts, sources(runtime, opts))
-    except UsageError as e:
-        session.error(str(e))
+def configure(runtime: Runtime, opts: Options) -> None:
+    runtime.build(runtime.connect(), opts, sources(runtime, opts))
 
 
-def run_in(session: nox.Session, runtime: Runtime) -> None:
+def run_in(session: nox.Session, runtime: Runtime, opts: Options) -> None:
     """Run the session's tasks in the runtime's image, (re)building it first when it is missing or was
     built from other sources, and saying why in one line."""
-    opts = options(session)
-    try:
-        client = None if opts.dry_run else runtime.connect()
-        if client:
-            wanted = sources(runtime, opts)
-            reason = why_rebuild(runtime.built_from(client, opts), wanted)
-            if reason:
-                session.log(f"building the image: {reason}")
-                runtime.build(client, opts, wanted)
-    except UsageError as e:
-        session.error(str(e))
+    client = None if opts.dry_run else runtime.connect()
+    if client:
+        wanted = sources(runtime, opts)
+        reason = why_rebuild(runtime.built_from(client, opts), wanted)
+        if reason:
+            session.log(f"building the image: {reason}")
+            runtime.build(client, opts, wanted)
     run_tasks(session, opts, runtime.command, lambda run, opts: runtime.execute(client, run, opts))
 
 
 # ------------------------------------------------------------------------------ local runner
-@nox.session(name="run-local")
-def run_local(session: nox.Session) -> None:
+@runner("run-local")
+def run_local(session: nox.Session, opts: Options) -> None:
     """Run tasks in a virtualenv here, no container: `nox -s run-local -- download train`."""
-    opts = options(session)
     if not opts.dry_run:
         session.install("-r", "requirements.txt")
     python = str(Path(session.virtualenv.bin) / "python")
@@ -336,7 +381,7 @@ def network(run: Run, opts: Options) -> str | None:
 def task_env(run: Run, opts: Options, image: str) -> dict[str, str]:
     """The task's variables: the image it runs in, which its outputs record, where it keeps compiled
     programs, then the caller's --env."""
-    cached = any(target == CACHE_TARGET for target, _ in container_mounts(run).values())
+    cached = any(mount.target == CACHE_TARGET for mount in container_mounts(run).values())
     cpu_only = {} if gpus_wanted(opts) else {"JAX_PLATFORMS": "cpu"}  # a GPU image would probe for CUDA, noisily
     return {"MNIST_IMAGE": image, CACHE_VARIABLE: CACHE_TARGET if cached else "off", **cpu_only, **opts.env}
 
@@ -353,7 +398,7 @@ def host_cache() -> str | None:
 def container_mounts(run: Run) -> dict[str, tuple[str, bool]]:
     """The task's mounts and, read-write for a task that compiles, the cache of compiled programs."""
     cache = host_cache() if run.task not in ONLINE_TASKS else None  # download compiles nothing
-    return {**run.mounts, **({cache: (CACHE_TARGET, False)} if cache else {})}
+    return {**run.mounts, **({cache: Mount(CACHE_TARGET, False)} if cache else {})}
 
 
 def docker_command(run: Run, opts: Options, image: str = IMAGE) -> list[str]:
@@ -367,12 +412,8 @@ def docker_command(run: Run, opts: Options, image: str = IMAGE) -> list[str]:
             *([f"--memory={opts.memory}"] if opts.memory else []), *([f"--cpus={opts.cpus}"] if opts.cpus else []),
             *([f"--gpus={gpus}"] if gpus else []),
             *(f"--env={key}={value}" for key, value in task_env(run, opts, image).items()),
-            *(f"--volume={host}:{target}:{mode(ro)}" for host, (target, ro) in container_mounts(run).items()),
+            *(f"--volume={host}:{mount.target}:{mount.mode}" for host, mount in container_mounts(run).items()),
             IMAGE, run.task, *run.container_args]
-
-
-def mode(read_only: bool) -> str:
-    return "ro" if read_only else "rw"
 
 
 def device_requests(gpus: str | None) -> list:
@@ -392,7 +433,7 @@ def container_settings(run: Run, opts: Options, image_id: str) -> dict:
         security_opt=["no-new-privileges"], read_only=True, tmpfs={"/tmp": f"size={TMPFS_SIZE}"},
         mem_limit=opts.memory, nano_cpus=int(float(opts.cpus) * 1e9) if opts.cpus else None,
         device_requests=device_requests(gpus_wanted(opts)), environment=task_env(run, opts, image_id),
-        volumes={host: {"bind": target, "mode": mode(ro)} for host, (target, ro) in container_mounts(run).items()})
+        volumes={host: {"bind": mount.target, "mode": mount.mode} for host, mount in container_mounts(run).items()})
 
 
 def docker_execute(client, run: Run, opts: Options) -> int:
@@ -419,16 +460,16 @@ DOCKER = Runtime(connect=docker_client, source_files=lambda opts: docker_sources
                  build=docker_build, command=docker_command, execute=docker_execute)
 
 
-@nox.session(name="configure-docker", python=False)
-def configure_docker(session: nox.Session) -> None:
+@runner("configure-docker", python=False)
+def configure_docker(session: nox.Session, opts: Options) -> None:
     """Build the Docker image named in mlcube.yaml: `-- --build-arg=BASE_IMAGE=...` to pick the base."""
-    configure(session, DOCKER)
+    configure(DOCKER, opts)
 
 
-@nox.session(name="run-docker", python=False)
-def run_docker(session: nox.Session) -> None:
-    """Run tasks in the Docker image, building it first if missing: `nox -s run-docker -- train`."""
-    run_in(session, DOCKER)
+@runner("run-docker", python=False)
+def run_docker(session: nox.Session, opts: Options) -> None:
+    """Run tasks in the Docker image, building it first if missing or stale: `nox -s run-docker -- train`."""
+    run_in(session, DOCKER, opts)
 
 
 # ------------------------------------------------------------------------ Singularity runner
@@ -492,7 +533,7 @@ def singularity_build(client, opts: Options, sources: dict) -> None:
 
 
 def singularity_binds(run: Run) -> list[str]:
-    return [f"{host}:{target}:{mode(ro)}" for host, (target, ro) in container_mounts(run).items()]
+    return [f"{host}:{mount.target}:{mount.mode}" for host, mount in container_mounts(run).items()]
 
 
 def singularity_options(run: Run, opts: Options) -> list[str]:
@@ -536,16 +577,16 @@ SINGULARITY = Runtime(connect=singularity_client, source_files=singularity_sourc
                       build=singularity_build, command=singularity_command, execute=singularity_execute)
 
 
-@nox.session(name="configure-singularity", python=False)
-def configure_singularity(session: nox.Session) -> None:
+@runner("configure-singularity", python=False)
+def configure_singularity(session: nox.Session, opts: Options) -> None:
     """Build the Singularity image from Singularity.recipe, unprivileged (`-- --from-docker` to convert)."""
-    configure(session, SINGULARITY)
+    configure(SINGULARITY, opts)
 
 
-@nox.session(name="run-singularity", python=False)
-def run_singularity(session: nox.Session) -> None:
-    """Run tasks in the Singularity image, building it first if missing: `nox -s run-singularity -- train`."""
-    run_in(session, SINGULARITY)
+@runner("run-singularity", python=False)
+def run_singularity(session: nox.Session, opts: Options) -> None:
+    """Run tasks in the Singularity image, building it first if missing or stale: `nox -s run-singularity -- train`."""
+    run_in(session, SINGULARITY, opts)
 
 
 # ------------------------------------------------------------------------- Kubernetes runner
@@ -893,4 +934,7 @@ def lint(session: nox.Session) -> None:
 
 
 if __name__ == "__main__":  # run-k8s and run-kubeflow, each inside its own virtualenv
+    if "--help" in sys.argv:
+        print(usage())
+        sys.exit(0)
     sys.exit({"run-k8s": k8s_main, "run-kubeflow": kfp_main}[sys.argv[1]](sys.argv[2:]))

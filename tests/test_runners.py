@@ -346,3 +346,12 @@ def test_no_daemon_is_one_clear_line(tmp_path):
                  env={"DOCKER_HOST": f"unix://{tmp_path}/nothing.sock"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "no Docker daemon answers: start it" in result.stderr
+
+
+def test_help_lists_every_option():
+    result = nox("-s", "run-local", "--", "--help")
+    assert result.returncode == 0
+    assert [line.split("=")[0].split()[0] for line in result.stdout.splitlines() if line.startswith("  --")] == [
+        "--NAME", *(f"--{name}" for name in noxfile.OPTIONS)]
+    with pytest.raises(noxfile.UsageError, match="unknown option '--dry-run=yes'"):
+        noxfile.parse_args(["train", "--dry-run=yes"])  # a flag takes no value
