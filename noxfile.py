@@ -460,16 +460,22 @@ DOCKER = Runtime(connect=docker_client, source_files=lambda opts: docker_sources
                  build=docker_build, command=docker_command, execute=docker_execute)
 
 
-@runner("configure-docker", python=False)
-def configure_docker(session: nox.Session, opts: Options) -> None:
-    """Build the Docker image named in mlcube.yaml: `-- --build-arg=BASE_IMAGE=...` to pick the base."""
-    configure(DOCKER, opts)
+def container_runner(name: str, runtime: Runtime, configure_help: str) -> None:
+    """The two sessions of a container runtime: configure-NAME builds its image, run-NAME runs tasks in it."""
+    def configure_session(session: nox.Session, opts: Options) -> None:
+        configure(runtime, opts)
+
+    def run_session(session: nox.Session, opts: Options) -> None:
+        run_in(session, runtime, opts)
+
+    configure_session.__doc__ = configure_help
+    run_session.__doc__ = (f"Run tasks in the {name} image, building it first if missing or stale: "
+                           f"`nox -s run-{name.lower()} -- train`.")
+    runner(f"configure-{name.lower()}", python=False)(configure_session)
+    runner(f"run-{name.lower()}", python=False)(run_session)
 
 
-@runner("run-docker", python=False)
-def run_docker(session: nox.Session, opts: Options) -> None:
-    """Run tasks in the Docker image, building it first if missing or stale: `nox -s run-docker -- train`."""
-    run_in(session, DOCKER, opts)
+container_runner("Docker", DOCKER, "Build the Docker image named in mlcube.yaml (`-- --build-arg=BASE_IMAGE=...`).")
 
 
 # ------------------------------------------------------------------------ Singularity runner
@@ -577,16 +583,8 @@ SINGULARITY = Runtime(connect=singularity_client, source_files=singularity_sourc
                       build=singularity_build, command=singularity_command, execute=singularity_execute)
 
 
-@runner("configure-singularity", python=False)
-def configure_singularity(session: nox.Session, opts: Options) -> None:
-    """Build the Singularity image from Singularity.recipe, unprivileged (`-- --from-docker` to convert)."""
-    configure(SINGULARITY, opts)
-
-
-@runner("run-singularity", python=False)
-def run_singularity(session: nox.Session, opts: Options) -> None:
-    """Run tasks in the Singularity image, building it first if missing or stale: `nox -s run-singularity -- train`."""
-    run_in(session, SINGULARITY, opts)
+container_runner("Singularity", SINGULARITY,
+                 "Build the Singularity image from Singularity.recipe, unprivileged (`-- --from-docker` to convert).")
 
 
 # ------------------------------------------------------------------------- Kubernetes runner
