@@ -210,8 +210,9 @@ def plain_user():
 
 
 def exited_containers() -> set[str]:
-    """The image's stopped containers: MLCube's runner passes no --rm, so its runs leave them."""
-    return set(subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={IMAGE}", "--filter", "status=exited"],
+    """The stopped containers: MLCube's runner passes no --rm, so its runs leave them. Not filtered by
+    the image's tag, which a rebuild moves to another image, away from the containers of the old one."""
+    return set(subprocess.run(["docker", "ps", "-aq", "--filter", "status=exited"],
                               capture_output=True, text=True).stdout.split())
 
 
