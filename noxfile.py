@@ -44,7 +44,7 @@ for noisy in ("docker", "urllib3"):  # nox shows every logger's debug lines; the
 
 ROOT = Path(__file__).resolve().parent
 CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())
-TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython", "kubernetes-validate"]
+TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython"]
 
 
 class UsageError(Exception):
@@ -705,14 +705,28 @@ def k8s_main(args: list[str]) -> int:
         if not opts.tasks:
             raise UsageError(f"name at least one task: {', '.join(CUBE['tasks'])}")
         plans = [k8s_manifests(resolve(task, opts), opts, k8s_job_name(task)) for task in opts.tasks]
+        manifests = ([k8s_claim(opts)] if opts.create_pvc else []) + [m for plan in plans for m in plan]
+        for manifest in manifests:
+            k8s_validate(manifest)
         if opts.dry_run:
-            print(yaml.safe_dump_all(([k8s_claim(opts)] if opts.create_pvc else []) + sum(plans, []),
-                                     sort_keys=False), end="")
+            print(yaml.safe_dump_all(manifests, sort_keys=False), end="")
             return 0
         return k8s_apply(opts, plans)
     except UsageError as e:
         print(f"run-k8s: error: {e}", file=sys.stderr)
         return 1
+
+
+def k8s_validate(manifest: dict) -> None:
+    """Check a manifest against the OpenAPI schemas of the newest Kubernetes release that
+    kubernetes-validate holds, strictly (no field Kubernetes does not have), before anything is sent."""
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(manifest, kubernetes_validate.latest_version(), strict=True)
+    except kubernetes_validate.ValidationError as e:
+        name = f"{manifest['kind']} {manifest['metadata']['name']}"
+        raise UsageError(f"{name}: not valid Kubernetes ({e.message})") from None
 
 
 def k8s_apply(opts: Options, plans: list[list[dict]]) -> int:
@@ -769,7 +783,7 @@ def k8s_follow(core, batch, watch, job: str, namespace: str) -> int:
 @nox.session(name="run-k8s")
 def run_k8s(session: nox.Session) -> None:
     """Run tasks as Kubernetes Jobs: `nox -s run-k8s -- train --pvc=NAME [--processes=N] [--dry-run]`."""
-    session.install("nox", "pyyaml", "kubernetes")
+    session.install("nox", "pyyaml", "kubernetes", "kubernetes-validate")
     session.run("python", str(ROOT / "noxfile.py"), "run-k8s", *session.posargs)  # where the client is
 
 
