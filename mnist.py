@@ -26,6 +26,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -631,9 +632,8 @@ OPTIMIZERS = {
     "lamb": (optax.lamb, 5e-3),
     "lion": (optax.lion, 1e-3),
 }
-REQUIRED = {"optimizer": str, "train_epochs": int, "batch_size": int}
-OPTIONAL = {"learning_rate": float, "seed": int, "target_accuracy": float}
-TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
+# What a train.yaml value of each TrainConfig type may be (YAML writes 1 for 1.0), and its name in messages.
+TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number")}
 AVERAGE_DECAY = 0.99  # of the parameter average that is evaluated and saved; see TrainState
 MAX_STEPS_PER_CALL = 64  # see steps_per_call
 MAX_SEED = 2**31 - 2  # the programs take the seed, and seed + 1 for the data, as int32
@@ -644,13 +644,27 @@ CHECKPOINT_NAME = "checkpoint.msgpack"  # in model_dir while a run is incomplete
 MAX_IN_FLIGHT = 2
 
 
-def read_train_config(path: str) -> dict:
-    """The training settings with every optional key resolved, or a CubeError naming the key."""
-    config = check_keys(read_yaml(path), list(REQUIRED), list(OPTIONAL), path)
-    for key, kind in {**REQUIRED, **OPTIONAL}.items():
-        accepted = (int, float) if kind is float else kind  # YAML writes 1 for 1.0
-        if key in config and (isinstance(config[key], bool) or not isinstance(config[key], accepted)):
-            raise CubeError(f"{path}: {key} must be {TYPE_NAMES[kind]}, got {shorten(config[key])}")
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """train.yaml, checked and with every optional key resolved; model.json and the checkpoint record
+    it as JSON (dataclasses.asdict). Keys without a default are required."""
+    optimizer: str  # a key of OPTIMIZERS
+    train_epochs: int
+    batch_size: int
+    learning_rate: float | None = None  # left out: the optimizer's peak rate for the batch size
+    seed: int = 0
+    target_accuracy: float | None = None  # stop after the first epoch that reaches it
+
+
+def read_train_config(path: str) -> TrainConfig:
+    """The training settings, or a CubeError naming the key and what it must be."""
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    required = [name for name, field in fields.items() if field.default is dataclasses.MISSING]
+    config = check_keys(read_yaml(path), required, [name for name in fields if name not in required], path)
+    for key, value in config.items():
+        accepted, kind = TYPES[fields[key].type.removesuffix(" | None")]
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise CubeError(f"{path}: {key} must be {kind}, got {shorten(value)}")
     if config["optimizer"] not in OPTIMIZERS:
         raise CubeError(f"{path}: unknown optimizer {shorten(config['optimizer'])} (known: {', '.join(OPTIMIZERS)})")
     for key in ("learning_rate", "target_accuracy"):
@@ -663,8 +677,8 @@ def read_train_config(path: str) -> dict:
         raise CubeError(f"{path}: seed must lie in 0..{MAX_SEED}, got {shorten(config['seed'])}")
     if not 0 < config.get("target_accuracy", 1) <= 1:
         raise CubeError(f"{path}: target_accuracy must lie in (0, 1], got {shorten(config['target_accuracy'])}")
-    return {"learning_rate": default_learning_rate(config["optimizer"], config["batch_size"]),
-            "seed": 0, "target_accuracy": None, **config}
+    return TrainConfig(**{"learning_rate": default_learning_rate(config["optimizer"], config["batch_size"]),
+                          **config})
 
 
 def default_learning_rate(optimizer: str, batch_size: int) -> float:
@@ -693,13 +707,13 @@ class TrainState(train_state.TrainState):
         return state.replace(average=optax.incremental_update(state.params, self.average, 1 - AVERAGE_DECAY))
 
 
-def state_initializer(config: dict, total_steps: int) -> Callable[[int], TrainState]:
+def state_initializer(config: TrainConfig, total_steps: int) -> Callable[[int], TrainState]:
     """The function of the seed that makes a run's first state: parameters from an RBG key, the
     optimizer with its schedule. RBG because XLA compiles its generator in a fraction of the time
     of the default Threefry's (1.7 s against 0.7 s on 2 CPU cores)."""
-    make, _ = OPTIMIZERS[config["optimizer"]]
+    make, _ = OPTIMIZERS[config.optimizer]
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config["learning_rate"], total_steps // 20, total_steps)
+        0.0, config.learning_rate, total_steps // 20, total_steps)
     tx = make(schedule)
 
     def init(seed: jax.Array) -> TrainState:
@@ -761,15 +775,15 @@ class Programs(NamedTuple):
     score: Callable  # (params, x_test, y_test) -> loss, accuracy, predicted classes  score
 
 
-def compile_programs(config: dict, data: dict, seed: int, total_steps: int, count: int, mesh: Mesh) -> Programs:
+def compile_programs(config: TrainConfig, data: dict, seed: int, total_steps: int, count: int, mesh: Mesh) -> Programs:
     """Compile the four programs of a run before it starts, all at once: each is lowered from the
     shapes of its arguments (the state's and the batches' from init's and plan's outputs), and
     XLA compiles outside Python's lock, so the slowest program sets the time. The arguments that
     shape a program (the data set's size, the batch size, the steps per call, the mesh) are bound
     with functools.partial; what remains are the arrays and numbers each call passes."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    n, batch_size = len(data["x_train"]), config["batch_size"]
-    init = jax.jit(state_initializer(config, total_steps), out_shardings=replicated).lower(config["seed"])
+    n, batch_size = len(data["x_train"]), config.batch_size
+    init = jax.jit(state_initializer(config, total_steps), out_shardings=replicated).lower(config.seed)
     plan = jax.jit(functools.partial(plan_epoch, n=n, batch_size=batch_size), out_shardings=replicated).lower(seed, 0)
     state, (batches, offsets) = init.out_info, plan.out_info
     split = NamedSharding(mesh, PartitionSpec("batch"))
@@ -799,50 +813,50 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     arrays, data_sha256 = load_mnist(os.path.join(args.data_dir, NPZ_NAME))
     devices, process_0 = jax.devices(), jax.process_index() == 0  # one process writes for all
     check_fits(config, len(arrays["x_train"]), len(devices), args.train_config)
-    log.info(f"read {args.train_config}: {json.dumps(config)}")
+    log.info(f"read {args.train_config}: {json.dumps(dataclasses.asdict(config))}")
     log.info(f"training on {len(devices)} {jax.default_backend()} device(s) ({devices[0].device_kind}), "
-             f"{len(arrays['x_train'])} images, {config['train_epochs']} epochs")
+             f"{len(arrays['x_train'])} images, {config.train_epochs} epochs")
     if process_0:
         os.makedirs(args.model_dir, exist_ok=True)  # open_log made log_dir
     with folder_lock(args.model_dir) if process_0 else contextlib.nullcontext():
-        run_id = {"architecture": ARCHITECTURE, "config": config, "data_sha256": data_sha256}
-        state, history, compile_seconds = run_epochs(args, run_id, arrays, process_0, log)
+        run_id = {"architecture": ARCHITECTURE, "config": dataclasses.asdict(config), "data_sha256": data_sha256}
+        state, history, compile_seconds = run_epochs(args, config, run_id, arrays, process_0, log)
         if process_0:
-            write_model(args, run_id, len(arrays["x_train"]), state, history, compile_seconds, log)
+            write_model(args, config, run_id, len(arrays["x_train"]), state, history, compile_seconds, log)
 
 
-def check_fits(config: dict, n: int, devices: int, path: str) -> None:
+def check_fits(config: TrainConfig, n: int, devices: int, path: str) -> None:
     """The config's batches fit the data, the devices, and the step counter."""
-    batch_size = config["batch_size"]
+    batch_size = config.batch_size
     if batch_size > n:
         raise CubeError(f"{path}: batch_size {batch_size} is larger than the {n} training images")
     if batch_size % devices:
         raise CubeError(f"{path}: batch_size {batch_size} does not split evenly over the "
                         f"{devices} devices; use a multiple of {devices}")
-    if n // batch_size * config["train_epochs"] > MAX_STEPS:
-        raise CubeError(f"{path}: train_epochs {config['train_epochs']} makes more than {MAX_STEPS} steps, "
+    if n // batch_size * config.train_epochs > MAX_STEPS:
+        raise CubeError(f"{path}: train_epochs {config.train_epochs} makes more than {MAX_STEPS} steps, "
                         f"which the step counter cannot count; use at most {MAX_STEPS // (n // batch_size)}")
 
 
-def run_epochs(args: argparse.Namespace, run_id: dict, arrays: dict, process_0: bool, log: logging.Logger):
+def run_epochs(args: argparse.Namespace, config: TrainConfig, run_id: dict, arrays: dict, process_0: bool,
+               log: logging.Logger):
     """Compile, resume from a checkpoint if there is one, then train epoch by epoch until the last or
     the target accuracy; the final state, the history (a row per epoch) and the compile seconds."""
-    config = run_id["config"]
     devices = jax.devices()
     mesh = Mesh(np.array(devices), ("batch",))
     replicated = NamedSharding(mesh, PartitionSpec())
     data = {key: global_array(value.astype(np.int32) if key[0] == "y" else value, replicated)
             for key, value in arrays.items()}  # on every device for the whole run, images as uint8
-    steps = len(arrays["x_train"]) // config["batch_size"]
-    count, epochs, target = steps_per_call(steps), config["train_epochs"], config["target_accuracy"]
-    data_seed = config["seed"] + 1  # for shuffling and shifting; the initialisation has its own stream
+    steps = len(arrays["x_train"]) // config.batch_size
+    count, epochs, target = steps_per_call(steps), config.train_epochs, config.target_accuracy
+    data_seed = config.seed + 1  # for shuffling and shifting; the initialisation has its own stream
     started = time.perf_counter()
     programs = compile_programs(config, data, data_seed, steps * epochs, count, mesh)
     compile_seconds = time.perf_counter() - started
     log.info(f"compiled in {compile_seconds:.2f} s ({count} steps per call)")
 
     checkpoint = os.path.join(args.model_dir, CHECKPOINT_NAME)
-    state, history = resume(checkpoint, run_id, programs.init(config["seed"]), log)
+    state, history = resume(checkpoint, run_id, programs.init(config.seed), log)
     state = jax.tree.map(lambda a: global_array(np.asarray(a), replicated), state) if history else state
     with StopSignals() as stop:
         for epoch in range(len(history) + 1, epochs + 1):
@@ -865,19 +879,19 @@ def run_epochs(args: argparse.Namespace, run_id: dict, arrays: dict, process_0: 
     return state, history, compile_seconds
 
 
-def write_model(args: argparse.Namespace, run_id: dict, n: int, state: TrainState, history: list[dict],
-                compile_seconds: float, log: logging.Logger) -> None:
+def write_model(args: argparse.Namespace, config: TrainConfig, run_id: dict, n: int, state: TrainState,
+                history: list[dict], compile_seconds: float, log: logging.Logger) -> None:
     """params.msgpack (the parameter average), model.json, the curves; the checkpoint is removed."""
-    config, last = run_id["config"], history[-1]
-    reached = config["target_accuracy"] is not None and last["test_accuracy"] >= config["target_accuracy"]
+    last = history[-1]
+    reached = config.target_accuracy is not None and last["test_accuracy"] >= config.target_accuracy
     if reached:
-        log.info(f"reached target_accuracy {config['target_accuracy']} after {len(history)} epochs, "
+        log.info(f"reached target_accuracy {config.target_accuracy} after {len(history)} epochs, "
                  f"{last['elapsed_seconds']:.2f} s")
     write_atomically(os.path.join(args.model_dir, "params.msgpack"), serialization.to_bytes(state.average))
-    images_per_epoch = n // config["batch_size"] * config["batch_size"]  # the last partial batch is dropped
+    images_per_epoch = n // config.batch_size * config.batch_size  # the last partial batch is dropped
     summary = {
         "architecture": ARCHITECTURE,
-        "config": config, "data_sha256": run_id["data_sha256"],
+        "config": run_id["config"], "data_sha256": run_id["data_sha256"],
         "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
         "epochs_run": len(history), "time_to_target_seconds": last["elapsed_seconds"] if reached else None,
         "train_seconds": last["elapsed_seconds"], "compile_seconds": compile_seconds,

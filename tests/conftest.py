@@ -149,8 +149,10 @@ def make_digits(n_train=512, n_test=128, seed=0) -> dict:
 
 
 def create_state(config: dict, total_steps: int):
-    """A run's first TrainState, as train makes it."""
-    return mnist.jax.jit(mnist.state_initializer(config, total_steps))(config["seed"])
+    """A run's first TrainState, as train makes it, from a config's keys (the epochs and batch size,
+    which the state does not depend on, may be left out)."""
+    config = mnist.TrainConfig(**{"train_epochs": 1, "batch_size": 32, **config})
+    return mnist.jax.jit(mnist.state_initializer(config, total_steps))(config.seed)
 
 
 # ------------------------------------------------------------------- the runners, run for real

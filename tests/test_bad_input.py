@@ -334,8 +334,8 @@ def reads_or_refuses(reader, path) -> object:
 def test_fuzz_train_config_reads_or_refuses(tmp_path, text):
     config = reads_or_refuses(mnist.read_train_config, write(tmp_path / "train.yaml", text))
     if config is not None:
-        assert config["optimizer"] in mnist.OPTIMIZERS and config["train_epochs"] > 0 and config["batch_size"] > 0
-        assert 0 < config["learning_rate"] < float("inf") and 0 <= config["seed"] <= mnist.MAX_SEED
+        assert config.optimizer in mnist.OPTIMIZERS and config.train_epochs > 0 and config.batch_size > 0
+        assert 0 < config.learning_rate < float("inf") and 0 <= config.seed <= mnist.MAX_SEED
 
 
 @fuzz
