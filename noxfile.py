@@ -379,10 +379,16 @@ def network(run: Run, opts: Options) -> str | None:
 
 
 def task_env(run: Run, opts: Options, image: str) -> dict[str, str]:
-    """The task's variables: the image it runs in, which its outputs record, where it keeps compiled
-    programs, then the caller's --env."""
+    """The variables of a task in a container that the runner made: see task_variables."""
     cached = any(mount.target == CACHE_TARGET for mount in container_mounts(run).values())
-    cpu_only = {} if gpus_wanted(opts) else {"JAX_PLATFORMS": "cpu"}  # a GPU image would probe for CUDA, noisily
+    return task_variables(opts, image, cached)
+
+
+def task_variables(opts: Options, image: str, cached: bool) -> dict[str, str]:
+    """Every runner's task variables: the image, which the outputs record; where compiled programs are
+    kept (CACHE_TARGET when one is mounted there); the CPU alone when no GPU was asked for (a GPU image
+    would probe for CUDA, noisily); then the caller's --env."""
+    cpu_only = {} if gpus_wanted(opts) else {"JAX_PLATFORMS": "cpu"}
     return {"MNIST_IMAGE": image, CACHE_VARIABLE: CACHE_TARGET if cached else "off", **cpu_only, **opts.env}
 
 
@@ -395,7 +401,7 @@ def host_cache() -> str | None:
     return setting or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-mlcube" / "jax")
 
 
-def container_mounts(run: Run) -> dict[str, tuple[str, bool]]:
+def container_mounts(run: Run) -> dict[str, Mount]:
     """The task's mounts and, read-write for a task that compiles, the cache of compiled programs."""
     cache = host_cache() if run.task not in ONLINE_TASKS else None  # download compiles nothing
     return {**run.mounts, **({cache: Mount(CACHE_TARGET, False)} if cache else {})}
@@ -630,14 +636,13 @@ def k8s_resources(opts: Options) -> dict:
 def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
     """The pod template: the task in the image as a non-root user with no capabilities and a read-only
     root file system, its folders on the claim (inputs read-only), made first by an init container."""
-    mounts = [{"name": "workspace", "mountPath": target, "readOnly": ro,
-               **({"subPath": claim_path(host, opts)} if claim_path(host, opts) else {})}
-              for host, (target, ro) in run.mounts.items()]
+    on_claim = {claim_path(host, opts): mount for host, mount in run.mounts.items()}
+    mounts = [{"name": "workspace", "mountPath": mount.target, "readOnly": mount.read_only,
+               **({"subPath": sub_path} if sub_path else {})} for sub_path, mount in on_claim.items()]
     mounts += [{"name": "workspace", "mountPath": CACHE_TARGET, "subPath": ".cache/jax"},
                {"name": "tmp", "mountPath": "/tmp"}]
-    folders = sorted({os.path.join("/workspace", claim_path(host, opts)) for host in run.mounts}
-                     | {"/workspace/.cache/jax"})
-    env = {"MNIST_IMAGE": IMAGE, CACHE_VARIABLE: CACHE_TARGET, **opts.env}
+    folders = sorted({os.path.join("/workspace", sub_path) for sub_path in on_claim} | {"/workspace/.cache/jax"})
+    env = task_variables(opts, IMAGE, cached=True)
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"{job}-0.{job}:{COORDINATOR_PORT}", JAX_NUM_PROCESSES=str(processes))
     index = {"name": "JAX_PROCESS_ID", "valueFrom": {"fieldRef": {

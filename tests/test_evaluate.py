@@ -204,7 +204,9 @@ def test_no_mistakes_says_so(trained):
 def test_mistakes_are_the_most_confident_first():
     probabilities = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4]])
     labels, predicted = np.array([0, 0, 1, 1]), probabilities.argmax(1)
-    assert mnist.most_confident_mistakes(probabilities, labels, predicted) == [
+    wrong = np.flatnonzero(predicted != labels)
+    confidence = probabilities[wrong, predicted[wrong]]
+    assert mnist.most_confident_mistakes(wrong, confidence, labels, predicted) == [
         {"index": 1, "true": 0, "predicted": 1, "probability": 0.7},
         {"index": 3, "true": 1, "predicted": 0, "probability": 0.6}]
 
