@@ -607,17 +607,22 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------ training
-# train compiles four programs before the first step (compile_programs; each a Programs field):
-#   init   (seed)                                   -> TrainState, replicated          state_initializer
-#   plan   (seed, epoch)                            -> batches [steps, batch] of image
-#                                                      indices, offsets [steps, batch, 2]  plan_epoch
-#   steps  (state, loss_sum, x_train, y_train,      -> state, loss_sum                 train_steps
-#           batches, offsets, first)                   `count` steps as one scan; each batch sharded
-#                                                      over the devices, the state replicated
-#   score  (params, x_test, y_test)                 -> loss, accuracy, predicted       score
-# Static (bound with functools.partial, so a change means another program): the data set's size, the
-# batch size, the steps per call and the mesh. The data set is placed on the devices once; an epoch
-# is one plan call, then steps calls of `count` steps each, then one score call on the average.
+# train = read_train_config, load_mnist, check_fits -> run_epochs -> write_model. run_epochs puts the
+# data set on every device once and compiles four programs before the first step (compile_programs;
+# the fields of Programs):
+#   init   (seed)                          -> the first TrainState                 state_initializer
+#   plan   (seed, epoch)                   -> batches [steps, batch] of image      plan_epoch
+#                                             indices, offsets [steps, batch, 2]
+#   steps  (state, loss_sum, x_train,      -> state, loss_sum, after `count`       train_steps
+#           y_train, batches, offsets,        steps run as one scan
+#           first)
+#   score  (params, x_test, y_test)        -> loss, accuracy, predicted classes    score
+# Every array a program takes or returns is replicated on all devices; inside `steps` each device
+# gathers and learns from its own slice of every batch. Static, bound with functools.partial (a change
+# means another program): the data set's size, the batch size, `count` and the mesh. An epoch
+# (train_epoch) is one plan call and steps // count calls of `steps`; run_epochs then scores the
+# parameter average with `score`, and evaluate scores the saved one with the same function.
+
 # name: (Optax optimizer taking a learning-rate schedule, its peak learning rate at batch size 128).
 # Measured on MNIST, seed 0: each reaches 98.9-99.3 % after 5 epochs at batch 128, and none
 # diverges at batch 512, where the rates are twice as high.
@@ -654,6 +659,22 @@ class TrainConfig:
     learning_rate: float | None = None  # left out: the optimizer's peak rate for the batch size
     seed: int = 0
     target_accuracy: float | None = None  # stop after the first epoch that reaches it
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch of a run: a line of log_dir/train_metrics.jsonl (dataclasses.asdict), and a row of
+    the history the checkpoint keeps, so that a resumed run reports every epoch."""
+    epoch: int
+    train_loss: float  # the mean over the epoch's steps
+    test_loss: float  # of the parameter average, as every test figure
+    test_accuracy: float
+    epoch_seconds: float
+    elapsed_seconds: float  # the run's training time up to this epoch's end, compiling excluded
+
+    def describe(self, epochs: int) -> str:
+        return (f"epoch {self.epoch}/{epochs}: train_loss {self.train_loss:.4f}, test_loss {self.test_loss:.4f}, "
+                f"test_accuracy {self.test_accuracy:.4f}, {self.epoch_seconds:.2f} s")
 
 
 def read_train_config(path: str) -> TrainConfig:
@@ -767,12 +788,12 @@ def plan_epoch(seed, epoch, n: int, batch_size: int) -> tuple[jax.Array, jax.Arr
 
 
 class Programs(NamedTuple):
-    """A run's compiled programs. Every array they take and return is replicated on all devices,
-    except inside `steps`, where each device learns from its slice of every batch."""
-    init: Callable  # (seed) -> the first TrainState                                  state_initializer
-    plan: Callable  # (seed, epoch) -> the epoch's batches and offsets                 plan_epoch
-    steps: Callable  # (state, loss_sum, x_train, y_train, batches, offsets, first) -> state, loss_sum
-    score: Callable  # (params, x_test, y_test) -> loss, accuracy, predicted classes  score
+    """A run's compiled programs, as the map at the top of this section draws them."""
+    init: jax.stages.Compiled
+    plan: jax.stages.Compiled
+    steps: jax.stages.Compiled
+    score: jax.stages.Compiled
+    count: int  # the steps that one call of `steps` runs
 
 
 def compile_programs(config: TrainConfig, data: dict, seed: int, total_steps: int, count: int, mesh: Mesh) -> Programs:
@@ -790,16 +811,19 @@ def compile_programs(config: TrainConfig, data: dict, seed: int, total_steps: in
     steps = jax.jit(functools.partial(train_steps, count=count, split=split), out_shardings=replicated).lower(
         state, jnp.zeros(()), data["x_train"], data["y_train"], batches, offsets, 0)
     scoring = jax.jit(score, out_shardings=replicated).lower(state.average, data["x_test"], data["y_test"])
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        return Programs(*pool.map(compile_program, (init, plan, steps, scoring), (False, False, True, False)))
+    lowered = {"init": init, "plan": plan, "steps": steps, "score": scoring}
+    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+        compiling = {name: pool.submit(compile_program, program, autotune=name == "steps")
+                     for name, program in lowered.items()}
+    return Programs(**{name: future.result() for name, future in compiling.items()}, count=count)
 
 
-def compile_program(program: jax.stages.Lowered, hot: bool) -> jax.stages.Compiled:
+def compile_program(program: jax.stages.Lowered, autotune: bool) -> jax.stages.Compiled:
     """XLA's GPU backend times several kernels for each matrix product and keeps the fastest. That
-    pays for the training step, which runs thousands of times; for the other programs it only
+    pays for the training steps, which run thousands of times; for the other programs it only
     costs compile time (on an H100: 3.5 s against 4.4 s for the four, training time unchanged).
     Other backends ignore the option."""
-    return program.compile(None if hot else {"xla_gpu_autotune_level": 0})
+    return program.compile(None if autotune else {"xla_gpu_autotune_level": 0})
 
 
 def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -839,63 +863,64 @@ def check_fits(config: TrainConfig, n: int, devices: int, path: str) -> None:
 
 
 def run_epochs(args: argparse.Namespace, config: TrainConfig, run_id: dict, arrays: dict, process_0: bool,
-               log: logging.Logger):
+               log: logging.Logger) -> tuple[TrainState, list[EpochMetrics], float]:
     """Compile, resume from a checkpoint if there is one, then train epoch by epoch until the last or
-    the target accuracy; the final state, the history (a row per epoch) and the compile seconds."""
-    devices = jax.devices()
-    mesh = Mesh(np.array(devices), ("batch",))
+    the target accuracy; the final state, the history (one EpochMetrics per epoch) and the compile seconds."""
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
     replicated = NamedSharding(mesh, PartitionSpec())
     data = {key: global_array(value.astype(np.int32) if key[0] == "y" else value, replicated)
             for key, value in arrays.items()}  # on every device for the whole run, images as uint8
     steps = len(arrays["x_train"]) // config.batch_size
-    count, epochs, target = steps_per_call(steps), config.train_epochs, config.target_accuracy
     data_seed = config.seed + 1  # for shuffling and shifting; the initialisation has its own stream
     started = time.perf_counter()
-    programs = compile_programs(config, data, data_seed, steps * epochs, count, mesh)
+    programs = compile_programs(config, data, data_seed, steps * config.train_epochs, steps_per_call(steps), mesh)
     compile_seconds = time.perf_counter() - started
-    log.info(f"compiled in {compile_seconds:.2f} s ({count} steps per call)")
+    log.info(f"compiled in {compile_seconds:.2f} s ({programs.count} steps per call)")
 
     checkpoint = os.path.join(args.model_dir, CHECKPOINT_NAME)
     state, history = resume(checkpoint, run_id, programs.init(config.seed), log)
-    state = jax.tree.map(lambda a: global_array(np.asarray(a), replicated), state) if history else state
+    if history:  # the restored state is on the host: put it where the fresh one would be
+        state = jax.tree.map(lambda a: global_array(np.asarray(a), replicated), state)
     with StopSignals() as stop:
-        for epoch in range(len(history) + 1, epochs + 1):
-            if history and target is not None and history[-1]["test_accuracy"] >= target:
+        for epoch in range(len(history) + 1, config.train_epochs + 1):
+            if history and reached_target(config, history[-1]):
                 break
             epoch_start = time.perf_counter()
             state, loss_sum = train_epoch(programs, state, data, data_seed, epoch, stop)
-            scores = programs.score(state.average, data["x_test"], data["y_test"])
-            test_loss, test_accuracy = float(scores[0]), float(scores[1])
+            test_loss, test_accuracy, _ = programs.score(state.average, data["x_test"], data["y_test"])
             epoch_seconds = time.perf_counter() - epoch_start
-            history.append({"epoch": epoch, "train_loss": float(loss_sum) / steps, "test_loss": test_loss,
-                            "test_accuracy": test_accuracy, "epoch_seconds": epoch_seconds,
-                            "elapsed_seconds": (history[-1]["elapsed_seconds"] if history else 0) + epoch_seconds})
+            history.append(EpochMetrics(
+                epoch, float(loss_sum) / steps, float(test_loss), float(test_accuracy), epoch_seconds,
+                (history[-1].elapsed_seconds if history else 0) + epoch_seconds))
             if process_0:
                 write_atomically(os.path.join(args.log_dir, "train_metrics.jsonl"),
-                                 b"".join(to_json(h, indent=None) + b"\n" for h in history))
+                                 b"".join(to_json(dataclasses.asdict(m), indent=None) + b"\n" for m in history))
                 save_checkpoint(checkpoint, run_id, state, history)
-            log.info(f"epoch {epoch}/{epochs}: train_loss {history[-1]['train_loss']:.4f}, test_loss "
-                     f"{test_loss:.4f}, test_accuracy {test_accuracy:.4f}, {epoch_seconds:.2f} s")
+            log.info(history[-1].describe(config.train_epochs))
     return state, history, compile_seconds
 
 
+def reached_target(config: TrainConfig, metrics: EpochMetrics) -> bool:
+    return config.target_accuracy is not None and metrics.test_accuracy >= config.target_accuracy
+
+
 def write_model(args: argparse.Namespace, config: TrainConfig, run_id: dict, n: int, state: TrainState,
-                history: list[dict], compile_seconds: float, log: logging.Logger) -> None:
+                history: list[EpochMetrics], compile_seconds: float, log: logging.Logger) -> None:
     """params.msgpack (the parameter average), model.json, the curves; the checkpoint is removed."""
     last = history[-1]
-    reached = config.target_accuracy is not None and last["test_accuracy"] >= config.target_accuracy
+    reached = reached_target(config, last)
     if reached:
         log.info(f"reached target_accuracy {config.target_accuracy} after {len(history)} epochs, "
-                 f"{last['elapsed_seconds']:.2f} s")
+                 f"{last.elapsed_seconds:.2f} s")
     write_atomically(os.path.join(args.model_dir, "params.msgpack"), serialization.to_bytes(state.average))
     images_per_epoch = n // config.batch_size * config.batch_size  # the last partial batch is dropped
     summary = {
         "architecture": ARCHITECTURE,
         "config": run_id["config"], "data_sha256": run_id["data_sha256"],
-        "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
-        "epochs_run": len(history), "time_to_target_seconds": last["elapsed_seconds"] if reached else None,
-        "train_seconds": last["elapsed_seconds"], "compile_seconds": compile_seconds,
-        "images_per_second": len(history) * images_per_epoch / last["elapsed_seconds"],
+        "test_accuracy": last.test_accuracy, "test_loss": last.test_loss,
+        "epochs_run": len(history), "time_to_target_seconds": last.elapsed_seconds if reached else None,
+        "train_seconds": last.elapsed_seconds, "compile_seconds": compile_seconds,
+        "images_per_second": len(history) * images_per_epoch / last.elapsed_seconds,
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
         "image": container_image(),
@@ -903,15 +928,14 @@ def write_model(args: argparse.Namespace, config: TrainConfig, run_id: dict, n: 
     write_atomically(os.path.join(args.model_dir, "model.json"), to_json(summary))
     save_plot(os.path.join(args.log_dir, "training_curves.png"), draw_curves(history), log)
     os.unlink(os.path.join(args.model_dir, CHECKPOINT_NAME))  # the run is complete: a rerun starts afresh
-    log.info(f"written {args.model_dir}/params.msgpack and model.json: test_accuracy {last['test_accuracy']:.4f}")
+    log.info(f"written {args.model_dir}/params.msgpack and model.json: test_accuracy {last.test_accuracy:.4f}")
 
 
 def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, epoch: int, stop: StopSignals):
     """One epoch of the compiled programs: the state after it, and its summed training loss (on the
     device). The host queues at most MAX_IN_FLIGHT calls ahead, and stops between two of them."""
     (batches, offsets), loss_sum = programs.plan(seed, epoch), jnp.zeros(())
-    steps = len(batches)
-    count = steps_per_call(steps)
+    steps, count = len(batches), programs.count
     in_flight = collections.deque()
     for first in range(0, steps, count):
         if stop.signum is not None:
@@ -925,10 +949,11 @@ def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, ep
     return state, loss_sum
 
 
-def save_checkpoint(path: str, run_id: dict, state: TrainState, history: list[dict]) -> None:
+def save_checkpoint(path: str, run_id: dict, state: TrainState, history: list[EpochMetrics]) -> None:
     """Parameters and their average, optimizer state and step count, and the epochs so far. The PRNG
     keys need no saving: each epoch's are derived from the seed and the epoch's number."""
-    record = {"state": serialization.to_state_dict(state), "run": json.dumps(run_id), "history": json.dumps(history)}
+    record = {"state": serialization.to_state_dict(state), "run": json.dumps(run_id),
+              "history": json.dumps([dataclasses.asdict(metrics) for metrics in history])}
     write_atomically(path, serialization.msgpack_serialize(record))
 
 
@@ -941,7 +966,7 @@ def resume(path: str, run_id: dict, state: TrainState, log: logging.Logger):
         with open(path, "rb") as f:
             record = serialization.msgpack_restore(f.read())
         saved = json.loads(record["run"])
-        history = json.loads(record["history"])
+        history = [EpochMetrics(**row) for row in json.loads(record["history"])]
         state = serialization.from_state_dict(state, record["state"])
     except Exception as e:  # msgpack and Flax raise many kinds for a damaged file
         raise CubeError(f"{path}: not a readable checkpoint ({type(e).__name__}); {start_over}") from None
@@ -1152,14 +1177,14 @@ def save_plot(path: str, draw, log: logging.Logger) -> None:
     log.info(f"written {path}")
 
 
-def draw_curves(history: list[dict]):
+def draw_curves(history: list[EpochMetrics]):
     """Loss and accuracy per epoch, side by side."""
     def draw(figure) -> None:
-        epochs = [h["epoch"] for h in history]
+        epochs = [m.epoch for m in history]
         loss, accuracy = figure.subplots(1, 2)
-        loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-        loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
-        accuracy.plot(epochs, [100 * h["test_accuracy"] for h in history], "o-", color="C1")
+        loss.plot(epochs, [m.train_loss for m in history], "o-", label="train")
+        loss.plot(epochs, [m.test_loss for m in history], "o-", label="test")
+        accuracy.plot(epochs, [100 * m.test_accuracy for m in history], "o-", color="C1")
         for axes, title in ((loss, "loss"), (accuracy, "test accuracy (%)")):
             axes.set(title=title, xlabel="epoch", xticks=epochs)
         loss.legend()

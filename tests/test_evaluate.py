@@ -171,7 +171,8 @@ def test_pictures_show_what_they_claim(trained, tmp_path, capsys):
                          f"--log_dir={tmp_path}", capsys=capsys)
     assert code == 0, err
     metrics = json.loads((tmp_path / "evaluate_metrics.json").read_text())
-    history = [json.loads(line) for line in (trained / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+    history = [mnist.EpochMetrics(**json.loads(line))
+               for line in (trained / "logs" / "train_metrics.jsonl").read_text().splitlines()]
     images = np.load(trained / "data" / "mnist.npz")["x_test"]
     pictures = {trained / "logs" / "training_curves.png": mnist.draw_curves(history),
                 tmp_path / "confusion_matrix.png": mnist.draw_confusion(np.array(metrics["confusion_matrix"])),
