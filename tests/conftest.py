@@ -1,4 +1,6 @@
-"""Shared fixtures: a real HTTP server on 127.0.0.1, small synthetic MNIST files, the real data."""
+"""Shared fixtures and helpers: a real HTTP server on 127.0.0.1, small synthetic MNIST files, the real
+data, workspaces laid out as workspace/ is, one way to run a task in this process and one to run it as
+its own process, and the runners run for real (nox, a Docker image, a plain user)."""
 import collections
 import grp
 import hashlib
@@ -6,15 +8,18 @@ import http.server
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -101,6 +106,13 @@ class Server:
         return f"http://127.0.0.1:{self.httpd.server_port}{path}"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def server():
     s = Server()
@@ -153,6 +165,94 @@ def create_state(config: dict, total_steps: int):
     which the state does not depend on, may be left out)."""
     config = mnist.TrainConfig(**{"train_epochs": 1, "batch_size": 32, **config})
     return mnist.jax.jit(mnist.state_initializer(config, total_steps))(config.seed)
+
+
+# ------------------------------------------------------------------------ workspaces and tasks
+TRAIN_CONFIG = {"optimizer": "adam", "train_epochs": 1, "batch_size": 64}
+TASK_PATHS = {  # each task's parameters, at their places in a workspace laid out as workspace/ is
+    "download": {"data_config": "data.yaml", "data_dir": "data", "log_dir": "logs"},
+    "train": {"train_config": "train.yaml", "data_dir": "data", "model_dir": "model", "log_dir": "logs"},
+    "evaluate": {"data_dir": "data", "model_dir": "model", "log_dir": "logs"},
+    "infer": {"model_dir": "model", "images": "data/mnist.npz", "predictions": "predictions.json"},
+}
+
+
+def write_config(path: Path, config: dict | str) -> Path:
+    """A YAML config file: a mapping, or text as it is (for configs that are wrong on purpose)."""
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return path
+
+
+def digits_workspace(ws: Path, n_train=512, n_test=128, **config) -> Path:
+    """A workspace as download leaves it: learnable digits (make_digits) in data/mnist.npz, and a
+    train.yaml of TRAIN_CONFIG with `config`'s changes."""
+    (ws / "data").mkdir(parents=True)
+    (ws / "data" / "mnist.npz").write_bytes(npz_bytes(make_digits(n_train, n_test)))
+    write_config(ws / "train.yaml", {**TRAIN_CONFIG, **config})
+    return ws
+
+
+def source_workspace(ws: Path, body: bytes, server: "Server | None" = None, digest: str | None = None,
+                     **config) -> Path:
+    """A workspace before download: data.yaml names `body`, served at /mnist.npz by `server` (the test's
+    HTTP server) or else a copy beside it (a plain-path uri: the offline route), with its SHA-256 unless
+    `digest` gives another; train.yaml as in digits_workspace."""
+    ws.mkdir(parents=True)
+    if server is None:
+        uri = "mnist.npz"
+        (ws / uri).write_bytes(body)
+    else:
+        uri = server.serve("/mnist.npz", body)
+    write_config(ws / "data.yaml", {"uri": uri, "hash": digest or sha256(body)})
+    write_config(ws / "train.yaml", {**TRAIN_CONFIG, **config})
+    return ws
+
+
+def task_args(task: str, ws: Path, **paths) -> list[str]:
+    """The task's command line in workspace `ws`: each parameter at its place there unless `paths`
+    gives another."""
+    return [task, *(f"--{name}={paths.get(name, ws / place)}" for name, place in TASK_PATHS[task].items())]
+
+
+class Run(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+def run_task(task: str, ws: Path, capsys, **paths) -> Run:
+    """The task in this process, through mnist.main as its command line runs it."""
+    code = mnist.main(task_args(task, ws, **paths))
+    captured = capsys.readouterr()
+    return Run(code, captured.out, captured.err)
+
+
+def start_mnist(*args: str, env: dict | None = None, run_as: tuple = ()) -> subprocess.Popen:
+    """`python mnist.py ARGS` as its own process, not yet finished (to signal it, or to run several at
+    once), optionally under a command that changes its user (`run_as`)."""
+    command = [*run_as, sys.executable, str(ROOT / "mnist.py"), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def start_task(task: str, ws: Path, env: dict | None = None, run_as: tuple = (), **paths) -> subprocess.Popen:
+    """start_mnist for a task in workspace `ws` (see task_args)."""
+    return start_mnist(*task_args(task, ws, **paths), env=env, run_as=run_as)
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> Run:
+    out, err = process.communicate(timeout=timeout)
+    return Run(process.returncode, out, err)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A workspace after download and train: learnable digits fetched through a plain-path data.yaml,
+    a model trained on them for two epochs, the logs. Tests that change it work on a copy."""
+    ws = source_workspace(tmp_path_factory.mktemp("trained") / "ws", npz_bytes(make_digits()), train_epochs=2)
+    for task in ("download", "train"):
+        assert mnist.main(task_args(task, ws)) == 0
+    return ws
 
 
 # ------------------------------------------------------------------- the runners, run for real

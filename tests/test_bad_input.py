@@ -16,37 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, idx_bytes, make_digits, npz_bytes, sha256
+from conftest import (
+    ROOT,
+    finish,
+    idx_bytes,
+    make_digits,
+    npz_bytes,
+    run_task,
+    sha256,
+    start_task,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mnist
-
-TRAIN = {"optimizer": "sgd", "train_epochs": 1, "batch_size": 64}
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    """A workspace after download and train: data/mnist.npz, a model, logs; copied for each case."""
-    ws = tmp_path_factory.mktemp("good")
-    body = npz_bytes(make_digits())
-    (ws / "source.npz").write_bytes(body)
-    (ws / "data.yaml").write_text(yaml.safe_dump({"uri": "source.npz", "hash": sha256(body)}))
-    (ws / "train.yaml").write_text(yaml.safe_dump(TRAIN))
-    for task in ("download", "train"):
-        assert mnist.main([task, *args(ws, task)]) == 0
-    return ws
-
-
-def args(ws: Path, task: str, **change) -> list[str]:
-    """The task's command line in workspace `ws`, each parameter replaceable."""
-    params = {"download": {"data_config": ws / "data.yaml", "data_dir": ws / "data", "log_dir": ws / "logs"},
-              "train": {"train_config": ws / "train.yaml", "data_dir": ws / "data", "model_dir": ws / "model",
-                        "log_dir": ws / "logs"},
-              "evaluate": {"data_dir": ws / "data", "model_dir": ws / "model", "log_dir": ws / "logs"},
-              "infer": {"model_dir": ws / "model", "images": ws / "data" / "mnist.npz",
-                        "predictions": ws / "predictions.json"}}[task]
-    return [f"--{name}={change.get(name, path)}" for name, path in params.items()]
 
 
 def digests(ws: Path) -> dict[str, str]:
@@ -59,18 +42,40 @@ def write(path: Path, content) -> Path:
     return path
 
 
-def config(path: Path, text: str) -> dict:
-    write(path, text)
+def make_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+# Each case's `prepare` changes the workspace and returns the parameters to change: none ({}) for these.
+def rewrite(path: Path, content) -> dict:
+    write(path, content)
     return {}
 
 
 def data_config(ws: Path, lines: str) -> dict:
-    return config(ws / "data.yaml", f"hash: {'a' * 64}\n" + lines)
+    return rewrite(ws / "data.yaml", f"hash: {'a' * 64}\n" + lines)
 
 
 def train_config(ws: Path, lines: str) -> dict:
     """A train.yaml that would be good but for `lines`."""
-    return config(ws / "train.yaml", "optimizer: adam\ntrain_epochs: 1\nbatch_size: 32\n" + lines)
+    return rewrite(ws / "train.yaml", "optimizer: adam\ntrain_epochs: 1\nbatch_size: 32\n" + lines)
+
+
+def model_json_without(ws: Path, key: str) -> dict:
+    summary = json.loads((ws / "model" / "model.json").read_text())
+    return rewrite(ws / "model" / "model.json", json.dumps({k: v for k, v in summary.items() if k != key}))
+
+
+def source_without(ws: Path, array: str) -> dict:
+    """A downloaded npz that lacks `array`, with its right hash."""
+    body = npz_bytes({k: v for k, v in make_digits().items() if k != array})
+    return rewrite(ws / "data.yaml", f"uri: {write(ws / 'bad.npz', body)}\nhash: {sha256(body)}\n")
 
 
 # Each case: (name, task, what to do to the workspace before the run, returning the parameters to
@@ -80,29 +85,29 @@ CASES = [
      lambda ws: data_config(ws, "uri: file:///dev/zero\n"),
      "/dev/zero: not a regular file (a device, FIFO or socket)"),
     ("a FIFO as the source", "download",
-     lambda ws: os.mkfifo(ws / "fifo") or data_config(ws, "uri: fifo\n"),
+     lambda ws: data_config(ws, f"uri: {fifo(ws / 'fifo')}\n"),
      "fifo: not a regular file"),
     ("a source larger than its size:", "download",
-     lambda ws: data_config(ws, "uri: source.npz\nsize: 1000\n"),
-     "source.npz: stopped after 1000 bytes, its size in the data config is 1000"),
+     lambda ws: data_config(ws, "uri: mnist.npz\nsize: 1000\n"),
+     "ws/mnist.npz: stopped after 1000 bytes, its size in the data config is 1000"),
     ("size: not a number of bytes", "download",
-     lambda ws: data_config(ws, "uri: source.npz\nsize: -5\n"),
+     lambda ws: data_config(ws, "uri: mnist.npz\nsize: -5\n"),
      "size must be the file's size in bytes, 1 to 134217728, got -5"),
     ("data_dir is a file", "download",
      lambda ws: {"data_dir": write(ws / "plain", "x")}, "plain: a file stands where a folder is expected"),
     ("data_dir/mnist.npz is a folder", "download",
-     lambda ws: (ws / "fresh" / "mnist.npz").mkdir(parents=True) or {"data_dir": ws / "fresh"},
+     lambda ws: {"data_dir": make_folder(ws / "fresh" / "mnist.npz").parent},
      "mnist.npz: is a folder where a file is expected"),
     ("a YAML alias bomb as the seed", "train",
-     lambda ws: config(ws / "train.yaml", "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+     lambda ws: rewrite(ws / "train.yaml", "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
                        + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
                                  for p, c in zip("abcdefgh", "bcdefghi", strict=True))
                        + "optimizer: adam\ntrain_epochs: 1\nbatch_size: 32\nseed: *i\n"),
      "not valid YAML (aliases (*name) are not allowed"),
     ("a config of a megabyte", "train",
-     lambda ws: config(ws / "train.yaml", "optimizer: adam\n" + "#" * (1 << 20) + "\n"), "larger than 64 KiB"),
+     lambda ws: rewrite(ws / "train.yaml", "optimizer: adam\n" + "#" * (1 << 20) + "\n"), "larger than 64 KiB"),
     ("YAML nested thousands deep", "train",
-     lambda ws: config(ws / "train.yaml", "seed: " + "[" * 30000 + "]" * 30000 + "\n"), "not valid YAML"),
+     lambda ws: rewrite(ws / "train.yaml", "seed: " + "[" * 30000 + "]" * 30000 + "\n"), "not valid YAML"),
     ("a key of a kilobyte", "train",
      lambda ws: train_config(ws, "k" * 1000 + ": 1\n"),
      "unknown key 'kkkkkkkk"),
@@ -119,16 +124,14 @@ CASES = [
      lambda ws: train_config(ws, f"seed: {2**40}\n"),
      "seed must lie in 0..2147483646, got 1099511627776"),
     ("train_epochs beyond the step counter", "train",
-     lambda ws: config(ws / "train.yaml", f"optimizer: adam\nbatch_size: 32\ntrain_epochs: {10**12}\n"),
+     lambda ws: rewrite(ws / "train.yaml", f"optimizer: adam\nbatch_size: 32\ntrain_epochs: {10**12}\n"),
      "makes more than 2147483647 steps, which the step counter cannot count; use at most 134217727"),
     ("model.json without test_loss", "evaluate",
-     lambda ws: write(ws / "model" / "model.json", json.dumps(
-         {k: v for k, v in json.loads((ws / "model" / "model.json").read_text()).items() if k != "test_loss"}))
-     and {}, "model.json: missing test_loss, which train writes"),
+     lambda ws: model_json_without(ws, "test_loss"), "model.json: missing test_loss, which train writes"),
     ("model.json that is not JSON", "evaluate",
-     lambda ws: write(ws / "model" / "model.json", "{not json") and {}, "model.json: not a readable model.json"),
+     lambda ws: rewrite(ws / "model" / "model.json", "{not json"), "model.json: not a readable model.json"),
     ("--predictions is a folder", "infer",
-     lambda ws: (ws / "out").mkdir() or {"predictions": ws / "out"}, "out: is a folder where a file is expected"),
+     lambda ws: {"predictions": make_folder(ws / "out")}, "out: is a folder where a file is expected"),
     ("--predictions under a file", "infer",
      lambda ws: {"predictions": write(ws / "plain", "x") / "p.json"},
      "plain: a file stands where a folder is expected"),
@@ -145,8 +148,7 @@ CASES = [
     ("images that are a device", "infer",
      lambda ws: {"images": "/dev/zero"}, "/dev/zero: not a regular file"),
     ("a downloaded npz without x_test", "download",
-     lambda ws: write(ws / "bad.npz", npz_bytes({k: v for k, v in make_digits().items() if k != "x_test"}))
-     and config(ws / "data.yaml", f"uri: bad.npz\nhash: {sha256((ws / 'bad.npz').read_bytes())}\n"),
+     lambda ws: source_without(ws, "x_test"),
      "bad.npz: missing array 'x_test'"),
 ]
 
@@ -156,15 +158,14 @@ def part_files(ws: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("name, task, prepare, fragment", CASES, ids=[case[0] for case in CASES])
-def test_bad_input_is_one_line_and_loses_nothing(good, tmp_path, capsys, name, task, prepare, fragment):
+def test_bad_input_is_one_line_and_loses_nothing(trained, tmp_path, capsys, name, task, prepare, fragment):
     ws = tmp_path / "ws"
-    shutil.copytree(good, ws)
+    shutil.copytree(trained, ws)
     change = prepare(ws)
     before = digests(ws)
     started = time.perf_counter()
-    code = mnist.main([task, *args(ws, task, **change)])
+    code, _, err = run_task(task, ws, capsys, **change)
     seconds = time.perf_counter() - started
-    err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and "% of " not in line]  # not progress
     assert code == 1 and "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith(f"mnist.py {task}: error: ") and fragment in lines[0], err
@@ -175,12 +176,11 @@ def test_bad_input_is_one_line_and_loses_nothing(good, tmp_path, capsys, name, t
 
 
 # ------------------------------------------------------------------------- bounded downloads
-def test_endless_http_body_stops_at_the_cap(good, tmp_path, capsys, server, monkeypatch):
+def test_endless_http_body_stops_at_the_cap(trained, tmp_path, capsys, server, monkeypatch):
     monkeypatch.setattr(mnist, "MAX_DATA_BYTES", 4 << 20)
     url = server.serve("/forever", bytes(65536), endless=True)
     (tmp_path / "data.yaml").write_text(yaml.safe_dump({"uri": url, "hash": "a" * 64}))
-    code = mnist.main(["download", *args(tmp_path, "download")])
-    err = capsys.readouterr().err
+    code, _, err = run_task("download", tmp_path, capsys)
     assert code == 1 and f"{url}: stopped after {4 << 20} bytes, the most a data file may have" in err
     assert part_files(tmp_path) == []
 
@@ -189,8 +189,7 @@ def test_declared_length_that_disagrees_with_size_stops_at_once(tmp_path, capsys
     body = npz_bytes(make_digits())
     url = server.serve("/mnist.npz", body)
     (tmp_path / "data.yaml").write_text(yaml.safe_dump({"uri": url, "hash": sha256(body), "size": len(body) - 1}))
-    code = mnist.main(["download", *args(tmp_path, "download")])
-    err = capsys.readouterr().err
+    code, _, err = run_task("download", tmp_path, capsys)
     assert code == 1 and f"the server declares {len(body)} bytes, but its size in the data config is" in err
     assert server.hits["/mnist.npz"] == 1  # not retried
 
@@ -199,26 +198,25 @@ def test_size_that_matches_is_accepted(tmp_path, capsys, server):
     body = npz_bytes(make_digits())
     (tmp_path / "data.yaml").write_text(yaml.safe_dump({"uri": server.serve("/m.npz", body), "hash": sha256(body),
                                                         "size": len(body)}))
-    assert mnist.main(["download", *args(tmp_path, "download")]) == 0
+    assert run_task("download", tmp_path, capsys).code == 0
 
 
 # --------------------------------------------------------------------------- one run a folder
 @pytest.mark.parametrize("task, folder", [("download", "data"), ("train", "model")])
-def test_second_run_into_a_busy_folder_is_refused(good, tmp_path, capsys, task, folder):
+def test_second_run_into_a_busy_folder_is_refused(trained, tmp_path, capsys, task, folder):
     ws = tmp_path / "ws"
-    shutil.copytree(good, ws)
+    shutil.copytree(trained, ws)
     before = digests(ws)
     with mnist.folder_lock(str(ws / folder)):
-        code = mnist.main([task, *args(ws, task)])
-    err = capsys.readouterr().err
+        code, _, err = run_task(task, ws, capsys)
     assert code == 1 and f"{ws / folder}: in use by another run (process {os.getpid()} on " in err
     assert digests(ws) == before and not (ws / folder / mnist.LOCK_NAME).exists()
 
 
-def test_lock_dies_with_its_process_and_stale_temp_files_go(good, tmp_path):
+def test_lock_dies_with_its_process_and_stale_temp_files_go(trained, tmp_path):
     """kill -9 leaves the lock file and a temporary file; the next run takes the folder and cleans up."""
     ws = tmp_path / "ws"
-    shutil.copytree(good, ws)
+    shutil.copytree(trained, ws)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import mnist\n"
                                "with mnist.folder_lock(sys.argv[2]):\n    print('held', flush=True); time.sleep(60)",
                                str(ROOT), str(ws / "data")], stdout=subprocess.PIPE, text=True)
@@ -227,9 +225,8 @@ def test_lock_dies_with_its_process_and_stale_temp_files_go(good, tmp_path):
     holder.kill()
     holder.wait()
     assert (ws / "data" / mnist.LOCK_NAME).exists()
-    result = subprocess.run([sys.executable, str(ROOT / "mnist.py"), "download", *args(ws, "download")],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = finish(start_task("download", ws))
+    assert result.code == 0, result.err
     assert sorted(os.listdir(ws / "data")) == ["download.json", "mnist.npz"]
 
 
@@ -237,8 +234,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, server):
     """`docker stop` and `timeout` send SIGTERM: the half-written download is removed, exit 143."""
     url = server.serve("/slow", bytes(65536), endless=True)
     (tmp_path / "data.yaml").write_text(yaml.safe_dump({"uri": url, "hash": "a" * 64}))
-    process = subprocess.Popen([sys.executable, str(ROOT / "mnist.py"), "download", *args(tmp_path, "download")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_task("download", tmp_path)
     deadline = time.time() + 30
     while not part_files(tmp_path) and time.time() < deadline:
         time.sleep(0.05)
@@ -266,48 +262,46 @@ def tiny_disk(tmp_path):
 
 @needs_root
 @pytest.mark.parametrize("task", ["download", "train"])
-def test_full_disk_is_named_as_a_full_disk(good, tmp_path, capsys, tiny_disk, task):
+def test_full_disk_is_named_as_a_full_disk(trained, tmp_path, capsys, tiny_disk, task):
     ws = tmp_path / "ws"
-    shutil.copytree(good, ws)
+    shutil.copytree(trained, ws)
     write(tiny_disk / "filler", bytes(200 << 10))  # room for logs, not for data or a model
     folder = {"download": "data_dir", "train": "model_dir"}[task]
-    code = mnist.main([task, *args(ws, task, **{folder: tiny_disk / "out"})])
-    err = capsys.readouterr().err
+    code, _, err = run_task(task, ws, capsys, **{folder: tiny_disk / "out"})
     assert code == 1 and "Traceback" not in err
     assert f"{tiny_disk / 'out'}: no space left on its device" in err and "retrying" not in err
     assert part_files(tiny_disk) == []
 
 
 @needs_root
-def test_unwritable_data_dir_is_one_line(good):
+def test_unwritable_data_dir_is_one_line(trained):
     """As root nothing is unwritable: run as uid 4321 against a folder root owns."""
     base = Path(tempfile.mkdtemp(prefix="mnist-unwritable-"))
     try:
         ws = base / "ws"
-        shutil.copytree(good, ws)
+        shutil.copytree(trained, ws)
         os.chmod(base, 0o755)
         for path in (ws, *ws.rglob("*")):
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
         for path in (ws / "logs", *(ws / "logs").iterdir()):
             path.chmod(0o777)  # room for the log, so that the data folder is the fault
-        result = subprocess.run(["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups", sys.executable,
-                                 str(ROOT / "mnist.py"), "download", *args(ws, "download", data_dir=ws / "locked")],
-                                capture_output=True, text=True, env={**os.environ, "HOME": str(base)})
-        assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert result.stderr.strip().splitlines() == [f"mnist.py download: error: {ws / 'locked'}: "
+        result = finish(start_task("download", ws, env={"HOME": str(base)}, data_dir=ws / "locked",
+                                   run_as=("setpriv", "--reuid=4321", "--regid=4321", "--clear-groups")))
+        assert result.code == 1 and "Traceback" not in result.err
+        assert result.err.strip().splitlines() == [f"mnist.py download: error: {ws / 'locked'}: "
                                                       "permission denied; check who owns it, or choose another folder"]
     finally:
         shutil.rmtree(base)
 
 
 # ------------------------------------------------------------------------------ infer's memory
-def test_infer_streams_any_number_of_images(good, tmp_path, capsys):
+def test_infer_streams_any_number_of_images(trained, tmp_path, capsys):
     """25,000 images from a gzipped IDX, in three batches; the same answers as scoring them at once."""
     images = np.tile(make_digits()["x_test"], (200, 1, 1))[:25000]
     path = write(tmp_path / "many.idx.gz", gzip.compress(idx_bytes(images)))
-    assert mnist.main(["infer", *args(good, "infer", images=path, predictions=tmp_path / "p.json")]) == 0
+    assert run_task("infer", trained, capsys, images=path, predictions=tmp_path / "p.json").code == 0
     predictions = json.loads((tmp_path / "p.json").read_text())["predictions"]
-    params, _ = mnist.load_model(str(good / "model"))
+    params, _ = mnist.load_model(str(trained / "model"))
     expected = np.asarray(mnist.class_probabilities(params, images[24000:]))
     assert len(predictions) == 25000
     assert [p["class"] for p in predictions[24000:]] == [int(p.argmax()) for p in expected]

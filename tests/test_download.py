@@ -3,26 +3,33 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import ROOT, Terminal, idx_bytes, make_mnist, npz_bytes, sha256
+from conftest import (
+    ROOT,
+    Terminal,
+    finish,
+    idx_bytes,
+    make_mnist,
+    npz_bytes,
+    run_task,
+    sha256,
+    start_mnist,
+    start_task,
+    write_config,
+)
 
 import mnist
 
 
 def run_download(tmp_path, config, capsys):
     """Write `config` as data.yaml and run the task in-process; return (exit code, its output)."""
-    config_path = tmp_path / "data.yaml"
-    config_path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-    code = mnist.main(["download", f"--data_config={config_path}", f"--data_dir={tmp_path / 'data'}",
-                       f"--log_dir={tmp_path / 'logs'}"])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    write_config(tmp_path / "data.yaml", config)
+    run = run_task("download", tmp_path, capsys)
+    return run.code, run.out + run.err
 
 
 def data_files(tmp_path):
@@ -38,14 +45,15 @@ def error_line(err):
 
 
 @pytest.fixture
-def good(server):
+def served(server):
+    """A good npz on the HTTP server: (its data config, its bytes)."""
     body = npz_bytes(make_mnist())
     return {"uri": server.serve("/mnist.npz", body), "hash": sha256(body)}, body
 
 
-def test_download_writes_verified_npz_and_log(tmp_path, good, capsys, monkeypatch):
+def test_download_writes_verified_npz_and_log(tmp_path, served, capsys, monkeypatch):
     monkeypatch.setattr(mnist, "CHUNK", 4096)  # several chunks, so progress has something to report
-    config, body = good
+    config, body = served
     code, err = run_download(tmp_path, config, capsys)
     assert code == 0, err
     assert (tmp_path / "data" / "mnist.npz").read_bytes() == body
@@ -61,10 +69,10 @@ def test_download_writes_verified_npz_and_log(tmp_path, good, capsys, monkeypatc
         "25%", "50%", "75%", "100%"]  # progress, not on a terminal: a line a quarter
 
 
-def test_live_progress_bar_on_a_terminal(tmp_path, good, capsys, monkeypatch):
+def test_live_progress_bar_on_a_terminal(tmp_path, served, capsys, monkeypatch):
     monkeypatch.setattr(mnist, "CHUNK", 4096)
     monkeypatch.setattr(sys, "stderr", terminal := Terminal())
-    config, body = good
+    config, body = served
     assert run_download(tmp_path, config, capsys)[0] == 0
     frames = terminal.getvalue().split("\r")[1:]  # each redraw starts at the line's beginning
     assert len(frames) == -(-len(body) // 4096) and frames[-1].endswith("\n")
@@ -72,22 +80,22 @@ def test_live_progress_bar_on_a_terminal(tmp_path, good, capsys, monkeypatch):
     assert "% of" not in terminal.getvalue()  # the quarter lines are for logs, not terminals
 
 
-def test_rerun_downloads_nothing(tmp_path, good, server, capsys):
-    config, _ = good
+def test_rerun_downloads_nothing(tmp_path, served, server, capsys):
+    config, _ = served
     assert run_download(tmp_path, config, capsys)[0] == 0
     code, err = run_download(tmp_path, config, capsys)
     assert code == 0 and "skipped" in err
     assert server.hits["/mnist.npz"] == 1
 
 
-def test_sha256_prefix_and_upper_case_accepted(tmp_path, good, capsys):
-    config, _ = good
+def test_sha256_prefix_and_upper_case_accepted(tmp_path, served, capsys):
+    config, _ = served
     config["hash"] = "sha256:" + config["hash"].upper()
     assert run_download(tmp_path, config, capsys)[0] == 0
 
 
-def test_wrong_hash_leaves_nothing(tmp_path, good, capsys):
-    config, body = good
+def test_wrong_hash_leaves_nothing(tmp_path, served, capsys):
+    config, body = served
     config["hash"] = "0" * 64
     code, err = run_download(tmp_path, config, capsys)
     line = error_line(err)
@@ -95,8 +103,8 @@ def test_wrong_hash_leaves_nothing(tmp_path, good, capsys):
     assert data_files(tmp_path) == []
 
 
-def test_wrong_hash_keeps_earlier_good_file(tmp_path, good, server, capsys):
-    config, body = good
+def test_wrong_hash_keeps_earlier_good_file(tmp_path, served, server, capsys):
+    config, body = served
     assert run_download(tmp_path, config, capsys)[0] == 0
     other = npz_bytes(make_mnist(seed=1))
     code, err = run_download(tmp_path, {"uri": server.serve("/other.npz", other), "hash": "a" * 64}, capsys)
@@ -273,31 +281,26 @@ def test_real_npz_over_http(tmp_path, server, capsys, real_data):
     assert sha256((tmp_path / "data" / "mnist.npz").read_bytes()) == sha256(body)
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "mnist.py"), *args], capture_output=True, text=True)
-
-
 def test_cli_help_lists_tasks_and_parameters():
-    top = cli("--help")
-    assert top.returncode == 0 and "download" in top.stdout
-    task = cli("download", "--help")
-    assert task.returncode == 0
-    assert all(f"--{p}" in task.stdout for p in ("data_config", "data_dir", "log_dir"))
+    top = finish(start_mnist("--help"))
+    assert top.code == 0 and "download" in top.out
+    task = finish(start_mnist("download", "--help"))
+    assert task.code == 0
+    assert all(f"--{p}" in task.out for p in ("data_config", "data_dir", "log_dir"))
 
 
 @pytest.mark.parametrize("args", [["fly"], ["download", "--data_config=a", "--data_dir=b", "--log_dir=c", "--x=1"],
                                   ["download", "--data_dir=b", "--log_dir=c"]])
 def test_cli_usage_errors_exit_2(args):
-    result = cli(*args)
-    assert result.returncode == 2 and "usage:" in result.stderr
+    result = finish(start_mnist(*args))
+    assert result.code == 2 and "usage:" in result.err
 
 
 def test_cli_error_exits_1_with_one_line(tmp_path):
-    (tmp_path / "data.yaml").write_text("uri: x.npz\n")
-    result = cli("download", f"--data_config={tmp_path / 'data.yaml'}", f"--data_dir={tmp_path / 'd'}",
-                 f"--log_dir={tmp_path / 'l'}")
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
+    write_config(tmp_path / "data.yaml", "uri: x.npz\n")
+    result = finish(start_task("download", tmp_path))
+    assert result.code == 1
+    assert result.err.strip().splitlines()[-1] == (
         f"mnist.py download: error: {tmp_path / 'data.yaml'}: missing key 'hash' (expected uri, hash, size)")
 
 

@@ -8,33 +8,13 @@ import jax
 import matplotlib.image
 import numpy as np
 import pytest
-import yaml
-from conftest import make_digits, npz_bytes
+from conftest import run_task, write_config
 
 import mnist
 
 
-def run(*args, capsys):
-    code = mnist.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A workspace with small learnable data and a model trained on it for two epochs."""
-    ws = tmp_path_factory.mktemp("ws")
-    (ws / "data").mkdir()
-    (ws / "data" / "mnist.npz").write_bytes(npz_bytes(make_digits()))
-    (ws / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 2, "batch_size": 64}))
-    assert mnist.main(["train", f"--train_config={ws / 'train.yaml'}", f"--data_dir={ws / 'data'}",
-                       f"--model_dir={ws / 'model'}", f"--log_dir={ws / 'logs'}"]) == 0
-    return ws
-
-
 def test_evaluate_equals_what_train_recorded(trained, capsys):
-    code, out, err = run("evaluate", f"--data_dir={trained / 'data'}", f"--model_dir={trained / 'model'}",
-                         f"--log_dir={trained / 'logs'}", capsys=capsys)
+    code, out, err = run_task("evaluate", trained, capsys)
     assert code == 0, err
     metrics = json.loads((trained / "logs" / "evaluate_metrics.json").read_text())
     summary = json.loads((trained / "model" / "model.json").read_text())
@@ -49,25 +29,22 @@ def test_evaluate_equals_what_train_recorded(trained, capsys):
     assert "test_accuracy" in (trained / "logs" / "mnist_evaluate.log").read_text()
 
 
-@pytest.mark.parametrize("task, args, programs", [
-    ("evaluate", ["--data_dir=WS/data", "--model_dir=WS/model", "--log_dir=WS/logs"],
-     ["jit(score)", "jit(class_probabilities)"]),
-    ("infer", ["--model_dir=WS/model", "--images=WS/data/mnist.npz", "--predictions=WS/predictions.json"],
-     ["jit(class_probabilities)"]),
+@pytest.mark.parametrize("task, programs", [
+    ("evaluate", ["jit(score)", "jit(class_probabilities)"]),
+    ("infer", ["jit(class_probabilities)"]),
 ])
-def test_each_task_compiles_its_programs_only(trained, capsys, caplog, task, args, programs):
+def test_each_task_compiles_its_programs_only(trained, capsys, caplog, task, programs):
     """Loading the model runs nothing; scoring is one program (evaluate's figures, as train's, and the
     probabilities that the mistakes are drawn with), not one for each operation."""
     jax.clear_caches()  # programs compiled by earlier tests would not be logged again
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
-        code, _, err = run(task, *(arg.replace("WS", str(trained)) for arg in args), capsys=capsys)
+        code, _, err = run_task(task, trained, capsys)
     assert code == 0, err
     assert [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Compiling")] == programs
 
 
 def test_infer_agrees_with_evaluate(trained, tmp_path, capsys):
-    code, out, err = run("infer", f"--model_dir={trained / 'model'}", f"--images={trained / 'data' / 'mnist.npz'}",
-                         f"--predictions={tmp_path / 'out' / 'predictions.json'}", capsys=capsys)
+    code, out, err = run_task("infer", trained, capsys, predictions=tmp_path / "out" / "predictions.json")
     assert code == 0, err
     predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]
     labels = np.load(trained / "data" / "mnist.npz")["y_test"]
@@ -81,8 +58,7 @@ def test_infer_agrees_with_evaluate(trained, tmp_path, capsys):
 def test_infer_one_image_from_npy(trained, tmp_path, capsys):
     image = np.load(trained / "data" / "mnist.npz")["x_test"][3]
     np.save(tmp_path / "one.npy", image)
-    code, out, err = run("infer", f"--model_dir={trained / 'model'}", f"--images={tmp_path / 'one.npy'}",
-                         f"--predictions={tmp_path / 'p.json'}", capsys=capsys)
+    code, out, err = run_task("infer", trained, capsys, images=tmp_path / "one.npy", predictions=tmp_path / "p.json")
     assert code == 0, err
     assert len(json.loads((tmp_path / "p.json").read_text())["predictions"]) == 1
 
@@ -99,8 +75,7 @@ def test_infer_refuses_bad_images(trained, tmp_path, capsys, images, message):
         np.savez(path, **images)
     elif images is not None:
         np.save(path, images)
-    code, out, err = run("infer", f"--model_dir={trained / 'model'}", f"--images={path}",
-                         f"--predictions={tmp_path / 'p.json'}", capsys=capsys)
+    code, out, err = run_task("infer", trained, capsys, images=path, predictions=tmp_path / "p.json")
     assert code == 1 and message in err and str(path) in err
     assert not (tmp_path / "p.json").exists()
 
@@ -118,9 +93,9 @@ def test_a_damaged_or_foreign_model_is_refused(trained, tmp_path, capsys, damage
     for name in ("params.msgpack", "model.json"):
         (model / name).write_bytes((trained / "model" / name).read_bytes())
     damage(model)
-    for task in (["evaluate", f"--data_dir={trained / 'data'}", f"--log_dir={tmp_path / 'logs'}"],
-                 ["infer", f"--images={trained / 'data' / 'mnist.npz'}", f"--predictions={tmp_path / 'p.json'}"]):
-        code, out, err = run(*task, f"--model_dir={model}", capsys=capsys)
+    outputs = {"evaluate": {"log_dir": tmp_path / "logs"}, "infer": {"predictions": tmp_path / "p.json"}}
+    for task in ("evaluate", "infer"):
+        code, out, err = run_task(task, trained, capsys, model_dir=model, **outputs[task])
         assert code == 1 and message in err and "Traceback" not in err
 
 
@@ -131,8 +106,7 @@ def test_params_of_another_shape_are_refused(trained, tmp_path, capsys):
     params = mnist.init_params(mnist.jax.random.key(0))
     params["Dense_1"]["kernel"] = np.zeros((128, 11), np.float32)
     (model / "params.msgpack").write_bytes(mnist.serialization.to_bytes(params))
-    code, out, err = run("evaluate", f"--data_dir={trained / 'data'}", f"--model_dir={model}",
-                         f"--log_dir={tmp_path / 'logs'}", capsys=capsys)
+    code, out, err = run_task("evaluate", trained, capsys, model_dir=model, log_dir=tmp_path / "logs")
     assert code == 1 and "its arrays do not fit CNN" in err
 
 
@@ -140,14 +114,11 @@ def test_infer_on_real_test_images_agrees_with_evaluate(tmp_path, capsys, real_d
     """A short training on the real data; infer on the original IDX test images matches evaluate."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "mnist.npz").symlink_to(real_data / "mnist.npz")
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 1, "batch_size": 512}))
-    assert run("train", f"--train_config={tmp_path / 'train.yaml'}", f"--data_dir={tmp_path / 'data'}",
-               f"--model_dir={tmp_path / 'model'}", f"--log_dir={tmp_path / 'logs'}", capsys=capsys)[0] == 0
-    assert run("evaluate", f"--data_dir={tmp_path / 'data'}", f"--model_dir={tmp_path / 'model'}",
-               f"--log_dir={tmp_path / 'logs'}", capsys=capsys)[0] == 0
-    assert run("infer", f"--model_dir={tmp_path / 'model'}", f"--images={real_data / 't10k-images-idx3-ubyte.gz'}",
-               f"--predictions={tmp_path / 'p.json'}", capsys=capsys)[0] == 0
-    classes = [p["class"] for p in json.loads((tmp_path / "p.json").read_text())["predictions"]]
+    write_config(tmp_path / "train.yaml", {"optimizer": "adam", "train_epochs": 1, "batch_size": 512})
+    assert run_task("train", tmp_path, capsys).code == 0
+    assert run_task("evaluate", tmp_path, capsys).code == 0
+    assert run_task("infer", tmp_path, capsys, images=real_data / "t10k-images-idx3-ubyte.gz").code == 0
+    classes = [p["class"] for p in json.loads((tmp_path / "predictions.json").read_text())["predictions"]]
     accuracy = json.loads((tmp_path / "logs" / "evaluate_metrics.json").read_text())["test_accuracy"]
     labels = np.load(real_data / "mnist.npz")["y_test"]
     assert len(classes) == 10000 and np.mean(np.array(classes) == labels) == pytest.approx(accuracy)
@@ -167,8 +138,7 @@ def rendered(draw) -> tuple:
 def test_pictures_show_what_they_claim(trained, tmp_path, capsys):
     """Each PNG decodes to the size of the figure drawn from the task's own figures, and that figure
     holds them: a panel per epoch's point, a count per cell, a panel per mistake listed."""
-    code, out, err = run("evaluate", f"--data_dir={trained / 'data'}", f"--model_dir={trained / 'model'}",
-                         f"--log_dir={tmp_path}", capsys=capsys)
+    code, out, err = run_task("evaluate", trained, capsys, log_dir=tmp_path)
     assert code == 0, err
     metrics = json.loads((tmp_path / "evaluate_metrics.json").read_text())
     history = [mnist.EpochMetrics(**json.loads(line))
@@ -215,7 +185,6 @@ def test_mistakes_are_the_most_confident_first():
 def test_without_matplotlib_a_note_not_a_failure(trained, tmp_path, capsys, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)  # importing them now raises ImportError
-    code, out, err = run("evaluate", f"--data_dir={trained / 'data'}", f"--model_dir={trained / 'model'}",
-                         f"--log_dir={tmp_path}", capsys=capsys)
+    code, out, err = run_task("evaluate", trained, capsys, log_dir=tmp_path)
     assert code == 0 and "no confusion_matrix.png: matplotlib, which requirements.txt names, is not installed" in out
     assert (tmp_path / "evaluate_metrics.json").exists() and not (tmp_path / "confusion_matrix.png").exists()

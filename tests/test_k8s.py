@@ -5,14 +5,13 @@ wiring acted out by local processes, as the Indexed Job's pods would run it. The
 (create, stream the log, delete) are not exercised: no STAND-IN here pretends to be one."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, make_digits, nox, npz_bytes
+from conftest import ROOT, digits_workspace, free_port, nox
 
 import noxfile
 
@@ -115,12 +114,6 @@ def test_session_dry_run_prints_manifests_for_kubectl(tmp_path):
     assert bad.returncode == 1 and "run-k8s: error: --processes applies to train only" in bad.stdout + bad.stderr
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pod_command(job: dict, index: int, workspace: Path, port: int) -> tuple[list[str], dict]:
     """What pod `index` of the Indexed Job runs, on this machine: its mounts as folders of `workspace`
     (the claim), pod 0's DNS name as 127.0.0.1, the completion index that Kubernetes annotates."""
@@ -150,11 +143,9 @@ def pod_command(job: dict, index: int, workspace: Path, port: int) -> tuple[list
 def test_indexed_job_pods_train_together(tmp_path):
     """Two pods' commands and environments, as two local processes: they join through JAX's
     coordinator, train one model, and only index 0 writes it."""
-    workspace = tmp_path / "claim"
-    for folder in ("data", "logs", "model", ".cache/jax"):
+    workspace = digits_workspace(tmp_path / "claim", 1024, 128)
+    for folder in ("logs", "model", ".cache/jax"):
         (workspace / folder).mkdir(parents=True)
-    (workspace / "data" / "mnist.npz").write_bytes(npz_bytes(make_digits(1024, 128)))
-    (workspace / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 1, "batch_size": 64}))
     service, job = manifests("train", "--processes=2")
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}

@@ -6,8 +6,7 @@ import json
 import os
 import subprocess
 
-import yaml
-from conftest import IMAGE, ROOT, needs_docker, nox, sha256
+from conftest import IMAGE, ROOT, needs_docker, nox, source_workspace
 
 LOAD_BACK = """
 import json, sys
@@ -22,13 +21,8 @@ print(json.dumps({"name": pipeline.name, "tasks": sorted(spec.root.dag.tasks),
 
 
 def workspace(tmp_path, real_data, digest=None):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    body = (real_data / "mnist.npz").read_bytes()
-    (ws / "mnist.npz").write_bytes(body)
-    (ws / "data.yaml").write_text(yaml.safe_dump({"uri": "mnist.npz", "hash": digest or sha256(body)}))
-    (ws / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 1, "batch_size": 512}))
-    return ws
+    """The real mnist.npz beside data.yaml (the offline route), and one short epoch."""
+    return source_workspace(tmp_path / "ws", (real_data / "mnist.npz").read_bytes(), digest=digest, batch_size=512)
 
 
 def test_compiled_pipeline_loads_back_with_the_sdk(tmp_path):

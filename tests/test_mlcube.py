@@ -5,20 +5,20 @@ import os
 import subprocess
 
 import pytest
-import yaml
-from conftest import BASE, IMAGE, ROOT, chown, exited_containers, needs_docker, nox, remove_containers, sha256
+from conftest import (
+    BASE,
+    IMAGE,
+    ROOT,
+    chown,
+    exited_containers,
+    needs_docker,
+    nox,
+    remove_containers,
+    source_workspace,
+)
 
 TASKS = ["download", "train", "evaluate", "infer", "download,train"]
 
-def offline_workspace(base, real_data):
-    """A workspace with the real mnist.npz beside data.yaml (a plain-path uri), and one short epoch."""
-    ws = base / "mlcube" / "ws"
-    ws.mkdir(parents=True)
-    body = (real_data / "mnist.npz").read_bytes()
-    (ws / "mnist.npz").write_bytes(body)
-    (ws / "data.yaml").write_text(yaml.safe_dump({"uri": "mnist.npz", "hash": sha256(body)}))
-    (ws / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": 1, "batch_size": 512}))
-    return ws
 
 def mlcube(*args, user=None, home=None):
     """`nox -s mlcube -- ARGS`: as the caller, or as the plain user with its own copy of the cube."""
@@ -37,7 +37,7 @@ def test_mlcube_run_every_task_out_of_the_box(real_data, image, plain_user, call
     if caller == "plain user" and user is None:
         pytest.skip("needs root, to run MLCube as a plain user in the docker group")
     home = user or tmp_path
-    ws = offline_workspace(home, real_data)
+    ws = source_workspace(home / "mlcube" / "ws", (real_data / "mnist.npz").read_bytes(), batch_size=512)
     if user is not None:
         chown(home / "mlcube", 4321)
     for task in TASKS:

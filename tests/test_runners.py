@@ -7,8 +7,20 @@ import sys
 import time
 
 import pytest
-import yaml
-from conftest import BASE, CUBE_FILES, IMAGE, ROOT, chown, make_digits, needs_docker, nox, npz_bytes, sha256
+from conftest import (
+    BASE,
+    CUBE_FILES,
+    IMAGE,
+    ROOT,
+    chown,
+    digits_workspace,
+    make_digits,
+    needs_docker,
+    nox,
+    npz_bytes,
+    sha256,
+    source_workspace,
+)
 
 sys.path.insert(0, str(ROOT))
 import mnist  # noqa: E402
@@ -129,23 +141,13 @@ def test_gpus_from_option_or_accelerator_count(monkeypatch):
     assert noxfile.gpus_wanted(noxfile.Options(gpus="device=1")) == "device=1"
     monkeypatch.setitem(noxfile.CUBE["platform"], "accelerator_count", 2)
     assert noxfile.gpus_wanted(noxfile.Options()) == "2"
-    all_gpus, two, chosen = (noxfile.device_requests(g)[0] for g in ("all", "2", "device=0,3"))
-    assert (all_gpus["Count"], two["Count"], chosen["DeviceIDs"]) == (-1, 2, ["0", "3"])
+    assert noxfile.device_requests("all")[0]["Count"] == -1
+    assert noxfile.device_requests("2")[0]["Count"] == 2
+    assert noxfile.device_requests("device=0,3")[0]["DeviceIDs"] == ["0", "3"]
     assert noxfile.device_requests(None) == []
 
 
 # ------------------------------------------------------------------------- runners, for real
-def workspace(tmp_path, server, body, epochs=1, batch_size=128, digest=None):
-    """A workspace whose data.yaml points at `body` on the test's HTTP server."""
-    ws = tmp_path / "ws"
-    ws.mkdir(parents=True)
-    (ws / "data.yaml").write_text(yaml.safe_dump({"uri": server.serve("/mnist.npz", body),
-                                                  "hash": digest or sha256(body)}))
-    (ws / "train.yaml").write_text(yaml.safe_dump({"optimizer": "adam", "train_epochs": epochs,
-                                                   "batch_size": batch_size}))
-    return ws
-
-
 def test_dry_run_prints_and_runs_nothing(tmp_path):
     result = nox("-s", "run-docker", "--", "download", f"--workspace={tmp_path}", "--dry-run")
     assert result.returncode == 0, result.stderr
@@ -155,7 +157,7 @@ def test_dry_run_prints_and_runs_nothing(tmp_path):
 
 
 def test_run_local_every_task(tmp_path, server):
-    ws = workspace(tmp_path, server, npz_bytes(make_digits()), epochs=2, batch_size=64)
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()), server, train_epochs=2)
     result = nox("-s", "run-local", "--", "download", "train", "evaluate", "infer", f"--workspace={ws}")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((ws / "model" / "model.json").read_text())
@@ -166,7 +168,7 @@ def test_run_local_every_task(tmp_path, server):
 
 
 def test_run_local_stops_at_first_failure_with_its_code(tmp_path, server):
-    ws = workspace(tmp_path, server, npz_bytes(make_digits()), digest="f" * 64)
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()), server, digest="f" * 64)
     result = nox("-s", "run-local", "--", "download", "train", f"--workspace={ws}")
     assert result.returncode == 1 and "SHA-256 mismatch" in result.stderr
     assert "task download failed with exit code 1" in result.stderr
@@ -185,7 +187,7 @@ def test_run_docker_download_and_train_real_mnist(tmp_path, server, real_data, i
     with none: they train, write every output as the caller, and record the image they ran in."""
     body = (real_data / "mnist.npz").read_bytes()
     home = plain_user or tmp_path
-    ws = workspace(home / "work", server, body, epochs=1, batch_size=512)
+    ws = source_workspace(home / "work" / "ws", body, server, batch_size=512)
     if plain_user:
         chown(home / "work", 4321)
     owner = (4321, 4321) if plain_user else (os.getuid(), os.getgid())
@@ -265,7 +267,7 @@ def test_run_docker_rebuilds_a_stale_image_and_says_why(tmp_path, server, image)
         shutil.copy(ROOT / name, cube / name)
     with open(cube / "mnist.py", "a") as f:
         f.write("# edited\n")
-    ws = workspace(tmp_path, server, npz_bytes(make_digits()))
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()), server)
     command = [sys.executable, "-m", "nox", "-f", str(cube / "noxfile.py"), "-s", "run-docker", "--", "download",
                f"--workspace={ws}", "--network=host", *BASE]
     stale = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -284,7 +286,7 @@ def test_run_local_and_run_docker_train_the_same_bits(tmp_path, server, image):
     body = npz_bytes(make_digits())
     outputs = {}
     for runner, extra in (("run-local", []), ("run-docker", ["--network=host"])):
-        ws = workspace(tmp_path / runner, server, body, epochs=2, batch_size=64)
+        ws = source_workspace(tmp_path / runner / "ws", body, server, train_epochs=2)
         result = nox("-s", runner, "--", "download", "train", f"--workspace={ws}", *extra)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         outputs[runner] = (json.loads((ws / "model" / "model.json").read_text()),
@@ -298,7 +300,7 @@ def test_run_local_and_run_docker_train_the_same_bits(tmp_path, server, image):
 
 @needs_docker
 def test_run_docker_failing_task_propagates_its_code(tmp_path, server, image):
-    ws = workspace(tmp_path, server, npz_bytes(make_digits()), digest="e" * 64)
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()), server, digest="e" * 64)
     result = nox("-s", "run-docker", "--", "download", "train", f"--workspace={ws}", "--network=host")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "SHA-256 mismatch" in result.stderr and "task download failed with exit code 1" in result.stderr
@@ -307,10 +309,8 @@ def test_run_docker_failing_task_propagates_its_code(tmp_path, server, image):
 
 
 @needs_docker
-def test_run_docker_interrupted_leaves_no_container(tmp_path, server, image):
-    ws = workspace(tmp_path, server, npz_bytes(make_digits(4096, 64)), epochs=500, batch_size=32)
-    (ws / "data").mkdir()
-    (ws / "data" / "mnist.npz").write_bytes(npz_bytes(make_digits(4096, 64)))
+def test_run_docker_interrupted_leaves_no_container(tmp_path, image):
+    ws = digits_workspace(tmp_path / "ws", 4096, 64, train_epochs=500, batch_size=32)
     process = subprocess.Popen([sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "run-docker",
                                 "--", "train", f"--workspace={ws}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120

@@ -1,103 +1,83 @@
 """Scaling out: data parallelism over several local devices, and several processes through
 jax.distributed on 127.0.0.1 (CPU collectives), each compared with a one-device run."""
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-import yaml
-from conftest import ROOT, make_digits, npz_bytes
+from conftest import digits_workspace, finish, free_port, start_task, write_config
 from flax import serialization
 
 CONFIG = {"optimizer": "adam", "train_epochs": 2, "batch_size": 64}
 
 
 @pytest.fixture(scope="module")
-def cube(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("scale")
-    (ws / "data").mkdir()
-    (ws / "data" / "mnist.npz").write_bytes(npz_bytes(make_digits(2048, 256)))
-    (ws / "train.yaml").write_text(yaml.safe_dump(CONFIG))
-    return ws
+def scale_ws(tmp_path_factory):
+    return digits_workspace(tmp_path_factory.mktemp("scale"), 2048, 256, **CONFIG)
 
 
-def train(cube, name, env=None, config=None):
-    """Start `mnist.py train` writing to model_dir NAME; return the process (not yet finished)."""
-    if config:
-        (cube / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, str(ROOT / "mnist.py"), "train",
-               f"--train_config={cube / (f'{name}.yaml' if config else 'train.yaml')}",
-               f"--data_dir={cube / 'data'}", f"--model_dir={cube / name}", f"--log_dir={cube / 'logs' / name}"]
-    environment = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+def start_train(ws, name, env=None, **paths):
+    """train as its own process on the CPU, writing to model_dir NAME and log_dir logs/NAME."""
+    return start_task("train", ws, env={"JAX_PLATFORMS": "cpu", **(env or {})},
+                      **{"model_dir": ws / name, "log_dir": ws / "logs" / name, **paths})
 
 
-def finish(process):
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err[-2000:]
-    return out
+def output_of(process) -> str:
+    """The standard output of a run that must succeed."""
+    run = finish(process)
+    assert run.code == 0, run.err[-2000:]
+    return run.out
 
 
-def params(cube, name):
-    return jax.tree.leaves(serialization.msgpack_restore((cube / name / "params.msgpack").read_bytes()))
+def params(scale_ws, name):
+    return jax.tree.leaves(serialization.msgpack_restore((scale_ws / name / "params.msgpack").read_bytes()))
 
 
 @pytest.fixture(scope="module")
-def one_device(cube):
-    finish(train(cube, "one"))
-    return json.loads((cube / "one" / "model.json").read_text()), params(cube, "one")
+def one_device(scale_ws):
+    output_of(start_train(scale_ws, "one"))
+    return json.loads((scale_ws / "one" / "model.json").read_text()), params(scale_ws, "one")
 
 
-def assert_close_to_one_device(cube, name, one_device):
+def assert_close_to_one_device(scale_ws, name, one_device):
     summary, reference = one_device
-    other = json.loads((cube / name / "model.json").read_text())
+    other = json.loads((scale_ws / name / "model.json").read_text())
     assert abs(other["test_accuracy"] - summary["test_accuracy"]) <= 0.02
-    for a, b in zip(params(cube, name), reference, strict=True):
+    for a, b in zip(params(scale_ws, name), reference, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-3)  # same maths, sums taken in another order
 
 
-def test_two_local_devices_match_one(cube, one_device):
-    out = finish(train(cube, "two", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
+def test_two_local_devices_match_one(scale_ws, one_device):
+    out = output_of(start_train(scale_ws, "two", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
     assert "training on 2 cpu device(s)" in out
-    assert_close_to_one_device(cube, "two", one_device)
+    assert_close_to_one_device(scale_ws, "two", one_device)
 
 
-def test_batch_must_split_evenly_over_the_devices(cube):
-    process = train(cube, "odd", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                    config={**CONFIG, "batch_size": 63})
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 1
+def test_batch_must_split_evenly_over_the_devices(scale_ws):
+    config = write_config(scale_ws / "odd.yaml", {**CONFIG, "batch_size": 63})
+    code, _, err = finish(start_train(scale_ws, "odd", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                                      train_config=config), timeout=300)
+    assert code == 1
     assert "batch_size 63 does not split evenly over the 2 devices; use a multiple of 2" in err
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_through_jax_distributed(cube, one_device):
+def test_two_processes_through_jax_distributed(scale_ws, one_device):
     address = f"127.0.0.1:{free_port()}"
-    processes = [train(cube, "multi", env={"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
-                                          "JAX_PROCESS_ID": str(i)}) for i in (0, 1)]
-    outputs = [finish(p) for p in processes]
+    processes = [start_train(scale_ws, "multi", env={"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+                                                    "JAX_PROCESS_ID": str(i)}) for i in (0, 1)]
+    outputs = [output_of(p) for p in processes]
     for i, out in enumerate(outputs):
         assert f"[process {i}/2] training on 2 cpu device(s)" in out and f"[process {i}/2] epoch 2/2" in out
     assert "written" in outputs[0] and "written" not in outputs[1]  # only process 0 writes
-    log = (cube / "logs" / "multi" / "mnist_train.log").read_text()
+    log = (scale_ws / "logs" / "multi" / "mnist_train.log").read_text()
     assert "[process 0/2]" in log and "[process 1/2]" not in log
-    metrics = (cube / "logs" / "multi" / "train_metrics.jsonl").read_text().splitlines()
+    metrics = (scale_ws / "logs" / "multi" / "train_metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in metrics] == [1, 2]
-    assert_close_to_one_device(cube, "multi", one_device)
+    assert_close_to_one_device(scale_ws, "multi", one_device)
 
 
-def test_coordinator_without_process_count_is_one_clear_line(cube):
-    process = train(cube, "lonely", env={"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"})
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 1 and "Traceback" not in err
+def test_coordinator_without_process_count_is_one_clear_line(scale_ws):
+    code, _, err = finish(start_train(scale_ws, "lonely", env={"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}), timeout=120)
+    assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("mnist.py train: error: JAX_COORDINATOR_ADDRESS is set, so "
                                             "JAX_NUM_PROCESSES and JAX_PROCESS_ID must be set to integers too")

@@ -11,9 +11,8 @@ import os
 import shlex
 
 import pytest
-from conftest import ROOT, make_digits, nox, npz_bytes, sha256
+from conftest import ROOT, make_digits, nox, npz_bytes, sha256, source_workspace
 from spython.main.parse.parsers import DockerParser, SingularityParser
-from test_runners import workspace as runner_workspace
 
 STANDIN = ROOT / "tests" / "standin"
 IMAGE = "mnist-0.0.1.simg"
@@ -32,7 +31,7 @@ def standin(tmp_path):
     return env, recorded
 
 def workspace(tmp_path, server, digest=None):
-    return runner_workspace(tmp_path, server, npz_bytes(make_digits()), epochs=1, batch_size=64, digest=digest)
+    return source_workspace(tmp_path / "ws", npz_bytes(make_digits()), server, digest)
 
 def test_standin_configure_singularity_builds_the_recipe_without_root(tmp_path, standin):
     env, recorded = standin

@@ -8,88 +8,82 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import yaml
-from conftest import Terminal, create_state, make_digits, npz_bytes
+from conftest import Terminal, create_state, digits_workspace, make_digits, run_task, write_config
 
 import mnist
 
 
 @pytest.fixture
-def cube(tmp_path):
+def digits_ws(tmp_path):
     """A workspace holding a small learnable data set in data/mnist.npz."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "mnist.npz").write_bytes(npz_bytes(make_digits()))
-    return tmp_path
+    return digits_workspace(tmp_path)
 
 
-def run_train(cube, config, capsys, data_dir=None):
-    path = cube / "train.yaml"
-    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-    code = mnist.main(["train", f"--train_config={path}", f"--data_dir={data_dir or cube / 'data'}",
-                       f"--model_dir={cube / 'model'}", f"--log_dir={cube / 'logs'}"])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def run_train(ws, config, capsys):
+    """The train task in this process, with `config` (a mapping, or YAML text) as ws/train.yaml."""
+    write_config(ws / "train.yaml", config)
+    return run_task("train", ws, capsys)
 
 
-def test_train_writes_model_metrics_and_logs(cube, capsys):
-    code, out, err = run_train(cube, {"optimizer": "adam", "train_epochs": 3, "batch_size": 32}, capsys)
+def test_train_writes_model_metrics_and_logs(digits_ws, capsys):
+    code, out, err = run_train(digits_ws, {"optimizer": "adam", "train_epochs": 3, "batch_size": 32}, capsys)
     assert code == 0, err
-    summary = json.loads((cube / "model" / "model.json").read_text())
+    summary = json.loads((digits_ws / "model" / "model.json").read_text())
     assert summary["config"] == {"optimizer": "adam", "train_epochs": 3, "batch_size": 32, "seed": 0,
                                  "learning_rate": mnist.OPTIMIZERS["adam"][1] / 2, "target_accuracy": None}
     assert summary["epochs_run"] == 3 and summary["time_to_target_seconds"] is None
     assert summary["test_accuracy"] > 0.9  # the bars are easy to learn; chance is 0.1
-    assert summary["data_sha256"] == mnist.sha256_of(str(cube / "data" / "mnist.npz"))
+    assert summary["data_sha256"] == mnist.sha256_of(str(digits_ws / "data" / "mnist.npz"))
     assert summary["backend"] == jax.default_backend() and summary["versions"]["jax"] == jax.__version__
     for key in ("test_loss", "train_seconds", "compile_seconds", "images_per_second", "device_kind"):
         assert summary[key]
-    metrics = [json.loads(line) for line in (cube / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (digits_ws / "logs" / "train_metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert metrics[-1]["test_accuracy"] == summary["test_accuracy"]
     assert all(m["elapsed_seconds"] >= m["epoch_seconds"] > 0 for m in metrics)
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch")] == [
         "epoch 1/3", "epoch 2/3", "epoch 3/3"]
-    assert "epoch 3/3" in (cube / "logs" / "mnist_train.log").read_text()
+    assert "epoch 3/3" in (digits_ws / "logs" / "mnist_train.log").read_text()
     restored = mnist.serialization.from_bytes(
-        create_state(summary["config"], 1).params, (cube / "model" / "params.msgpack").read_bytes())
-    test = np.load(cube / "data" / "mnist.npz")
+        create_state(summary["config"], 1).params, (digits_ws / "model" / "params.msgpack").read_bytes())
+    test = np.load(digits_ws / "data" / "mnist.npz")
     loss, accuracy, _ = mnist.score(restored, test["x_test"], test["y_test"])
     assert float(accuracy) == pytest.approx(summary["test_accuracy"])
-    leftovers = [f for d in ("model", "logs") for f in os.listdir(cube / d) if f.startswith(".")]
+    leftovers = [f for d in ("model", "logs") for f in os.listdir(digits_ws / d) if f.startswith(".")]
     assert leftovers == []
 
 
-def test_target_accuracy_stops_early(cube, capsys):
-    code, out, err = run_train(cube, {"optimizer": "adam", "train_epochs": 20, "batch_size": 32,
+def test_target_accuracy_stops_early(digits_ws, capsys):
+    code, out, err = run_train(digits_ws, {"optimizer": "adam", "train_epochs": 20, "batch_size": 32,
                                       "target_accuracy": 0.5}, capsys)
     assert code == 0, err
-    summary = json.loads((cube / "model" / "model.json").read_text())
+    summary = json.loads((digits_ws / "model" / "model.json").read_text())
     assert summary["epochs_run"] < 20 and summary["test_accuracy"] >= 0.5
     assert 0 < summary["time_to_target_seconds"] == summary["train_seconds"]
     assert "reached target_accuracy 0.5" in out
 
 
-def test_same_seed_gives_identical_params(cube, capsys):
+def test_same_seed_gives_identical_params(digits_ws, capsys):
     config = {"optimizer": "adam", "train_epochs": 1, "batch_size": 64, "seed": 3}
     digests = []
     for _ in range(2):
-        assert run_train(cube, config, capsys)[0] == 0
-        digests.append(mnist.sha256_of(str(cube / "model" / "params.msgpack")))
-    assert run_train(cube, {**config, "seed": 4}, capsys)[0] == 0
-    assert digests[0] == digests[1] != mnist.sha256_of(str(cube / "model" / "params.msgpack"))
+        assert run_train(digits_ws, config, capsys)[0] == 0
+        digests.append(mnist.sha256_of(str(digits_ws / "model" / "params.msgpack")))
+    assert run_train(digits_ws, {**config, "seed": 4}, capsys)[0] == 0
+    assert digests[0] == digests[1] != mnist.sha256_of(str(digits_ws / "model" / "params.msgpack"))
 
 
-def test_live_step_counter_on_a_terminal(cube, capsys, monkeypatch):
+def test_live_step_counter_on_a_terminal(digits_ws, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stderr", terminal := Terminal())
-    code, _, err = run_train(cube, {"optimizer": "sgd", "train_epochs": 2, "batch_size": 4}, capsys)
+    code, _, err = run_train(digits_ws, {"optimizer": "sgd", "train_epochs": 2, "batch_size": 4}, capsys)
     assert code == 0, err
     # 512 images at batch 4: 128 steps an epoch, 64 a call; the counter is erased at the epoch's end
     assert terminal.getvalue() == "".join(f"\repoch {e}: step 64/128\repoch {e}: step 128/128\r\033[K"
                                           for e in (1, 2))
 
 
-def test_nothing_compiles_after_compile_programs(cube, capsys, caplog, monkeypatch):
+def test_nothing_compiles_after_compile_programs(digits_ws, capsys, caplog, monkeypatch):
     """Epochs, their last partial batch (512 images, batch 48) and evaluation reuse the programs
     compiled before training; JAX logs every compilation, and none may follow compile_programs.
     None precedes the first either: the random keys are made inside the programs."""
@@ -103,7 +97,7 @@ def test_nothing_compiles_after_compile_programs(cube, capsys, caplog, monkeypat
     monkeypatch.setattr(mnist, "compile_programs", compile_then_mark)
     jax.clear_caches()  # programs compiled by earlier tests would not be logged again
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
-        code, _, err = run_train(cube, {"optimizer": "adam", "train_epochs": 2, "batch_size": 48}, capsys)
+        code, _, err = run_train(digits_ws, {"optimizer": "adam", "train_epochs": 2, "batch_size": 48}, capsys)
     assert code == 0, err
     messages = [record.getMessage() for record in caplog.records]
     compiled = [m.split()[1] for m in messages if m.startswith("Compiling")]
@@ -216,25 +210,25 @@ GOOD = {"optimizer": "adam", "train_epochs": 1, "batch_size": 32}
     ({**GOOD, "batch_size": 100000}, "batch_size 100000 is larger than the 512 training images"),
     ("optimizer: [adam\n", "not valid YAML"),
 ])
-def test_bad_train_config_fails_before_compiling(cube, capsys, monkeypatch, config, message):
+def test_bad_train_config_fails_before_compiling(digits_ws, capsys, monkeypatch, config, message):
     monkeypatch.setattr(mnist.jax, "jit", lambda *a, **k: pytest.fail("compiled before checking"))
-    code, out, err = run_train(cube, config, capsys)
+    code, out, err = run_train(digits_ws, config, capsys)
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("mnist.py train: error: ")
     assert message in lines[0] and "train.yaml" in lines[0]
-    assert not (cube / "model").exists()
+    assert not (digits_ws / "model").exists()
 
 
 @pytest.mark.parametrize("content, message", [
     (None, "no such file; run the download task first"),
     (b"not a zip", "not a usable MNIST .npz"),
 ])
-def test_missing_or_malformed_data(cube, capsys, monkeypatch, content, message):
+def test_missing_or_malformed_data(digits_ws, capsys, monkeypatch, content, message):
     monkeypatch.setattr(mnist.jax, "jit", lambda *a, **k: pytest.fail("compiled before checking"))
-    (cube / "data" / "mnist.npz").unlink()
+    (digits_ws / "data" / "mnist.npz").unlink()
     if content:
-        (cube / "data" / "mnist.npz").write_bytes(content)
-    code, out, err = run_train(cube, GOOD, capsys)
+        (digits_ws / "data" / "mnist.npz").write_bytes(content)
+    code, out, err = run_train(digits_ws, GOOD, capsys)
     assert code == 1 and message in err and "mnist.npz" in err
 
 
