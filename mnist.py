@@ -497,7 +497,8 @@ def download(args: argparse.Namespace, log: logging.Logger) -> None:
 
 
 def fetch_and_verify(sources: dict[str, Source], data_dir: str, log: logging.Logger) -> None:
-    final, record_path = (os.path.join(data_dir, name) for name in (NPZ_NAME, RECORD_NAME))
+    final = os.path.join(data_dir, NPZ_NAME)
+    record_path = os.path.join(data_dir, RECORD_NAME)
     record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()}}
     if os.path.exists(final) and sha256_of(final) == expected_npz_digest(sources, record, record_path):
         log.info(f"skipped: {final} is already present and matches its SHA-256")
@@ -551,9 +552,9 @@ INFER_BATCH = 10 * SCORE_BATCH  # images that infer reads, scores and writes at 
 
 class Conv(nn.Module):
     """nn.Conv(features, (size, size), strides=2) with its SAME padding and parameters, computed as
-    one matrix product over the image's patches. XLA's CPU backend runs this and its gradient about
-    a quarter faster than nn.Conv's convolution (measured on 2 cores, batch 128: an epoch in 2.2 s
-    against 2.95 s), and needs no convolution kernels on any backend."""
+    one matrix product over the image's patches: XLA's CPU backend runs this and its gradient a
+    quarter faster than nn.Conv's convolution (the README's "How it trains" has the figures), and it
+    needs no convolution kernels on any backend."""
     features: int
     size: int
 
@@ -584,9 +585,8 @@ class CNN(nn.Module):
 
 
 def shift(images: jax.Array, offsets: jax.Array) -> jax.Array:
-    """Move each image by offsets - 1 pixels (offsets in 0..2, rows and columns). This cheap
-    augmentation lifts test accuracy and even reaches 99 % sooner (measured, 3 seeds: 99.22 % against
-    98.97 % after 5 epochs at batch 32; 99 % an epoch earlier at batch 128)."""
+    """Move each image by offsets - 1 pixels (offsets in 0..2, rows and columns): a cheap
+    augmentation that lifts test accuracy and even reaches 99 % an epoch sooner."""
     padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1)))
     return jax.vmap(lambda image, at: jax.lax.dynamic_slice(image, at, (28, 28)))(padded, offsets)
 
@@ -598,7 +598,7 @@ def predict(params, images: jax.Array) -> jax.Array:
 
 def predict_all(params, images: jax.Array) -> jax.Array:
     """predict for any number of images, SCORE_BATCH at a time, so that memory stays bounded (all
-    60,000 training images at once took 3.7 GB)."""
+    60,000 training images at once take gigabytes)."""
     return jax.lax.map(lambda image: predict(params, image[None])[0], images, batch_size=SCORE_BATCH)
 
 
@@ -623,9 +623,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 # (train_epoch) is one plan call and steps // count calls of `steps`; run_epochs then scores the
 # parameter average with `score`, and evaluate scores the saved one with the same function.
 
-# name: (Optax optimizer taking a learning-rate schedule, its peak learning rate at batch size 128).
-# Measured on MNIST, seed 0: each reaches 98.9-99.3 % after 5 epochs at batch 128, and none
-# diverges at batch 512, where the rates are twice as high.
+# name: (Optax optimizer taking a learning-rate schedule, its peak learning rate at batch size 128),
+# each rate tuned on MNIST so that none diverges at batch 512, where it doubles.
 OPTIMIZERS = {
     "adam": (optax.adam, 5e-3),
     "adamw": (optax.adamw, 5e-3),
@@ -718,9 +717,7 @@ def steps_per_call(steps: int) -> int:
 
 class TrainState(train_state.TrainState):
     """Flax's train state plus a moving average of the parameters, which the run evaluates and
-    saves: averaging out the last hundred or so steps' noise reaches 99 % an epoch sooner (measured
-    at batch 128: after 2 epochs for 5 of seeds 0-5; without it, 3 epochs for each of seeds 0-2 at
-    every peak rate tried, 0.002 to 0.008)."""
+    saves: averaging out the last hundred or so steps' noise reaches 99 % an epoch sooner."""
     average: Any
 
     def apply_gradients(self, *, grads, **kwargs) -> "TrainState":
@@ -730,8 +727,8 @@ class TrainState(train_state.TrainState):
 
 def state_initializer(config: TrainConfig, total_steps: int) -> Callable[[int], TrainState]:
     """The function of the seed that makes a run's first state: parameters from an RBG key, the
-    optimizer with its schedule. RBG because XLA compiles its generator in a fraction of the time
-    of the default Threefry's (1.7 s against 0.7 s on 2 CPU cores)."""
+    optimizer with its schedule. RBG because XLA compiles its generator in well under half the time
+    of the default Threefry's."""
     make, _ = OPTIMIZERS[config.optimizer]
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, total_steps // 20, total_steps)
@@ -750,10 +747,10 @@ def init_params(key: jax.Array):
 
 def train_steps(state, loss_sum, images, labels, batches, offsets, first, count: int, split=None):
     """`count` optimizer steps on batches[first:first + count] (image indices), each image shifted by
-    its offsets, as one loop that XLA compiles once. (XLA's CPU backend runs this loop as fast as
-    unrolled steps because Conv is a matrix product: a loop of nn.Conv steps ran about 23 times
-    slower.) With `split`, each device gathers and learns from its own slice of every batch (data
-    parallelism); XLA sums the gradients across devices, and the replicated state stays in step."""
+    its offsets, as one loop that XLA compiles once (on the CPU as fast as unrolled steps, because Conv
+    is a matrix product: a loop of nn.Conv steps runs many times slower). With `split`, each device
+    gathers and learns from its own slice of every batch (data parallelism); XLA sums the gradients
+    across devices, and the replicated state stays in step."""
     grad_fn = jax.value_and_grad(lambda params, images, labels: cross_entropy(predict(params, images), labels))
 
     def step(carry, i):
@@ -778,8 +775,8 @@ def score(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
 
 def plan_epoch(seed, epoch, n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
     """An epoch's batches of image indices, and each image's offsets for shift: all of its
-    randomness, drawn at once, so that a step draws none (in the program XLA compiles for an H100,
-    43 kernels a step instead of 50). The last partial batch is dropped, a different one each epoch.
+    randomness, drawn at once, so that a step draws none (fewer kernels a step on a GPU). The last
+    partial batch is dropped, a different one each epoch.
     Derived from (seed, epoch) alone, so runs repeat exactly."""
     order_key, shift_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), epoch))
     steps = n // batch_size
@@ -821,8 +818,7 @@ def compile_programs(config: TrainConfig, data: dict, seed: int, total_steps: in
 def compile_program(program: jax.stages.Lowered, autotune: bool) -> jax.stages.Compiled:
     """XLA's GPU backend times several kernels for each matrix product and keeps the fastest. That
     pays for the training steps, which run thousands of times; for the other programs it only
-    costs compile time (on an H100: 3.5 s against 4.4 s for the four, training time unchanged).
-    Other backends ignore the option."""
+    costs compile time. Other backends ignore the option."""
     return program.compile(None if autotune else {"xla_gpu_autotune_level": 0})
 
 
@@ -1008,7 +1004,8 @@ def container_image() -> str | None:
 # ---------------------------------------------------------------------------------- evaluation
 def load_model(model_dir: str) -> tuple[dict, dict]:
     """The parameters and model.json that train wrote, checked against this file's CNN."""
-    summary_path, params_path = (os.path.join(model_dir, name) for name in ("model.json", "params.msgpack"))
+    summary_path = os.path.join(model_dir, "model.json")
+    params_path = os.path.join(model_dir, "params.msgpack")
     try:
         with open_regular(summary_path) as f:
             summary = json.loads(f.read(MAX_CONFIG_BYTES))
@@ -1296,8 +1293,8 @@ def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) 
 
 
 def use_compilation_cache() -> None:
-    """Keep compiled programs between runs, so that a rerun loads them instead of compiling (on 2 CPU
-    cores: 0.4 s instead of 2.5 s): in $MNIST_COMPILATION_CACHE ("off" for no cache), by default in
+    """Keep compiled programs between runs, so that a rerun loads them instead of compiling (several
+    times faster): in $MNIST_COMPILATION_CACHE ("off" for no cache), by default in
     the user's cache folder. JAX keys each entry by program, JAX version and device; a damaged or
     foreign entry only costs a compilation."""
     setting = os.environ.get(CACHE_VARIABLE, "")

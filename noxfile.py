@@ -415,11 +415,17 @@ def docker_command(run: Run, opts: Options, image: str = IMAGE) -> list[str]:
     return ["docker", "run", "--rm", f"--user={os.geteuid()}:{os.getegid()}",
             *([f"--network={network(run, opts)}"] if network(run, opts) else []),
             "--cap-drop=ALL", "--security-opt=no-new-privileges", "--read-only", f"--tmpfs=/tmp:size={TMPFS_SIZE}",
-            *([f"--memory={opts.memory}"] if opts.memory else []), *([f"--cpus={opts.cpus}"] if opts.cpus else []),
+            *limit_options(opts),
             *([f"--gpus={gpus}"] if gpus else []),
             *(f"--env={key}={value}" for key, value in task_env(run, opts, image).items()),
             *(f"--volume={host}:{mount.target}:{mount.mode}" for host, mount in container_mounts(run).items()),
             IMAGE, run.task, *run.container_args]
+
+
+def limit_options(opts: Options) -> list[str]:
+    """--memory and --cpus, which Docker and Singularity spell alike, where they are asked for."""
+    limits = {"memory": opts.memory, "cpus": opts.cpus}
+    return [f"--{name}={value}" for name, value in limits.items() if value]
 
 
 def device_requests(gpus: str | None) -> list:
@@ -555,7 +561,7 @@ def singularity_options(run: Run, opts: Options) -> list[str]:
     net = network(run, opts)
     return ["--containall", "--no-home",
             *(["--net", f"--network={net}"] if net and net != "host" else []),
-            *([f"--memory={opts.memory}"] if opts.memory else []), *([f"--cpus={opts.cpus}"] if opts.cpus else []),
+            *limit_options(opts),
             *(option for key, value in task_env(run, opts, singularity_image_id(opts)).items()
               for option in ("--env", f"{key}={value}"))]
 
