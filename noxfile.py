@@ -205,12 +205,17 @@ def resolve(task: str, opts: Options) -> Run:
     return run
 
 
+def require_tasks(opts: Options) -> list[str]:
+    """The tasks to run: a runner needs one at least."""
+    if not opts.tasks:
+        raise UsageError(f"name at least one task: {', '.join(CUBE['tasks'])}")
+    return opts.tasks
+
+
 def run_tasks(session: nox.Session, opts: Options, command, execute) -> None:
     """Run each task in order through `execute(run, opts)`, or print `command(run, opts)` for
     --dry-run; stop at the first failure, exiting with that task's exit code."""
-    if not opts.tasks:
-        raise UsageError(f"name at least one task: {', '.join(CUBE['tasks'])}")
-    for task in opts.tasks:
+    for task in require_tasks(opts):
         run = resolve(task, opts)
         if opts.dry_run:
             print(shlex.join(command(run, opts)))
@@ -708,24 +713,17 @@ def k8s_job_name(task: str) -> str:
     return f"mnist-{task}-{os.urandom(3).hex()}"
 
 
-def k8s_main(args: list[str]) -> int:
+def k8s_main(opts: Options) -> int:
     """run-k8s inside its virtualenv, where the Kubernetes client is: print the manifests for
     --dry-run, else apply them task by task, streaming each pod's log, and delete what was made."""
-    try:
-        opts = parse_args(args)
-        if not opts.tasks:
-            raise UsageError(f"name at least one task: {', '.join(CUBE['tasks'])}")
-        plans = [k8s_manifests(resolve(task, opts), opts, k8s_job_name(task)) for task in opts.tasks]
-        manifests = ([k8s_claim(opts)] if opts.create_pvc else []) + [m for plan in plans for m in plan]
-        for manifest in manifests:
-            k8s_validate(manifest)
-        if opts.dry_run:
-            print(yaml.safe_dump_all(manifests, sort_keys=False), end="")
-            return 0
-        return k8s_apply(opts, plans)
-    except UsageError as e:
-        print(f"run-k8s: error: {e}", file=sys.stderr)
-        return 1
+    plans = [k8s_manifests(resolve(task, opts), opts, k8s_job_name(task)) for task in require_tasks(opts)]
+    manifests = ([k8s_claim(opts)] if opts.create_pvc else []) + [m for plan in plans for m in plan]
+    for manifest in manifests:
+        k8s_validate(manifest)
+    if opts.dry_run:
+        print(yaml.safe_dump_all(manifests, sort_keys=False), end="")
+        return 0
+    return k8s_apply(opts, plans)
 
 
 def k8s_validate(manifest: dict) -> None:
@@ -745,7 +743,10 @@ def k8s_apply(opts: Options, plans: list[list[dict]]) -> int:
     from kubernetes import client, config, utils, watch
 
     try:
-        config.load_incluster_config() if "KUBERNETES_SERVICE_HOST" in os.environ else config.load_kube_config()
+        if "KUBERNETES_SERVICE_HOST" in os.environ:  # in a pod
+            config.load_incluster_config()
+        else:
+            config.load_kube_config()
     except config.ConfigException as e:
         raise UsageError(f"no Kubernetes cluster to talk to ({e})") from None
     api, core, batch = client.ApiClient(), client.CoreV1Api(), client.BatchV1Api()
@@ -856,30 +857,24 @@ def kfp_pipeline(opts: Options):
     return pipeline
 
 
-def kfp_main(args: list[str]) -> int:
+def kfp_main(opts: Options) -> int:
     """run-kubeflow inside its virtualenv, where the kfp SDK is: write the compiled pipeline to the
     workspace, then run it here (--local) or submit it (--host)."""
-    try:
-        opts = parse_args(args)
-        if not opts.tasks:
-            raise UsageError(f"name at least one task: {', '.join(CUBE['tasks'])}")
-        from kfp import compiler
+    from kfp import compiler
 
-        package = opts.workspace / f"{PIPELINE_NAME}-pipeline.yaml"
-        opts.workspace.mkdir(parents=True, exist_ok=True)
-        compiler.Compiler().compile(kfp_pipeline(opts), str(package))
-        print(f"run-kubeflow: wrote {package}")
-        if opts.local:
-            return kfp_run_locally(opts)
-        if opts.host:
-            import kfp
+    require_tasks(opts)
+    package = opts.workspace / f"{PIPELINE_NAME}-pipeline.yaml"
+    opts.workspace.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(kfp_pipeline(opts), str(package))
+    print(f"run-kubeflow: wrote {package}")
+    if opts.local:
+        return kfp_run_locally(opts)
+    if opts.host:
+        import kfp
 
-            run = kfp.Client(host=opts.host).create_run_from_pipeline_package(str(package), arguments={})
-            print(f"run-kubeflow: submitted run {run.run_id} to {opts.host}")
-        return 0
-    except UsageError as e:
-        print(f"run-kubeflow: error: {e}", file=sys.stderr)
-        return 1
+        run = kfp.Client(host=opts.host).create_run_from_pipeline_package(str(package), arguments={})
+        print(f"run-kubeflow: submitted run {run.run_id} to {opts.host}")
+    return 0
 
 
 def kfp_run_locally(opts: Options) -> int:
@@ -956,8 +951,18 @@ def lint(session: nox.Session) -> None:
                 "mnist.py", "noxfile.py", ".ci/bench.py", "tests", "tests/standin/singularity")
 
 
-if __name__ == "__main__":  # run-k8s and run-kubeflow, each inside its own virtualenv
-    if "--help" in sys.argv:
+def main_in_virtualenv(name: str, args: list[str]) -> int:
+    """run-k8s or run-kubeflow, run again by its session inside its own virtualenv, where its client
+    is: the sessions' --help, and a usage error as one line, as runner() gives them."""
+    if "--help" in args:
         print(usage())
-        sys.exit(0)
-    sys.exit({"run-k8s": k8s_main, "run-kubeflow": kfp_main}[sys.argv[1]](sys.argv[2:]))
+        return 0
+    try:
+        return {"run-k8s": k8s_main, "run-kubeflow": kfp_main}[name](parse_args(args))
+    except UsageError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main_in_virtualenv(sys.argv[1], sys.argv[2:]))
