@@ -86,17 +86,15 @@ class CubeError(Exception):
     """A problem the user can fix: reported as one line, with a non-zero exit."""
 
 
-class Stopped(Exception):
-    """A signal asked a task to stop, and it did at a safe point; exit status 128 + the signal."""
+class Stopped(BaseException):
+    """A signal stopped the task: SIGINT or SIGTERM at a safe point of training, or SIGTERM (`docker
+    stop`, `timeout`) anywhere else, unwinding as Ctrl-C does so that no temporary file is left behind.
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for a fault of
+    the file being read. Exit status 128 + the signal."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.code = 128 + signum
-
-
-class Terminated(Exception):
-    """SIGTERM (`docker stop`, `timeout`) outside training's safe points: unwind as Ctrl-C does, so that
-    no temporary file is left behind."""
 
 
 def shorten(value: object, limit: int = 60) -> str:
@@ -1371,16 +1369,16 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:
         log.error(f"mnist.py {args.task}: {e}")
         return e.code
-    except (KeyboardInterrupt, Terminated) as e:
-        log.error(f"mnist.py {args.task}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}")
-        return 143 if isinstance(e, Terminated) else 130
+    except KeyboardInterrupt:
+        log.error(f"mnist.py {args.task}: interrupted")
+        return 128 + signal.SIGINT
     finally:
         for handler in log.handlers:
             handler.close()
 
 
 def terminate(signum, frame) -> None:
-    raise Terminated()
+    raise Stopped("terminated", signum)
 
 
 if __name__ == "__main__":

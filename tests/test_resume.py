@@ -82,3 +82,18 @@ def test_checkpoint_of_another_run_is_refused(slow_ws, capsys):
     (slow_ws / "model" / mnist.CHECKPOINT_NAME).write_bytes(b"\x00broken")
     code, _, err = run_task("train", slow_ws, capsys)
     assert code == 1 and "not a readable checkpoint" in err
+
+
+def test_sigterm_while_reading_the_checkpoint_is_not_taken_for_damage(slow_ws, capsys, monkeypatch):
+    """SIGTERM may land anywhere, here in the reader that turns any Exception of a damaged file into
+    'not a readable checkpoint': the task must still stop as terminated (143), the file untouched."""
+    (slow_ws / "model").mkdir()
+    (slow_ws / "model" / mnist.CHECKPOINT_NAME).write_bytes(b"a checkpoint")
+
+    def signalled(data):
+        mnist.terminate(signal.SIGTERM, None)  # what the handler does when SIGTERM arrives
+
+    monkeypatch.setattr(mnist.serialization, "msgpack_restore", signalled)
+    code, _, err = run_task("train", slow_ws, capsys)
+    assert code == 143 and err.strip().splitlines()[-1] == "mnist.py train: terminated"
+    assert (slow_ws / "model" / mnist.CHECKPOINT_NAME).read_bytes() == b"a checkpoint"
