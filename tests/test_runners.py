@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -311,15 +312,23 @@ def test_run_docker_failing_task_propagates_its_code(tmp_path, server, image):
 @needs_docker
 def test_run_docker_interrupted_leaves_no_container(tmp_path, image):
     ws = digits_workspace(tmp_path / "ws", 4096, 64, train_epochs=500, batch_size=32)
-    process = subprocess.Popen([sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "run-docker",
-                                "--", "train", f"--workspace={ws}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # A shell starts its background jobs with Ctrl-C ignored, and a child inherits that, but not a
+    # handler: with one here, nox starts with Ctrl-C at its default, as in a terminal.
+    command = [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "run-docker", "--", "train",
+               f"--workspace={ws}"]
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 120
     while not containers() and time.time() < deadline:
         time.sleep(0.5)
     assert containers(), "the container never started"
     time.sleep(3)
-    process.send_signal(2)  # Ctrl-C
-    assert process.wait(timeout=60) != 0
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    out = process.communicate(timeout=60)[0].decode()
+    assert process.returncode != 0, out[-3000:]
     assert containers() == []
 
 
