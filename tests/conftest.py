@@ -240,6 +240,12 @@ def start_task(task: str, ws: Path, env: dict | None = None, run_as: tuple = (),
     return start_mnist(*task_args(task, ws, **paths), env=env, run_as=run_as)
 
 
+def start_train(ws: Path, model: str, env: dict | None = None, **paths) -> subprocess.Popen:
+    """start_task for train, writing to model_dir MODEL and log_dir logs/MODEL, so that runs in one
+    workspace keep apart."""
+    return start_task("train", ws, env, **{"model_dir": ws / model, "log_dir": ws / "logs" / model, **paths})
+
+
 def finish(process: subprocess.Popen, timeout: float = 600) -> Run:
     out, err = process.communicate(timeout=timeout)
     return Run(process.returncode, out, err)

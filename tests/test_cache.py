@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from conftest import digits_workspace, finish, needs_docker, nox, sha256, start_task
+from conftest import digits_workspace, finish, needs_docker, nox, sha256, start_train
 
 import mnist
 
@@ -18,15 +18,14 @@ def cache_ws(tmp_path):
     return digits_workspace(tmp_path)
 
 
-def start_train(ws, model="model", **env):
-    """train as its own process with ws/home as its home, JAX logging its compilations."""
-    return start_task("train", ws, env={"HOME": str(ws / "home"), "XDG_CACHE_HOME": "", "JAX_LOG_COMPILES": "1", **env},
-                      model_dir=ws / model, log_dir=ws / model / "logs")
+def cache_env(ws, **env) -> dict:
+    """The variables of a run with ws/home as its home, JAX logging its compilations."""
+    return {"HOME": str(ws / "home"), "XDG_CACHE_HOME": "", "JAX_LOG_COMPILES": "1", **env}
 
 
 def train(ws, **env):
     """A run that must succeed: (its stderr, the digest of its params.msgpack)."""
-    result = finish(start_train(ws, **env), timeout=300)
+    result = finish(start_train(ws, "model", cache_env(ws, **env)), timeout=300)
     assert result.code == 0, result.err[-3000:]
     return result.err, sha256((ws / "model" / "params.msgpack").read_bytes())
 
@@ -68,7 +67,7 @@ def test_damaged_entries_cost_a_compilation_not_the_bits(cache_ws):
 
 def test_runs_at_once_share_the_cache(cache_ws):
     """Two cold runs, started together, write the same entries: both finish with the same bits."""
-    processes = [start_train(cache_ws, model) for model in ("a", "b")]
+    processes = [start_train(cache_ws, model, cache_env(cache_ws)) for model in ("a", "b")]
     assert [finish(p, timeout=300).code for p in processes] == [0, 0]
     assert (cache_ws / "a" / "params.msgpack").read_bytes() == (cache_ws / "b" / "params.msgpack").read_bytes()
 

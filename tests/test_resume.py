@@ -4,7 +4,7 @@ import signal
 import time
 
 import pytest
-from conftest import create_state, digits_workspace, finish, run_task, start_task
+from conftest import create_state, digits_workspace, finish, run_task, start_train
 
 import mnist
 
@@ -15,11 +15,6 @@ CONFIG = {"optimizer": "adam", "train_epochs": 4, "batch_size": 32, "seed": 5}
 def slow_ws(tmp_path):
     """Enough learnable data for an epoch to last about a second, so a signal lands mid-epoch."""
     return digits_workspace(tmp_path, 8192, 256, **CONFIG)
-
-
-def start_train(ws, model):
-    """train as its own process, writing to model_dir MODEL and log_dir logs/MODEL."""
-    return start_task("train", ws, model_dir=ws / model, log_dir=ws / "logs" / model)
 
 
 def start_and_signal(ws, model, signum, after_epochs):

@@ -5,7 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import digits_workspace, finish, free_port, start_task, write_config
+from conftest import digits_workspace, finish, free_port, start_train, write_config
 from flax import serialization
 
 CONFIG = {"optimizer": "adam", "train_epochs": 2, "batch_size": 64}
@@ -16,10 +16,9 @@ def scale_ws(tmp_path_factory):
     return digits_workspace(tmp_path_factory.mktemp("scale"), 2048, 256, **CONFIG)
 
 
-def start_train(ws, name, env=None, **paths):
-    """train as its own process on the CPU, writing to model_dir NAME and log_dir logs/NAME."""
-    return start_task("train", ws, env={"JAX_PLATFORMS": "cpu", **(env or {})},
-                      **{"model_dir": ws / name, "log_dir": ws / "logs" / name, **paths})
+def cpu(**env) -> dict:
+    """The variables of a run on the CPU's devices, whatever else the machine has."""
+    return {"JAX_PLATFORMS": "cpu", **env}
 
 
 def output_of(process) -> str:
@@ -35,7 +34,7 @@ def params(scale_ws, name):
 
 @pytest.fixture(scope="module")
 def one_device(scale_ws):
-    output_of(start_train(scale_ws, "one"))
+    output_of(start_train(scale_ws, "one", cpu()))
     return json.loads((scale_ws / "one" / "model.json").read_text()), params(scale_ws, "one")
 
 
@@ -48,14 +47,14 @@ def assert_close_to_one_device(scale_ws, name, one_device):
 
 
 def test_two_local_devices_match_one(scale_ws, one_device):
-    out = output_of(start_train(scale_ws, "two", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
+    out = output_of(start_train(scale_ws, "two", cpu(XLA_FLAGS="--xla_force_host_platform_device_count=2")))
     assert "training on 2 cpu device(s)" in out
     assert_close_to_one_device(scale_ws, "two", one_device)
 
 
 def test_batch_must_split_evenly_over_the_devices(scale_ws):
     config = write_config(scale_ws / "odd.yaml", {**CONFIG, "batch_size": 63})
-    code, _, err = finish(start_train(scale_ws, "odd", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    code, _, err = finish(start_train(scale_ws, "odd", cpu(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
                                       train_config=config), timeout=300)
     assert code == 1
     assert "batch_size 63 does not split evenly over the 2 devices; use a multiple of 2" in err
@@ -63,8 +62,8 @@ def test_batch_must_split_evenly_over_the_devices(scale_ws):
 
 def test_two_processes_through_jax_distributed(scale_ws, one_device):
     address = f"127.0.0.1:{free_port()}"
-    processes = [start_train(scale_ws, "multi", env={"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
-                                                    "JAX_PROCESS_ID": str(i)}) for i in (0, 1)]
+    processes = [start_train(scale_ws, "multi", cpu(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                                                           JAX_PROCESS_ID=str(i))) for i in (0, 1)]
     outputs = [output_of(p) for p in processes]
     for i, out in enumerate(outputs):
         assert f"[process {i}/2] training on 2 cpu device(s)" in out and f"[process {i}/2] epoch 2/2" in out
@@ -77,7 +76,7 @@ def test_two_processes_through_jax_distributed(scale_ws, one_device):
 
 
 def test_coordinator_without_process_count_is_one_clear_line(scale_ws):
-    code, _, err = finish(start_train(scale_ws, "lonely", env={"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}), timeout=120)
+    code, _, err = finish(start_train(scale_ws, "lonely", cpu(JAX_COORDINATOR_ADDRESS="127.0.0.1:1")), timeout=120)
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("mnist.py train: error: JAX_COORDINATOR_ADDRESS is set, so "
                                             "JAX_NUM_PROCESSES and JAX_PROCESS_ID must be set to integers too")
