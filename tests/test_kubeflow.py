@@ -20,7 +20,7 @@ print(json.dumps({"name": pipeline.name, "tasks": sorted(spec.root.dag.tasks),
 """
 
 
-def workspace(tmp_path, real_data, digest=None):
+def real_workspace(tmp_path, real_data, digest=None):
     """The real mnist.npz beside data.yaml (the offline route), and one short epoch."""
     return source_workspace(tmp_path / "ws", (real_data / "mnist.npz").read_bytes(), digest=digest, batch_size=512)
 
@@ -41,7 +41,7 @@ def test_compiled_pipeline_loads_back_with_the_sdk(tmp_path):
 
 @needs_docker
 def test_local_run_on_docker_end_to_end(tmp_path, real_data, image):
-    ws = workspace(tmp_path, real_data)
+    ws = real_workspace(tmp_path, real_data)
     result = nox("-s", "run-kubeflow", "--", "download", "train", "evaluate", f"--workspace={ws}", "--local")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [run] = [p for p in ws.iterdir() if p.name.startswith("mnist-20")]  # the pipeline root is the workspace
@@ -56,7 +56,7 @@ def test_local_run_on_docker_end_to_end(tmp_path, real_data, image):
 
 @needs_docker
 def test_a_failed_step_fails_the_run(tmp_path, real_data, image):
-    ws = workspace(tmp_path, real_data, digest="c" * 64)
+    ws = real_workspace(tmp_path, real_data, digest="c" * 64)
     result = nox("-s", "run-kubeflow", "--", "download", "train", f"--workspace={ws}", "--local")
     assert result.returncode == 1
     assert "SHA-256 mismatch" in result.stdout and "run-kubeflow: task download failed" in result.stdout + result.stderr

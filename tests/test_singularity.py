@@ -30,7 +30,7 @@ def standin(tmp_path):
 
     return env, recorded
 
-def workspace(tmp_path, server, digest=None):
+def served_workspace(tmp_path, server, digest=None):
     return source_workspace(tmp_path / "ws", npz_bytes(make_digits()), server, digest)
 
 def test_standin_configure_singularity_builds_the_recipe_without_root(tmp_path, standin):
@@ -50,7 +50,7 @@ def test_standin_configure_singularity_from_the_docker_image(tmp_path, standin):
 
 def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
     env, recorded = standin
-    ws = workspace(tmp_path, server)
+    ws = served_workspace(tmp_path, server)
     result = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", "--env=SEEN=1", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     image = str(ws / ".image" / IMAGE)
@@ -80,14 +80,14 @@ def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
 
 def test_standin_gpus_add_nv(tmp_path, server, standin):
     env, recorded = standin
-    ws = workspace(tmp_path, server)
+    ws = served_workspace(tmp_path, server)
     result = nox("-s", "run-singularity", "--", "download", f"--workspace={ws}", "--gpus=all", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert recorded()[-1][:3] == ["singularity", "run", "--nv"]
 
 def test_standin_failing_task_propagates_its_code(tmp_path, server, standin):
     env, recorded = standin
-    ws = workspace(tmp_path, server, digest="d" * 64)
+    ws = served_workspace(tmp_path, server, digest="d" * 64)
     result = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", env=env)
     assert result.returncode == 1 and "SHA-256 mismatch" in result.stdout + result.stderr
     assert "task download failed with exit code 1" in result.stderr
@@ -125,7 +125,7 @@ def test_recipe_stays_in_step_with_the_dockerfile():
 def test_standin_run_singularity_rebuilds_a_stale_image_and_says_why(tmp_path, server, standin):
     """The image records its sources beside it; a run rebuilds when they no longer match, else not."""
     env, recorded = standin
-    ws = workspace(tmp_path, server)
+    ws = served_workspace(tmp_path, server)
     assert nox("-s", "run-singularity", "--", "download", f"--workspace={ws}", env=env).returncode == 0
     record = ws / ".image" / f"{IMAGE}.sources.json"
     again = nox("-s", "run-singularity", "--", "download", f"--workspace={ws}", env=env)
