@@ -1343,7 +1343,6 @@ def run_as_output_owner(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, terminate)
     logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
     try:
         run_as_output_owner(args)
@@ -1357,6 +1356,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnist.py {args.task}: error: {e}", file=sys.stderr)
         return 1
     log.info(f"started {args.task}")
+    # Only now does SIGTERM unwind (Stopped), removing temporary files. Before, nothing needs that, and
+    # its default, ending the process (but for a container's process 1, which it leaves alone), also
+    # ends a wait for a cluster's other processes, where a Python handler would wait for JAX to give up.
+    signal.signal(signal.SIGTERM, terminate)
     try:
         TASKS[args.task][0](args, log)
         return 0

@@ -1,6 +1,8 @@
 """Scaling out: data parallelism over several local devices, and several processes through
 jax.distributed on 127.0.0.1 (CPU collectives), each compared with a one-device run."""
 import json
+import signal
+import time
 
 import jax
 import numpy as np
@@ -80,3 +82,17 @@ def test_coordinator_without_process_count_is_one_clear_line(scale_ws):
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("mnist.py train: error: JAX_COORDINATOR_ADDRESS is set, so "
                                             "JAX_NUM_PROCESSES and JAX_PROCESS_ID must be set to integers too")
+
+
+def test_sigterm_ends_a_wait_for_the_other_processes(scale_ws):
+    """A process waiting for a coordinator that never answers stops at once on SIGTERM (what `kubectl
+    delete` and `docker stop` send), not when JAX gives up on the cluster minutes later."""
+    process = start_train(scale_ws, "waiting", cpu(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
+                                                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1"))
+    time.sleep(3)  # past the imports, into the wait
+    process.send_signal(signal.SIGTERM)
+    try:
+        code, _, err = finish(process, timeout=20)
+    finally:
+        process.kill()
+    assert code == -signal.SIGTERM and "Traceback" not in err
