@@ -881,10 +881,11 @@ def run_epochs(args: argparse.Namespace, config: TrainConfig, run_id: dict, arra
                 break
             epoch_start = time.perf_counter()
             state, loss_sum = train_epoch(programs, state, data, data_seed, epoch, stop)
-            test_loss, test_accuracy, _ = programs.score(state.average, data["x_test"], data["y_test"])
+            scores = programs.score(state.average, data["x_test"], data["y_test"])
+            test_loss, test_accuracy = float(scores[0]), float(scores[1])  # waits for the epoch's last call
             epoch_seconds = time.perf_counter() - epoch_start
             history.append(EpochMetrics(
-                epoch, float(loss_sum) / steps, float(test_loss), float(test_accuracy), epoch_seconds,
+                epoch, float(loss_sum) / steps, test_loss, test_accuracy, epoch_seconds,
                 (history[-1].elapsed_seconds if history else 0) + epoch_seconds))
             if process_0:
                 write_atomically(os.path.join(args.log_dir, "train_metrics.jsonl"),
