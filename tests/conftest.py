@@ -214,17 +214,18 @@ def task_args(task: str, ws: Path, **paths) -> list[str]:
     return [task, *(f"--{name}={paths.get(name, ws / place)}" for name, place in TASK_PATHS[task].items())]
 
 
-class Run(NamedTuple):
+class Result(NamedTuple):
+    """How a task ended: its exit code and what it printed."""
     code: int
     out: str
     err: str
 
 
-def run_task(task: str, ws: Path, capsys, **paths) -> Run:
+def run_task(task: str, ws: Path, capsys, **paths) -> Result:
     """The task in this process, through mnist.main as its command line runs it."""
     code = mnist.main(task_args(task, ws, **paths))
     captured = capsys.readouterr()
-    return Run(code, captured.out, captured.err)
+    return Result(code, captured.out, captured.err)
 
 
 def start_mnist(*args: str, env: dict | None = None, run_as: tuple = ()) -> subprocess.Popen:
@@ -246,9 +247,9 @@ def start_train(ws: Path, model: str, env: dict | None = None, **paths) -> subpr
     return start_task("train", ws, env, **{"model_dir": ws / model, "log_dir": ws / "logs" / model, **paths})
 
 
-def finish(process: subprocess.Popen, timeout: float = 600) -> Run:
+def finish(process: subprocess.Popen, timeout: float = 600) -> Result:
     out, err = process.communicate(timeout=timeout)
-    return Run(process.returncode, out, err)
+    return Result(process.returncode, out, err)
 
 
 @pytest.fixture(scope="session")
