@@ -860,9 +860,9 @@ def kfp_pipeline(opts: Options):
 def kfp_main(opts: Options) -> int:
     """run-kubeflow inside its virtualenv, where the kfp SDK is: write the compiled pipeline to the
     workspace, then run it here (--local) or submit it (--host)."""
+    require_tasks(opts)  # before the SDK's import, which takes seconds
     from kfp import compiler
 
-    require_tasks(opts)
     package = opts.workspace / f"{PIPELINE_NAME}-pipeline.yaml"
     opts.workspace.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(kfp_pipeline(opts), str(package))
