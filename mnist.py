@@ -373,13 +373,13 @@ def write_atomically(path: str, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def reading(where: str, what: str):
+def reading(where: str, what: str, missing: str = "no such file"):
     """The faults of reading a file (missing, unreadable, damaged) as one CubeError naming `where`."""
     try:
         yield
     except FileNotFoundError:
-        raise CubeError(f"{where}: no such file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise CubeError(f"{where}: {missing}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise CubeError(f"{where}: not {what} ({shorten(str(e), 120)[1:-1]})") from None
 
 
@@ -439,7 +439,7 @@ def load_mnist(path: str, where: str | None = None) -> tuple[dict[str, np.ndarra
     """The four MNIST arrays from an npz (pickles refused, sizes bounded, shapes and labels checked),
     and the file's SHA-256, from one read of it. Messages name `where` (default: the path)."""
     where = where or path
-    try:
+    with reading(where, "a usable MNIST .npz", missing="no such file; run the download task first"):
         with open_regular(path, where) as f:
             blob = f.read(MAX_DATA_BYTES + 1)
         if len(blob) > MAX_DATA_BYTES:
@@ -453,10 +453,6 @@ def load_mnist(path: str, where: str | None = None) -> tuple[dict[str, np.ndarra
                 raise CubeError(f"{where}: its arrays unpack to {sum(sizes.values())} bytes, more than "
                                 f"the {MAX_DATA_BYTES} an MNIST-like data set may have")
             arrays = {key: npz[key] for key in ARRAYS}
-    except FileNotFoundError:
-        raise CubeError(f"{where}: no such file; run the download task first") from None
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise CubeError(f"{where}: not a usable MNIST .npz ({shorten(str(e), 120)[1:-1]})") from None
     return check_mnist(arrays, where), hashlib.sha256(blob).hexdigest()
 
 
@@ -791,7 +787,7 @@ class Programs(NamedTuple):
     count: int  # the steps that one call of `steps` runs
 
 
-def compile_programs(config: TrainConfig, data: dict, seed: int, total_steps: int, count: int, mesh: Mesh) -> Programs:
+def compile_programs(config: TrainConfig, data: dict, seed: int, mesh: Mesh) -> Programs:
     """Compile the four programs of a run before it starts, all at once: each is lowered from the
     shapes of its arguments (the state's and the batches' from init's and plan's outputs), and
     XLA compiles outside Python's lock, so the slowest program sets the time. The arguments that
@@ -799,14 +795,16 @@ def compile_programs(config: TrainConfig, data: dict, seed: int, total_steps: in
     with functools.partial; what remains are the arrays and numbers each call passes."""
     replicated = NamedSharding(mesh, PartitionSpec())
     n, batch_size = len(data["x_train"]), config.batch_size
-    init = jax.jit(state_initializer(config, total_steps), out_shardings=replicated).lower(config.seed)
+    steps = n // batch_size  # an epoch's
+    count = steps_per_call(steps)
+    init = jax.jit(state_initializer(config, steps * config.train_epochs), out_shardings=replicated).lower(config.seed)
     plan = jax.jit(functools.partial(plan_epoch, n=n, batch_size=batch_size), out_shardings=replicated).lower(seed, 0)
     state, (batches, offsets) = init.out_info, plan.out_info
     split = NamedSharding(mesh, PartitionSpec("batch"))
-    steps = jax.jit(functools.partial(train_steps, count=count, split=split), out_shardings=replicated).lower(
+    run_steps = jax.jit(functools.partial(train_steps, count=count, split=split), out_shardings=replicated).lower(
         state, jnp.zeros(()), data["x_train"], data["y_train"], batches, offsets, 0)
     scoring = jax.jit(score, out_shardings=replicated).lower(state.average, data["x_test"], data["y_test"])
-    lowered = {"init": init, "plan": plan, "steps": steps, "score": scoring}
+    lowered = {"init": init, "plan": plan, "steps": run_steps, "score": scoring}
     with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
         compiling = {name: pool.submit(compile_program, program, autotune=name == "steps")
                      for name, program in lowered.items()}
@@ -867,7 +865,7 @@ def run_epochs(args: argparse.Namespace, config: TrainConfig, run_id: dict, arra
     steps = len(arrays["x_train"]) // config.batch_size
     data_seed = config.seed + 1  # for shuffling and shifting; the initialisation has its own stream
     started = time.perf_counter()
-    programs = compile_programs(config, data, data_seed, steps * config.train_epochs, steps_per_call(steps), mesh)
+    programs = compile_programs(config, data, data_seed, mesh)
     compile_seconds = time.perf_counter() - started
     log.info(f"compiled in {compile_seconds:.2f} s ({programs.count} steps per call)")
 
