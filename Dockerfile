@@ -1,5 +1,5 @@
 # The MNIST MLCube image: mnist.py and its dependencies in a virtualenv; tasks run as their caller.
-#   nox -s configure-docker                                 (or: docker build -t mlcommons/mnist:0.0.1 .)
+#   nox -s configure-docker                              (or: docker build -t mlcommons/mnist-jax:0.0.1 .)
 # Classic-builder syntax only: the Docker SDK for Python builds without BuildKit.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
@@ -15,10 +15,14 @@ ENV PYTHONUNBUFFERED=1 \
     HOME=/tmp
 
 RUN python3 -m venv /opt/venv
-# Dependencies before code, so editing mnist.py rebuilds one small layer.
+# Dependencies before code, so editing mnist.py rebuilds small layers only.
 COPY requirements.txt /mlcube/requirements.txt
 RUN pip install -r /mlcube/requirements.txt ${JAX_EXTRA:+"jax[$JAX_EXTRA]"}
-COPY mnist.py /mlcube/mnist.py
+# The whole build context, which .dockerignore narrows to the files the runners fingerprint; their
+# SHA-256s are recorded, so that outputs name the code that made them under any runner, MLCube's too.
+COPY . /mlcube/
+RUN cd /mlcube && sha256sum $(ls -A) > /opt/sources.sha256
+ENV MNIST_IMAGE_SOURCES=/opt/sources.sha256
 
 # No USER: MLCube's runner starts the container with no --user, as root, and mnist.py then becomes the
 # owner of the folder that receives the task's first output (MLCube made it as its caller), so the caller

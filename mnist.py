@@ -916,7 +916,7 @@ def write_model(args: argparse.Namespace, config: TrainConfig, run_id: dict, n: 
         "images_per_second": len(history) * images_per_epoch / last.elapsed_seconds,
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
-        "image": container_image(),
+        **provenance(),
     }
     write_atomically(os.path.join(args.model_dir, "model.json"), to_json(summary))
     save_plot(os.path.join(args.log_dir, "training_curves.png"), draw_curves(history), log)
@@ -993,9 +993,27 @@ def show_progress(epoch: int, done: int, steps: int) -> None:
         sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
 
 
-def container_image() -> str | None:
-    """The image this task runs in, as the runner that started it names it (its ID); None outside one."""
-    return os.environ.get("MNIST_IMAGE") or None
+def provenance() -> dict:
+    """Which image ran the task, as outputs record it: its ID, which only the runner that started it
+    knows (MNIST_IMAGE; our runners set it, MLCube's do not), and the SHA-256 of each file it was built
+    from, which its build recorded (see image_sources), so that under any runner the outputs name the
+    code that made them. Both None outside an image."""
+    return {"image": os.environ.get("MNIST_IMAGE") or None, "image_sources": image_sources()}
+
+
+def image_sources() -> dict[str, str] | None:
+    """The image's record of its sources (`sha256sum` lines, at the path MNIST_IMAGE_SOURCES names), as
+    {file: SHA-256}: the fingerprint the runners' rebuild check compares. None without a readable one."""
+    path = os.environ.get("MNIST_IMAGE_SOURCES")
+    if not path:
+        return None
+    try:
+        with open_regular(path) as f:
+            lines = f.read(MAX_CONFIG_BYTES).decode().splitlines()
+    except (OSError, UnicodeDecodeError, CubeError):
+        return None
+    pairs = [line.split(None, 1) for line in lines]
+    return {pair[1]: pair[0] for pair in pairs if len(pair) == 2}
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -1051,7 +1069,7 @@ def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
         "per_class_accuracy": [float(c) for c in confusion.diagonal() / np.maximum(confusion.sum(1), 1)],
         "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted class
         "mistakes": len(wrong), "mistakes_shown": mistakes,  # as mistakes.png draws them
-        "data_sha256": data_sha256, "image": container_image(),
+        "data_sha256": data_sha256, **provenance(),
     }
     write_atomically(os.path.join(args.log_dir, "evaluate_metrics.json"), to_json(metrics))
     same = (metrics["test_accuracy"], metrics["test_loss"]) == (summary["test_accuracy"], summary["test_loss"])

@@ -517,13 +517,14 @@ def singularity_image(opts: Options) -> Path:
 
 
 def singularity_sources(opts: Options) -> list[str]:
-    """The recipe and the files its %files section copies in; the Docker image's with --from-docker."""
+    """The recipe and the files its %files section copies in (the recipe too, for the image's record of
+    its sources); the Docker image's with --from-docker."""
     if opts.from_docker:
         return docker_sources()
     from spython.main.parse.parsers import SingularityParser
 
     recipe = SingularityParser(str(ROOT / "Singularity.recipe")).recipe["spython-base"]
-    return sorted(["Singularity.recipe", *(line.split()[0] for line in recipe.files)])
+    return sorted({"Singularity.recipe", *(line.split()[0] for line in recipe.files)})
 
 
 def singularity_record(opts: Options) -> Path:
@@ -908,13 +909,28 @@ def run_kubeflow(session: nox.Session) -> None:
 
 # ---------------------------------------------------------------------------- MLCube's own CLI
 MLCUBE = ["mlcube==0.0.9", "mlcube-docker==0.0.9", "mlcube-singularity==0.0.9"]
+# Their cluster runners, in a virtualenv of their own: kfp 1.8 pins PyYAML 5, which builds on Python 3.11
+# only with Cython 2 and no build isolation, and its requests-toolbelt imports what urllib3 2 removed.
+MLCUBE_CLUSTER = ["mlcube==0.0.9", "mlcube-k8s==0.0.9", "mlcube-kubeflow==0.0.9", "urllib3<2"]
 
 
 @nox.session
 def mlcube(session: nox.Session) -> None:
     """MLCube's reference CLI and runners: `nox -s mlcube -- run --mlcube=. --platform=docker --task=train`."""
+    run_mlcube(session, MLCUBE)
+
+
+@nox.session(name="mlcube-cluster")
+def mlcube_cluster(session: nox.Session) -> None:
+    """MLCube's k8s and kubeflow runners: `nox -s mlcube-cluster -- show_config --mlcube=. --platform=k8s`."""
+    session.install("pip<24.1", "cython<3", "wheel", "setuptools")
+    session.install("--no-build-isolation", "pyyaml==5.4.1")
+    run_mlcube(session, MLCUBE_CLUSTER)
+
+
+def run_mlcube(session: nox.Session, packages: list[str]) -> None:
     session.install("pip<24.1")  # MLCube pins omegaconf 2.1, whose metadata newer pips reject
-    session.install(*MLCUBE)
+    session.install(*packages)
     # MLCube writes its settings to ~/mlcube.yaml unless told otherwise: keep them in its virtualenv.
     settings = os.environ.get("MLCUBE_SYSTEM_SETTINGS", str(Path(session.virtualenv.location) / "mlcube.yaml"))
     session.run("mlcube", *session.posargs, env={"MLCUBE_SYSTEM_SETTINGS": settings})

@@ -325,6 +325,20 @@ def exited_containers() -> set[str]:
                               capture_output=True, text=True).stdout.split())
 
 
+def pulls_since(start: float) -> list[str]:
+    """The images the Docker engine pulled from `start` (a time.time()) until now."""
+    events = subprocess.run(["docker", "events", f"--since={start:.3f}", f"--until={time.time():.3f}",
+                             "--filter=type=image", "--filter=event=pull", "--format={{.Actor.ID}}"],
+                            capture_output=True, text=True, check=True)
+    return events.stdout.split()
+
+
+def built_sources(folder: Path) -> dict[str, str]:
+    """Each file the image is built from (the runners' list), and its SHA-256 in `folder`: what the
+    image records of itself, and the outputs after it."""
+    return {name: sha256((folder / name).read_bytes()) for name in noxfile.docker_sources()}
+
+
 def remove_containers(ids: set[str]) -> None:
     if ids:
         subprocess.run(["docker", "rm", *ids], capture_output=True)

@@ -1,18 +1,28 @@
 """MLCube's own CLI (mlcube 0.0.9 and its Docker runner from PyPI, in their nox-managed virtualenv) runs
-this cube's image on the real Docker engine, as the root caller and as a plain user in the docker group."""
+this cube's image on the real Docker engine, as the root caller and as a plain user in the docker group,
+building it before every run: never pulled, never stale."""
 import json
 import os
+import shutil
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
+import noxfile
 from conftest import (
     BASE,
+    CUBE_FILES,
     IMAGE,
     ROOT,
+    built_sources,
     chown,
     exited_containers,
+    make_digits,
     needs_docker,
     nox,
+    npz_bytes,
+    pulls_since,
     remove_containers,
     source_workspace,
 )
@@ -48,6 +58,7 @@ def test_mlcube_run_every_task_out_of_the_box(real_data, image, plain_user, call
         remove_containers(exited_containers() - before)
     summary = json.loads((ws / "model" / "model.json").read_text())
     assert summary["epochs_run"] == 1 and summary["test_accuracy"] > 0.9 and summary["image"] is None
+    assert summary["image_sources"] == built_sources(user / "cube" if user else ROOT)
     metrics = json.loads((ws / "logs" / "evaluate_metrics.json").read_text())
     assert metrics["test_accuracy"] == summary["test_accuracy"]
     assert len(json.loads((ws / "predictions" / "predictions.json").read_text())["predictions"]) == 10000
@@ -66,17 +77,71 @@ def test_mlcube_run_every_task_out_of_the_box(real_data, image, plain_user, call
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in ws.iterdir()) == ["data.yaml", "mnist.npz", "train.yaml"]
 
+def cube_copy(folder: Path, old: str = "", new: str = "") -> Path:
+    """The cube's files in `folder`, with `old` replaced by `new` in mnist.py."""
+    folder.mkdir()
+    for name in CUBE_FILES:
+        shutil.copy(ROOT / name, folder / name)
+    source = (ROOT / "mnist.py").read_text()
+    assert old in source
+    (folder / "mnist.py").write_text(source.replace(old, new) if old else source)
+    return folder
+
+
+def restore_image():
+    """The image as the other tests had it, built by our runner (MLCube's builds carry no sources label)."""
+    assert nox("-s", "configure-docker", "--", *BASE).returncode == 0
+
+
 @needs_docker
-def test_mlcube_configure_builds_from_the_dockerfile(image, tmp_path):
-    """MLCube's default strategy pulls, which an unpushed image cannot; `auto` builds it here, with
-    the docker CLI, from the same Dockerfile and context."""
-    result = mlcube("configure", "--mlcube=.", "--platform=docker", "-Pdocker.build_strategy=auto", home=tmp_path)
+def test_mlcube_run_runs_an_edit_at_once(image, tmp_path):
+    """build_strategy: always: after mnist.py changes, the next `mlcube run` runs the change."""
+    started = 'log.info(f"started {args.task}")'
+    cube = cube_copy(tmp_path / "cube", started, started.replace("}", "} (edited)"))
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()))
+    try:
+        before = exited_containers()
+        result = mlcube("run", f"--mlcube={cube}", "--platform=docker", "--task=download", f"--workspace={ws}",
+                        home=tmp_path)
+        remove_containers(exited_containers() - before)
+    finally:
+        restore_image()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"Successfully tagged {IMAGE}" in result.stdout
-    inspect = json.loads(subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True,
-                                        text=True).stdout)[0]
-    assert inspect["Config"]["Entrypoint"] == ["python3", "/mlcube/mnist.py"]
-    assert nox("-s", "configure-docker", "--", *BASE).returncode == 0  # the image as the other tests had it
+    assert "started download (edited)" in result.stdout
+
+
+@needs_docker
+def test_mlcube_run_replaces_a_stranger_image_of_the_cube_name(image, tmp_path):
+    """Someone else's image tagged with our name (here the base image, which has no mnist.py) is not
+    run: `mlcube run` builds ours over the name first, and pulls nothing."""
+    subprocess.run(["docker", "tag", os.environ.get("MNIST_BASE_IMAGE", "python:3.11-slim-bookworm"), IMAGE],
+                   check=True)
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()))
+    try:
+        start, before = time.time(), exited_containers()
+        result = mlcube("run", "--mlcube={cube}", "--platform=docker", "--task=download", f"--workspace={ws}",
+                        home=tmp_path)
+        remove_containers(exited_containers() - before)
+        assert pulls_since(start) == []
+    finally:
+        restore_image()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "started download" in result.stdout and (ws / "data" / "mnist.npz").is_file()
+
+
+def test_standin_mlcube_configure_singularity_builds_the_recipe(tmp_path):
+    """STAND-IN for Singularity (tests/standin/singularity records what it is asked): MLCube's own
+    Singularity runner, finding no image, builds ours from Singularity.recipe, unprivileged."""
+    cube = cube_copy(tmp_path / "cube")
+    log = tmp_path / "standin.log"
+    env = {"PATH": f"{ROOT / 'tests' / 'standin'}:{os.environ['PATH']}", "STANDIN_LOG": str(log),
+           "MLCUBE_SYSTEM_SETTINGS": str(tmp_path / "mlcube-settings.yaml")}
+    result = nox("-s", "mlcube", "--", "configure", f"--mlcube={cube}", "--platform=singularity", env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    image = cube / "workspace" / ".image" / noxfile.CUBE["singularity"]["image"]
+    built = [json.loads(line) for line in log.read_text().splitlines() if "build" in line]
+    assert built == [["singularity", "build", "--fakeroot", str(image), "Singularity.recipe"]]
+    assert image.is_file()
 
 
 @pytest.mark.parametrize("args", [["describe", "--mlcube=."], ["show_config", "--mlcube=.", "--platform=singularity"],

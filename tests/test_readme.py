@@ -1,23 +1,37 @@
 """The README's walkthrough cannot rot: its annotated mlcube.yaml says what the file says, and every
-command of its quick start runs, as written, in a fresh copy of the repository. Where the walkthrough
+command of its quick start and of its MLCube section runs, as written, in a fresh copy of the repository. Where the walkthrough
 reaches what this machine has not, the test stands in and says so here: the internet, which
 workspace/data.yaml points at, is replaced by the offline route the README describes (the real
 mnist.npz beside data.yaml, with its own SHA-256). Singularity and a Kubernetes cluster cannot run
 here either; the walkthrough shows them with --dry-run, which runs as written."""
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, exited_containers, needs_docker, remove_containers, sha256
+from conftest import (
+    IMAGE,
+    ROOT,
+    built_sources,
+    exited_containers,
+    needs_docker,
+    pulls_since,
+    remove_containers,
+    sha256,
+)
 
 README = (ROOT / "README.md").read_text()
 
 
-def section(title: str) -> str:
-    start = README.index(f"\n## {title}\n")
-    end = README.find("\n## ", start + 1)
+def section(title: str, level: str = "##") -> str:
+    start = README.index(f"\n{level} {title}\n")
+    end = README.find(f"\n{level} ", start + 1)
     return README[start:end]
 
 
@@ -54,8 +68,9 @@ def test_the_quick_start_names_every_runner_beside_mlcube():
     assert len(commands(table)) >= 10
 
 
-@needs_docker
-def test_quick_start_runs_as_written(tmp_path, real_data, image):
+def fresh_copy(tmp_path, real_data) -> Path:
+    """The repository's tracked files in `tmp_path`/cube, with the real mnist.npz beside data.yaml (the
+    offline route, standing in for the internet)."""
     copy = tmp_path / "cube"
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
     if tracked.returncode:
@@ -63,16 +78,53 @@ def test_quick_start_runs_as_written(tmp_path, real_data, image):
     for name in filter(None, tracked.stdout.split("\0")):
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, copy / name)
-    body = (real_data / "mnist.npz").read_bytes()  # the offline route, standing in for the internet
+    body = (real_data / "mnist.npz").read_bytes()
     (copy / "workspace" / "mnist.npz").write_bytes(body)
     (copy / "workspace" / "data.yaml").write_text(yaml.safe_dump({"uri": "mnist.npz", "hash": sha256(body)}))
-    script = "\n".join(["set -euo pipefail", *(f"echo '>>> {c}'\n{c}" for c in commands(section("Quick start")))])
+    return copy
+
+
+def run_as_written(copy: Path, text: str, tmp_path, venv: str = "") -> subprocess.CompletedProcess:
+    """The commands of a README section, as a user with a new home types them in the copy, with the
+    quick start's virtualenv active when `venv` names one (its bin folder)."""
+    script = "\n".join(["set -euo pipefail", *(f"echo '>>> {c}'\n{c}" for c in commands(text))])
     before = exited_containers()
     result = subprocess.run(["bash", "-c", script], cwd=copy, capture_output=True, text=True, timeout=1800,
-                            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path),
+                            env={"PATH": f"{venv}:/usr/local/bin:/usr/bin:/bin".lstrip(":"), "HOME": str(tmp_path),
                                  "MNIST_COMPILATION_CACHE": str(tmp_path / "cache")})
     remove_containers(exited_containers() - before)  # what `mlcube run` left
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+@needs_docker
+def test_mlcube_seed_commands_build_this_cube_and_never_pull(tmp_path, real_data, image):
+    """The MLCube section's commands, the seed's as it prints them (no -P flags, a new MLCube settings
+    file), on an engine that holds no image of the cube's name: they build it from our Dockerfile, pull
+    nothing, and run our mnist.py, whose outputs name the sources the image was built from."""
+    copy = fresh_copy(tmp_path, real_data)
+    kept = f"mnist-kept:{tmp_path.name.lower()}"  # the layers stay cached under another name
+    subprocess.run(["docker", "tag", IMAGE, kept], check=True)
+    subprocess.run(["docker", "rmi", IMAGE], check=True, capture_output=True)
+    try:
+        start = time.time()
+        venv = os.path.dirname(sys.executable)  # this suite's, which has what the quick start installs
+        result = run_as_written(copy, section("MLCube's own CLI", "###"), tmp_path, venv)
+        assert pulls_since(start) == [] and "Will pull" not in result.stdout + result.stderr
+    finally:
+        subprocess.run(["docker", "rmi", kept], capture_output=True)
+    assert f"Successfully tagged {IMAGE}" in result.stdout
+    for line in ("started download", "started train", "epoch 5/5: train_loss", "started evaluate",
+                 "started infer", "runner: k8s", "runner: kubeflow"):
+        assert line in result.stdout
+    summary = json.loads((copy / "workspace" / "model" / "model.json").read_text())
+    assert summary["image"] is None and summary["image_sources"] == built_sources(copy)
+
+
+@needs_docker
+def test_quick_start_runs_as_written(tmp_path, real_data, image):
+    copy = fresh_copy(tmp_path, real_data)
+    result = run_as_written(copy, section("Quick start"), tmp_path)
     assert re.search(r"^epoch 5/5: train_loss [0-9.]+, test_loss [0-9.]+, test_accuracy 0\.99", result.stdout, re.M)
     listed = {"data": ["mnist.npz", "download.json"], "model": ["params.msgpack", "model.json"],
               "logs": ["mnist_download.log", "mnist_train.log", "train_metrics.jsonl", "training_curves.png",

@@ -337,7 +337,7 @@ def test_failed_build_names_the_step(image):
     result = nox("-s", "configure-docker", "--", "--build-arg=BASE_IMAGE=mnist-no-such-base:0")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
-    assert "docker build of mlcommons/mnist:0.0.1 failed at Step 2/" in line and ": FROM ${BASE_IMAGE}: " in line
+    assert f"docker build of {IMAGE} failed at Step 2/" in line and ": FROM ${BASE_IMAGE}: " in line
 
 
 @needs_docker

@@ -10,7 +10,9 @@ import json
 import os
 import shlex
 
+import noxfile
 import pytest
+from conftest import IMAGE as DOCKER_IMAGE
 from conftest import ROOT, make_digits, nox, npz_bytes, sha256, source_workspace
 from spython.main.parse.parsers import DockerParser, SingularityParser
 
@@ -46,7 +48,7 @@ def test_standin_configure_singularity_from_the_docker_image(tmp_path, standin):
     result = nox("-s", "configure-singularity", "--", f"--workspace={tmp_path}", "--from-docker", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert recorded() == [["singularity", "build", "--force", str(tmp_path / ".image" / IMAGE),
-                           "docker-daemon://mlcommons/mnist:0.0.1"]]
+                           f"docker-daemon://{DOCKER_IMAGE}"]]
 
 def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
     env, recorded = standin
@@ -109,16 +111,25 @@ def test_missing_binary_is_one_clear_line(tmp_path, binaries, message):
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 def test_recipe_stays_in_step_with_the_dockerfile():
-    """spython's parsers read both files: same base, same files, same venv install, same entry point."""
+    """spython's parsers read both files: same base, same files (each image copies in what it is built
+    from, its own recipe included, and records their SHA-256), same venv install, same entry point."""
     docker = DockerParser(str(ROOT / "Dockerfile")).recipe["spython-base"]
     recipe = SingularityParser(str(ROOT / "Singularity.recipe")).recipe["spython-base"]
     assert recipe.fromHeader == docker.fromHeader
-    assert [line.split() for line in recipe.files] == docker.files
+    assert [line.split() for line in recipe.files] == [
+        ["requirements.txt", "/mlcube/requirements.txt"], ["mnist.py", "/mlcube/mnist.py"],
+        ["Singularity.recipe", "/mlcube/Singularity.recipe"]]
+    assert docker.files == [["requirements.txt", "/mlcube/requirements.txt"], [".", "/mlcube/"]]
+    assert {"Dockerfile", "mnist.py", "requirements.txt"} <= set(noxfile.docker_sources())
+    record = "cd /mlcube && sha256sum $(ls -A) > /opt/sources.sha256"
+    assert record in recipe.install and record in docker.install
+    assert "MNIST_IMAGE_SOURCES=/opt/sources.sha256" in docker.environ
     assert shlex.split(recipe.cmd) == ["exec", *docker.entrypoint, "$@"]
     assert "python3 -m venv /opt/venv" in recipe.install and "python3 -m venv /opt/venv" in docker.install
     assert any("pip install" in line and "-r /mlcube/requirements.txt" in line for line in recipe.install)
     environ = " ".join(recipe.environ).split()
-    assert {"PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1", "PYTHONNOUSERSITE=1"} <= set(environ)
+    assert {"PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1", "PYTHONNOUSERSITE=1",
+            "MNIST_IMAGE_SOURCES=/opt/sources.sha256"} <= set(environ)
     assert {"PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1"} <= set(docker.environ)
     assert recipe.labels and "%help" in (ROOT / "Singularity.recipe").read_text()
 
