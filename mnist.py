@@ -30,6 +30,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import glob
 import gzip
 import hashlib
 import http.client
@@ -40,13 +41,14 @@ import math
 import os
 import re
 import signal
-import socket
 import stat
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -65,14 +67,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # -------------------------------------------------------------------------------------- config
 HTTP_TIMEOUT = 30.0  # seconds to connect, and at most between two reads of a body
+MIN_RATE = 10_000  # bytes a second that a transfer must average, once it has run for HTTP_TIMEOUT
 HTTP_ATTEMPTS = 4  # tries for connection faults and 5xx answers; a 4xx answer is never retried
 RETRY_DELAY = 1.0  # seconds before the second try, doubled before each one after it
 CHUNK = 1 << 20
 MAX_CONFIG_BYTES = 64 << 10  # a config is a few lines; this bounds what the YAML reader parses
 MAX_DATA_BYTES = 128 << 20  # of a downloaded file, and of an IDX file's arrays: MNIST's largest is 47 MB
 MAX_URI_CHARS = 2048
-LOCK_NAME = ".mnist.lock"  # in a folder that one run at a time may write: data_dir, model_dir
+PART = re.compile(r"\..+\.mnist-\d+-[0-9a-f]{8}\.part")  # our temporary files: .NAME.mnist-PID-RANDOM.part
 CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
+SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
 MAX_CACHE_BYTES = 100 << 20  # beyond this, the programs written longest ago are dropped; a run adds 0.4 MB
 
 NPZ_NAME = "mnist.npz"
@@ -122,6 +126,20 @@ class ConfigLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed",
                                               self.peek_event().start_mark)
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is a mistake (YAML would keep the later value without a word)."""
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key.value} given twice", key.start_mark)
+            seen.add(key.value if isinstance(key, yaml.ScalarNode) else id(key))
+        return super().construct_mapping(node, deep)
+
+
+# 1e-3 is a number, as in YAML 1.2 and to everyone who writes one; YAML 1.1 wants a dot (1.0e-3).
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                   list("-+0123456789."))
 
 
 def read_yaml(path: str) -> dict:
@@ -201,15 +219,29 @@ def read_source(entry: dict, base: str, where: str) -> Source:
         raise CubeError(f"{where}: size must be the file's size in bytes, 1 to {MAX_DATA_BYTES}, got {shorten(size)}")
     if len(uri) > MAX_URI_CHARS:
         raise CubeError(f"{where}: uri longer than {MAX_URI_CHARS} characters: {shorten(uri)}")
-    scheme = urllib.parse.urlsplit(uri).scheme
-    if scheme == "file":
-        uri = urllib.request.url2pathname(urllib.parse.urlsplit(uri).path)
-    elif scheme == "":  # a plain path is relative to the config file, as it is in the container
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        parts.port  # noqa: B018 (a port out of range raises only when it is read)
+    except ValueError as e:
+        raise CubeError(f"{where}: not a valid uri: {shorten(uri)} ({e})") from None
+    if parts.scheme == "file":
+        uri = urllib.request.url2pathname(parts.path)
+    elif parts.scheme == "":  # a plain path is relative to the config file, as it is in the container
         uri = os.path.join(base, uri)
-    elif scheme not in ("http", "https"):
-        raise CubeError(f"{where}: unsupported uri scheme {shorten(scheme + ':')} in {shorten(uri)} "
+    elif parts.scheme in ("http", "https"):
+        uri = ascii_uri(uri, parts, where)
+    else:
+        raise CubeError(f"{where}: unsupported uri scheme {shorten(parts.scheme + ':')} in {shorten(uri)} "
                         "(expected http://, https://, file:// or a local path)")
     return Source(uri, digest, size)
+
+
+def ascii_uri(uri: str, parts: urllib.parse.SplitResult, where: str) -> str:
+    """An http(s) uri as a server takes it: other characters than ASCII's printable ones in its path
+    and query percent-encoded as UTF-8, as browsers send them; a host name must be ASCII already."""
+    if not parts.netloc.isascii():
+        raise CubeError(f"{where}: the host in {shorten(uri)} is not ASCII; write it in its ASCII form (xn--...)")
+    return urllib.parse.quote(uri, safe="".join(map(chr, range(33, 127))))
 
 
 class Progress:
@@ -239,14 +271,24 @@ def stream(source, out, total: int | None, uri: str, limit: int, why: str) -> tu
     out.truncate()
     sha, size = hashlib.sha256(), 0
     progress = Progress(os.path.basename(urllib.parse.urlsplit(uri).path) or uri, total)
-    while chunk := source.read(CHUNK):
+    started = time.monotonic()
+    while chunk := source.read1(CHUNK):  # read1: what has arrived, so that a trickle is seen
         size += len(chunk)
         if size > limit:
             raise CubeError(f"{uri}: stopped after {limit} bytes, {why}; check the uri")
         write_staged(out, chunk)
         sha.update(chunk)
         progress.update(size)
+        check_rate(uri, size, time.monotonic() - started)
     return sha.hexdigest(), size
+
+
+def check_rate(uri: str, size: int, seconds: float) -> None:
+    """Each read may wait HTTP_TIMEOUT; the whole transfer must also average MIN_RATE once it has run
+    that long, so that a server that trickles a byte at a time cannot hold a task for ever."""
+    if seconds > HTTP_TIMEOUT and size < MIN_RATE * seconds:
+        raise CubeError(f"{uri}: slower than {MIN_RATE / 1000:g} kB/s on average ({size} bytes in {seconds:.0f} s); "
+                        "check the network, or point uri at a local copy")
 
 
 def fetch_http(source: Source, out, log: logging.Logger) -> tuple[str, int]:
@@ -307,16 +349,16 @@ def fetch_source(source: Source, out, log: logging.Logger) -> None:
 
 @contextlib.contextmanager
 def staged(path: str):
-    """A new temporary file beside `path` (so that a rename is atomic), with the umask's
-    permissions, open for writing; removed when the block ends unless move_into_place() put it at `path`.
-    A run killed before that leaves it behind: the next run that holds the folder's lock removes it."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.urandom(4).hex()}.part")
+    """A new temporary file beside `path` (so that a rename is atomic), with the umask's permissions,
+    open for writing; removed when the block ends unless move_into_place() put it at `path`. A run
+    killed before that leaves it behind, and the next task that writes in the folder removes it (main)."""
+    out = open_part(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     try:
-        with open(tmp, "xb") as out:
-            yield out, tmp
+        with out:
+            yield out, out.name
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if os.path.exists(out.name):
+            os.unlink(out.name)
 
 
 def write_staged(out, data: bytes) -> None:
@@ -372,6 +414,36 @@ def write_atomically(path: str, data: bytes) -> None:
         move_into_place(out, tmp, path)
 
 
+def open_part(folder: str, name: str):
+    """A new temporary file for `name` in `folder`, named as only this cube names them (PART) and
+    locked by this process for as long as it is open: a lock, unlike a process ID, says whether its
+    maker is alive from any host or container that shares the folder."""
+    while True:
+        out = open(os.path.join(folder, f".{name}.mnist-{os.getpid()}-{os.urandom(4).hex()}.part"), "xb")
+        fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+        if os.fstat(out.fileno()).st_nlink:  # not removed by another run's clean-up before the lock
+            return out
+        out.close()
+
+
+def remove_abandoned_parts(folder: str) -> None:
+    """Remove the temporary files that killed runs left in `folder`: this cube's by their name (PART),
+    and only those no live process holds. A user's own files are never touched."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in filter(PART.fullmatch, names):
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):  # held (BlockingIOError), or gone already
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(path)
+            finally:
+                os.close(fd)
+
+
 @contextlib.contextmanager
 def reading(where: str, what: str, missing: str = "no such file"):
     """The faults of reading a file (missing, unreadable, damaged) as one CubeError naming `where`."""
@@ -381,6 +453,8 @@ def reading(where: str, what: str, missing: str = "no such file"):
         raise CubeError(f"{where}: {missing}") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise CubeError(f"{where}: not {what} ({shorten(str(e), 120)[1:-1]})") from None
+    except MemoryError:  # a header that declares more than any file of ours holds
+        raise CubeError(f"{where}: not {what} (it declares more data than memory holds)") from None
 
 
 def open_maybe_gzipped(stack: contextlib.ExitStack, path: str, where: str):
@@ -452,31 +526,31 @@ def load_mnist(path: str, where: str | None = None) -> tuple[dict[str, np.ndarra
             if sum(sizes.values()) > MAX_DATA_BYTES:  # a compressed npz can unpack to any size
                 raise CubeError(f"{where}: its arrays unpack to {sum(sizes.values())} bytes, more than "
                                 f"the {MAX_DATA_BYTES} an MNIST-like data set may have")
+            for key in ARRAYS:  # np.load allocates what a header declares before it reads a byte
+                with npz.zip.open(f"{key}.npy") as member:
+                    shape, dtype = npy_header(member, where)
+                declared = math.prod(shape) * np.dtype(dtype).itemsize
+                if declared > sizes[key]:
+                    raise CubeError(f"{where}: its {key} declares {'×'.join(map(str, shape))} {dtype} "
+                                    f"({declared} bytes) in {sizes[key]} bytes")
             arrays = {key: npz[key] for key in ARRAYS}
     return check_mnist(arrays, where), hashlib.sha256(blob).hexdigest()
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str):
-    """One run at a time in `folder`: an OS lock on folder/.mnist.lock, which dies with its process
-    (kill -9 too). Holding it, a run first removes the temporary files a killed run left there."""
-    path = os.path.join(folder, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def folder_lock(folder: str, shared: bool = False):
+    """One writer at a time in `folder` (download's data_dir, train's model_dir), and no reader while
+    it writes (evaluate and infer read model_dir `shared`), so that no one sees two runs' files mixed:
+    an OS lock on the folder itself, which dies with its process (kill -9 too), needs no file (a
+    read-only mount can be locked) and holds across containers that mount the folder."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 100, 0).decode(errors="replace").strip() or "starting"
-            raise CubeError(f"{folder}: in use by another run (process {holder}); wait for it to end, "
-                            "or choose another folder") from None
-        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        for name in os.listdir(folder):
-            if name.startswith(".") and name.endswith(".part"):
-                os.unlink(os.path.join(folder, name))
-        try:
-            yield
-        finally:
-            os.unlink(path)  # while still holding it, so that no one else holds this file
+            doing = "being written by another run" if shared else "in use by another run (writing or reading it)"
+            raise CubeError(f"{folder}: {doing}; wait for it to end, or choose another folder") from None
+        yield
     finally:
         os.close(fd)
 
@@ -494,8 +568,11 @@ def fetch_and_verify(sources: dict[str, Source], data_dir: str, log: logging.Log
     final = os.path.join(data_dir, NPZ_NAME)
     record_path = os.path.join(data_dir, RECORD_NAME)
     record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()}}
-    if os.path.exists(final) and sha256_of(final) == expected_npz_digest(sources, record, record_path):
+    expected = expected_npz_digest(sources, record, record_path)
+    if os.path.exists(final) and sha256_of(final) == expected:
         log.info(f"skipped: {final} is already present and matches its SHA-256")
+        if read_record(record_path) != {**record, NPZ_NAME: expected}:  # a run killed before writing it
+            write_atomically(record_path, to_json({**record, NPZ_NAME: expected}))
         return
     if NPZ_NAME in sources:
         with staged(final) as (out, tmp):
@@ -516,12 +593,18 @@ def expected_npz_digest(sources: dict[str, Source], record: dict, record_path: s
     """The SHA-256 that data_dir/mnist.npz has when it was made from these sources."""
     if NPZ_NAME in sources:
         return sources[NPZ_NAME].sha256
+    previous = read_record(record_path)
+    return previous.get(NPZ_NAME) if previous.get("sources") == record["sources"] else None
+
+
+def read_record(path: str) -> dict:
+    """download.json as an earlier run wrote it; {} when there is none or it is unreadable."""
     try:
-        with open(record_path, encoding="utf-8") as f:
-            previous = json.load(f)
-        return previous[NPZ_NAME] if previous["sources"] == record["sources"] else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        with open_regular(path) as f:
+            record = json.loads(f.read(MAX_CONFIG_BYTES))
+    except (OSError, ValueError, CubeError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) -> bytes:
@@ -542,6 +625,8 @@ ARCHITECTURE = "CNN(conv16/4x4/s2, conv32/3x3/s2, dense128, dense10)"  # recorde
 SCORE_BATCH = 1000  # images that evaluation and inference score at once
 MISTAKES_SHOWN = 36  # the most confident mistakes that evaluate lists and draws
 INFER_BATCH = 10 * SCORE_BATCH  # images that infer reads, scores and writes at a time: its memory stays flat
+MODEL_FILES = ("model.json", "params.msgpack")  # what train writes in model_dir, and evaluate and infer read
+PREDICTIONS_START = b'{"images": '  # how infer's output begins: the only existing file it replaces
 
 
 class Conv(nn.Module):
@@ -1018,14 +1103,15 @@ def image_sources() -> dict[str, str] | None:
 
 # ---------------------------------------------------------------------------------- evaluation
 def load_model(model_dir: str) -> tuple[dict, dict]:
-    """The parameters and model.json that train wrote, checked against this file's CNN."""
-    summary_path = os.path.join(model_dir, "model.json")
-    params_path = os.path.join(model_dir, "params.msgpack")
+    """The parameters and model.json that train wrote, checked against this file's CNN. Both are read
+    under the folder's lock, shared, so that they come from one run even while another replaces them."""
+    summary_path = os.path.join(model_dir, MODEL_FILES[0])
+    params_path = os.path.join(model_dir, MODEL_FILES[1])
     try:
-        with open_regular(summary_path) as f:
+        with folder_lock(model_dir, shared=True), open_regular(summary_path) as f:
             summary = json.loads(f.read(MAX_CONFIG_BYTES))
-        with open_regular(params_path) as f:
-            blob = f.read(MAX_DATA_BYTES)
+            with open_regular(params_path) as g:
+                blob = g.read(MAX_DATA_BYTES)
     except FileNotFoundError as e:
         raise CubeError(f"{e.filename}: no such file; run the train task first") from None
     except (OSError, ValueError) as e:
@@ -1097,12 +1183,17 @@ def image_batches(path: str, batch: int):
     (gzipped or not), and an iterator over them, `batch` at a time: no more is ever in memory."""
     with contextlib.ExitStack() as stack:
         with reading(path, "readable images"):
-            if path.endswith((".npy", ".npz")):
-                f = stack.enter_context(open_regular(path)) if path.endswith(".npy") else npz_member(stack, path)
+            f = open_maybe_gzipped(stack, path, path)
+            start = f.read(6)
+            f.seek(0)
+            if start.startswith(b"PK"):  # a zip, so an .npz: the format is told by the first bytes, not the name
+                f = npz_member(stack, f, path)
+            if start.startswith((b"PK", b"\x93NUMPY")):
                 shape, dtype = npy_header(f, path)
-            else:
-                f = open_maybe_gzipped(stack, path, path)
+            elif start.startswith(b"\0\0\x08"):
                 shape, dtype = read_idx_header(f, path), "uint8"
+            else:
+                raise CubeError(f"{path}: not images infer reads (a .npy, an .npz or an IDX file, gzipped or not)")
         if dtype != "uint8" or shape[-2:] != (28, 28) or len(shape) not in (2, 3):
             raise CubeError(f"{path}: expected uint8 images N×28×28 or one 28×28, "
                             f"found {dtype} {'×'.join(map(str, shape))}")
@@ -1110,13 +1201,14 @@ def image_batches(path: str, batch: int):
         yield count, read_batches(f, count, batch, path)
 
 
-def npz_member(stack: contextlib.ExitStack, path: str):
+def npz_member(stack: contextlib.ExitStack, f, path: str):
     """The .npz's one array, or its x_test, open for reading as the .npy file it holds."""
-    archive = stack.enter_context(zipfile.ZipFile(stack.enter_context(open_regular(path))))
+    archive = stack.enter_context(zipfile.ZipFile(f))
     names = [name.removesuffix(".npy") for name in archive.namelist()]
     chosen = names if len(names) == 1 else [name for name in names if name == "x_test"]
     if not chosen:
-        raise CubeError(f"{path}: holds {shorten(', '.join(names))[1:-1]}; expected one array, or x_test")
+        held = f"holds {shorten(', '.join(names))[1:-1]}" if names else "holds no arrays"
+        raise CubeError(f"{path}: {held}; expected one array, or x_test")
     return stack.enter_context(archive.open(chosen[0] + ".npy"))
 
 
@@ -1156,12 +1248,14 @@ def class_probabilities(params, images: jax.Array) -> jax.Array:
 
 def infer(args: argparse.Namespace, log: logging.Logger) -> None:
     """Classify images with the trained model; write each one's class and probabilities as JSON."""
+    model_files = [os.path.join(args.model_dir, name) for name in MODEL_FILES]
+    check_replaceable(args.predictions, [args.images, *model_files])
     params, _ = load_model(args.model_dir)
     classify = jax.jit(class_probabilities)
     os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
     with image_batches(args.images, INFER_BATCH) as (count, batches), staged(args.predictions) as (out, tmp):
         size = min(INFER_BATCH, count)  # every call the same shape: one program
-        write_staged(out, b'{"images": ' + to_json(args.images, None) + b', "predictions": [')
+        write_staged(out, PREDICTIONS_START + to_json(args.images, None) + b', "predictions": [')
         for i, images in enumerate(batches):
             padded = np.pad(images, ((0, size - len(images)), (0, 0), (0, 0)))
             probabilities = np.asarray(classify(params, padded))[:len(images)]
@@ -1170,6 +1264,23 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
         write_staged(out, b"]}")
         move_into_place(out, tmp, args.predictions)
     log.info(f"classified {count} images from {args.images}; written {args.predictions}")
+
+
+def check_replaceable(path: str, inputs: list[str]) -> None:
+    """infer replaces only what it wrote: never one of its inputs, nor any other file already at `path`
+    that is not an earlier predictions file."""
+    if not os.path.lexists(path):
+        return
+    for given in inputs:
+        if os.path.realpath(path) == os.path.realpath(given):
+            raise CubeError(f"{path}: is one of infer's inputs ({given}); give --predictions another path")
+    if os.path.isdir(path):
+        raise CubeError(f"{path}: is a folder where a file is expected; give --predictions a file's path")
+    with reading(path, "readable"), open_regular(path) as f:
+        start = f.read(len(PREDICTIONS_START))
+    if start != PREDICTIONS_START:
+        raise CubeError(f"{path}: already exists and is not a predictions file that infer wrote; move it "
+                        "away or give --predictions another path")
 
 
 # ------------------------------------------------------------------------------------ pictures
@@ -1251,12 +1362,17 @@ TASKS = {
                             "log_dir": "folder that receives evaluate_metrics.json and mnist_evaluate.log"}),
     "infer": (infer, {"model_dir": "folder holding params.msgpack and model.json (from train)",
                       "images": "images to classify: .npy, .npz or IDX; uint8 N×28×28 or 28×28",
-                      "predictions": "JSON file that receives each image's class and probabilities"}),
+                      "predictions": "JSON file that receives each image's class and probabilities; an "
+                                     "existing file there is replaced only if infer wrote it"}),
 }
 
 
-OUTPUTS = {"download": ("data_dir", "log_dir"), "train": ("log_dir", "model_dir"),  # as in mlcube.yaml
-           "evaluate": ("log_dir",), "infer": ("predictions",)}
+OUTPUTS = {  # each task's outputs and their types, as in mlcube.yaml
+    "download": {"data_dir": "directory", "log_dir": "directory"},
+    "train": {"log_dir": "directory", "model_dir": "directory"},
+    "evaluate": {"log_dir": "directory"},
+    "infer": {"predictions": "file"},
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1265,8 +1381,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, (run, params) in TASKS.items():
         task = tasks.add_parser(name, help=run.__doc__.split("\n")[0], description=run.__doc__)
         for param, text in params.items():
-            task.add_argument(f"--{param}", required=True, metavar="PATH", help=text)
+            task.add_argument(f"--{param}", required=True, metavar="PATH", help=text, type=path_argument)
     return parser.parse_args(argv)
+
+
+def path_argument(value: str) -> str:
+    """A path as given, but never an empty one, which would mean the current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return value
 
 
 def join_cluster() -> tuple[int, int]:
@@ -1311,7 +1434,8 @@ def use_compilation_cache() -> None:
     """Keep compiled programs between runs, so that a rerun loads them instead of compiling (several
     times faster): in $MNIST_COMPILATION_CACHE ("off" for no cache), by default in
     the user's cache folder. JAX keys each entry by program, JAX version and device; a damaged or
-    foreign entry only costs a compilation."""
+    foreign entry only costs a compilation (and is replaced: see show_warning)."""
+    warnings.showwarning = show_warning
     setting = os.environ.get(CACHE_VARIABLE, "")
     if setting == "off" or jax.config.jax_compilation_cache_dir:  # JAX's own variable was set: it rules
         return
@@ -1320,6 +1444,20 @@ def use_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program: they are small
     prune_cache(folder)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python's way of showing a warning, but for a damaged entry in the compilation cache (a run
+    killed while JAX wrote it, which it does in place): JAX warns, compiles, and never replaces it,
+    as it writes new keys only. So the program's entries go, and the next run writes them afresh."""
+    damaged = re.match(r"Error reading persistent compilation cache entry for '([^']+)'", str(message))
+    folder = jax.config.jax_compilation_cache_dir
+    if damaged and folder:
+        for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(damaged[1]) + "-*")):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        message = f"{message} (removed: the next run compiles it afresh)"
+    SHOW_WARNING(message, category, filename, lineno, file, line)
 
 
 def prune_cache(folder: str) -> None:
@@ -1336,6 +1474,12 @@ def prune_cache(folder: str) -> None:
             total -= size
 
 
+def written_folders(args: argparse.Namespace) -> list[str]:
+    """The folders that a task writes in: its output folders, and the folder of an output file."""
+    paths = {name: os.path.abspath(getattr(args, name)) for name in OUTPUTS[args.task]}
+    return [path if OUTPUTS[args.task][name] == "directory" else os.path.dirname(path) for name, path in paths.items()]
+
+
 def run_as_output_owner(args: argparse.Namespace) -> None:
     """In the image (MNIST_RUN_AS_OUTPUT_OWNER is set there), a task started as root becomes the owner
     of the folder that receives its first output. MLCube's runner starts containers with no --user and
@@ -1343,7 +1487,7 @@ def run_as_output_owner(args: argparse.Namespace) -> None:
     Our runners pass --user, and a root caller owns the folder already: nothing changes then."""
     if os.geteuid() != 0 or not os.environ.get("MNIST_RUN_AS_OUTPUT_OWNER"):
         return
-    folder = os.path.abspath(getattr(args, OUTPUTS[args.task][0]))
+    folder = os.path.abspath(getattr(args, next(iter(OUTPUTS[args.task]))))
     while not os.path.isdir(folder):  # a file's folder, or the nearest one that exists
         folder = os.path.dirname(folder)
     owner = os.stat(folder)
@@ -1373,10 +1517,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnist.py {args.task}: error: {e}", file=sys.stderr)
         return 1
     log.info(f"started {args.task}")
-    # Only now does SIGTERM unwind (Stopped), removing temporary files. Before, nothing needs that, and
-    # its default, ending the process (but for a container's process 1, which it leaves alone), also
-    # ends a wait for a cluster's other processes, where a Python handler would wait for JAX to give up.
-    signal.signal(signal.SIGTERM, terminate)
+    for folder in written_folders(args):
+        remove_abandoned_parts(folder)
+    try:
+        with unwinding_signals():
+            return run(args, log)
+    finally:
+        for handler in log.handlers:
+            handler.close()
+
+
+def run(args: argparse.Namespace, log: logging.Logger) -> int:
+    """The task, its outcome as an exit status, and every error as one line."""
     try:
         TASKS[args.task][0](args, log)
         return 0
@@ -1392,13 +1544,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error(f"mnist.py {args.task}: interrupted")
         return 128 + signal.SIGINT
+
+
+@contextlib.contextmanager
+def unwinding_signals():
+    """Within the block, SIGTERM unwinds as Ctrl-C does (Stopped), removing temporary files, and no
+    signal is lost in a callback (redeliver_signals). Only within it: before, nothing needs that, and
+    SIGTERM's default, ending the process (but for a container's process 1, which it leaves alone),
+    also ends a wait for a cluster's other processes, where a Python handler would wait for JAX."""
+    unraisable_hook, sys.unraisablehook = sys.unraisablehook, redeliver_signals
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
     finally:
-        for handler in log.handlers:
-            handler.close()
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = unraisable_hook
 
 
 def terminate(signum, frame) -> None:
     raise Stopped("terminated", signum)
+
+
+def redeliver_signals(unraisable) -> None:
+    """Python drops an exception raised in a callback it calls for its effects (a garbage collector's:
+    JAX has one), printing "Exception ignored in". A signal whose exception is dropped there is sent
+    again a moment later, from another thread, so that it stops the task where the exception reaches
+    main. (Sent at once, its handler would run inside this hook, and be dropped again.)"""
+    signum = {Stopped: getattr(unraisable.exc_value, "code", 0) - 128, KeyboardInterrupt: signal.SIGINT}.get(
+        unraisable.exc_type)
+    if signum is None:
+        sys.__unraisablehook__(unraisable)
+        return
+    resend = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+    resend.daemon = True
+    resend.start()
 
 
 if __name__ == "__main__":

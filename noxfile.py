@@ -960,6 +960,32 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def chaos(session: nox.Session) -> None:
+    """The chaos test's long run: `nox -s chaos -- 200` kills at random, each followed by a rerun."""
+    session.install(*TEST_DEPS)
+    kills = session.posargs[0] if session.posargs else "200"
+    session.run("pytest", "-s", "tests/test_nothing_lost.py::test_chaos_kills_then_reruns_lose_nothing",
+                env={"MNIST_CHAOS_KILLS": kills})
+
+
+@nox.session(name="update-pins")
+def update_pins(session: nox.Session) -> None:
+    """Move requirements.txt's pins to the newest releases that install together: `nox -s update-pins`."""
+    path = ROOT / "requirements.txt"
+    lines = path.read_text().splitlines()
+    names = [line.split("==")[0] for line in lines if line and not line.startswith("#")]
+    session.install("--upgrade", *names)
+    script = "import sys; from importlib.metadata import version; print(*(version(n) for n in sys.argv[1:]))"
+    versions = dict(zip(names, session.run("python", "-c", script, *names, silent=True).split(), strict=True))
+    pinned = []
+    for line in lines:  # comments and order kept
+        name = line.split("==")[0]
+        pinned.append(f"{name}=={versions[name]}" if name in versions else line)
+    path.write_text("\n".join(pinned) + "\n")
+    session.log(f"pinned {', '.join(f'{name}=={version}' for name, version in versions.items())}; now nox -s tests")
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """Check style and common mistakes with ruff."""
     session.install("ruff")

@@ -55,7 +55,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-Route = collections.namedtuple("Route", "body fail status truncate stall endless")
+Route = collections.namedtuple("Route", "body fail status truncate stall endless trickle")
 
 
 class Quiet(http.server.ThreadingHTTPServer):
@@ -89,6 +89,12 @@ class Server:
                         self.wfile.write(route.body)
                 self.send_header("Content-Length", str(len(route.body)))
                 self.end_headers()
+                if route.trickle:  # a byte at a time, `trickle` seconds apart
+                    for byte in route.body:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(route.trickle)
+                    return
                 self.wfile.write(route.body[:len(route.body) - route.truncate])
                 self.close_connection = True
 
@@ -98,8 +104,8 @@ class Server:
         self.httpd = Quiet(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def serve(self, path, body, fail=0, status=200, truncate=0, stall=0.0, endless=False) -> str:
-        self.routes[path] = Route(body, fail, status, truncate, stall, endless)
+    def serve(self, path, body, fail=0, status=200, truncate=0, stall=0.0, endless=False, trickle=0.0) -> str:
+        self.routes[path] = Route(body, fail, status, truncate, stall, endless, trickle)
         return f"http://127.0.0.1:{self.httpd.server_port}{path}"
 
     def url(self, path) -> str:

@@ -2,6 +2,7 @@
 the file, key or value and what was expected, exit 1, no traceback, no temporary file left anywhere,
 and the earlier good outputs intact. Then Hypothesis fuzzes the config and image readers."""
 import gzip
+import io
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -144,16 +146,53 @@ CASES = [
      "not an IDX file of unsigned bytes (negative sizes (-1, 28, 28))"),
     ("a text file named .npy", "infer",
      lambda ws: {"images": write(ws / "notes.npy", "these are my notes\n")},
-     "notes.npy: not a .npy array (no NumPy header at its start)"),
+     "notes.npy: not images infer reads (a .npy, an .npz or an IDX file, gzipped or not)"),
     ("images that are a device", "infer",
      lambda ws: {"images": "/dev/zero"}, "/dev/zero: not a regular file"),
     ("a downloaded npz without x_test", "download",
      lambda ws: source_without(ws, "x_test"),
      "bad.npz: missing array 'x_test'"),
+    ("an npz whose x_train declares 713 TiB", "train",
+     lambda ws: rewrite(ws / "data" / "mnist.npz", npz_declaring(make_digits(), "x_train", (10**9, 28**2, 10**3))),
+     "its x_train declares 1000000000×784×1000 uint8 (784000000000000 bytes) in "),
+    ("an empty npz as images", "infer",
+     lambda ws: {"images": write(ws / "empty.npz", npz_bytes({}))}, "empty.npz: holds no arrays; expected one"),
+    ("--predictions is the images", "infer",
+     lambda ws: {"predictions": ws / "data" / "mnist.npz"}, "mnist.npz: is one of infer's inputs"),
+    ("--predictions is params.msgpack", "infer",
+     lambda ws: {"predictions": ws / "model" / "params.msgpack"}, "params.msgpack: is one of infer's inputs"),
+    ("--predictions is a user's file", "infer",
+     lambda ws: {"predictions": write(ws / "data" / "notes.json", '{"mine": 1}')},
+     "notes.json: already exists and is not a predictions file that infer wrote"),
+    ("a uri with a malformed IPv6 host", "download",
+     lambda ws: data_config(ws, "uri: http://[::1/x\n"), "not a valid uri: 'http://[::1/x' (Invalid IPv6 URL)"),
+    ("a uri with a port out of range", "download",
+     lambda ws: data_config(ws, "uri: http://127.0.0.1:99999/x\n"), "not a valid uri: 'http://127.0.0.1:99999/x'"),
+    ("a uri with a host that is not ASCII", "download",
+     lambda ws: data_config(ws, "uri: http://exämple.test/mnist.npz\n"), "is not ASCII; write it in its ASCII form"),
+    ("a key given twice", "train",
+     lambda ws: train_config(ws, "batch_size: 64\n"), "not valid YAML (key batch_size given twice"),
 ]
 
 
+def npz_declaring(arrays: dict, key: str, shape: tuple) -> bytes:
+    """An npz of `arrays` whose `key` member's header declares `shape` over the data it really holds."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            header = {"descr": "|u1", "fortran_order": False, "shape": shape} if name == key else None
+            if header is None:
+                np.save(member, array)
+            else:
+                np.lib.format.write_array_header_1_0(member, header)
+                member.write(array.tobytes())
+            archive.writestr(f"{name}.npy", member.getvalue())
+    return buffer.getvalue()
+
+
 def part_files(ws: Path) -> list[str]:
+    """The temporary files under `ws`: this cube's, and any other ending in .part."""
     return [str(p) for p in ws.rglob("*.part")]
 
 
@@ -209,25 +248,27 @@ def test_second_run_into_a_busy_folder_is_refused(trained, tmp_path, capsys, tas
     before = digests(ws)
     with mnist.folder_lock(str(ws / folder)):
         code, _, err = run_task(task, ws, capsys)
-    assert code == 1 and f"{ws / folder}: in use by another run (process {os.getpid()} on " in err
-    assert digests(ws) == before and not (ws / folder / mnist.LOCK_NAME).exists()
+    assert code == 1 and f"{ws / folder}: in use by another run (writing or reading it); wait for it" in err
+    assert digests(ws) == before
 
 
-def test_lock_dies_with_its_process_and_stale_temp_files_go(trained, tmp_path):
-    """kill -9 leaves the lock file and a temporary file; the next run takes the folder and cleans up."""
+def test_lock_dies_with_its_process_and_only_its_temp_files_go(trained, tmp_path):
+    """kill -9 leaves a temporary file that its process held; the next run that writes in the folder
+    removes it, and leaves alone a user's file that merely looks temporary."""
     ws = tmp_path / "ws"
     shutil.copytree(trained, ws)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import mnist\n"
-                               "with mnist.folder_lock(sys.argv[2]):\n    print('held', flush=True); time.sleep(60)",
+                               "with mnist.folder_lock(sys.argv[2]), mnist.staged(sys.argv[2] + '/mnist.npz'):\n"
+                               "    print('held', flush=True); time.sleep(60)",
                                str(ROOT), str(ws / "data")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
-    write(ws / "data" / ".mnist.npz.0badc0de.part", "half a download")
+    write(ws / "data" / ".notes.part", "a user's own file")
+    assert len(part_files(ws)) == 2
     holder.kill()
     holder.wait()
-    assert (ws / "data" / mnist.LOCK_NAME).exists()
     result = finish(start_task("download", ws))
     assert result.code == 0, result.err
-    assert sorted(os.listdir(ws / "data")) == ["download.json", "mnist.npz"]
+    assert sorted(os.listdir(ws / "data")) == [".notes.part", "download.json", "mnist.npz"]
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, server):

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import noxfile
 from conftest import (
     BASE,
     CUBE_FILES,
@@ -26,6 +25,8 @@ from conftest import (
     remove_containers,
     source_workspace,
 )
+
+import noxfile
 
 TASKS = ["download", "train", "evaluate", "infer", "download,train"]
 

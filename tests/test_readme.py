@@ -1,8 +1,8 @@
 """The README's walkthrough cannot rot: its annotated mlcube.yaml says what the file says, and every
-command of its quick start and of its MLCube section runs, as written, in a fresh copy of the repository. Where the walkthrough
-reaches what this machine has not, the test stands in and says so here: the internet, which
-workspace/data.yaml points at, is replaced by the offline route the README describes (the real
-mnist.npz beside data.yaml, with its own SHA-256). Singularity and a Kubernetes cluster cannot run
+command of its quick start and of its MLCube section runs, as written, in a fresh copy of the
+repository. Where the walkthrough reaches what this machine has not, the test stands in and says so
+here: the internet, which workspace/data.yaml points at, is replaced by the offline route the README
+describes (the real mnist.npz beside data.yaml, with its own SHA-256). Singularity and a Kubernetes cluster cannot run
 here either; the walkthrough shows them with --dry-run, which runs as written."""
 import json
 import os

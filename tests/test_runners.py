@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 
 import pytest
 from conftest import (
@@ -42,7 +43,7 @@ def test_mlcube_yaml_and_mnist_py_name_the_same_tasks_and_parameters():
     """The contract has two sides: a task or parameter on one only would fail at run time."""
     cube = {task: set(noxfile.parameters(task)) for task in noxfile.CUBE["tasks"]}
     assert cube == {task: set(params) for task, (_, params) in mnist.TASKS.items()}
-    outputs = {task: tuple(name for name, (_, output) in noxfile.parameters(task).items() if output)
+    outputs = {task: {name: spec["type"] for name, (spec, output) in noxfile.parameters(task).items() if output}
                for task in noxfile.CUBE["tasks"]}
     assert outputs == mnist.OUTPUTS
 
@@ -364,3 +365,12 @@ def test_help_lists_every_option():
         "--NAME", *(f"--{name}" for name in noxfile.OPTIONS)]
     with pytest.raises(noxfile.UsageError, match="unknown option '--dry-run=yes'"):
         noxfile.parse_args(["train", "--dry-run=yes"])  # a flag takes no value
+
+
+def test_requirements_pin_what_the_suite_runs():
+    """Every runtime dependency pinned (==) to the version this suite runs with: an image built later
+    installs the same, and the pinned params digest (test_train) keeps meaning what it says."""
+    lines = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line and line[0] != "#"]
+    pins = dict(line.split("==") for line in lines)
+    assert len(pins) == len(lines) and {"jax", "flax", "optax"} <= set(pins)
+    assert pins == {name: version(name) for name in pins}

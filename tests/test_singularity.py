@@ -10,11 +10,12 @@ import json
 import os
 import shlex
 
-import noxfile
 import pytest
 from conftest import IMAGE as DOCKER_IMAGE
 from conftest import ROOT, make_digits, nox, npz_bytes, sha256, source_workspace
 from spython.main.parse.parsers import DockerParser, SingularityParser
+
+import noxfile
 
 STANDIN = ROOT / "tests" / "standin"
 IMAGE = "mnist-0.0.1.simg"
