@@ -9,17 +9,19 @@ Each task reads and writes only the paths it is given, so the same command runs 
 Docker or under Singularity, where MLCube mounts each path into the container.
 
 Reading order, top to bottom:
+  the commands       the data's shape and classes, each task's parameters (COMMANDS), the command line
   the model          CNN, the architecture; Conv, its convolutions as one matrix product each
   training           the loss, the optimizer, the step (train_steps), the augmentation, an epoch's plan
   compiled programs  the four programs a run compiles before its first step, and the data's sharding
-  the tasks          train, evaluate, infer, download; TASKS, the contract's side in this file
+  the tasks          train, evaluate, infer, download, and TASKS, which names them for the command line
   pictures           the curves, the confusion matrix, the mistakes
   the safety net     what keeps careless hands from losing work, in five parts: messages and configs,
                      downloading, atomic files and locks, bounded readers, checkpoints and signals
   process setup      the command line, logs, the compilation cache, main
 
 To make it your own: another network is the model section; another task is a function in the tasks
-section and a line in TASKS (the README's "Making it your own" lists every place).
+section, a line in TASKS and its parameters in COMMANDS (the README's "Making it your own" lists every
+place).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import errno
 import fcntl
 import functools
@@ -56,6 +59,56 @@ from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any, NamedTuple
 
+# ------------------------------------------------------------------------- the data and the commands
+IMAGE_SHAPE = (28, 28)  # MNIST's images: rows, columns of grey uint8 pixels
+CLASSES = 10  # the digits 0-9
+SHAPE = "×".join(map(str, IMAGE_SHAPE))  # as messages write it: 28×28
+
+# Each task's command: its help line, and its parameters as mlcube.yaml has them (help, type, whether
+# it is an output). The functions are TASKS, after the tasks section.
+COMMANDS = {
+    "download": ("Fetch the data set named in data_config, verify it, and write data_dir/mnist.npz.", {
+        "data_config": ("data.yaml: uri and hash of the data set", "file", False),
+        "data_dir": ("folder that receives mnist.npz", "directory", True),
+        "log_dir": ("folder that receives mnist_download.log", "directory", True)}),
+    "train": ("Train the CNN on data_dir/mnist.npz; write model_dir/params.msgpack and model.json.", {
+        "data_dir": ("folder holding mnist.npz (from the download task)", "directory", False),
+        "train_config": ("train.yaml: optimizer, train_epochs, batch_size, ...", "file", False),
+        "log_dir": ("folder that receives mnist_train.log and train_metrics.jsonl", "directory", True),
+        "model_dir": ("folder that receives params.msgpack and model.json", "directory", True)}),
+    "evaluate": ("Score the trained model on all test images; write log_dir/evaluate_metrics.json.", {
+        "data_dir": ("folder holding mnist.npz", "directory", False),
+        "model_dir": ("folder holding params.msgpack and model.json (from train)", "directory", False),
+        "log_dir": ("folder that receives evaluate_metrics.json and mnist_evaluate.log", "directory", True)}),
+    "infer": ("Classify images with the trained model; write each one's class and probabilities as JSON.", {
+        "model_dir": ("folder holding params.msgpack and model.json (from train)", "directory", False),
+        "images": (f"images to classify: .npy, .npz or IDX; uint8 N×{SHAPE} or {SHAPE}", "file", False),
+        "predictions": ("JSON file that receives each image's class and probabilities; an existing file "
+                        "there is replaced only if infer wrote it", "file", True)}),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mnist.py", description=__doc__.split("\n\n")[0])
+    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    for name, (summary, params) in COMMANDS.items():
+        task = tasks.add_parser(name, help=summary, description=summary)
+        for param, (text, _, _) in params.items():
+            task.add_argument(f"--{param}", required=True, metavar="PATH", help=text, type=path_argument)
+    return parser.parse_args(argv)
+
+
+def path_argument(value: str) -> str:
+    """A path as given, but never an empty one, which would mean the current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return value
+
+
+if __name__ == "__main__":  # --help and a mistyped command answer now, not after JAX's seconds of import
+    parse_args(sys.argv[1:])
+
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,9 +120,6 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # ---------------------------------------------------------------------------------------- the model
-IMAGE_SHAPE = (28, 28)  # MNIST's images: rows, columns of grey uint8 pixels
-CLASSES = 10  # the digits 0-9
-SHAPE = "×".join(map(str, IMAGE_SHAPE))  # as messages write it: 28×28
 ARCHITECTURE = "CNN(conv16/4x4/s2, conv32/3x3/s2, dense128, dense10)"  # recorded in model.json
 SCORE_BATCH = 1000  # images that evaluation and inference score at once
 
@@ -566,30 +616,7 @@ def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) ->
     return buffer.getvalue()
 
 
-TASKS = {
-    "download": (download, {"data_config": "data.yaml: uri and hash of the data set",
-                            "data_dir": "folder that receives mnist.npz",
-                            "log_dir": "folder that receives mnist_download.log"}),
-    "train": (train, {"train_config": "train.yaml: optimizer, train_epochs, batch_size, ...",
-                      "data_dir": "folder holding mnist.npz (from the download task)",
-                      "model_dir": "folder that receives params.msgpack and model.json",
-                      "log_dir": "folder that receives mnist_train.log and train_metrics.jsonl"}),
-    "evaluate": (evaluate, {"data_dir": "folder holding mnist.npz",
-                            "model_dir": "folder holding params.msgpack and model.json (from train)",
-                            "log_dir": "folder that receives evaluate_metrics.json and mnist_evaluate.log"}),
-    "infer": (infer, {"model_dir": "folder holding params.msgpack and model.json (from train)",
-                      "images": f"images to classify: .npy, .npz or IDX; uint8 N×{SHAPE} or {SHAPE}",
-                      "predictions": "JSON file that receives each image's class and probabilities; an "
-                                     "existing file there is replaced only if infer wrote it"}),
-}
-
-
-OUTPUTS = {  # each task's outputs and their types, as in mlcube.yaml
-    "download": {"data_dir": "directory", "log_dir": "directory"},
-    "train": {"log_dir": "directory", "model_dir": "directory"},
-    "evaluate": {"log_dir": "directory"},
-    "infer": {"predictions": "file"},
-}
+TASKS = {"download": download, "train": train, "evaluate": evaluate, "infer": infer}  # COMMANDS's, run
 
 
 # ----------------------------------------------------------------------------------------- pictures
@@ -678,9 +705,9 @@ class CubeError(Exception):
     """A problem the user can fix: reported as one line, with a non-zero exit."""
 
 
-def shorten(value: object, limit: int = 60) -> str:
-    """A value as a message shows it: its repr, cut to a short prefix."""
-    text = repr(value)
+def shorten(value: object, limit: int = 60, quoted: bool = True) -> str:
+    """A value as a message shows it: its repr (or, not `quoted`, the text itself), cut to a short prefix."""
+    text = repr(value) if quoted else str(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -699,7 +726,7 @@ class ConfigLoader(yaml.SafeLoader):
         seen = set()
         for key, _ in node.value:
             if isinstance(key, yaml.ScalarNode) and key.value in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key.value} given twice", key.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key.value}' given twice", key.start_mark)
             seen.add(key.value if isinstance(key, yaml.ScalarNode) else id(key))
         return super().construct_mapping(node, deep)
 
@@ -720,7 +747,7 @@ def read_yaml(path: str) -> dict:
     try:
         data = yaml.load(text, Loader=ConfigLoader)
     except yaml.YAMLError as e:
-        raise CubeError(f"{path}: not valid YAML ({shorten(' '.join(str(e).split()), 200)[1:-1]})") from None
+        raise CubeError(f"{path}: not valid YAML ({shorten(' '.join(str(e).split()), 200, quoted=False)})") from None
     except RecursionError:
         raise CubeError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
@@ -729,14 +756,19 @@ def read_yaml(path: str) -> dict:
 
 
 def check_keys(data: object, required: list[str], optional: list[str], where: str) -> dict:
+    """`data` as a mapping with every required key and no unknown one; a misspelt key is named with
+    the known key it is nearest to (so `train_epoch` is not reported as a missing train_epochs)."""
     if not isinstance(data, dict):
         raise CubeError(f"{where}: expected a mapping with keys {', '.join(required)}")
+    known = required + optional
+    for key in data:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), [k for k in known if k not in data], n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f" (expected {', '.join(known)})"
+            raise CubeError(f"{where}: unknown key {shorten(key)}{hint}")
     for key in required:
         if key not in data:
-            raise CubeError(f"{where}: missing key '{key}' (expected {', '.join(required + optional)})")
-    for key in data:
-        if key not in required + optional:
-            raise CubeError(f"{where}: unknown key {shorten(key)} (expected {', '.join(required + optional)})")
+            raise CubeError(f"{where}: missing key '{key}' (expected {', '.join(known)})")
     return data
 
 
@@ -911,13 +943,13 @@ def fetch_http(source: Source, out, log: logging.Logger) -> tuple[str, int]:
             return digest, size
         except urllib.error.HTTPError as e:
             if e.code < 500:
-                raise CubeError(f"{uri}: the server answered HTTP {e.code} {shorten(e.reason)[1:-1]}; "
+                raise CubeError(f"{uri}: the server answered HTTP {e.code} {shorten(e.reason, quoted=False)}; "
                                 "check the uri in the data config") from None
-            problem = f"HTTP {e.code} {shorten(e.reason)[1:-1]}"
+            problem = f"HTTP {e.code} {shorten(e.reason, quoted=False)}"
         except http.client.IncompleteRead as e:
             problem = f"the body ended {e.expected} bytes short of its Content-Length"
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-            problem = shorten(str(getattr(e, "reason", e)) or type(e).__name__, 200)[1:-1]
+            problem = shorten(str(getattr(e, "reason", e)) or type(e).__name__, 200, quoted=False)
         if attempt < HTTP_ATTEMPTS:
             log.warning(f"{uri}: {problem}; retrying in {delay:g} s ({attempt}/{HTTP_ATTEMPTS})")
             time.sleep(delay)
@@ -1127,7 +1159,7 @@ def reading(where: str, what: str, missing: str = "no such file"):
     except FileNotFoundError:
         raise CubeError(f"{where}: {missing}") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise CubeError(f"{where}: not {what} ({shorten(str(e), 120)[1:-1]})") from None
+        raise CubeError(f"{where}: not {what} ({shorten(str(e), 120, quoted=False)})") from None
     except MemoryError:  # a header that declares more than any file of ours holds
         raise CubeError(f"{where}: not {what} (it declares more data than memory holds)") from None
 
@@ -1225,7 +1257,7 @@ def load_model(model_dir: str) -> tuple[dict, dict]:
     except FileNotFoundError as e:
         raise CubeError(f"{e.filename}: no such file; run the train task first") from None
     except (OSError, ValueError) as e:
-        raise CubeError(f"{summary_path}: not a readable model.json ({shorten(str(e), 120)[1:-1]})") from None
+        raise CubeError(f"{summary_path}: not a readable model.json ({shorten(str(e), 120, quoted=False)})") from None
     if not isinstance(summary, dict) or summary.get("architecture") != ARCHITECTURE:
         found = summary.get("architecture") if isinstance(summary, dict) else None
         raise CubeError(f"{summary_path}: written for architecture {shorten(found)}, but this mnist.py builds "
@@ -1275,7 +1307,7 @@ def npz_member(stack: contextlib.ExitStack, f, path: str):
     names = [name.removesuffix(".npy") for name in archive.namelist()]
     chosen = names if len(names) == 1 else [name for name in names if name == "x_test"]
     if not chosen:
-        held = f"holds {shorten(', '.join(names))[1:-1]}" if names else "holds no arrays"
+        held = f"holds {shorten(', '.join(names), quoted=False)}" if names else "holds no arrays"
         raise CubeError(f"{path}: {held}; expected one array, or x_test")
     return stack.enter_context(archive.open(chosen[0] + ".npy"))
 
@@ -1445,23 +1477,6 @@ SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
 MAX_CACHE_BYTES = 100 << 20  # beyond this, the programs written longest ago are dropped; a run adds 0.4 MB
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mnist.py", description=__doc__.split("\n\n")[0])
-    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-    for name, (run, params) in TASKS.items():
-        task = tasks.add_parser(name, help=run.__doc__.split("\n")[0], description=run.__doc__)
-        for param, text in params.items():
-            task.add_argument(f"--{param}", required=True, metavar="PATH", help=text, type=path_argument)
-    return parser.parse_args(argv)
-
-
-def path_argument(value: str) -> str:
-    """A path as given, but never an empty one, which would mean the current folder."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError("expected a path, got an empty one")
-    return value
-
-
 def join_cluster() -> tuple[int, int]:
     """Start JAX's distributed runtime when a launcher runs several processes: explicitly, through
     JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID, or under
@@ -1546,8 +1561,9 @@ def prune_cache(folder: str) -> None:
 
 def written_folders(args: argparse.Namespace) -> list[str]:
     """The folders that a task writes in: its output folders, and the folder of an output file."""
-    paths = {name: os.path.abspath(getattr(args, name)) for name in OUTPUTS[args.task]}
-    return [path if OUTPUTS[args.task][name] == "directory" else os.path.dirname(path) for name, path in paths.items()]
+    outputs = {name: kind for name, (_, kind, output) in COMMANDS[args.task][1].items() if output}
+    paths = {name: os.path.abspath(getattr(args, name)) for name in outputs}
+    return [path if outputs[name] == "directory" else os.path.dirname(path) for name, path in paths.items()]
 
 
 def run_as_output_owner(args: argparse.Namespace) -> None:
@@ -1557,7 +1573,7 @@ def run_as_output_owner(args: argparse.Namespace) -> None:
     Our runners pass --user, and a root caller owns the folder already: nothing changes then."""
     if os.geteuid() != 0 or not os.environ.get("MNIST_RUN_AS_OUTPUT_OWNER"):
         return
-    folder = os.path.abspath(getattr(args, next(iter(OUTPUTS[args.task]))))
+    folder = written_folders(args)[0]
     while not os.path.isdir(folder):  # a file's folder, or the nearest one that exists
         folder = os.path.dirname(folder)
     owner = os.stat(folder)
@@ -1600,7 +1616,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, log: logging.Logger) -> int:
     """The task, its outcome as an exit status, and every error as one line."""
     try:
-        TASKS[args.task][0](args, log)
+        TASKS[args.task](args, log)
         return 0
     except CubeError as e:
         log.error(f"mnist.py {args.task}: error: {e}")

@@ -3,16 +3,17 @@
 Runners take task names, then options (OPTIONS below; `nox -s run-local -- --help` lists them):
     nox -s run-docker -- download train --network=host --data_dir=/scratch/mnist
 
-How a runner carries out the MLCube contract (reading order):
-  parse_args   the session's arguments -> Options (tasks, path overrides, runner options)
+Reading order: the sessions first, each a few lines over the helpers below it; then how a runner
+carries out the MLCube contract:
+  parse_args   the session's arguments -> Options (tasks, path overrides, the runner's options)
   resolve      a task and Options -> Run: each parameter's host path (relative ones against the
                workspace), its folder mounted once at /mlcube_io<N> (read-only unless an output lands
                there), and the task's arguments with host paths (local) and with container paths
   run_tasks    each task in order, or its command line for --dry-run; the first failure stops it
   Runtime      what a container runner adds: a client, the image's sources and rebuilds, the
                command line and its execution. Docker and Singularity are Runtimes; run-local runs
-               host_args in a virtualenv; run-k8s and run-kubeflow turn the same Runs into Jobs
-               and pipeline steps, inside their own virtualenvs.
+               host_args in a virtualenv; run-k8s and run-kubeflow (last) turn the same Runs into
+               Jobs and pipeline steps, inside their own virtualenvs.
 """
 from __future__ import annotations
 
@@ -41,17 +42,158 @@ nox.options.reuse_existing_virtualenvs = True
 
 for noisy in ("docker", "urllib3"):  # nox shows every logger's debug lines; theirs are not for users
     logging.getLogger(noisy).setLevel(logging.WARNING)
+# nox looks for uv before every virtualenv it makes and says so when there is none, which is the news
+# of nothing: the sessions use virtualenv and pip.
+logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
 
 ROOT = Path(__file__).resolve().parent
 CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())
 TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython"]
 
-
+# ----------------------------------------------------------------------------------------- sessions
+# Every session, in the order `nox -l` lists them. The runners' sessions read their arguments through
+# `runner`, which turns a usage mistake into one line.
 class UsageError(Exception):
     """A mistake in a runner's arguments or environment: reported as one line."""
 
 
-# ------------------------------------------------------------------------ the MLCube contract
+def runner(name: str, **settings):
+    """A runner's nox session: `--help` prints the options, and a UsageError anywhere in it ends the
+    session with its one line (the one place where they become session.error)."""
+    def decorate(function):
+        @nox.session(name=name, **settings)
+        @functools.wraps(function)
+        def session(session: nox.Session) -> None:
+            if "--help" in session.posargs:
+                print(usage())
+                return
+            try:
+                function(session, parse_args(session.posargs, name))
+            except UsageError as e:
+                session.error(str(e))
+        return session
+    return decorate
+
+
+@runner("run-local")
+def run_local(session: nox.Session, opts: Options) -> None:
+    """Run tasks in a virtualenv here, no container: `nox -s run-local -- download train`."""
+    if not opts.dry_run:
+        session.install("-r", "requirements.txt")
+    python = str(Path(session.virtualenv.bin) / "python")
+
+    def command(run: Run, opts: Options) -> list[str]:
+        return [python, str(ROOT / "mnist.py"), run.task, *run.host_args]
+
+    run_tasks(session, opts, command,
+              lambda run, opts: subprocess.call(command(run, opts), env={**os.environ, **opts.env}))
+
+
+@runner("configure-docker", python=False)
+def configure_docker(session: nox.Session, opts: Options) -> None:
+    """Build the Docker image named in mlcube.yaml (`-- --build-arg=BASE_IMAGE=...`)."""
+    configure(DOCKER, opts)
+
+
+@runner("run-docker", python=False)
+def run_docker(session: nox.Session, opts: Options) -> None:
+    """Run tasks in the Docker image, building it first if missing or stale: `nox -s run-docker -- train`."""
+    run_in(session, DOCKER, opts)
+
+
+@runner("configure-singularity", python=False)
+def configure_singularity(session: nox.Session, opts: Options) -> None:
+    """Build the Singularity image from Singularity.recipe, unprivileged (`-- --from-docker` to convert)."""
+    configure(SINGULARITY, opts)
+
+
+@runner("run-singularity", python=False)
+def run_singularity(session: nox.Session, opts: Options) -> None:
+    """Run tasks in the Singularity image, building it first if missing or stale: `nox -s run-singularity -- train`."""
+    run_in(session, SINGULARITY, opts)
+
+
+@nox.session
+def mlcube(session: nox.Session) -> None:
+    """MLCube's reference CLI and runners: `nox -s mlcube -- run --mlcube=. --platform=docker --task=train`."""
+    run_mlcube(session, MLCUBE)
+
+
+@nox.session(name="mlcube-cluster")
+def mlcube_cluster(session: nox.Session) -> None:
+    """MLCube's k8s and kubeflow runners: `nox -s mlcube-cluster -- show_config --mlcube=. --platform=k8s`."""
+    session.install("pip<24.1", "cython<3", "wheel", "setuptools")
+    session.install("--no-build-isolation", "pyyaml==5.4.1")
+    run_mlcube(session, MLCUBE_CLUSTER)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (pytest; extra arguments go to pytest)."""
+    session.install(*TEST_DEPS)
+    session.run("pytest", "--durations=15", *session.posargs)  # CI shows where its time goes
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """The chaos test's long run: `nox -s chaos -- 200` kills at random, each followed by a rerun."""
+    session.install(*TEST_DEPS)
+    kills = session.posargs[0] if session.posargs else "200"
+    session.run("pytest", "-s", "tests/test_nothing_lost.py::test_chaos_kills_then_reruns_lose_nothing",
+                env={"MNIST_CHAOS_KILLS": kills})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and common mistakes with ruff."""
+    session.install("ruff")
+    session.run("ruff", "check", "--isolated", "--line-length=120", "--select=E,F,W,I,B",
+                "--per-file-ignores=mnist.py:E402",  # it reads its command line before importing JAX
+                "mnist.py", "noxfile.py", ".ci/bench.py", "tests", "tests/standin/singularity")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Time to 99 % beside the references (`-- speed`), accuracy (`-- accuracy`), Conv against nn.Conv (`-- conv`)."""
+    data = Path(os.environ.get("MNIST_DATA_DIR", SHARED / "data" / "mnist"))
+    if not (data / "mnist.npz").is_file():
+        session.error(f"no {data / 'mnist.npz'}: set MNIST_DATA_DIR to a folder holding the real MNIST")
+    session.install("-r", "requirements.txt", "torch==2.13.0")  # torch for the PyTorch-shaped reference
+    session.run("python", ".ci/bench.py", str(data / "mnist.npz"), f"--anchors={SHARED / 'anchors'}",
+                *session.posargs)
+
+
+@nox.session(name="update-pins")
+def update_pins(session: nox.Session) -> None:
+    """Move requirements.txt's pins to the newest releases that install together: `nox -s update-pins`."""
+    path = ROOT / "requirements.txt"
+    lines = path.read_text().splitlines()
+    names = [line.split("==")[0] for line in lines if line and not line.startswith("#")]
+    session.install("--upgrade", *names)
+    script = "import sys; from importlib.metadata import version; print(*(version(n) for n in sys.argv[1:]))"
+    versions = dict(zip(names, session.run("python", "-c", script, *names, silent=True).split(), strict=True))
+    pinned = []
+    for line in lines:  # comments and order kept
+        name = line.split("==")[0]
+        pinned.append(f"{name}=={versions[name]}" if name in versions else line)
+    path.write_text("\n".join(pinned) + "\n")
+    session.log(f"pinned {', '.join(f'{name}=={version}' for name, version in versions.items())}; now nox -s tests")
+
+
+@nox.session(name="run-k8s")
+def run_k8s(session: nox.Session) -> None:
+    """Run tasks as Kubernetes Jobs: `nox -s run-k8s -- train --pvc=NAME [--processes=N] [--dry-run]`."""
+    session.install("nox", "pyyaml", "kubernetes", "kubernetes-validate")
+    session.run("python", str(ROOT / "noxfile.py"), "run-k8s", *session.posargs)  # where the client is
+
+
+@nox.session(name="run-kubeflow")
+def run_kubeflow(session: nox.Session) -> None:
+    """Build the tasks as a Kubeflow pipeline: `nox -s run-kubeflow -- download train [--local | --host=URL]`."""
+    session.install("nox", "pyyaml", "kfp", "docker")
+    session.run("python", str(ROOT / "noxfile.py"), "run-kubeflow", *session.posargs)  # where kfp is
+
+# ------------------------------------------------------------------------------ the MLCube contract
 @dataclasses.dataclass
 class Options:
     tasks: list[str] = dataclasses.field(default_factory=list)
@@ -123,31 +265,39 @@ def matching(pattern: str, example: str) -> Callable[[str], str]:
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """A runner option: its help line, the Options field it sets, and how its value is read (None: a
-    flag, which takes no value)."""
+    """A runner option: its help line, the Options field it sets, how its value is read (None: a flag,
+    which takes no value), and the sessions it belongs to (none named: every runner's)."""
     help: str
     field: str
     read: Callable[[str], Any] | None = str
+    runners: tuple[str, ...] = ()
+
+
+CONTAINERS = ("configure-docker", "run-docker", "configure-singularity", "run-singularity")
+LIMITED = ("run-docker", "run-singularity", "run-k8s")  # the runners that limit memory and processors
 
 
 OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PATH sets a parameter
     "workspace": Option("=PATH  where mlcube.yaml's relative paths resolve (default: workspace/)", "workspace",
                         lambda value: Path(value).resolve()),
     "env": Option("=NAME=VALUE  set a variable for the task (repeatable)", "env", pair),
-    "gpus": Option("=all|N|device=I,J  give the tasks GPUs (default: platform.accelerator_count)", "gpus"),
-    "network": Option("=NAME  the container's network (default: none, but for download)", "network"),
+    "gpus": Option("=all|N|device=I,J  give the tasks GPUs (default: platform.accelerator_count)", "gpus",
+                   runners=("run-docker", "run-singularity", "run-k8s", "run-kubeflow")),
+    "network": Option("=NAME  the container's network (default: none, but for download)", "network",
+                      runners=("run-docker", "run-singularity")),
     "memory": Option("=SIZE  limit the container's memory", "memory",
-                     matching(r"[0-9]+[bkmgBKMG]?", "a size such as 8g or 512m")),
+                     matching(r"[0-9]+[bkmgBKMG]?", "a size such as 8g or 512m"), LIMITED),
     "cpus": Option("=N  limit the container's processors", "cpus",
-                   matching(r"[0-9]*\.?[0-9]+", "a number of processors such as 2 or 1.5")),
-    "build-arg": Option("=NAME=VALUE  a Dockerfile ARG when an image is built", "build_args", pair),
-    "from-docker": Option("  configure-singularity: convert the Docker image, not the recipe", "from_docker", None),
-    "pvc": Option("=NAME  run-k8s: the workspace's PersistentVolumeClaim", "pvc"),
-    "create-pvc": Option("  run-k8s: make the claim first", "create_pvc", None),
-    "namespace": Option("=NAME  run-k8s: where the Jobs go", "namespace"),
-    "processes": Option("=N  run-k8s: train across N pods", "processes", number_of_processes),
-    "local": Option("  run-kubeflow: run the pipeline here, on Docker", "local", None),
-    "host": Option("=URL  run-kubeflow: submit the pipeline to Kubeflow at URL", "host"),
+                   matching(r"[0-9]*\.?[0-9]+", "a number of processors such as 2 or 1.5"), LIMITED),
+    "build-arg": Option("=NAME=VALUE  a Dockerfile ARG when an image is built", "build_args", pair, CONTAINERS),
+    "from-docker": Option("  configure-singularity: convert the Docker image, not the recipe", "from_docker", None,
+                          ("configure-singularity", "run-singularity")),
+    "pvc": Option("=NAME  run-k8s: the workspace's PersistentVolumeClaim", "pvc", runners=("run-k8s",)),
+    "create-pvc": Option("  run-k8s: make the claim first", "create_pvc", None, ("run-k8s",)),
+    "namespace": Option("=NAME  run-k8s: where the Jobs go", "namespace", runners=("run-k8s",)),
+    "processes": Option("=N  run-k8s: train across N pods", "processes", number_of_processes, ("run-k8s",)),
+    "local": Option("  run-kubeflow: run the pipeline here, on Docker", "local", None, ("run-kubeflow",)),
+    "host": Option("=URL  run-kubeflow: submit the pipeline to Kubeflow at URL", "host", runners=("run-kubeflow",)),
     "dry-run": Option("  print what each task would run, and run nothing", "dry_run", None),
 }
 
@@ -157,12 +307,15 @@ def usage() -> str:
                       *(f"  --{name}{option.help}" for name, option in OPTIONS.items())])
 
 
-def parse_args(args: list[str]) -> Options:
-    """The runners' arguments, read with OPTIONS: task names, --NAME=PATH parameters, options."""
+def parse_args(args: list[str], runner: str | None = None) -> Options:
+    """The runners' arguments, read with OPTIONS: task names, --NAME=PATH (or --NAME PATH) parameters,
+    options; an option of another runner than `runner` is refused, not ignored."""
     opts = Options()
-    for arg in args:
+    for arg in joined(args):
         name, eq, value = arg.removeprefix("--").partition("=")
         option = OPTIONS.get(name) if arg.startswith("--") else None
+        if option and runner and option.runners and runner not in option.runners:
+            raise UsageError(f"--{name} is an option of {' and '.join(option.runners)}, not of {runner}")
         if not arg.startswith("-") and not eq:
             if arg not in CUBE["tasks"]:
                 raise UsageError(f"unknown task {arg!r} (tasks: {', '.join(CUBE['tasks'])})")
@@ -170,14 +323,7 @@ def parse_args(args: list[str]) -> Options:
         elif option and option.read is None and not eq:
             setattr(opts, option.field, True)
         elif option and option.read is not None and eq:
-            try:
-                read = option.read(value)
-            except UsageError as e:
-                raise UsageError(f"--{name} {e}") from None
-            if isinstance(read, tuple):  # NAME=VALUE, for a dictionary of them
-                getattr(opts, option.field)[read[0]] = read[1]
-            else:
-                setattr(opts, option.field, read)
+            set_option(opts, name, option, value)
         elif eq and not option:  # --NAME=PATH, or NAME=PATH as MLCube writes it
             opts.params[name] = value
         else:
@@ -188,6 +334,31 @@ def parse_args(args: list[str]) -> Options:
             raise UsageError(f"unknown parameter {name!r} for {', '.join(opts.tasks)} "
                              f"(parameters: {', '.join(valid)})")
     return opts
+
+
+def joined(args: list[str]) -> list[str]:
+    """The arguments with --NAME VALUE written --NAME=VALUE, for a parameter or an option that takes a
+    value, as most command lines accept both."""
+    takes_value = {name for task in CUBE["tasks"] for name in parameters(task)}
+    takes_value |= {name for name, option in OPTIONS.items() if option.read is not None}
+    out, rest = [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg.startswith("--") and arg[2:] in takes_value and rest:
+            arg = f"{arg}={rest.pop(0)}"
+        out.append(arg)
+    return out
+
+
+def set_option(opts: Options, name: str, option: Option, value: str) -> None:
+    try:
+        read = option.read(value)
+    except UsageError as e:
+        raise UsageError(f"--{name} {e}") from None
+    if isinstance(read, tuple):  # NAME=VALUE, for a dictionary of them
+        getattr(opts, option.field)[read[0]] = read[1]
+    else:
+        setattr(opts, option.field, read)
 
 
 def resolve(task: str, opts: Options) -> Run:
@@ -222,30 +393,15 @@ def run_tasks(session: nox.Session, opts: Options, command, execute) -> None:
             continue
         for folder in container_mounts(run):
             os.makedirs(folder, exist_ok=True)
+        command_line = command(run, opts)
         code = execute(run, opts)
         if code:
-            session.log(f"task {task} failed with exit code {code}")
+            mounted = [f"{mount.target} is {host}" for host, mount in container_mounts(run).items()
+                       if any(mount.target in arg for arg in command_line)]
+            session.log(f"task {task} failed with exit code {code}" + (f" ({'; '.join(mounted)})" if mounted else ""))
             raise SystemExit(code)
 
-
-def runner(name: str, **settings):
-    """A runner's nox session: `--help` prints the options, and a UsageError anywhere in it ends the
-    session with its one line (the one place where they become session.error)."""
-    def decorate(function):
-        @nox.session(name=name, **settings)
-        @functools.wraps(function)
-        def session(session: nox.Session) -> None:
-            if "--help" in session.posargs:
-                print(usage())
-                return
-            try:
-                function(session, parse_args(session.posargs))
-            except UsageError as e:
-                session.error(str(e))
-        return session
-    return decorate
-
-
+# ------------------------------------------------------------------------------- container runtimes
 @dataclasses.dataclass(frozen=True)
 class Runtime:
     """What a container runner needs of its runtime: a client, the files an image is built from, what
@@ -297,23 +453,13 @@ def run_in(session: nox.Session, runtime: Runtime, opts: Options) -> None:
             runtime.build(client, opts, wanted)
     run_tasks(session, opts, runtime.command, lambda run, opts: runtime.execute(client, run, opts))
 
+# ------------------------------------------------------------------------------------------- Docker
+IMAGE = CUBE["docker"]["image"]
+SOURCES_LABEL = "org.mlcommons.mnist.sources"  # the image's sources (see `sources`), as JSON
+ONLINE_TASKS = {"download"}  # the task that fetches data; the others run with no network at all
+TMPFS_SIZE = "256m"  # of /tmp, HOME in the image, which holds matplotlib's cache
+CACHE_VARIABLE, CACHE_TARGET = "MNIST_COMPILATION_CACHE", "/cache"  # see host_cache
 
-# ------------------------------------------------------------------------------ local runner
-@runner("run-local")
-def run_local(session: nox.Session, opts: Options) -> None:
-    """Run tasks in a virtualenv here, no container: `nox -s run-local -- download train`."""
-    if not opts.dry_run:
-        session.install("-r", "requirements.txt")
-    python = str(Path(session.virtualenv.bin) / "python")
-
-    def command(run: Run, opts: Options) -> list[str]:
-        return [python, str(ROOT / "mnist.py"), run.task, *run.host_args]
-
-    run_tasks(session, opts, command,
-              lambda run, opts: subprocess.call(command(run, opts), env={**os.environ, **opts.env}))
-
-
-# ----------------------------------------------------------------------------- Docker runner
 def docker_client():
     try:
         import docker
@@ -329,13 +475,6 @@ def docker_client():
                              "(sudo usermod -aG docker $USER, then log in again)") from None
         raise UsageError("no Docker daemon answers: start it (sudo systemctl start docker) or set "
                          "DOCKER_HOST to one that runs") from None
-
-
-IMAGE = CUBE["docker"]["image"]
-SOURCES_LABEL = "org.mlcommons.mnist.sources"  # the image's sources (see `sources`), as JSON
-ONLINE_TASKS = {"download"}  # the task that fetches data; the others run with no network at all
-TMPFS_SIZE = "256m"  # of /tmp, HOME in the image, which holds matplotlib's cache
-CACHE_VARIABLE, CACHE_TARGET = "MNIST_COMPILATION_CACHE", "/cache"  # see host_cache
 
 
 def docker_sources(context: Path | None = None) -> list[str]:
@@ -412,23 +551,45 @@ def container_mounts(run: Run) -> dict[str, Mount]:
     return {**run.mounts, **({cache: Mount(CACHE_TARGET, False)} if cache else {})}
 
 
+def container_settings(run: Run, opts: Options, image: str) -> dict:
+    """The one table of a task's container, keyed by `docker run`'s options: docker_command prints it,
+    docker_execute hands it to the SDK (sdk_settings). Least privilege: the caller's uid:gid, no
+    capabilities, no privilege gain, a read-only root file system with a small /tmp, no network unless
+    the task needs one, read-only inputs."""
+    return {"user": f"{os.geteuid()}:{os.getegid()}", "network": network(run, opts), "cap-drop": "ALL",
+            "security-opt": "no-new-privileges", "read-only": True, "tmpfs": f"/tmp:size={TMPFS_SIZE}",
+            "memory": opts.memory, "cpus": opts.cpus, "gpus": gpus_wanted(opts),
+            "env": task_env(run, opts, image), "volume": container_mounts(run)}
+
+
 def docker_command(run: Run, opts: Options, image: str = IMAGE) -> list[str]:
-    """The `docker run` command line equivalent to what docker_execute does through the SDK. Least
-    privilege: the caller's uid:gid, no capabilities, no privilege gain, a read-only root file
-    system with a small /tmp, no network unless the task needs one, read-only inputs."""
-    gpus = gpus_wanted(opts)
-    return ["docker", "run", "--rm", f"--user={os.geteuid()}:{os.getegid()}",
-            *([f"--network={network(run, opts)}"] if network(run, opts) else []),
-            "--cap-drop=ALL", "--security-opt=no-new-privileges", "--read-only", f"--tmpfs=/tmp:size={TMPFS_SIZE}",
-            *limit_options(opts),
-            *([f"--gpus={gpus}"] if gpus else []),
-            *(f"--env={key}={value}" for key, value in task_env(run, opts, image).items()),
-            *(f"--volume={host}:{mount.target}:{mount.mode}" for host, mount in container_mounts(run).items()),
-            IMAGE, run.task, *run.container_args]
+    """The `docker run` command line of the task's container: what --dry-run prints."""
+    flags = []
+    for name, value in container_settings(run, opts, image).items():
+        if name == "env":
+            flags += [f"--env={key}={item}" for key, item in value.items()]
+        elif name == "volume":
+            flags += [f"--volume={host}:{mount.target}:{mount.mode}" for host, mount in value.items()]
+        elif value is True:
+            flags.append(f"--{name}")
+        elif value:
+            flags.append(f"--{name}={value}")
+    return ["docker", "run", "--rm", *flags, IMAGE, run.task, *run.container_args]
+
+
+def sdk_settings(settings: dict) -> dict:
+    """container_settings in the Docker SDK's terms."""
+    tmpfs, _, tmpfs_options = settings["tmpfs"].partition(":")
+    cpus = settings["cpus"]
+    return dict(user=settings["user"], network_mode=settings["network"], cap_drop=[settings["cap-drop"]],
+                security_opt=[settings["security-opt"]], read_only=settings["read-only"], tmpfs={tmpfs: tmpfs_options},
+                mem_limit=settings["memory"], nano_cpus=int(float(cpus) * 1e9) if cpus else None,
+                device_requests=device_requests(settings["gpus"]), environment=settings["env"],
+                volumes={host: {"bind": m.target, "mode": m.mode} for host, m in settings["volume"].items()})
 
 
 def limit_options(opts: Options) -> list[str]:
-    """--memory and --cpus, which Docker and Singularity spell alike, where they are asked for."""
+    """--memory and --cpus, as Singularity spells them (as Docker does), where they are asked for."""
     limits = {"memory": opts.memory, "cpus": opts.cpus}
     return [f"--{name}={value}" for name, value in limits.items() if value]
 
@@ -443,19 +604,9 @@ def device_requests(gpus: str | None) -> list:
     return [DeviceRequest(count=-1 if gpus == "all" else int(gpus), capabilities=[["gpu"]])]
 
 
-def container_settings(run: Run, opts: Options, image_id: str) -> dict:
-    """docker_command's settings in the Docker SDK's terms, but for the image and its arguments."""
-    return dict(
-        user=f"{os.geteuid()}:{os.getegid()}", network_mode=network(run, opts), cap_drop=["ALL"],
-        security_opt=["no-new-privileges"], read_only=True, tmpfs={"/tmp": f"size={TMPFS_SIZE}"},
-        mem_limit=opts.memory, nano_cpus=int(float(opts.cpus) * 1e9) if opts.cpus else None,
-        device_requests=device_requests(gpus_wanted(opts)), environment=task_env(run, opts, image_id),
-        volumes={host: {"bind": mount.target, "mode": mount.mode} for host, mount in container_mounts(run).items()})
-
-
 def docker_execute(client, run: Run, opts: Options) -> int:
     """docker_command's container through the SDK, streaming its output; always removed."""
-    settings = container_settings(run, opts, client.images.get(IMAGE).id)
+    settings = sdk_settings(container_settings(run, opts, client.images.get(IMAGE).id))
     container = client.containers.create(IMAGE, [run.task, *run.container_args], **settings)
     try:
         output = container.attach(stdout=True, stderr=True, stream=True, logs=True, demux=True)
@@ -476,26 +627,7 @@ def docker_execute(client, run: Run, opts: Options) -> int:
 DOCKER = Runtime(connect=docker_client, source_files=lambda opts: docker_sources(), built_from=docker_built_from,
                  build=docker_build, command=docker_command, execute=docker_execute)
 
-
-def container_runner(name: str, runtime: Runtime, configure_help: str) -> None:
-    """The two sessions of a container runtime: configure-NAME builds its image, run-NAME runs tasks in it."""
-    def configure_session(session: nox.Session, opts: Options) -> None:
-        configure(runtime, opts)
-
-    def run_session(session: nox.Session, opts: Options) -> None:
-        run_in(session, runtime, opts)
-
-    configure_session.__doc__ = configure_help
-    run_session.__doc__ = (f"Run tasks in the {name} image, building it first if missing or stale: "
-                           f"`nox -s run-{name.lower()} -- train`.")
-    runner(f"configure-{name.lower()}", python=False)(configure_session)
-    runner(f"run-{name.lower()}", python=False)(run_session)
-
-
-container_runner("Docker", DOCKER, "Build the Docker image named in mlcube.yaml (`-- --build-arg=BASE_IMAGE=...`).")
-
-
-# ------------------------------------------------------------------------ Singularity runner
+# -------------------------------------------------------------------------------------- Singularity
 def singularity_client():
     """spython's client, once a Singularity or Apptainer binary is known to be there."""
     if not shutil.which("singularity"):
@@ -600,18 +732,26 @@ def singularity_execute(client, run: Run, opts: Options) -> int:
 SINGULARITY = Runtime(connect=singularity_client, source_files=singularity_sources, built_from=singularity_built_from,
                       build=singularity_build, command=singularity_command, execute=singularity_execute)
 
+# ------------------------------------------------------- MLCube's own CLI, and the benchmark's data
+MLCUBE = ["mlcube==0.0.9", "mlcube-docker==0.0.9", "mlcube-singularity==0.0.9"]
+# Their cluster runners, in a virtualenv of their own: kfp 1.8 pins PyYAML 5, which builds on Python 3.11
+# only with Cython 2 and no build isolation, and its requests-toolbelt imports what urllib3 2 removed.
+MLCUBE_CLUSTER = ["mlcube==0.0.9", "mlcube-k8s==0.0.9", "mlcube-kubeflow==0.0.9", "urllib3<2"]
+SHARED = ROOT.parent / "shared"
 
-container_runner("Singularity", SINGULARITY,
-                 "Build the Singularity image from Singularity.recipe, unprivileged (`-- --from-docker` to convert).")
+def run_mlcube(session: nox.Session, packages: list[str]) -> None:
+    session.install("pip<24.1")  # MLCube pins omegaconf 2.1, whose metadata newer pips reject
+    session.install(*packages)
+    # MLCube writes its settings to ~/mlcube.yaml unless told otherwise: keep them in its virtualenv.
+    settings = os.environ.get("MLCUBE_SYSTEM_SETTINGS", str(Path(session.virtualenv.location) / "mlcube.yaml"))
+    session.run("mlcube", *session.posargs, env={"MLCUBE_SYSTEM_SETTINGS": settings})
 
-
-# ------------------------------------------------------------------------- Kubernetes runner
+# --------------------------------------------------------------------------------------- Kubernetes
 # Each task is a batch/v1 Job running the image, the workspace on a PersistentVolumeClaim; `train
 # --processes=N` is an Indexed Job of N pods and a headless Service, through which the pods find pod 0,
 # JAX's coordinator. The manifests are plain dictionaries; the official client sends them.
 K8S_USER = 10001  # any uid but root's: the pods run as it, and the claim is made writable for its group
 COORDINATOR_PORT = 8476
-
 
 def quantity(size: str) -> str:
     """A size as mlcube.yaml or Docker write it (8GB, 512m, 2GiB) as a Kubernetes quantity (8G, 512M, 2Gi)."""
@@ -792,15 +932,7 @@ def k8s_follow(core, batch, watch, job: str, namespace: str) -> int:
                 codes.append(container.state.terminated.exit_code)
     return max(codes, default=0 if status.succeeded else 1)
 
-
-@nox.session(name="run-k8s")
-def run_k8s(session: nox.Session) -> None:
-    """Run tasks as Kubernetes Jobs: `nox -s run-k8s -- train --pvc=NAME [--processes=N] [--dry-run]`."""
-    session.install("nox", "pyyaml", "kubernetes", "kubernetes-validate")
-    session.run("python", str(ROOT / "noxfile.py"), "run-k8s", *session.posargs)  # where the client is
-
-
-# --------------------------------------------------------------------------- Kubeflow runner
+# ----------------------------------------------------------------------------------------- Kubeflow
 # The tasks, in the order given, as one Kubeflow Pipelines (v2) pipeline built with the kfp SDK: each
 # task a container component whose inputs and outputs are artifacts. A folder a task reads comes from
 # the earlier task that wrote it; the rest (the configs, images) is imported from the workspace.
@@ -817,7 +949,6 @@ with open(outputs["outputFile"], "w") as f:
     json.dump({"artifacts": artifacts}, f)"""
 KFP_WRAPPER = ('executor_input="$0"; status="$1"; shift; python3 /mlcube/mnist.py "$@" && '
                f'python3 -c \'{KFP_REPORT}\' "$executor_input" && echo 0 > "$status"')
-
 
 def kfp_component(task: str):
     """A task as a container component, from mlcube.yaml. It also writes `status`, only when the task
@@ -900,99 +1031,6 @@ def kfp_run_locally(opts: Options) -> int:
     return 0
 
 
-@nox.session(name="run-kubeflow")
-def run_kubeflow(session: nox.Session) -> None:
-    """Build the tasks as a Kubeflow pipeline: `nox -s run-kubeflow -- download train [--local | --host=URL]`."""
-    session.install("nox", "pyyaml", "kfp", "docker")
-    session.run("python", str(ROOT / "noxfile.py"), "run-kubeflow", *session.posargs)  # where kfp is
-
-
-# ---------------------------------------------------------------------------- MLCube's own CLI
-MLCUBE = ["mlcube==0.0.9", "mlcube-docker==0.0.9", "mlcube-singularity==0.0.9"]
-# Their cluster runners, in a virtualenv of their own: kfp 1.8 pins PyYAML 5, which builds on Python 3.11
-# only with Cython 2 and no build isolation, and its requests-toolbelt imports what urllib3 2 removed.
-MLCUBE_CLUSTER = ["mlcube==0.0.9", "mlcube-k8s==0.0.9", "mlcube-kubeflow==0.0.9", "urllib3<2"]
-
-
-@nox.session
-def mlcube(session: nox.Session) -> None:
-    """MLCube's reference CLI and runners: `nox -s mlcube -- run --mlcube=. --platform=docker --task=train`."""
-    run_mlcube(session, MLCUBE)
-
-
-@nox.session(name="mlcube-cluster")
-def mlcube_cluster(session: nox.Session) -> None:
-    """MLCube's k8s and kubeflow runners: `nox -s mlcube-cluster -- show_config --mlcube=. --platform=k8s`."""
-    session.install("pip<24.1", "cython<3", "wheel", "setuptools")
-    session.install("--no-build-isolation", "pyyaml==5.4.1")
-    run_mlcube(session, MLCUBE_CLUSTER)
-
-
-def run_mlcube(session: nox.Session, packages: list[str]) -> None:
-    session.install("pip<24.1")  # MLCube pins omegaconf 2.1, whose metadata newer pips reject
-    session.install(*packages)
-    # MLCube writes its settings to ~/mlcube.yaml unless told otherwise: keep them in its virtualenv.
-    settings = os.environ.get("MLCUBE_SYSTEM_SETTINGS", str(Path(session.virtualenv.location) / "mlcube.yaml"))
-    session.run("mlcube", *session.posargs, env={"MLCUBE_SYSTEM_SETTINGS": settings})
-
-
-# ------------------------------------------------------------------------------- benchmark
-SHARED = ROOT.parent / "shared"
-
-
-@nox.session
-def bench(session: nox.Session) -> None:
-    """Time to 99 % beside the reference trainers (`-- speed`), default-config accuracy (`-- accuracy`)."""
-    data = Path(os.environ.get("MNIST_DATA_DIR", SHARED / "data" / "mnist"))
-    if not (data / "mnist.npz").is_file():
-        session.error(f"no {data / 'mnist.npz'}: set MNIST_DATA_DIR to a folder holding the real MNIST")
-    session.install("-r", "requirements.txt", "torch==2.13.0")  # torch for the PyTorch-shaped reference
-    session.run("python", ".ci/bench.py", str(data / "mnist.npz"), f"--anchors={SHARED / 'anchors'}",
-                *session.posargs)
-
-
-# ------------------------------------------------------------------------------ development
-@nox.session
-def tests(session: nox.Session) -> None:
-    """Run the test suite (pytest; extra arguments go to pytest)."""
-    session.install(*TEST_DEPS)
-    session.run("pytest", "--durations=15", *session.posargs)  # CI shows where its time goes
-
-
-@nox.session
-def chaos(session: nox.Session) -> None:
-    """The chaos test's long run: `nox -s chaos -- 200` kills at random, each followed by a rerun."""
-    session.install(*TEST_DEPS)
-    kills = session.posargs[0] if session.posargs else "200"
-    session.run("pytest", "-s", "tests/test_nothing_lost.py::test_chaos_kills_then_reruns_lose_nothing",
-                env={"MNIST_CHAOS_KILLS": kills})
-
-
-@nox.session(name="update-pins")
-def update_pins(session: nox.Session) -> None:
-    """Move requirements.txt's pins to the newest releases that install together: `nox -s update-pins`."""
-    path = ROOT / "requirements.txt"
-    lines = path.read_text().splitlines()
-    names = [line.split("==")[0] for line in lines if line and not line.startswith("#")]
-    session.install("--upgrade", *names)
-    script = "import sys; from importlib.metadata import version; print(*(version(n) for n in sys.argv[1:]))"
-    versions = dict(zip(names, session.run("python", "-c", script, *names, silent=True).split(), strict=True))
-    pinned = []
-    for line in lines:  # comments and order kept
-        name = line.split("==")[0]
-        pinned.append(f"{name}=={versions[name]}" if name in versions else line)
-    path.write_text("\n".join(pinned) + "\n")
-    session.log(f"pinned {', '.join(f'{name}=={version}' for name, version in versions.items())}; now nox -s tests")
-
-
-@nox.session
-def lint(session: nox.Session) -> None:
-    """Check style and common mistakes with ruff."""
-    session.install("ruff")
-    session.run("ruff", "check", "--isolated", "--line-length=120", "--select=E,F,W,I,B",
-                "mnist.py", "noxfile.py", ".ci/bench.py", "tests", "tests/standin/singularity")
-
-
 def main_in_virtualenv(name: str, args: list[str]) -> int:
     """run-k8s or run-kubeflow, run again by its session inside its own virtualenv, where its client
     is: the sessions' --help, and a usage error as one line, as runner() gives them."""
@@ -1000,7 +1038,7 @@ def main_in_virtualenv(name: str, args: list[str]) -> int:
         print(usage())
         return 0
     try:
-        return {"run-k8s": k8s_main, "run-kubeflow": kfp_main}[name](parse_args(args))
+        return {"run-k8s": k8s_main, "run-kubeflow": kfp_main}[name](parse_args(args, name))
     except UsageError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Speed and accuracy figures of mnist.py beside the reference trainers, measured in one run.
 
-    python3 .ci/bench.py NPZ [--anchors=DIR] [--references=flax_reference,torch_reference] [speed] [accuracy]
+    python3 .ci/bench.py NPZ [--anchors=DIR] [--references=flax_reference,torch_reference] [speed] [accuracy] [conv]
 
 `nox -s bench` runs it in a virtualenv with mnist.py's requirements; on a GPU machine it runs as it is
 with any Python that has JAX (CUDA build), Flax, Optax and PyYAML: no nox, Docker or network needed.
   speed     the benchmark config to 99 % test accuracy, with a cold and then a warm compilation cache
             (whole process, per-program compile seconds, epochs, peak memory), then each reference
   accuracy  the default workspace/train.yaml over seeds 0-2
+  conv      an epoch of the benchmark config with mnist.py's Conv (a matrix product over patches), then
+            with Flax's nn.Conv in its place: what the patch-matrix trick earns here
 """
 import argparse
 import json
@@ -60,10 +62,11 @@ def seconds_by_program(line: re.Pattern, log: str) -> dict[str, float]:
     return seconds
 
 
-def train(work: Path, config: dict, cache: Path) -> dict:
-    """mnist.py train with `config`, compiled programs cached in `cache`; its figures and model.json's."""
+def train(work: Path, config: dict, cache: Path, program: list[str] | None = None) -> dict:
+    """mnist.py train with `config`, compiled programs cached in `cache`; its figures and model.json's.
+    `program` runs it another way (python -c CODE) in place of mnist.py."""
     (work / "train.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, str(ROOT / "mnist.py"), "train", f"--train_config={work / 'train.yaml'}",
+    command = [sys.executable, *(program or [str(ROOT / "mnist.py")]), "train", f"--train_config={work / 'train.yaml'}",
                f"--data_dir={work / 'data'}", f"--model_dir={work / 'model'}", f"--log_dir={work / 'logs'}"]
     env = {"JAX_LOG_COMPILES": "1", "MNIST_COMPILATION_CACHE": str(cache)}
     result = measure(command, env)
@@ -109,18 +112,36 @@ def accuracy(work: Path) -> None:
           f"training {', '.join(f'{seconds:.1f}' for seconds in train_seconds)} s")
 
 
+# mnist.py with Flax's own convolution in place of its Conv: the same parameters, computed by XLA's kernel.
+WITH_FLAX_CONV = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import flax.linen as nn, mnist\n"
+                  "mnist.Conv = lambda features, size: nn.Conv(features, (size, size), strides=2)\n"
+                  "sys.exit(mnist.main(sys.argv[1:]))")
+
+
+def conv(work: Path) -> None:
+    config = {**TARGET_CONFIG, "train_epochs": 1, "target_accuracy": None}
+    rows = {"Conv": train(work, config, work / "conv-cache"),
+            "nn.Conv": train(work, config, work / "flax-conv-cache", ["-c", WITH_FLAX_CONV])}
+    model = rows["Conv"]["model"]
+    print(f"\nAn epoch of {config} on {model['backend']} ({model['device_kind']}), cold compilation cache:")
+    for name, r in rows.items():
+        print(f"{name:<8} epoch {r['model']['train_seconds']:.2f} s, compile {r['model']['compile_seconds']:.2f} s, "
+              f"test accuracy {r['model']['test_accuracy']:.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("npz", type=Path, help="the real MNIST, mnist.npz")
-    parser.add_argument("parts", nargs="*", metavar="speed|accuracy", help="what to measure (default: both)")
+    parser.add_argument("parts", nargs="*", metavar="speed|accuracy|conv",
+                        help="what to measure (default: speed and accuracy)")
     parser.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors",
                         help="folder of the reference trainers")
     parser.add_argument("--references", default="flax_reference,torch_reference",
                         help="which reference trainers to run, comma-separated")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options and parts in any order
     parts = args.parts or ["speed", "accuracy"]
-    if not set(parts) <= {"speed", "accuracy"}:
-        parser.error(f"unknown part in {' '.join(parts)} (expected speed, accuracy or both)")
+    if not set(parts) <= {"speed", "accuracy", "conv"}:
+        parser.error(f"unknown part in {' '.join(parts)} (expected speed, accuracy, conv)")
     work = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
     (work / "data").mkdir()
     (work / "data" / "mnist.npz").symlink_to(args.npz.resolve())
@@ -128,6 +149,8 @@ def main() -> None:
         speed(work, args.npz.resolve(), args.anchors, [r for r in args.references.split(",") if r])
     if "accuracy" in parts:
         accuracy(work)
+    if "conv" in parts:
+        conv(work)
 
 
 if __name__ == "__main__":

@@ -170,8 +170,11 @@ CASES = [
      lambda ws: data_config(ws, "uri: http://127.0.0.1:99999/x\n"), "not a valid uri: 'http://127.0.0.1:99999/x'"),
     ("a uri with a host that is not ASCII", "download",
      lambda ws: data_config(ws, "uri: http://exämple.test/mnist.npz\n"), "is not ASCII; write it in its ASCII form"),
+    ("a misspelt key", "train",
+     lambda ws: rewrite(ws / "train.yaml", "optimizer: adam\ntrain_epoch: 1\nbatch_size: 32\n"),
+     "train.yaml: unknown key 'train_epoch'; did you mean 'train_epochs'?"),
     ("a key given twice", "train",
-     lambda ws: train_config(ws, "batch_size: 64\n"), "not valid YAML (key batch_size given twice"),
+     lambda ws: train_config(ws, "batch_size: 64\n"), "not valid YAML (key 'batch_size' given twice"),
 ]
 
 

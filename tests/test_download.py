@@ -281,6 +281,19 @@ def test_real_npz_over_http(tmp_path, server, capsys, real_data):
     assert sha256((tmp_path / "data" / "mnist.npz").read_bytes()) == sha256(body)
 
 
+def test_help_and_usage_errors_answer_before_jax_is_imported(tmp_path):
+    """A `jax` that cannot be imported first on the path: --help and a mistyped command still answer,
+    so they never wait seconds for JAX."""
+    (tmp_path / "jax").mkdir()
+    (tmp_path / "jax" / "__init__.py").write_text("raise ImportError('jax was imported')\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    assert finish(start_mnist("train", "--help", env=env)).code == 0
+    mistyped = finish(start_mnist("trian", env=env))
+    assert mistyped.code == 2 and "invalid choice: 'trian'" in mistyped.err and "jax was imported" not in mistyped.err
+    assert "jax was imported" in finish(start_mnist("download", "--data_config=a", "--data_dir=b", "--log_dir=c",
+                                                    env=env)).err  # a real task does import it
+
+
 def test_cli_help_lists_tasks_and_parameters():
     top = finish(start_mnist("--help"))
     assert top.code == 0 and "download" in top.out

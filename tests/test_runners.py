@@ -41,11 +41,11 @@ def test_parse_args_tasks_overrides_and_options(tmp_path):
 
 def test_mlcube_yaml_and_mnist_py_name_the_same_tasks_and_parameters():
     """The contract has two sides: a task or parameter on one only would fail at run time."""
-    cube = {task: set(noxfile.parameters(task)) for task in noxfile.CUBE["tasks"]}
-    assert cube == {task: set(params) for task, (_, params) in mnist.TASKS.items()}
-    outputs = {task: {name: spec["type"] for name, (spec, output) in noxfile.parameters(task).items() if output}
-               for task in noxfile.CUBE["tasks"]}
-    assert outputs == mnist.OUTPUTS
+    cube = {task: {name: (spec["type"], output) for name, (spec, output) in noxfile.parameters(task).items()}
+            for task in noxfile.CUBE["tasks"]}
+    assert cube == {task: {name: (kind, output) for name, (_, kind, output) in params.items()}
+                    for task, (_, params) in mnist.COMMANDS.items()}
+    assert list(mnist.TASKS) == list(mnist.COMMANDS)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -129,6 +129,26 @@ def test_why_rebuild_names_what_changed():
 def test_limits_are_checked(option, message):
     with pytest.raises(noxfile.UsageError, match=message):
         noxfile.parse_args(["train", option])
+
+
+def test_values_may_follow_their_option_after_a_space(tmp_path):
+    opts = noxfile.parse_args(["train", "--data_dir", "/d", "--network", "host", "--workspace", str(tmp_path),
+                               "--dry-run"], "run-docker")
+    assert opts.params == {"data_dir": "/d"} and opts.network == "host" and opts.workspace == tmp_path
+    assert opts.dry_run and opts.tasks == ["train"]
+
+
+@pytest.mark.parametrize("runner, option, owner", [
+    ("run-docker", "--pvc=x", "run-k8s"),
+    ("run-local", "--network=host", "run-docker and run-singularity"),
+    ("run-k8s", "--local", "run-kubeflow"),
+    ("configure-docker", "--from-docker", "configure-singularity and run-singularity"),
+])
+def test_another_runners_option_is_refused_not_ignored(runner, option, owner):
+    with pytest.raises(noxfile.UsageError, match=f"^{option.split('=')[0]} is an option of {owner}, not of {runner}$"):
+        noxfile.parse_args(["train", option], runner)
+    result = nox("-s", runner, "--", "train", option, "--dry-run")
+    assert result.returncode == 1 and f"is an option of {owner}, not of {runner}" in result.stdout + result.stderr
 
 
 def test_only_download_gets_a_network():
@@ -248,7 +268,7 @@ def test_run_docker_tasks_get_least_privilege(tmp_path, server, image):
             os.makedirs(folder, exist_ok=True)
         folders = ["/", "/mlcube", "/tmp", *(target for target, _ in run.mounts.values())]
         output = client.containers.run(IMAGE, [url, *folders], entrypoint=["python3", "-c", PROBE], remove=True,
-                                       **noxfile.container_settings(run, opts, "probe"))
+                                       **noxfile.sdk_settings(noxfile.container_settings(run, opts, "probe")))
         results[bool(network)] = json.loads(output)
     confined, open_twin = results[False], results[True]
     assert confined["network"] == "URLError" and open_twin["network"] == "ok"

@@ -93,7 +93,8 @@ def test_standin_failing_task_propagates_its_code(tmp_path, server, standin):
     ws = served_workspace(tmp_path, server, digest="d" * 64)
     result = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", env=env)
     assert result.returncode == 1 and "SHA-256 mismatch" in result.stdout + result.stderr
-    assert "task download failed with exit code 1" in result.stderr
+    legend = f"(/mlcube_io0 is {ws}; /mlcube_io1 is {ws / 'data'}; "  # the host paths behind the task's line
+    assert f"task download failed with exit code 1 {legend}" in result.stderr
     image = str(ws / ".image" / IMAGE)
     assert [cmd[cmd.index(image) + 1] for cmd in recorded() if cmd[1] == "run"] == ["download"]  # no train
 
