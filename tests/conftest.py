@@ -166,11 +166,14 @@ def make_digits(n_train=512, n_test=128, seed=0) -> dict:
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
-def create_state(config: dict, total_steps: int):
+MNIST_SPEC = mnist.Spec((28, 28), 10)  # MNIST's, and make_mnist's and make_digits's
+
+
+def create_state(config: dict, total_steps: int, spec: "mnist.Spec" = MNIST_SPEC):
     """A run's first TrainState, as train makes it, from a config's keys (the epochs and batch size,
     which the state does not depend on, may be left out)."""
     config = mnist.TrainConfig(**{"train_epochs": 1, "batch_size": 32, **config})
-    return mnist.jax.jit(mnist.state_initializer(config, total_steps))(config.seed)
+    return mnist.jax.jit(mnist.state_initializer(config, total_steps, spec))(config.seed)
 
 
 # ------------------------------------------------------------------------ workspaces and tasks

@@ -345,7 +345,7 @@ def test_infer_streams_any_number_of_images(trained, tmp_path, capsys):
     path = write(tmp_path / "many.idx.gz", gzip.compress(idx_bytes(images)))
     assert run_task("infer", trained, capsys, images=path, predictions=tmp_path / "p.json").code == 0
     predictions = json.loads((tmp_path / "p.json").read_text())["predictions"]
-    params, _ = mnist.load_model(str(trained / "model"))
+    params, _, _ = mnist.load_model(str(trained / "model"))
     expected = np.asarray(mnist.class_probabilities(params, images[24000:]))
     assert len(predictions) == 25000
     assert [p["class"] for p in predictions[24000:]] == [int(p.argmax()) for p in expected]
@@ -391,7 +391,7 @@ def test_fuzz_data_config_reads_or_refuses(tmp_path, text):
                      lambda t: b"\0\0\x08" + bytes([t[0]]) + struct.pack(f">{len(t[1])}i", *t[1]) + t[2])))
 def test_fuzz_idx_images_read_or_refuse(tmp_path, data):
     def read_all(path):
-        with mnist.image_batches(path, 7) as (count, batches):
+        with mnist.image_batches(path, 7, (28, 28)) as (count, batches):
             return count, [batch.shape for batch in batches]
     result = reads_or_refuses(read_all, write(tmp_path / "images.idx", data))
     if result is not None:
@@ -403,6 +403,6 @@ def test_fuzz_idx_images_read_or_refuse(tmp_path, data):
 @given(st.binary(max_size=400))
 def test_fuzz_npy_header_reads_or_refuses(tmp_path, tail):
     def read_all(path):
-        with mnist.image_batches(path, 7) as (count, batches):
+        with mnist.image_batches(path, 7, (28, 28)) as (count, batches):
             return count, list(batches)
     reads_or_refuses(read_all, write(tmp_path / "images.npy", b"\x93NUMPY\x01\x00" + tail))

@@ -8,7 +8,7 @@ import jax
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import run_task, write_config
+from conftest import MNIST_SPEC, run_task, write_config
 
 import mnist
 
@@ -64,7 +64,8 @@ def test_infer_one_image_from_npy(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("images, message", [
-    (np.zeros((2, 28, 28), np.float32), "expected uint8 images N×28×28 or one 28×28, found float32 2×28×28"),
+    (np.zeros((2, 28, 28), np.float32), "expected uint8 images N×28×28 or one 28×28 (as the model was trained on), "
+                                        "found float32 2×28×28"),
     (np.zeros((2, 27, 28), np.uint8), "found uint8 2×27×28"),
     ({"a": np.zeros((1, 28, 28), np.uint8), "b": np.zeros((1, 28, 28), np.uint8)}, "expected one array, or x_test"),
     (None, "no such file"),
@@ -83,8 +84,11 @@ def test_infer_refuses_bad_images(trained, tmp_path, capsys, images, message):
 @pytest.mark.parametrize("damage, message", [
     (lambda m: (m / "params.msgpack").write_bytes(b"\x93garbage"), "not parameters of CNN"),
     (lambda m: (m / "params.msgpack").write_bytes((m / "params.msgpack").read_bytes()[:100]), "not parameters of"),
-    (lambda m: (m / "model.json").write_text(json.dumps({"architecture": "MLP(512, 10)"})),
+    (lambda m: (m / "model.json").write_text(json.dumps({**json.loads((m / "model.json").read_text()),
+                                                           "architecture": "MLP(512, 10)"})),
      "written for architecture 'MLP(512, 10)'"),
+    (lambda m: (m / "model.json").write_text(json.dumps({"architecture": "MLP(512, 10)"})),
+     "missing input_shape, classes, test_accuracy, test_loss, which train writes"),
     (lambda m: (m / "params.msgpack").unlink(), "params.msgpack: no such file; run the train task first"),
 ])
 def test_a_damaged_or_foreign_model_is_refused(trained, tmp_path, capsys, damage, message):
@@ -103,7 +107,7 @@ def test_params_of_another_shape_are_refused(trained, tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.json").write_bytes((trained / "model" / "model.json").read_bytes())
-    params = mnist.init_params(mnist.jax.random.key(0))
+    params = mnist.init_params(mnist.jax.random.key(0), MNIST_SPEC)
     params["Dense_1"]["kernel"] = np.zeros((128, 11), np.float32)
     (model / "params.msgpack").write_bytes(mnist.serialization.to_bytes(params))
     code, out, err = run_task("evaluate", trained, capsys, model_dir=model, log_dir=tmp_path / "logs")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import Terminal, create_state, digits_workspace, make_digits, run_task, write_config
+from conftest import MNIST_SPEC, Terminal, create_state, digits_workspace, make_digits, run_task, write_config
 
 import mnist
 
@@ -155,14 +155,14 @@ def test_plan_epoch_is_a_function_of_seed_and_epoch():
 
 
 def test_model_shapes():
-    params = mnist.CNN().init(jax.random.key(0), jnp.zeros((1, 28, 28), jnp.uint8))["params"]
-    logits = mnist.CNN().apply({"params": params}, jnp.zeros((5, 28, 28), jnp.uint8))
+    params = mnist.CNN(10).init(jax.random.key(0), jnp.zeros((1, 28, 28), jnp.uint8))["params"]
+    logits = mnist.CNN(10).apply({"params": params}, jnp.zeros((5, 28, 28), jnp.uint8))
     assert logits.shape == (5, 10) and logits.dtype == jnp.float32
 
 
 def test_predict_all_scores_every_image_in_batches():
     images = jax.random.randint(jax.random.key(1), (2 * mnist.SCORE_BATCH + 7, 28, 28), 0, 256).astype(jnp.uint8)
-    params = mnist.init_params(jax.random.key(0))
+    params = mnist.init_params(jax.random.key(0), MNIST_SPEC)
     np.testing.assert_allclose(jax.jit(mnist.predict_all)(params, images), mnist.predict(params, images),
                                rtol=1e-5, atol=1e-5)
 
