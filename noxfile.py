@@ -113,6 +113,18 @@ def run_singularity(session: nox.Session, opts: Options) -> None:
     run_in(session, SINGULARITY, opts)
 
 
+@runner("run-slurm")
+def run_slurm(session: nox.Session, opts: Options) -> None:
+    """Run tasks as Slurm batch jobs: `nox -s run-slurm -- train --processes=2 [--container=apptainer]`."""
+    if not (opts.dry_run or opts.container or opts.venv):
+        session.install("-r", "requirements.txt")
+    if opts.container and not opts.dry_run:
+        fresh_image(session, SINGULARITY, opts)  # built or rebuilt here, on the login node
+    python = (opts.venv or Path(session.virtualenv.location)) / "bin" / "python"
+    run_tasks(session, opts, lambda run, opts: slurm_script(run, opts, python),
+              lambda run, opts: slurm_execute(run, opts, python))
+
+
 @nox.session
 def mlcube(session: nox.Session) -> None:
     """MLCube's reference CLI and runners: `nox -s mlcube -- run --mlcube=. --platform=docker --task=train`."""
@@ -213,6 +225,13 @@ class Options:
     processes: int = 1
     local: bool = False
     host: str | None = None
+    nodes: str | None = None
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    container: str | None = None
+    venv: Path | None = None
+    sbatch: list[str] = dataclasses.field(default_factory=list)
 
 
 class Mount(NamedTuple):
@@ -251,7 +270,7 @@ def pair(value: str) -> tuple[str, str]:
 
 def number_of_processes(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
-        raise UsageError(f"expects a number of pods, 1 or more, got {value!r}")
+        raise UsageError(f"expects a number of processes, 1 or more, got {value!r}")
     return int(value)
 
 
@@ -282,7 +301,7 @@ OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PA
                         lambda value: Path(value).resolve()),
     "env": Option("=NAME=VALUE  set a variable for the task (repeatable)", "env", pair),
     "gpus": Option("=all|N|device=I,J  give the tasks GPUs (default: platform.accelerator_count)", "gpus",
-                   runners=("run-docker", "run-singularity", "run-k8s", "run-kubeflow")),
+                   runners=("run-docker", "run-singularity", "run-k8s", "run-kubeflow", "run-slurm")),
     "network": Option("=NAME  the container's network (default: none, but for download)", "network",
                       runners=("run-docker", "run-singularity")),
     "memory": Option("=SIZE  limit the container's memory", "memory",
@@ -295,9 +314,22 @@ OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PA
     "pvc": Option("=NAME  run-k8s: the workspace's PersistentVolumeClaim", "pvc", runners=("run-k8s",)),
     "create-pvc": Option("  run-k8s: make the claim first", "create_pvc", None, ("run-k8s",)),
     "namespace": Option("=NAME  run-k8s: where the Jobs go", "namespace", runners=("run-k8s",)),
-    "processes": Option("=N  run-k8s: train across N pods", "processes", number_of_processes, ("run-k8s",)),
+    "processes": Option("=N  run-k8s, run-slurm: train across N processes (pods, Slurm tasks)", "processes",
+                        number_of_processes, ("run-k8s", "run-slurm")),
     "local": Option("  run-kubeflow: run the pipeline here, on Docker", "local", None, ("run-kubeflow",)),
     "host": Option("=URL  run-kubeflow: submit the pipeline to Kubeflow at URL", "host", runners=("run-kubeflow",)),
+    "nodes": Option("=N  run-slurm: spread the processes over N nodes", "nodes",
+                    matching(r"[1-9][0-9]*(-[1-9][0-9]*)?", "a number of nodes such as 2 or 1-4"), ("run-slurm",)),
+    "partition": Option("=NAME  run-slurm: the partition (queue) the jobs go to", "partition", runners=("run-slurm",)),
+    "time": Option("=LIMIT  run-slurm: each job's time limit, as sbatch takes it (30:00)", "time",
+                   runners=("run-slurm",)),
+    "account": Option("=NAME  run-slurm: the account charged", "account", runners=("run-slurm",)),
+    "container": Option("=apptainer|singularity  run-slurm: run the cube's image, not its virtualenv", "container",
+                        matching(r"apptainer|singularity", "apptainer or singularity"), ("run-slurm",)),
+    "venv": Option("=PATH  run-slurm: the virtualenv on the shared file system (default: the session's)", "venv",
+                   lambda value: Path(value).resolve(), ("run-slurm",)),
+    "sbatch": Option("=OPTION  run-slurm: another sbatch option, e.g. --sbatch=--mem=8G (repeatable)", "sbatch",
+                     runners=("run-slurm",)),
     "dry-run": Option("  print what each task would run, and run nothing", "dry_run", None),
 }
 
@@ -357,6 +389,8 @@ def set_option(opts: Options, name: str, option: Option, value: str) -> None:
         raise UsageError(f"--{name} {e}") from None
     if isinstance(read, tuple):  # NAME=VALUE, for a dictionary of them
         getattr(opts, option.field)[read[0]] = read[1]
+    elif isinstance(getattr(opts, option.field), list):  # a repeatable option
+        getattr(opts, option.field).append(read)
     else:
         setattr(opts, option.field, read)
 
@@ -388,16 +422,16 @@ def run_tasks(session: nox.Session, opts: Options, command, execute) -> None:
     --dry-run; stop at the first failure, exiting with that task's exit code."""
     for task in require_tasks(opts):
         run = resolve(task, opts)
+        shown = command(run, opts)  # a command line, or a batch script's text
         if opts.dry_run:
-            print(shlex.join(command(run, opts)))
+            print(shown if isinstance(shown, str) else shlex.join(shown))
             continue
         for folder in container_mounts(run):
             os.makedirs(folder, exist_ok=True)
-        command_line = command(run, opts)
         code = execute(run, opts)
         if code:
             mounted = [f"{mount.target} is {host}" for host, mount in container_mounts(run).items()
-                       if any(mount.target in arg for arg in command_line)]
+                       if mount.target in str(shown)]
             session.log(f"task {task} failed with exit code {code}" + (f" ({'; '.join(mounted)})" if mounted else ""))
             raise SystemExit(code)
 
@@ -442,16 +476,21 @@ def configure(runtime: Runtime, opts: Options) -> None:
 
 
 def run_in(session: nox.Session, runtime: Runtime, opts: Options) -> None:
-    """Run the session's tasks in the runtime's image, (re)building it first when it is missing or was
-    built from other sources, and saying why in one line."""
-    client = None if opts.dry_run else runtime.connect()
-    if client:
-        wanted = sources(runtime, opts)
-        reason = why_rebuild(runtime.built_from(client, opts), wanted)
-        if reason:
-            session.log(f"building the image: {reason}")
-            runtime.build(client, opts, wanted)
+    """Run the session's tasks in the runtime's image, (re)built first if it must be."""
+    client = None if opts.dry_run else fresh_image(session, runtime, opts)
     run_tasks(session, opts, runtime.command, lambda run, opts: runtime.execute(client, run, opts))
+
+
+def fresh_image(session: nox.Session, runtime: Runtime, opts: Options):
+    """The runtime's client, once its image is built from the sources as they are now: (re)built when it
+    is missing or was built from other sources, saying why in one line."""
+    client = runtime.connect()
+    wanted = sources(runtime, opts)
+    reason = why_rebuild(runtime.built_from(client, opts), wanted)
+    if reason:
+        session.log(f"building the image: {reason}")
+        runtime.build(client, opts, wanted)
+    return client
 
 # ------------------------------------------------------------------------------------------- Docker
 IMAGE = CUBE["docker"]["image"]
@@ -731,6 +770,77 @@ def singularity_execute(client, run: Run, opts: Options) -> int:
 
 SINGULARITY = Runtime(connect=singularity_client, source_files=singularity_sources, built_from=singularity_built_from,
                       build=singularity_build, command=singularity_command, execute=singularity_execute)
+
+# -------------------------------------------------------------------------------------------- Slurm
+# Each task is a batch job: a script kept in workspace/slurm/ (a run is described by its folder),
+# submitted with sbatch, its output followed until it ends. `train --processes=N` is N Slurm tasks,
+# one JAX process each, which srun starts and JAX's own Slurm detection connects: no launcher of ours.
+def slurm_folder(opts: Options) -> Path:
+    return opts.workspace / "slurm"
+
+
+def slurm_script(run: Run, opts: Options, python: Path) -> str:
+    """The batch script of a task: Slurm's directives, the task's variables, then srun of mnist.py in
+    the virtualenv at `python`, or of the cube's image with run-singularity's binds and confinement."""
+    gpus = gpus_wanted(opts)
+    if gpus and not gpus.isdigit():
+        raise UsageError(f"run-slurm takes --gpus=N, a number of GPUs, not {gpus!r}")
+    directives = {"job-name": f"mnist-{run.task}", "output": slurm_folder(opts) / f"{run.task}-%j.out",
+                  "ntasks": opts.processes if run.task == "train" else 1, "nodes": opts.nodes,
+                  "partition": opts.partition, "time": opts.time, "account": opts.account, "gpus": gpus}
+    if opts.container:
+        command = [opts.container, *singularity_command(run, opts)[1:]]
+        variables = {}  # singularity_command hands them to the container
+    else:
+        command = [str(python), str(ROOT / "mnist.py"), run.task, *run.host_args]
+        variables = {**({} if gpus else {"JAX_PLATFORMS": "cpu"}), **opts.env}
+    again = f"sbatch {slurm_folder(opts) / run.task}.sbatch"
+    return "\n".join([
+        "#!/bin/bash",
+        *(f"#SBATCH --{name}={value}" for name, value in directives.items() if value),
+        *(f"#SBATCH {option}" for option in opts.sbatch),
+        f"# Written by `nox -s run-slurm` from mlcube.yaml; `{again}` runs it again.",
+        "set -euo pipefail",
+        *(f"export {name}={shlex.quote(value)}" for name, value in variables.items()),
+        "srun " + shlex.join(command), ""])
+
+
+def slurm_execute(run: Run, opts: Options, python: Path) -> int:
+    """Write the task's batch script, submit it, and print its output as it comes until the job ends;
+    its exit status is the job's. Ctrl-C cancels the job: none is left behind."""
+    folder = slurm_folder(opts)
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / f"{run.task}.sbatch"
+    script.write_text(slurm_script(run, opts, python))
+    submit = subprocess.Popen(["sbatch", "--wait", "--parsable", str(script)], stdout=subprocess.PIPE, text=True)
+    job = submit.stdout.readline().strip().split(";")[0]
+    if not job:  # sbatch refused it, and said why
+        return submit.wait() or 1
+    try:
+        follow(folder / f"{run.task}-{job}.out", lambda: submit.poll() is not None)
+        return submit.wait()
+    except KeyboardInterrupt:
+        subprocess.run(["scancel", job])
+        submit.wait()
+        raise
+
+
+def follow(path: Path, ended: Callable[[], bool]) -> None:
+    """Print what is written to `path` as it comes, until `ended()` (and then the rest)."""
+    offset = 0
+    while True:
+        done = ended()
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        if done:
+            return
+        time.sleep(0.2)
+
 
 # ------------------------------------------------------- MLCube's own CLI, and the benchmark's data
 MLCUBE = ["mlcube==0.0.9", "mlcube-docker==0.0.9", "mlcube-singularity==0.0.9"]

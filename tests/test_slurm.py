@@ -1,0 +1,171 @@
+"""The Slurm runner on a real Slurm: a one-node cluster of this machine (Debian's slurm-wlm and munge,
+which .ci/run installs), started for these tests and stopped after them. Download then train with two
+processes, evaluate, a failing task, Ctrl-C, --dry-run and usage errors; the Apptainer route up to the
+binary, through the Singularity STAND-IN (tests/standin/singularity), named so."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, digits_workspace, free_port, make_digits, nox, npz_bytes, source_workspace
+
+SETTINGS = """ClusterName=cube
+SlurmctldHost={host}
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket={folder}/munge.socket
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+StateSaveLocation={folder}/state
+SlurmdSpoolDir={folder}/spool
+SlurmctldPidFile={folder}/slurmctld.pid
+SlurmdPidFile={folder}/slurmd.pid
+SlurmctldLogFile={folder}/slurmctld.log
+SlurmdLogFile={folder}/slurmd.log
+SlurmctldPort={controller}
+SlurmdPort={node}
+ReturnToService=2
+KillWait=10
+NodeName={host} CPUs={cpus} State=UNKNOWN
+PartitionName=main Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The cluster's variables (SLURM_CONF): munged with a key of its own, slurmctld and slurmd."""
+    if os.geteuid() != 0 or not all(shutil.which(name) for name in ("munged", "slurmctld", "slurmd", "sbatch")):
+        pytest.skip("needs root, and Debian's slurm-wlm and munge (.ci/run installs them)")
+    folder = tmp_path_factory.mktemp("slurm")
+    for name in ("state", "spool"):
+        (folder / name).mkdir()
+    subprocess.run(["mungekey", "-c", "-f", "-k", folder / "munge.key"], check=True, capture_output=True)
+    subprocess.run(["munged", "--force", f"--socket={folder}/munge.socket", f"--key-file={folder}/munge.key",
+                    f"--log-file={folder}/munged.log", f"--pid-file={folder}/munged.pid",
+                    f"--seed-file={folder}/munged.seed"], check=True)
+    conf = folder / "slurm.conf"
+    conf.write_text(SETTINGS.format(host=socket.gethostname().split(".")[0], folder=folder, cpus=os.cpu_count(),
+                                    controller=free_port(), node=free_port()))
+    env = {"SLURM_CONF": str(conf)}
+    for daemon in ("slurmctld", "slurmd"):
+        subprocess.run([daemon, "-f", conf], check=True, env={**os.environ, **env})
+    deadline = time.time() + 60
+    while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                                       env={**os.environ, **env}).stdout:
+        assert time.time() < deadline, (folder / "slurmctld.log").read_text()[-2000:]
+        time.sleep(0.5)
+    yield env
+    subprocess.run(["scontrol", "shutdown"], env={**os.environ, **env}, capture_output=True)
+    subprocess.run(["munged", "--stop", f"--socket={folder}/munge.socket"], capture_output=True)
+
+
+def queue(env) -> list[str]:
+    """The jobs Slurm still holds, pending or running."""
+    return subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True,
+                          env={**os.environ, **env}).stdout.splitlines()
+
+
+def run_slurm(*args, env):
+    return nox("-s", "run-slurm", "--", *args, env=env)
+
+
+def test_download_then_train_on_two_processes_as_a_local_run_does(tmp_path, slurm):
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits(2048, 256)), train_epochs=2, batch_size=64)
+    result = run_slurm("download", "train", "--processes=2", f"--workspace={ws}", env=slurm)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[process 0/2] epoch 2/2" in result.stdout and "[process 1/2] epoch 2/2" in result.stdout
+    summary = json.loads((ws / "model" / "model.json").read_text())
+    alone = tmp_path / "alone"
+    shutil.copytree(ws / "data", alone / "data")
+    (alone / "train.yaml").write_text((ws / "train.yaml").read_text())
+    local = nox("-s", "run-local", "--", "train", f"--workspace={alone}")
+    assert local.returncode == 0, local.stderr[-3000:]
+    one_process = json.loads((alone / "model" / "model.json").read_text())
+    assert abs(summary["test_accuracy"] - one_process["test_accuracy"]) <= 0.005 and summary["epochs_run"] == 2
+    assert sorted(p.name for p in (ws / "slurm").glob("*.sbatch")) == ["download.sbatch", "train.sbatch"]
+    assert "#SBATCH --ntasks=2" in (ws / "slurm" / "train.sbatch").read_text()
+    assert len(list((ws / "logs").glob("mnist_train.log"))) == 1  # process 0 alone writes
+    assert queue(slurm) == []
+    evaluated = run_slurm("evaluate", f"--workspace={ws}", env=slurm)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:]
+    assert json.loads((ws / "logs" / "evaluate_metrics.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_a_failing_task_ends_the_session_with_its_status_and_line(tmp_path, slurm):
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()), digest="d" * 64)
+    result = run_slurm("download", "train", f"--workspace={ws}", env=slurm)
+    assert result.returncode == 1 and "SHA-256 mismatch" in result.stdout
+    assert "task download failed with exit code 1" in result.stderr and not (ws / "slurm" / "train.sbatch").exists()
+    assert queue(slurm) == []
+
+
+def test_ctrl_c_cancels_the_job_and_the_rerun_resumes(tmp_path, slurm):
+    ws = digits_workspace(tmp_path / "ws", 8192, 256, train_epochs=4, batch_size=32)
+    command = [os.sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "run-slurm", "--", "train",
+               f"--workspace={ws}"]
+    session = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **slurm})
+    metrics = ws / "logs" / "train_metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and metrics.read_text().strip()) and session.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    session.send_signal(signal.SIGINT)
+    output = session.communicate(timeout=120)[0]
+    assert session.returncode != 0, output[-3000:]
+    deadline = time.time() + 60
+    while queue(slurm) and time.time() < deadline:
+        time.sleep(0.5)
+    assert queue(slurm) == []  # scancel'd: nothing left behind
+    again = run_slurm("train", f"--workspace={ws}", env=slurm)
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stdout[-3000:]
+
+
+def test_dry_run_prints_the_script_that_sbatch_accepts(tmp_path, slurm):
+    options = ["--processes=2", "--time=10:00", "--sbatch=--comment=cube", "--env=X=1"]
+    result = run_slurm("train", f"--workspace={tmp_path}", *options, "--dry-run", env=slurm)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout[result.stdout.index("#!/bin/bash"):]
+    for line in ("#SBATCH --ntasks=2", "#SBATCH --time=10:00", "#SBATCH --comment=cube", "export X=1",
+                 "export JAX_PLATFORMS=cpu", f"{ROOT / 'mnist.py'} train --data_dir={tmp_path / 'data'}"):
+        assert line in script
+    (tmp_path / "train.sbatch").write_text(script)
+    accepted = subprocess.run(["sbatch", "--test-only", tmp_path / "train.sbatch"], capture_output=True, text=True,
+                              env={**os.environ, **slurm})
+    assert accepted.returncode == 0, accepted.stderr
+    assert queue(slurm) == []
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--gpus=all", "run-slurm takes --gpus=N, a number of GPUs, not 'all'"),
+    ("--container=docker", "--container expects apptainer or singularity, got 'docker'"),
+    ("--pvc=x", "--pvc is an option of run-k8s, not of run-slurm"),
+])
+def test_usage_errors_are_one_line(tmp_path, option, message):
+    result = nox("-s", "run-slurm", "--", "train", f"--workspace={tmp_path}", option, "--dry-run")
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_standin_container_route_runs_the_image_with_run_singularitys_confinement(tmp_path, slurm):
+    """STAND-IN for Apptainer (tests/standin/singularity): the image is built on the login node, and the
+    job runs it with run-singularity's binds and options; Slurm is real."""
+    log = tmp_path / "standin.log"
+    log.touch()
+    env = {**slurm, "PATH": f"{ROOT / 'tests' / 'standin'}:{os.environ['PATH']}", "STANDIN_LOG": str(log),
+           "MNIST_COMPILATION_CACHE": "off"}
+    ws = digits_workspace(tmp_path / "ws")
+    result = run_slurm("train", "--container=singularity", f"--workspace={ws}", env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    recorded = [json.loads(line) for line in log.read_text().splitlines() if "--version" not in line]
+    assert [command[1] for command in recorded] == ["build", "run"]
+    dry = nox("-s", "run-singularity", "--", "train", f"--workspace={ws}", "--dry-run", env=env)
+    assert "srun " + dry.stdout.strip() in (ws / "slurm" / "train.sbatch").read_text()
+    assert json.loads((ws / "model" / "model.json").read_text())["epochs_run"] == 1
+    assert Path(ws / ".image").is_dir()
