@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import difflib
 import errno
-import fcntl
 import functools
 import glob
 import gzip
@@ -58,6 +57,15 @@ import zlib
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any, NamedTuple
+
+try:  # Linux and macOS: OS locks that die with their process, on files and on folders
+    import fcntl
+except ImportError:  # Windows: locks on files alone, and a file held open cannot be removed
+    fcntl = None
+try:
+    import msvcrt
+except ImportError:
+    msvcrt = None
 
 # --------------------------------------------------------------------------------------- the commands
 # Each task's command: its help line, and its parameters as mlcube.yaml has them (help, type, whether
@@ -732,6 +740,7 @@ def draw_confusion(confusion: np.ndarray):
 # ----------------------- messages and configs: one line for every mistake, no config read unbounded
 MAX_CONFIG_BYTES = 64 << 10  # a config is a few lines; this bounds what the YAML reader parses
 MAX_URI_CHARS = 2048
+WINDOWS_PATH = re.compile(r"[A-Za-z]:[\\/]|\\\\")  # a drive's path, or a UNC path
 # What a train.yaml value of each TrainConfig type may be (YAML writes 1 for 1.0), and its name in messages.
 TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number")}
 MAX_SEED = 2**31 - 2  # the programs take the seed, and seed + 1 for the data, as int32
@@ -879,6 +888,8 @@ def read_source(entry: dict, base: str, where: str) -> Source:
         raise CubeError(f"{where}: size must be the file's size in bytes, 1 to {MAX_DATA_BYTES}, got {shorten(size)}")
     if len(uri) > MAX_URI_CHARS:
         raise CubeError(f"{where}: uri longer than {MAX_URI_CHARS} characters: {shorten(uri)}")
+    if WINDOWS_PATH.match(uri):  # C:\data, C:/data or \\server\share: a path, not a URL of scheme "c"
+        return Source(os.path.join(base, uri), digest, size)
     try:
         parts = urllib.parse.urlsplit(uri)
         parts.port  # noqa: B018 (a port out of range raises only when it is read)
@@ -1039,6 +1050,7 @@ def read_record(path: str) -> dict:
 
 
 # ------ atomic files and locks: no half-written output, no two runs mixed, no file of yours touched
+LOCK_NAME = ".mnist.lock"  # Windows's folder lock, a file in the folder (see folder_lock)
 PART = re.compile(r"\..+\.mnist-\d+-[0-9a-f]{8}\.part")  # our temporary files: .NAME.mnist-PID-RANDOM.part
 
 
@@ -1062,7 +1074,7 @@ def open_part(folder: str, name: str):
     maker is alive from any host or container that shares the folder."""
     while True:
         out = open(os.path.join(folder, f".{name}.mnist-{os.getpid()}-{os.urandom(4).hex()}.part"), "xb")
-        fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+        lock(out.fileno(), shared=False, wait=True)
         if os.fstat(out.fileno()).st_nlink:  # not removed by another run's clean-up before the lock
             return out
         out.close()
@@ -1076,14 +1088,32 @@ def remove_abandoned_parts(folder: str) -> None:
     except OSError:
         return
     for name in filter(PART.fullmatch, names):
-        path = os.path.join(folder, name)
-        with contextlib.suppress(OSError):  # held (BlockingIOError), or gone already
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.unlink(path)
-            finally:
-                os.close(fd)
+        with contextlib.suppress(OSError):  # held by a live process, or gone already
+            remove_unheld(os.path.join(folder, name))
+
+
+def remove_unheld(path: str) -> None:
+    """Remove `path` unless a live process holds it: its lock says so, or, on Windows, the system
+    itself, which refuses to remove a file another process has open."""
+    if fcntl is None:
+        os.unlink(path)
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        lock(fd, shared=False)
+        os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def lock(fd: int, shared: bool, wait: bool = False) -> None:
+    """An OS lock on the open file (or, but on Windows, folder) `fd`, which dies with its process;
+    BlockingIOError or PermissionError when another process holds it. Windows locks are exclusive
+    only, so readers take turns there; with neither kind of lock (a stand-in test), none."""
+    if fcntl:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    elif msvcrt:
+        msvcrt.locking(fd, msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
 
 
 def write_staged(out, data: bytes) -> None:
@@ -1144,17 +1174,22 @@ def folder_lock(folder: str, shared: bool = False):
     """One writer at a time in `folder` (download's data_dir, train's model_dir), and no reader while
     it writes (evaluate and infer read model_dir `shared`), so that no one sees two runs' files mixed:
     an OS lock on the folder itself, which dies with its process (kill -9 too), needs no file (a
-    read-only mount can be locked) and holds across containers that mount the folder."""
-    fd = os.open(folder, os.O_RDONLY)
+    read-only mount can be locked) and holds across containers that mount the folder. Windows locks
+    no folder: there it is a file in it, LOCK_NAME, removed afterwards."""
+    target = folder if fcntl else os.path.join(folder, LOCK_NAME)
+    fd = os.open(target, os.O_RDONLY if fcntl else os.O_RDWR | os.O_CREAT)
     try:
         try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
+            lock(fd, shared)
+        except (BlockingIOError, PermissionError):
             doing = "being written by another run" if shared else "in use by another run (writing or reading it)"
             raise CubeError(f"{folder}: {doing}; wait for it to end, or choose another folder") from None
         yield
     finally:
         os.close(fd)
+        if target != folder:
+            with contextlib.suppress(OSError):  # another run holds it now
+                os.unlink(target)
 
 
 def check_replaceable(path: str, inputs: list[str]) -> None:
@@ -1181,7 +1216,7 @@ MAX_DATA_BYTES = 128 << 20  # of a downloaded file, and of an IDX file's arrays:
 def open_regular(path: str, where: str | None = None):
     """`path` opened for binary reading if it is a regular file. Devices and FIFOs are refused before a
     byte is read: /dev/zero never ends, and opening a FIFO waits for a writer."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # Windows has no FIFOs to wait on
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise CubeError(f"{where or path}: not a regular file (a device, FIFO or socket); give a file")
@@ -1654,7 +1689,7 @@ def run_as_output_owner(args: argparse.Namespace) -> None:
     of the folder that receives its first output. MLCube's runner starts containers with no --user and
     makes that folder as its caller, so the caller owns, rewrites and deletes what the task writes.
     Our runners pass --user, and a root caller owns the folder already: nothing changes then."""
-    if os.geteuid() != 0 or not os.environ.get("MNIST_RUN_AS_OUTPUT_OWNER"):
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not os.environ.get("MNIST_RUN_AS_OUTPUT_OWNER"):
         return
     folder = written_folders(args)[0]
     while not os.path.isdir(folder):  # a file's folder, or the nearest one that exists

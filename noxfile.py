@@ -595,7 +595,8 @@ def container_settings(run: Run, opts: Options, image: str) -> dict:
     docker_execute hands it to the SDK (sdk_settings). Least privilege: the caller's uid:gid, no
     capabilities, no privilege gain, a read-only root file system with a small /tmp, no network unless
     the task needs one, read-only inputs."""
-    return {"user": f"{os.geteuid()}:{os.getegid()}", "network": network(run, opts), "cap-drop": "ALL",
+    uid = f"{os.geteuid()}:{os.getegid()}" if hasattr(os, "geteuid") else None  # Windows: Docker Desktop's
+    return {"user": uid, "network": network(run, opts), "cap-drop": "ALL",
             "security-opt": "no-new-privileges", "read-only": True, "tmpfs": f"/tmp:size={TMPFS_SIZE}",
             "memory": opts.memory, "cpus": opts.cpus, "gpus": gpus_wanted(opts),
             "env": task_env(run, opts, image), "volume": container_mounts(run)}

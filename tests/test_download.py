@@ -180,7 +180,8 @@ def test_npz_with_object_arrays_is_refused(tmp_path, server, capsys):
     (lambda a: a.pop("x_test"), "missing array 'x_test'"),
     (lambda a: a.update(x_train=a["x_train"].astype(np.float32)), "x_train must be uint8"),
     (lambda a: a.update(x_test=a["x_test"][:, :27]), "x_test's images are 27×28, x_train's 28×28; train and test"),
-    (lambda a: a.update(y_train=a["y_train"] + 5), "y_train labels must be 0..14, each present, but 0, 1, 2, 3, 4 never"),
+    (lambda a: a.update(y_train=a["y_train"] + 5),
+     "y_train labels must be 0..14, each present, but 0, 1, 2, 3, 4 never"),
     (lambda a: a.update(y_test=a["y_test"][:-1]), "y_test must be 16 integer labels"),
 ])
 def test_npz_with_wrong_arrays_is_refused(tmp_path, server, capsys, change, message):

@@ -93,7 +93,7 @@ def test_platform_sizes_become_quantities(size, expected):
 @pytest.mark.parametrize("args, message", [
     (["train", "--data_dir=/elsewhere/data"], "/elsewhere/data is outside the workspace /ws"),
     (["evaluate", "--processes=2"], "--processes applies to train only, not evaluate"),
-    (["train", "--processes=0"], "--processes expects a number of pods, 1 or more"),
+    (["train", "--processes=0"], "--processes expects a number of processes, 1 or more"),
     (["train", "--gpus=all"], "run-k8s takes --gpus as a number of GPUs per pod"),
 ])
 def test_usage_errors(args, message):
