@@ -201,7 +201,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------- training
-# train = read_train_config, load_mnist, check_fits -> run_epochs -> write_model. run_epochs puts the
+# train = read_train_config, load_data_dir, check_fits -> run_epochs -> write_model. run_epochs puts the
 # data set on every device once and compiles four programs before the first step (compile_programs;
 # the fields of Programs):
 #   init   (seed)                          -> the first TrainState                 state_initializer
@@ -403,7 +403,7 @@ PREDICTIONS_START = b'{"images": '  # how infer's output begins: the only existi
 def train(args: argparse.Namespace, log: logging.Logger) -> None:
     """Train the CNN on data_dir/mnist.npz; write model_dir/params.msgpack and model.json."""
     config = read_train_config(args.train_config)
-    arrays, data_sha256 = load_mnist(os.path.join(args.data_dir, NPZ_NAME))
+    arrays, data_sha256 = load_data_dir(args.data_dir)
     devices, process_0 = jax.devices(), jax.process_index() == 0  # one process writes for all
     check_fits(config, len(arrays["x_train"]), len(devices), args.train_config)
     log.info(f"read {args.train_config}: {json.dumps(dataclasses.asdict(config))}")
@@ -539,7 +539,7 @@ def write_model(args: argparse.Namespace, config: TrainConfig, run_id: dict, n: 
 def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
     """Score the trained model on all test images; write log_dir/evaluate_metrics.json."""
     params, spec, summary = load_model(args.model_dir)
-    arrays, data_sha256 = load_mnist(os.path.join(args.data_dir, NPZ_NAME))
+    arrays, data_sha256 = load_data_dir(args.data_dir)
     check_fits_model(spec, spec_of(arrays), os.path.join(args.data_dir, NPZ_NAME))
     labels = arrays["y_test"].astype(np.int32)
     loss, accuracy, predicted = jax.jit(score)(params, arrays["x_test"], labels)
@@ -621,20 +621,22 @@ def fetch_and_verify(sources: dict[str, Source], data_dir: str, log: logging.Log
     expected = expected_npz_digest(sources, record, record_path)
     if os.path.exists(final) and sha256_of(final) == expected:
         log.info(f"skipped: {final} is already present and matches its SHA-256")
-        if read_record(record_path) != {**record, NPZ_NAME: expected}:  # a run killed before writing it
-            write_atomically(record_path, to_json({**record, NPZ_NAME: expected}))
+        complete = {**record, NPZ_NAME: expected, "bytes": os.path.getsize(final)}
+        if read_record(record_path) != complete:  # a run killed before writing it
+            write_atomically(record_path, to_json(complete))
         return
     if NPZ_NAME in sources:
         with staged(final) as (out, tmp):
             fetch_source(sources[NPZ_NAME], out, log)
             out.flush()
-            load_mnist(tmp, sources[NPZ_NAME].uri)
+            load_mnist(tmp, sources[NPZ_NAME].uri, size_limit(sources[NPZ_NAME])[0])
             move_into_place(out, tmp, final)
         record[NPZ_NAME] = sources[NPZ_NAME].sha256
     else:
         data = assemble_npz(sources, final, log)
         write_atomically(final, data)
         record[NPZ_NAME] = hashlib.sha256(data).hexdigest()
+    record["bytes"] = os.path.getsize(final)  # train and evaluate read it as large as this, no larger
     write_atomically(record_path, to_json(record))
     log.info(f"written {final} (SHA-256 {record[NPZ_NAME]})")
 
@@ -884,8 +886,9 @@ def read_source(entry: dict, base: str, where: str) -> Source:
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise CubeError(f"{where}: hash must be a SHA-256 digest (64 hex digits, 'sha256:' prefix "
                         f"optional), got {shorten(entry['hash'])}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_DATA_BYTES):
-        raise CubeError(f"{where}: size must be the file's size in bytes, 1 to {MAX_DATA_BYTES}, got {shorten(size)}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_DECLARED_BYTES):
+        raise CubeError(f"{where}: size must be the file's size in bytes, 1 to {MAX_DECLARED_BYTES}, "
+                        f"got {shorten(size)}")
     if len(uri) > MAX_URI_CHARS:
         raise CubeError(f"{where}: uri longer than {MAX_URI_CHARS} characters: {shorten(uri)}")
     if WINDOWS_PATH.match(uri):  # C:\data, C:/data or \\server\share: a path, not a URL of scheme "c"
@@ -1037,6 +1040,14 @@ def expected_npz_digest(sources: dict[str, Source], record: dict, record_path: s
         return sources[NPZ_NAME].sha256
     previous = read_record(record_path)
     return previous.get(NPZ_NAME) if previous.get("sources") == record["sources"] else None
+
+
+def load_data_dir(data_dir: str) -> tuple[dict[str, np.ndarray], str]:
+    """data_dir/mnist.npz, bounded by MAX_DATA_BYTES, or by its size as download recorded it: a data
+    set that data.yaml declares (its size:) may be larger."""
+    recorded = read_record(os.path.join(data_dir, RECORD_NAME)).get("bytes")
+    limit = max(MAX_DATA_BYTES, recorded if isinstance(recorded, int) and recorded <= MAX_DECLARED_BYTES else 0)
+    return load_mnist(os.path.join(data_dir, NPZ_NAME), limit=limit)
 
 
 def read_record(path: str) -> dict:
@@ -1210,7 +1221,9 @@ def check_replaceable(path: str, inputs: list[str]) -> None:
 
 
 # ------ bounded readers: devices, FIFOs, bombs and damaged files refused in bounded time and memory
-MAX_DATA_BYTES = 128 << 20  # of a downloaded file, and of an IDX file's arrays: MNIST's largest is 47 MB
+MAX_DATA_BYTES = 128 << 20  # of a data file that data.yaml gives no size: MNIST's largest is 47 MB
+MAX_PARAMS_BYTES = 1 << 30  # of params.msgpack: MNIST's are 0.8 MB, 224×224 colour images' about 50 MB
+MAX_DECLARED_BYTES = 16 << 30  # of one whose size: it gives (train then holds about three times it)
 
 
 def open_regular(path: str, where: str | None = None):
@@ -1308,23 +1321,24 @@ def check_classes(y_train: np.ndarray, y_test: np.ndarray, where: str) -> None:
         raise CubeError(f"{where}: y_test has label {y_test.max()}, which no training image has (0..{classes - 1})")
 
 
-def load_mnist(path: str, where: str | None = None) -> tuple[dict[str, np.ndarray], str]:
-    """The four MNIST arrays from an npz (pickles refused, sizes bounded, shapes and labels checked),
-    and the file's SHA-256, from one read of it. Messages name `where` (default: the path)."""
+def load_mnist(path: str, where: str | None = None, limit: int = MAX_DATA_BYTES) -> tuple[dict[str, np.ndarray], str]:
+    """The four arrays from an npz (pickles refused, at most `limit` bytes, unpacked too, shapes and
+    labels checked), and the file's SHA-256, from one read of it. Messages name `where` (default: the
+    path). Memory: the file and its arrays, so about twice `limit` at most."""
     where = where or path
     with reading(where, "a usable MNIST .npz", missing="no such file; run the download task first"):
         with open_regular(path, where) as f:
-            blob = f.read(MAX_DATA_BYTES + 1)
-        if len(blob) > MAX_DATA_BYTES:
-            raise CubeError(f"{where}: larger than the {MAX_DATA_BYTES} bytes an MNIST-like file may have")
+            blob = f.read(limit + 1)
+        if len(blob) > limit:
+            raise CubeError(f"{where}: larger than the {limit} bytes an MNIST-like file may have")
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             missing = [key for key in ARRAYS if key not in npz.files]
             if missing:
                 raise CubeError(f"{where}: missing array '{missing[0]}' (expected {', '.join(ARRAYS)})")
             sizes = {key: npz.zip.getinfo(f"{key}.npy").file_size for key in ARRAYS}
-            if sum(sizes.values()) > MAX_DATA_BYTES:  # a compressed npz can unpack to any size
+            if sum(sizes.values()) > limit:  # a compressed npz can unpack to any size
                 raise CubeError(f"{where}: its arrays unpack to {sum(sizes.values())} bytes, more than "
-                                f"the {MAX_DATA_BYTES} an MNIST-like data set may have")
+                                f"the {limit} an MNIST-like data set may have")
             for key in ARRAYS:  # np.load allocates what a header declares before it reads a byte
                 with npz.zip.open(f"{key}.npy") as member:
                     shape, dtype = npy_header(member, where)
@@ -1346,11 +1360,13 @@ def load_model(model_dir: str) -> tuple[dict, Spec, dict]:
         with folder_lock(model_dir, shared=True), open_regular(summary_path) as f:
             summary = json.loads(f.read(MAX_CONFIG_BYTES))
             with open_regular(params_path) as g:
-                blob = g.read(MAX_DATA_BYTES)
+                blob = g.read(MAX_PARAMS_BYTES + 1)
     except FileNotFoundError as e:
         raise CubeError(f"{e.filename}: no such file; run the train task first") from None
     except (OSError, ValueError) as e:
         raise CubeError(f"{summary_path}: not a readable model.json ({shorten(str(e), 120, quoted=False)})") from None
+    if len(blob) > MAX_PARAMS_BYTES:
+        raise CubeError(f"{params_path}: larger than the {MAX_PARAMS_BYTES} bytes parameters may have")
     spec = model_spec(summary, summary_path)
     template = jax.eval_shape(lambda: init_params(jax.random.key(0), spec))  # shapes only: nothing runs
     built = architecture(spec.classes)

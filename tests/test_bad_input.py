@@ -94,7 +94,7 @@ CASES = [
      "ws/mnist.npz: stopped after 1000 bytes, its size in the data config is 1000"),
     ("size: not a number of bytes", "download",
      lambda ws: data_config(ws, "uri: mnist.npz\nsize: -5\n"),
-     "size must be the file's size in bytes, 1 to 134217728, got -5"),
+     "size must be the file's size in bytes, 1 to 17179869184, got -5"),
     ("data_dir is a file", "download",
      lambda ws: {"data_dir": write(ws / "plain", "x")}, "plain: a file stands where a folder is expected"),
     ("data_dir/mnist.npz is a folder", "download",

@@ -128,3 +128,19 @@ def test_bad_data_of_the_new_kinds_is_one_line(tmp_path, capsys, change, message
     assert result.code == 1 and len(lines) == 1 and message in lines[0], result.err
     assert not (ws / "data" / "mnist.npz").exists()
 
+
+
+def test_a_declared_data_set_may_be_larger_than_the_default_bound(tmp_path, capsys, monkeypatch):
+    """The bound on a data file MNIST fits in (here cut to 200 kB, for a 1.6 MB data set) holds for an
+    undeclared source; a data.yaml that gives the file's exact size: lifts it for download, train and
+    evaluate alike, and only to that size."""
+    monkeypatch.setattr(mnist, "MAX_DATA_BYTES", 200_000)
+    body = npz_bytes(make_patterns((16, 16, 3), 3, 1024, 256))
+    ws = source_workspace(tmp_path / "ws", body, batch_size=64)
+    result = run_task("download", ws, capsys)
+    assert result.code == 1 and "stopped after 200000 bytes, the most a data file may have (set its size:" in result.err
+    write_config(ws / "data.yaml", {"uri": "mnist.npz", "hash": sha256(body), "size": len(body)})
+    for task in ("download", "train", "evaluate"):
+        assert run_task(task, ws, capsys).code == 0, task
+    assert json.loads((ws / "data" / "download.json").read_text())["bytes"] == len(body)
+    assert json.loads((ws / "model" / "model.json").read_text())["input_shape"] == [16, 16, 3]
