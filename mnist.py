@@ -17,7 +17,7 @@ Reading order, top to bottom:
   pictures           the curves, the confusion matrix, the mistakes
   the safety net     what keeps careless hands from losing work, in five parts: messages and configs,
                      downloading, atomic files and locks, bounded readers, checkpoints and signals
-  process setup      the command line, logs, the compilation cache, main
+  process setup      the cluster a run may join, logs, the compilation cache, main
 
 To make it your own: another network is the model section; another task is a function in the tasks
 section, a line in TASKS and its parameters in COMMANDS (the README's "Making it your own" lists every
@@ -1601,11 +1601,11 @@ def image_sources() -> dict[str, str] | None:
 
 # ==================================================================================================
 # Process setup and main
-# The command line, the cluster a run may join, logs, the compilation cache, and main.
+# The cluster a run may join, logs, the compilation cache, and main.
 # ==================================================================================================
 
 
-# ----------------------------------------------------------------- the command line and the process
+# -------------------------------------------------------------------------------------- the process
 CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
 SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
 MAX_CACHE_BYTES = 100 << 20  # beyond this, the programs written longest ago are dropped; a run adds 0.4 MB
