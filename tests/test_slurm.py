@@ -107,7 +107,7 @@ def test_a_failing_task_ends_the_session_with_its_status_and_line(tmp_path, slur
 
 
 def test_ctrl_c_cancels_the_job_and_the_rerun_resumes(tmp_path, slurm):
-    ws = digits_workspace(tmp_path / "ws", 8192, 256, train_epochs=4, batch_size=32)
+    ws = digits_workspace(tmp_path / "ws", 8192, 256, train_epochs=40, batch_size=32)  # long enough to stop
     command = [os.sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "run-slurm", "--", "train",
                f"--workspace={ws}"]
     session = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -117,6 +117,7 @@ def test_ctrl_c_cancels_the_job_and_the_rerun_resumes(tmp_path, slurm):
     while not (metrics.exists() and metrics.read_text().strip()) and session.poll() is None:
         assert time.time() < deadline
         time.sleep(0.2)
+    assert session.poll() is None, "train ended before it could be stopped"
     session.send_signal(signal.SIGINT)
     output = session.communicate(timeout=120)[0]
     assert session.returncode != 0, output[-3000:]
