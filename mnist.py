@@ -403,7 +403,7 @@ PREDICTIONS_START = b'{"images": '  # how infer's output begins: the only existi
 def train(args: argparse.Namespace, log: logging.Logger) -> None:
     """Train the CNN on data_dir/mnist.npz; write model_dir/params.msgpack and model.json."""
     config = read_train_config(args.train_config)
-    arrays, data_sha256 = load_data_dir(args.data_dir)
+    arrays, data_sha256, names = load_data_dir(args.data_dir)
     devices, process_0 = jax.devices(), jax.process_index() == 0  # one process writes for all
     check_fits(config, len(arrays["x_train"]), len(devices), args.train_config)
     log.info(f"read {args.train_config}: {json.dumps(dataclasses.asdict(config))}")
@@ -414,7 +414,8 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     with folder_lock(args.model_dir) if process_0 else contextlib.nullcontext():
         spec = spec_of(arrays)
         run_id = {"architecture": architecture(spec.classes), "input_shape": list(spec.image_shape),
-                  "classes": spec.classes, "config": dataclasses.asdict(config), "data_sha256": data_sha256}
+                  "classes": spec.classes, "class_names": names, "config": dataclasses.asdict(config),
+                  "data_sha256": data_sha256}
         state, history, compile_seconds = run_epochs(args, config, run_id, arrays, process_0, log)
         if process_0:
             write_model(args, config, run_id, len(arrays["x_train"]), state, history, compile_seconds, log)
@@ -539,7 +540,7 @@ def write_model(args: argparse.Namespace, config: TrainConfig, run_id: dict, n: 
 def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
     """Score the trained model on all test images; write log_dir/evaluate_metrics.json."""
     params, spec, summary = load_model(args.model_dir)
-    arrays, data_sha256 = load_data_dir(args.data_dir)
+    arrays, data_sha256, _ = load_data_dir(args.data_dir)
     check_fits_model(spec, spec_of(arrays), os.path.join(args.data_dir, NPZ_NAME))
     labels = arrays["y_test"].astype(np.int32)
     loss, accuracy, predicted = jax.jit(score)(params, arrays["x_test"], labels)
@@ -564,9 +565,10 @@ def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
     log.info(f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} on "
              f"{len(labels)} images: {'the same as' if same else 'different from'} what train recorded")
     log.info(f"written {args.log_dir}/evaluate_metrics.json")
-    save_plot(os.path.join(args.log_dir, "confusion_matrix.png"), draw_confusion(confusion), log)
+    names = summary.get("class_names") or [str(k) for k in range(spec.classes)]
+    save_plot(os.path.join(args.log_dir, "confusion_matrix.png"), draw_confusion(confusion, names), log)
     save_plot(os.path.join(args.log_dir, "mistakes.png"),
-              draw_mistakes(arrays["x_test"], mistakes, metrics["mistakes"]), log)
+              draw_mistakes(arrays["x_test"], mistakes, metrics["mistakes"], names), log)
 
 
 def most_confident_mistakes(wrong: np.ndarray, confidence: np.ndarray, labels: np.ndarray,
@@ -607,17 +609,19 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
 
 def download(args: argparse.Namespace, log: logging.Logger) -> None:
     """Fetch the data set named in data_config, verify it, and write data_dir/mnist.npz."""
-    sources = read_data_config(args.data_config)
+    sources, names = read_data_config(args.data_config)
     log.info(f"read {args.data_config}: {', '.join(source.uri for source in sources.values())}")
     os.makedirs(args.data_dir, exist_ok=True)
     with folder_lock(args.data_dir):
-        fetch_and_verify(sources, args.data_dir, log)
+        fetch_and_verify(sources, names, args.data_dir, log)
 
 
-def fetch_and_verify(sources: dict[str, Source], data_dir: str, log: logging.Logger) -> None:
+def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_dir: str,
+                     log: logging.Logger) -> None:
     final = os.path.join(data_dir, NPZ_NAME)
     record_path = os.path.join(data_dir, RECORD_NAME)
-    record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()}}
+    record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()},
+              "class_names": names}
     expected = expected_npz_digest(sources, record, record_path)
     if os.path.exists(final) and sha256_of(final) == expected:
         log.info(f"skipped: {final} is already present and matches its SHA-256")
@@ -688,9 +692,9 @@ def draw_curves(history: list[EpochMetrics]):
     return draw
 
 
-def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int):
-    """A grid of the mistakes listed, each captioned true → predicted (probability); or, with none, a
-    note saying so."""
+def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int, names: list[str]):
+    """A grid of the mistakes listed, each captioned true → predicted (probability), by the classes'
+    `names`; or, with none, a note saying so."""
     def draw(figure) -> None:
         if not mistakes:
             figure.text(0.5, 0.5, "no mistakes: every test image is classified correctly", ha="center", fontsize=14)
@@ -703,8 +707,8 @@ def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int):
             image = images[mistake["index"]]
             colour = image.ndim == 3 and image.shape[2] >= 3  # shown as it is, its first three channels as RGB
             axes.imshow(image[..., :3] if colour else image.squeeze(), cmap=None if colour else "gray_r")
-            axes.set_title(f"{mistake['true']} → {mistake['predicted']} ({100 * mistake['probability']:.1f}%)",
-                           fontsize=10)
+            axes.set_title(f"{names[mistake['true']]} → {names[mistake['predicted']]} "
+                           f"({100 * mistake['probability']:.1f}%)", fontsize=10)
             axes.set_axis_off()
         shown = f"the {len(mistakes)} most confident of {total}" if len(mistakes) < total else f"all {total}"
         figure.suptitle(f"{shown} mistakes: true → predicted (probability)")
@@ -714,9 +718,9 @@ def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int):
 COUNTS_SHOWN = 20  # classes up to which the confusion matrix writes its counts; beyond, colour alone
 
 
-def draw_confusion(confusion: np.ndarray):
+def draw_confusion(confusion: np.ndarray, names: list[str]):
     """The confusion matrix with its counts; the diagonal holds the correct answers. Its picture grows
-    with the classes, and labels every class up to 50, every few above."""
+    with the classes, and labels every class by its name up to 50, every few above."""
     def draw(figure) -> None:
         classes = len(confusion)
         figure.set_size_inches(max(9, classes / 4), max(4, classes / 4))
@@ -728,7 +732,9 @@ def draw_confusion(confusion: np.ndarray):
                           color="white" if true == guess else "black")
         ticks = range(0, classes, -(-classes // 50))
         axes.set(xlabel="predicted class", ylabel="true class", xticks=ticks, yticks=ticks,
+                 xticklabels=[names[k] for k in ticks], yticklabels=[names[k] for k in ticks],
                  title="confusion matrix (test images)")
+        axes.tick_params(axis="x", labelrotation=90 if max(map(len, names)) > 2 else 0)
     return draw
 
 
@@ -866,18 +872,30 @@ class Source(NamedTuple):
     size: int | None
 
 
-def read_data_config(path: str) -> dict[str, Source]:
-    """Map each source file's name to its Source, from either form of `data.yaml`."""
+def read_data_config(path: str) -> tuple[dict[str, Source], list[str] | None]:
+    """Each source file's name and its Source, from either form of `data.yaml`, and the classes' names
+    where it gives them (`classes:`, a list: class k is the k-th name)."""
     config = read_yaml(path)
     base = os.path.dirname(os.path.abspath(path))
     if "files" not in config:
-        check_keys(config, ["uri", "hash"], ["size"], path)
-        return {NPZ_NAME: read_source(config, base, path)}
-    files = check_keys(config, ["files"], [], path)["files"]
+        check_keys(config, ["uri", "hash"], ["size", "classes"], path)
+        return {NPZ_NAME: read_source(config, base, path)}, class_names(config, path)
+    files = check_keys(config, ["files"], ["classes"], path)["files"]
     check_keys(files, list(IDX_FILES), [], f"{path}: files")
     return {name: read_source(check_keys(files[name], ["uri", "hash"], ["size"], f"{path}: files.{name}"),
                               base, f"{path}: files.{name}")
-            for name in IDX_FILES}
+            for name in IDX_FILES}, class_names(config, path)
+
+
+def class_names(config: dict, path: str) -> list[str] | None:
+    names = config.get("classes")
+    if names is None:
+        return None
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n.strip() for n in names):
+        raise CubeError(f"{path}: classes must be a list of two names or more, got {shorten(names)}")
+    if len(set(names)) != len(names):
+        raise CubeError(f"{path}: classes names {shorten(sorted({n for n in names if names.count(n) > 1}))} twice")
+    return names
 
 
 def read_source(entry: dict, base: str, where: str) -> Source:
@@ -1042,12 +1060,20 @@ def expected_npz_digest(sources: dict[str, Source], record: dict, record_path: s
     return previous.get(NPZ_NAME) if previous.get("sources") == record["sources"] else None
 
 
-def load_data_dir(data_dir: str) -> tuple[dict[str, np.ndarray], str]:
+def load_data_dir(data_dir: str) -> tuple[dict[str, np.ndarray], str, list[str] | None]:
     """data_dir/mnist.npz, bounded by MAX_DATA_BYTES, or by its size as download recorded it: a data
-    set that data.yaml declares (its size:) may be larger."""
-    recorded = read_record(os.path.join(data_dir, RECORD_NAME)).get("bytes")
+    set that data.yaml declares (its size:) may be larger; and its classes' names, if data.yaml gave
+    them (one a class)."""
+    record_path = os.path.join(data_dir, RECORD_NAME)
+    record = read_record(record_path)
+    recorded = record.get("bytes")
     limit = max(MAX_DATA_BYTES, recorded if isinstance(recorded, int) and recorded <= MAX_DECLARED_BYTES else 0)
-    return load_mnist(os.path.join(data_dir, NPZ_NAME), limit=limit)
+    arrays, digest = load_mnist(os.path.join(data_dir, NPZ_NAME), limit=limit)
+    names, classes = record.get("class_names"), spec_of(arrays).classes
+    if names is not None and (not isinstance(names, list) or len(names) != classes):
+        raise CubeError(f"{record_path}: class_names lists {shorten(names)}, but the data has {classes} classes; "
+                        "give data.yaml's classes: one name a class, and download again")
+    return arrays, digest, names
 
 
 def read_record(path: str) -> dict:

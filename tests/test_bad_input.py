@@ -379,8 +379,9 @@ def test_fuzz_train_config_reads_or_refuses(tmp_path, text):
 @fuzz
 @given(st.one_of(st.text(max_size=300), st.dictionaries(keys, values, max_size=5).map(yaml.safe_dump)))
 def test_fuzz_data_config_reads_or_refuses(tmp_path, text):
-    sources = reads_or_refuses(mnist.read_data_config, write(tmp_path / "data.yaml", text))
-    if sources is not None:
+    read = reads_or_refuses(mnist.read_data_config, write(tmp_path / "data.yaml", text))
+    if read is not None:
+        sources, _ = read
         assert all(len(s.sha256) == 64 and (s.size is None or 0 < s.size) for s in sources.values())
 
 

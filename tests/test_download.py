@@ -315,7 +315,7 @@ def test_cli_error_exits_1_with_one_line(tmp_path):
     result = finish(start_task("download", tmp_path))
     assert result.code == 1
     assert result.err.strip().splitlines()[-1] == (
-        f"mnist.py download: error: {tmp_path / 'data.yaml'}: missing key 'hash' (expected uri, hash, size)")
+        f"mnist.py download: error: {tmp_path / 'data.yaml'}: missing key 'hash' (expected uri, hash, size, classes)")
 
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist

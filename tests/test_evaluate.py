@@ -139,6 +139,9 @@ def rendered(draw) -> tuple:
     return figure, matplotlib.image.imread(io.BytesIO(buffer.getvalue())).shape
 
 
+DIGITS = [str(k) for k in range(10)]  # the class names a data.yaml without classes: gets
+
+
 def test_pictures_show_what_they_claim(trained, tmp_path, capsys):
     """Each PNG decodes to the size of the figure drawn from the task's own figures, and that figure
     holds them: a panel per epoch's point, a count per cell, a panel per mistake listed."""
@@ -149,8 +152,9 @@ def test_pictures_show_what_they_claim(trained, tmp_path, capsys):
                for line in (trained / "logs" / "train_metrics.jsonl").read_text().splitlines()]
     images = np.load(trained / "data" / "mnist.npz")["x_test"]
     pictures = {trained / "logs" / "training_curves.png": mnist.draw_curves(history),
-                tmp_path / "confusion_matrix.png": mnist.draw_confusion(np.array(metrics["confusion_matrix"])),
-                tmp_path / "mistakes.png": mnist.draw_mistakes(images, metrics["mistakes_shown"], metrics["mistakes"])}
+                tmp_path / "confusion_matrix.png": mnist.draw_confusion(np.array(metrics["confusion_matrix"]), DIGITS),
+                tmp_path / "mistakes.png": mnist.draw_mistakes(images, metrics["mistakes_shown"], metrics["mistakes"],
+                                                               DIGITS)}
     figures = {}
     for path, draw in pictures.items():
         figures[path.name], shape = rendered(draw)
@@ -171,7 +175,7 @@ def test_pictures_show_what_they_claim(trained, tmp_path, capsys):
 
 
 def test_no_mistakes_says_so(trained):
-    figure, _ = rendered(mnist.draw_mistakes(np.zeros((1, 28, 28), np.uint8), [], 0))
+    figure, _ = rendered(mnist.draw_mistakes(np.zeros((1, 28, 28), np.uint8), [], 0, DIGITS))
     assert [text.get_text() for text in figure.texts] == ["no mistakes: every test image is classified correctly"]
     assert not figure.axes
 

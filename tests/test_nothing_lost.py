@@ -141,7 +141,7 @@ def test_a_trickling_server_is_given_up_on(tmp_path, capsys, server, monkeypatch
 ])
 def test_uris_beyond_ascii_are_sent_percent_encoded(tmp_path, uri, sent):
     (tmp_path / "data.yaml").write_text(yaml.safe_dump({"uri": uri, "hash": "a" * 64}, allow_unicode=True))
-    assert mnist.read_data_config(str(tmp_path / "data.yaml"))["mnist.npz"].uri == sent
+    assert mnist.read_data_config(str(tmp_path / "data.yaml"))[0]["mnist.npz"].uri == sent
 
 
 # ------------------------------------------------------------------------ what users mean

@@ -75,6 +75,6 @@ def test_configs_with_windows_line_ends_read_as_any_other(tmp_path, capsys):
         (ws / name).write_bytes(text.replace("\n", "\r\n").encode())
     config = mnist.read_train_config(str(ws / "train.yaml"))
     assert config.optimizer == "adam" and config.batch_size == 64
-    sources = mnist.read_data_config(str(ws / "data.yaml"))
+    sources, _ = mnist.read_data_config(str(ws / "data.yaml"))
     assert sources["mnist.npz"].sha256 == sha256(body)
     assert yaml.safe_load((ws / "train.yaml").read_text())["optimizer"] == "adam"

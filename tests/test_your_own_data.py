@@ -72,7 +72,8 @@ def test_colour_mistakes_are_drawn_in_colour(tmp_path):
         if coloured:
             images[0, :, :, 1:] = 0  # red
         figure = Figure()
-        mnist.draw_mistakes(images, [{"index": 0, "true": 0, "predicted": 1, "probability": 0.9}], 1)(figure)
+        mistake = {"index": 0, "true": 0, "predicted": 1, "probability": 0.9}
+        mnist.draw_mistakes(images, [mistake], 1, ["a", "b"])(figure)
         figure.savefig(tmp_path / "m.png")
         pixels = imread(tmp_path / "m.png")[..., :3]
         assert bool((np.ptp(pixels, axis=-1) > 0.5).any()) == coloured
@@ -144,3 +145,26 @@ def test_a_declared_data_set_may_be_larger_than_the_default_bound(tmp_path, caps
         assert run_task(task, ws, capsys).code == 0, task
     assert json.loads((ws / "data" / "download.json").read_text())["bytes"] == len(body)
     assert json.loads((ws / "model" / "model.json").read_text())["input_shape"] == [16, 16, 3]
+
+
+def test_class_names_from_data_yaml_reach_model_json_and_the_pictures(tmp_path, capsys):
+    """data.yaml's optional classes: names each class; model.json records them and the pictures show them.
+    A list that does not match the data's classes is refused when train reads it."""
+    body = npz_bytes(make_patterns((8, 8), 3, 256, 64))
+    ws = source_workspace(tmp_path / "ws", body, batch_size=32)
+    write_config(ws / "data.yaml", {"uri": "mnist.npz", "hash": sha256(body), "classes": ["cat", "dog", "owl"]})
+    for task in ("download", "train", "evaluate"):
+        assert run_task(task, ws, capsys).code == 0, task
+    assert json.loads((ws / "model" / "model.json").read_text())["class_names"] == ["cat", "dog", "owl"]
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    mnist.draw_confusion(np.eye(3, dtype=np.int64), ["cat", "dog", "owl"])(figure)
+    assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["cat", "dog", "owl"]
+    write_config(ws / "data.yaml", {"uri": "mnist.npz", "hash": sha256(body), "classes": ["cat", "dog"]})
+    assert run_task("download", ws, capsys).code == 0  # the same data: the record takes the new names
+    result = run_task("train", ws, capsys)
+    assert result.code == 1 and "class_names lists ['cat', 'dog'], but the data has 3 classes" in result.err
+    write_config(ws / "data.yaml", {"uri": "mnist.npz", "hash": sha256(body), "classes": ["cat", "cat"]})
+    result = run_task("download", ws, capsys)
+    assert result.code == 1 and "classes names ['cat'] twice" in result.err
