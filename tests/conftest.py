@@ -8,6 +8,7 @@ import http.server
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -279,6 +280,17 @@ def nox(*args, env=None, user=None, docker_group=True):
         user / "venv" / "bin" / "python", user / "cube", ["setpriv", "--reuid=4321", "--regid=4321", groups])
     command = [*run_as, str(python), "-m", "nox", "-f", str(cube / "noxfile.py"), *args]
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1200)
+
+
+def start_as_in_a_terminal(command: list[str], **popen) -> subprocess.Popen:
+    """A process that Ctrl-C (SIGINT) interrupts, as in a terminal. A shell starts its background jobs
+    with Ctrl-C ignored, and a child inherits that, but not a handler: with one here, the child starts
+    with Ctrl-C at its default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, **popen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def docker_ready():

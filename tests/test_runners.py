@@ -22,6 +22,7 @@ from conftest import (
     npz_bytes,
     sha256,
     source_workspace,
+    start_as_in_a_terminal,
 )
 
 sys.path.insert(0, str(ROOT))
@@ -333,15 +334,9 @@ def test_run_docker_failing_task_propagates_its_code(tmp_path, server, image):
 @needs_docker
 def test_run_docker_interrupted_leaves_no_container(tmp_path, image):
     ws = digits_workspace(tmp_path / "ws", 4096, 64, train_epochs=500, batch_size=32)
-    # A shell starts its background jobs with Ctrl-C ignored, and a child inherits that, but not a
-    # handler: with one here, nox starts with Ctrl-C at its default, as in a terminal.
     command = [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "run-docker", "--", "train",
                f"--workspace={ws}"]
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    process = start_as_in_a_terminal(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while not containers() and time.time() < deadline:
         time.sleep(0.5)

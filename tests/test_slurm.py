@@ -12,7 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, digits_workspace, free_port, make_digits, nox, npz_bytes, source_workspace
+from conftest import (
+    ROOT,
+    digits_workspace,
+    free_port,
+    make_digits,
+    nox,
+    npz_bytes,
+    source_workspace,
+    start_as_in_a_terminal,
+)
 
 SETTINGS = """ClusterName=cube
 SlurmctldHost={host}
@@ -110,8 +119,8 @@ def test_ctrl_c_cancels_the_job_and_the_rerun_resumes(tmp_path, slurm):
     ws = digits_workspace(tmp_path / "ws", 8192, 256, train_epochs=40, batch_size=32)  # long enough to stop
     command = [os.sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "run-slurm", "--", "train",
                f"--workspace={ws}"]
-    session = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, **slurm})
+    session = start_as_in_a_terminal(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **slurm})
     metrics = ws / "logs" / "train_metrics.jsonl"
     deadline = time.time() + 600
     while not (metrics.exists() and metrics.read_text().strip()) and session.poll() is None:
