@@ -1249,7 +1249,7 @@ def check_replaceable(path: str, inputs: list[str]) -> None:
 # ------ bounded readers: devices, FIFOs, bombs and damaged files refused in bounded time and memory
 MAX_DATA_BYTES = 128 << 20  # of a data file that data.yaml gives no size: MNIST's largest is 47 MB
 MAX_PARAMS_BYTES = 1 << 30  # of params.msgpack: MNIST's are 0.8 MB, 224×224 colour images' about 50 MB
-MAX_DECLARED_BYTES = 16 << 30  # of one whose size: it gives (train then holds about three times it)
+MAX_DECLARED_BYTES = 16 << 30  # of one whose size: it gives (train's peak is about six times it)
 
 
 def open_regular(path: str, where: str | None = None):
