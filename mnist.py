@@ -1111,9 +1111,15 @@ def open_part(folder: str, name: str):
     maker is alive from any host or container that shares the folder."""
     while True:
         out = open(os.path.join(folder, f".{name}.mnist-{os.getpid()}-{os.urandom(4).hex()}.part"), "xb")
-        lock(out.fileno(), shared=False, wait=True)
-        if os.fstat(out.fileno()).st_nlink:  # not removed by another run's clean-up before the lock
-            return out
+        try:
+            lock(out.fileno(), shared=False, wait=True)
+            if os.fstat(out.fileno()).st_nlink:  # not removed by another run's clean-up before the lock
+                return out
+        except BaseException:  # a signal, say, before staged() can clean up: the file is ours to remove
+            out.close()
+            with contextlib.suppress(OSError):
+                os.unlink(out.name)
+            raise
         out.close()
 
 
