@@ -1598,9 +1598,11 @@ def redeliver_signals(unraisable) -> None:
     JAX has one), printing "Exception ignored in". A signal whose exception is dropped there is sent
     again a moment later, from another thread, so that it stops the task where the exception reaches
     main. (Sent at once, its handler would run inside this hook, and be dropped again.)"""
-    signum = {Stopped: getattr(unraisable.exc_value, "code", 0) - 128, KeyboardInterrupt: signal.SIGINT}.get(
-        unraisable.exc_type)
-    if signum is None:
+    if isinstance(unraisable.exc_value, Stopped):
+        signum = unraisable.exc_value.code - 128
+    elif isinstance(unraisable.exc_value, KeyboardInterrupt):
+        signum = signal.SIGINT
+    else:
         sys.__unraisablehook__(unraisable)
         return
     resend = threading.Timer(0.01, os.kill, (os.getpid(), signum))
