@@ -1683,17 +1683,26 @@ def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) 
     return log
 
 
+def compilation_cache_folder() -> str | None:
+    """Where compiled programs are kept between runs: $MNIST_COMPILATION_CACHE, None for "off", by
+    default the user's cache folder. (noxfile.py runs this very definition for the host folder it
+    mounts into containers, so that containers and local runs share one cache.)"""
+    setting = os.environ.get(CACHE_VARIABLE, "")
+    if setting == "off":
+        return None
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return setting or os.path.join(user_cache, "mnist-mlcube", "jax")
+
+
 def use_compilation_cache() -> None:
     """Keep compiled programs between runs, so that a rerun loads them instead of compiling (several
-    times faster): in $MNIST_COMPILATION_CACHE ("off" for no cache), by default in
-    the user's cache folder. JAX keys each entry by program, JAX version and device; a damaged or
-    foreign entry only costs a compilation (and is replaced: see show_warning)."""
+    times faster), in compilation_cache_folder, at most MAX_CACHE_BYTES of them (prune_cache). JAX
+    keys each entry by program, JAX version and device; a damaged or foreign entry only costs a
+    compilation (and is replaced: see show_warning)."""
     warnings.showwarning = show_warning
-    setting = os.environ.get(CACHE_VARIABLE, "")
-    if setting == "off" or jax.config.jax_compilation_cache_dir:  # JAX's own variable was set: it rules
+    folder = compilation_cache_folder()
+    if folder is None or jax.config.jax_compilation_cache_dir:  # JAX's own variable was set: it rules
         return
-    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = setting or os.path.join(user_cache, "mnist-mlcube", "jax")
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program: they are small
     prune_cache(folder)
@@ -1714,8 +1723,10 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 def prune_cache(folder: str) -> None:
-    """Keep the cache under MAX_CACHE_BYTES, dropping the entries written longest ago. (JAX's own
-    limit needs the filelock package, which the image does not have.)"""
+    """Keep the cache under MAX_CACHE_BYTES, dropping the entries written longest ago. Not JAX's own
+    limit (jax_compilation_cache_max_size, with the filelock package): in our containers it fails
+    every write, because its eviction asks each entry's owner's name (through etils), and a --user
+    uid has none in the image (getpwuid: uid not found)."""
     with contextlib.suppress(FileNotFoundError):
         entries = sorted((entry.stat().st_mtime, entry.stat().st_size, entry.path) for entry in os.scandir(folder))
         total = sum(size for _, size, _ in entries)

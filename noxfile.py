@@ -17,6 +17,7 @@ carries out the MLCube contract:
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import functools
@@ -48,6 +49,7 @@ logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv bin
 
 ROOT = Path(__file__).resolve().parent
 CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())
+
 TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython"]
 
 # ----------------------------------------------------------------------------------------- sessions
@@ -497,7 +499,22 @@ IMAGE = CUBE["docker"]["image"]
 SOURCES_LABEL = "org.mlcommons.mnist.sources"  # the image's sources (see `sources`), as JSON
 ONLINE_TASKS = {"download"}  # the task that fetches data; the others run with no network at all
 TMPFS_SIZE = "256m"  # of /tmp, HOME in the image, which holds matplotlib's cache
-CACHE_VARIABLE, CACHE_TARGET = "MNIST_COMPILATION_CACHE", "/cache"  # see host_cache
+CACHE_TARGET = "/cache"  # where a container sees host_cache
+
+
+def mnist_definitions(*names: str) -> dict[str, Any]:
+    """mnist.py's top-level definitions of `names`, run here from its source: importing mnist.py
+    would import JAX, which the toolchain's own environment does not install. They may use `os`."""
+    tree = ast.parse((ROOT / "mnist.py").read_text(encoding="utf-8"))
+    wanted = [node for node in tree.body if getattr(node, "name", None) in names
+              or any(getattr(target, "id", None) in names for target in getattr(node, "targets", []))]
+    namespace = {"os": os}
+    exec(compile(ast.Module(wanted, type_ignores=[]), "mnist.py", "exec"), namespace)
+    return namespace
+
+
+MNIST = mnist_definitions("CACHE_VARIABLE", "compilation_cache_folder")  # one cache rule for both files
+
 
 def docker_client():
     try:
@@ -572,16 +589,13 @@ def task_variables(opts: Options, image: str, cached: bool) -> dict[str, str]:
     kept (CACHE_TARGET when one is mounted there); the CPU alone when no GPU was asked for (a GPU image
     would probe for CUDA, noisily); then the caller's --env."""
     cpu_only = {} if gpus_wanted(opts) else {"JAX_PLATFORMS": "cpu"}
-    return {"MNIST_IMAGE": image, CACHE_VARIABLE: CACHE_TARGET if cached else "off", **cpu_only, **opts.env}
+    return {"MNIST_IMAGE": image, MNIST["CACHE_VARIABLE"]: CACHE_TARGET if cached else "off", **cpu_only, **opts.env}
 
 
 def host_cache() -> str | None:
-    """The host folder where containers keep compiled programs between runs, by mnist.py's rule:
-    $MNIST_COMPILATION_CACHE ("off" for none), else the user's cache folder, which local runs share."""
-    setting = os.environ.get(CACHE_VARIABLE, "")
-    if setting == "off":
-        return None
-    return setting or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-mlcube" / "jax")
+    """The host folder where containers keep compiled programs between runs: the one local runs use,
+    by mnist.py's own compilation_cache_folder (None for "off")."""
+    return MNIST["compilation_cache_folder"]()
 
 
 def container_mounts(run: Run) -> dict[str, Mount]:
@@ -1129,7 +1143,7 @@ def kfp_run_locally(opts: Options) -> int:
     # Kubernetes replaces the ENTRYPOINT with it; env runs the command as Kubernetes would.
     runner = local.DockerRunner(entrypoint=["/usr/bin/env"], user=f"{os.geteuid()}:{os.getegid()}",
                                 cap_drop=["ALL"], security_opt=["no-new-privileges"], read_only=True,
-                                tmpfs={"/tmp": f"size={TMPFS_SIZE}"}, environment={CACHE_VARIABLE: "off"})
+                                tmpfs={"/tmp": f"size={TMPFS_SIZE}"}, environment={MNIST["CACHE_VARIABLE"]: "off"})
     local.init(runner=runner, pipeline_root=str(opts.workspace), raise_on_error=False)
     before = set(opts.workspace.glob(f"{PIPELINE_NAME}-20*"))  # a run's folder is named for its date
     kfp_pipeline(opts)()

@@ -8,6 +8,7 @@ import pytest
 from conftest import digits_workspace, finish, needs_docker, nox, sha256, start_train
 
 import mnist
+import noxfile
 
 PROGRAMS = ["jit_init", "jit_plan_epoch", "jit_train_steps", "jit_score"]
 
@@ -87,6 +88,18 @@ def test_the_cache_stays_bounded(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["newer", "newest"]
 
 
+def test_noxfile_mounts_the_folder_local_runs_use(monkeypatch, tmp_path):
+    """The toolchain runs mnist.py's own rule, whatever the variables say."""
+    for variables in ({}, {"XDG_CACHE_HOME": str(tmp_path)}, {"MNIST_COMPILATION_CACHE": str(tmp_path / "c")},
+                      {"MNIST_COMPILATION_CACHE": "off"}):
+        for name in ("XDG_CACHE_HOME", "MNIST_COMPILATION_CACHE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        assert noxfile.host_cache() == mnist.compilation_cache_folder()
+    assert noxfile.host_cache() is None
+
+
 def test_run_local_uses_it(cache_ws):
     ws = cache_ws / "ws"
     ws.mkdir()
@@ -95,7 +108,7 @@ def test_run_local_uses_it(cache_ws):
     for _ in range(2):
         result = nox("-s", "run-local", "--", "train", f"--workspace={ws}", f"--data_dir={cache_ws / 'data'}", env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert hits(result.stderr) == sorted(PROGRAMS)
+    assert hits(result.stderr) == sorted(PROGRAMS), result.stderr[-3000:]
 
 
 @needs_docker
@@ -115,6 +128,6 @@ def test_run_docker_mounts_a_cache_the_caller_owns(image, plain_user, tmp_path):
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         if run == 0:
             assert hits(result.stderr) == [] and (cache.stat().st_uid, cache.stat().st_gid) == owner
-    assert hits(result.stderr) == sorted(PROGRAMS)
+    assert hits(result.stderr) == sorted(PROGRAMS), result.stderr[-3000:]
     assert {(p.stat().st_uid, p.stat().st_gid) for p in cache.iterdir()} == {owner}
     assert json.loads((ws / "model" / "model.json").read_text())["epochs_run"] == 1
