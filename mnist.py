@@ -12,7 +12,7 @@ Reading order, top to bottom:
   the commands       each task's parameters (COMMANDS), and the command line
   the model          CNN, built for the data's image shape and classes (Spec); Conv, its convolutions
   training           the loss, the optimizer, the step (train_steps), the augmentation, an epoch's plan
-  compiled programs  the four programs a run compiles before its first step, and the data's sharding
+  compiled programs  the three programs a run compiles before its first step, and the data's sharding
   the tasks          train, evaluate, infer, download, and TASKS, which names them for the command line
   pictures           the curves, the confusion matrix, the mistakes
   the safety net     what keeps careless hands from losing work, in five parts: messages and configs,
@@ -202,11 +202,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 # ----------------------------------------------------------------------------------------- training
 # train = read_train_config, load_data_dir, check_fits -> run_epochs -> write_model. run_epochs puts the
-# data set on every device once and compiles four programs before the first step (compile_programs;
+# data set on every device once and compiles three programs before the first step (compile_programs;
 # the fields of Programs):
 #   init   (seed)                          -> the first TrainState                 state_initializer
-#   plan   (seed, epoch)                   -> batches [steps, batch] of image      plan_epoch
-#                                             indices, offsets [steps, batch, 2]
 #   steps  (state, loss_sum, x_train,      -> state, loss_sum, after `count`       train_steps
 #           y_train, batches, offsets,        steps run as one scan
 #           first)
@@ -214,8 +212,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 # Every array a program takes or returns is replicated on all devices; inside `steps` each device
 # gathers and learns from its own slice of every batch. Static, bound with functools.partial (a change
 # means another program): the data set's size, the batch size, `count` and the mesh. An epoch
-# (train_epoch) is one plan call and steps // count calls of `steps`; run_epochs then scores the
-# parameter average with `score`, and evaluate scores the saved one with the same function.
+# (train_epoch) is its plan (plan_epoch: NumPy on the host, the batches and offsets that `steps`
+# takes) and steps // count calls of `steps`; run_epochs then scores the parameter average with
+# `score`, and evaluate scores the saved one with the same function.
 
 # name: (Optax optimizer taking a learning-rate schedule, its peak learning rate at batch size 128),
 # each rate tuned on MNIST so that none diverges at batch 512, where it doubles.
@@ -295,15 +294,16 @@ def shift(images: jax.Array, offsets: jax.Array) -> jax.Array:
     return jax.vmap(move)(padded, offsets)
 
 
-def plan_epoch(seed, epoch, n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+def plan_epoch(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """An epoch's batches of image indices, and each image's offsets for shift: all of its
-    randomness, drawn at once, so that a step draws none (fewer kernels a step on a GPU). The last
-    partial batch is dropped, a different one each epoch.
-    Derived from (seed, epoch) alone, so runs repeat exactly."""
-    order_key, shift_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), epoch))
+    randomness, drawn at once, so that a step draws none (fewer kernels a step on a GPU), and by
+    NumPy, which draws it in milliseconds where XLA would first compile a program for a second. The
+    last partial batch is dropped, a different one each epoch.
+    Derived from (seed, epoch) alone, so runs repeat exactly and every process draws the same."""
+    rng = np.random.default_rng([seed, epoch])
     steps = n // batch_size
-    batches = jax.random.permutation(order_key, n)[:steps * batch_size].reshape(steps, batch_size)
-    return batches, jax.random.randint(shift_key, (steps, batch_size, 2), 0, 3)
+    batches = rng.permutation(n)[:steps * batch_size].reshape(steps, batch_size)
+    return batches.astype(np.int32), rng.integers(0, 3, (steps, batch_size, 2), dtype=np.int32)
 
 
 def score(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -347,15 +347,15 @@ def steps_per_call(steps: int) -> int:
 class Programs(NamedTuple):
     """A run's compiled programs, as the map at the top of this section draws them."""
     init: jax.stages.Compiled
-    plan: jax.stages.Compiled
     steps: jax.stages.Compiled
     score: jax.stages.Compiled
     count: int  # the steps that one call of `steps` runs
+    batch_size: int  # the images of each step
 
 
-def compile_programs(config: TrainConfig, data: dict, seed: int, mesh: Mesh, spec: Spec) -> Programs:
-    """Compile the four programs of a run before it starts, all at once: each is lowered from the
-    shapes of its arguments (the state's and the batches' from init's and plan's outputs), and
+def compile_programs(config: TrainConfig, data: dict, mesh: Mesh, spec: Spec) -> Programs:
+    """Compile the three programs of a run before it starts, all at once: each is lowered from the
+    shapes of its arguments (the state's from init's outputs, the batches' from a plan), and
     XLA compiles outside Python's lock, so the slowest program sets the time. The arguments that
     shape a program (the data set's size, the batch size, the steps per call, the mesh) are bound
     with functools.partial; what remains are the arrays and numbers each call passes."""
@@ -365,24 +365,33 @@ def compile_programs(config: TrainConfig, data: dict, seed: int, mesh: Mesh, spe
     count = steps_per_call(steps)
     initializer = state_initializer(config, steps * config.train_epochs, spec)
     init = jax.jit(initializer, out_shardings=replicated).lower(config.seed)
-    plan = jax.jit(functools.partial(plan_epoch, n=n, batch_size=batch_size), out_shardings=replicated).lower(seed, 0)
-    state, (batches, offsets) = init.out_info, plan.out_info
+    state = init.out_info
+    batches, offsets = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
+                        for a in plan_epoch(config.seed, 0, n, batch_size))
     split = NamedSharding(mesh, PartitionSpec("batch"))
     run_steps = jax.jit(functools.partial(train_steps, count=count, split=split), out_shardings=replicated).lower(
         state, jnp.zeros(()), data["x_train"], data["y_train"], batches, offsets, 0)
     scoring = jax.jit(score, out_shardings=replicated).lower(state.average, data["x_test"], data["y_test"])
-    lowered = {"init": init, "plan": plan, "steps": run_steps, "score": scoring}
+    lowered = {"init": init, "steps": run_steps, "score": scoring}
     with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
-        compiling = {name: pool.submit(compile_program, program, autotune=name == "steps")
+        compiling = {name: pool.submit(compile_program, program, name)
                      for name, program in lowered.items()}
-    return Programs(**{name: future.result() for name, future in compiling.items()}, count=count)
+    return Programs(**{name: future.result() for name, future in compiling.items()}, count=count,
+                    batch_size=batch_size)
 
 
-def compile_program(program: jax.stages.Lowered, autotune: bool) -> jax.stages.Compiled:
-    """XLA's GPU backend times several kernels for each matrix product and keeps the fastest. That
-    pays for the training steps, which run thousands of times; for the other programs it only
-    costs compile time. Other backends ignore the option."""
-    return program.compile(None if autotune else {"xla_gpu_autotune_level": 0})
+def compile_program(program: jax.stages.Lowered, name: str) -> jax.stages.Compiled:
+    """XLA with the options that suit the program. On the CPU, the older loop emitters compile in half
+    the time and run as fast. On a GPU, XLA times several kernels for each matrix product and keeps
+    the fastest: worth it for the training steps, which run thousands of times, and only compile
+    time for the rest. The initial state, made once, is not worth optimising. Each backend ignores
+    the other's options."""
+    options = {"xla_cpu_use_fusion_emitters": False}
+    if name != "steps":
+        options["xla_gpu_autotune_level"] = 0
+    if name == "init":
+        options["xla_backend_optimization_level"] = 0
+    return program.compile(options)
 
 
 def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -445,7 +454,7 @@ def run_epochs(args: argparse.Namespace, config: TrainConfig, run_id: dict, arra
     steps = len(arrays["x_train"]) // config.batch_size
     data_seed = config.seed + 1  # for shuffling and shifting; the initialisation has its own stream
     started = time.perf_counter()
-    programs = compile_programs(config, data, data_seed, mesh, Spec(tuple(run_id["input_shape"]), run_id["classes"]))
+    programs = compile_programs(config, data, mesh, Spec(tuple(run_id["input_shape"]), run_id["classes"]))
     compile_seconds = time.perf_counter() - started
     log.info(f"compiled in {compile_seconds:.2f} s ({programs.count} steps per call)")
 
@@ -492,7 +501,9 @@ class EpochMetrics:
 def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, epoch: int, stop: StopSignals):
     """One epoch of the compiled programs: the state after it, and its summed training loss (on the
     device). The host queues at most MAX_IN_FLIGHT calls ahead, and stops between two of them."""
-    (batches, offsets), loss_sum = programs.plan(seed, epoch), jnp.zeros(())
+    plan = plan_epoch(seed, epoch, len(data["x_train"]), programs.batch_size)
+    batches, offsets = (global_array(a, data["x_train"].sharding) for a in plan)  # replicated, as the data
+    loss_sum = jnp.zeros(())
     steps, count = len(batches), programs.count
     in_flight = collections.deque()
     for first in range(0, steps, count):

@@ -182,8 +182,9 @@ def update_pins(session: nox.Session) -> None:
     """Move requirements.txt's pins to the newest releases that install together: `nox -s update-pins`."""
     path = ROOT / "requirements.txt"
     lines = path.read_text().splitlines()
-    names = [line.split("==")[0] for line in lines if line and not line.startswith("#")]
-    session.install("--upgrade", *names)
+    held = [line.split("#")[0].strip() for line in lines if line.endswith("# held")]
+    names = [line.split("==")[0] for line in lines if line and not line.startswith("#") and not line.endswith("# held")]
+    session.install("--upgrade", *names, *held)
     script = "import sys; from importlib.metadata import version; print(*(version(n) for n in sys.argv[1:]))"
     versions = dict(zip(names, session.run("python", "-c", script, *names, silent=True).split(), strict=True))
     pinned = []

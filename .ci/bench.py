@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Speed and accuracy figures of mnist.py beside the reference trainers, measured in one run.
 
-    python3 .ci/bench.py NPZ [--anchors=DIR] [--references=flax_reference,torch_reference] [speed] [accuracy] [conv]
+    python3 .ci/bench.py NPZ [--anchors=DIR] [--references=flax_reference,torch_reference] [--before=MNIST_PY]
+                         [speed] [accuracy] [conv]
 
 `nox -s bench` runs it in a virtualenv with mnist.py's requirements; on a GPU machine it runs as it is
 with any Python that has JAX (CUDA build), Flax, Optax and PyYAML: no nox, Docker or network needed.
   speed     the benchmark config to 99 % test accuracy, with a cold and then a warm compilation cache
-            (whole process, per-program compile seconds, epochs, peak memory), then each reference
+            (whole process, per-program compile seconds, epochs, peak memory), then each reference;
+            with --before, another mnist.py (say, `git show HEAD~1:mnist.py`) the same way, first
   accuracy  the default workspace/train.yaml over seeds 0-2
   conv      an epoch of the benchmark config with mnist.py's Conv (a matrix product over patches), then
             with Flax's nn.Conv in its place: what the patch-matrix trick earns here
@@ -73,9 +75,13 @@ def train(work: Path, config: dict, cache: Path, program: list[str] | None = Non
     return {**result, "model": json.loads((work / "model" / "model.json").read_text())}
 
 
-def speed(work: Path, npz: Path, anchors: Path, references: list[str]) -> None:
+def speed(work: Path, npz: Path, anchors: Path, references: list[str], before: Path | None) -> None:
+    rows = {}
+    if before:
+        rows["before cold"] = train(work, TARGET_CONFIG, work / "before-cache", [str(before)])
+        rows["before warm"] = train(work, TARGET_CONFIG, work / "before-cache", [str(before)])
     cache = work / "cache"
-    rows = {"mnist.py cold": train(work, TARGET_CONFIG, cache), "mnist.py warm": train(work, TARGET_CONFIG, cache)}
+    rows |= {"mnist.py cold": train(work, TARGET_CONFIG, cache), "mnist.py warm": train(work, TARGET_CONFIG, cache)}
     for name in references:
         if (anchors / f"{name}.py").is_file():
             rows[name] = measure([sys.executable, str(anchors / f"{name}.py"), str(npz),
@@ -91,7 +97,12 @@ def speed(work: Path, npz: Path, anchors: Path, references: list[str]) -> None:
         ratio = (r["to_99"] or r["seconds"]) / ours if ours else float("nan")
         print(f"{name:<16} {to_99:>12} {r['epochs_to_99'] or '-':>7} {r['seconds']:>8.2f} "
               f"{r['accuracy']:>10.4f} {r['peak_mb']:>8.0f} {ratio:>6.1f}{'' if r['to_99'] else '+'}")
-    for name in ("mnist.py cold", "mnist.py warm"):
+    cold, reference = rows["mnist.py cold"], rows.get("flax_reference", {}).get("to_99")
+    if reference and cold["to_99"] and ours:
+        print(f"Against the Flax-shaped reference ({reference:.1f} s to 99 %): cold {reference / cold['to_99']:.1f}x, "
+              f"warm {reference / ours:.1f}x (targets: 22x, 30x); the cold compile is "
+              f"{cold['model']['compile_seconds'] / cold['to_99']:.0%} of the cold whole process (target: under 20 %)")
+    for name in (name for name in rows if name.endswith(("cold", "warm"))):
         r = rows[name]
         to_target = r["model"]["time_to_target_seconds"]
         programs = ", ".join(f"{program} {seconds:.2f}" for program, seconds in r["compiles"].items())
@@ -138,6 +149,7 @@ def main() -> None:
                         help="folder of the reference trainers")
     parser.add_argument("--references", default="flax_reference,torch_reference",
                         help="which reference trainers to run, comma-separated")
+    parser.add_argument("--before", type=Path, help="another mnist.py to time first, cold and warm (speed)")
     args = parser.parse_intermixed_args()  # options and parts in any order
     parts = args.parts or ["speed", "accuracy"]
     if not set(parts) <= {"speed", "accuracy", "conv"}:
@@ -146,7 +158,7 @@ def main() -> None:
     (work / "data").mkdir()
     (work / "data" / "mnist.npz").symlink_to(args.npz.resolve())
     if "speed" in parts:
-        speed(work, args.npz.resolve(), args.anchors, [r for r in args.references.split(",") if r])
+        speed(work, args.npz.resolve(), args.anchors, [r for r in args.references.split(",") if r], args.before)
     if "accuracy" in parts:
         accuracy(work)
     if "conv" in parts:

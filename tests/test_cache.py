@@ -10,7 +10,7 @@ from conftest import digits_workspace, finish, needs_docker, nox, sha256, start_
 import mnist
 import noxfile
 
-PROGRAMS = ["jit_init", "jit_plan_epoch", "jit_train_steps", "jit_score"]
+PROGRAMS = ["jit_init", "jit_train_steps", "jit_score"]
 
 
 @pytest.fixture

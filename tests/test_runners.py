@@ -385,7 +385,8 @@ def test_help_lists_every_option():
 def test_requirements_pin_what_the_suite_runs():
     """Every runtime dependency pinned (==) to the version this suite runs with: an image built later
     installs the same, and the pinned params digest (test_train) keeps meaning what it says."""
-    lines = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line and line[0] != "#"]
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+             if line and line[0] != "#"]
     pins = dict(line.split("==") for line in lines)
     assert len(pins) == len(lines) and {"jax", "flax", "optax"} <= set(pins)
     assert pins == {name: version(name) for name in pins}
