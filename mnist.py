@@ -367,7 +367,7 @@ def compile_programs(config: TrainConfig, data: dict, mesh: Mesh, spec: Spec) ->
     init = jax.jit(initializer, out_shardings=replicated).lower(config.seed)
     state = init.out_info
     batches, offsets = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
-                        for a in plan_epoch(config.seed, 0, n, batch_size))
+                        for a in plan_epoch(0, 0, n, batch_size))  # any plan has an epoch's shapes
     split = NamedSharding(mesh, PartitionSpec("batch"))
     run_steps = jax.jit(functools.partial(train_steps, count=count, split=split), out_shardings=replicated).lower(
         state, jnp.zeros(()), data["x_train"], data["y_train"], batches, offsets, 0)

@@ -49,7 +49,6 @@ logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv bin
 
 ROOT = Path(__file__).resolve().parent
 CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())
-
 TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython"]
 
 # ----------------------------------------------------------------------------------------- sessions
