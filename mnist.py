@@ -1823,4 +1823,13 @@ def run(args: argparse.Namespace, log: logging.Logger) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        # A signal that landed inside JAX (its tracing, XLA's compiling, its runtime's start) can leave
+        # it in a state that Python's teardown then crashes on (SIGABRT or SIGSEGV, after about one in
+        # five SIGTERMs that landed while it compiled). The stopped task has removed its temporary
+        # files and closed its logs, so the process leaves without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
