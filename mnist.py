@@ -398,6 +398,12 @@ def compile_program(program: jax.stages.Lowered, name: str) -> jax.stages.Compil
     return program.compile(options)
 
 
+def compile_scoring(function: Callable, *args) -> jax.stages.Compiled:
+    """score or class_probabilities compiled for the shapes of `args` as train compiles its scoring
+    (compile_program): evaluate reports train's very bits, and evaluate and infer compile sooner."""
+    return compile_program(jax.jit(function).lower(*args), "score")
+
+
 def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A host array placed on the sharding's devices, which may belong to other processes too."""
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
@@ -558,7 +564,7 @@ def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
     arrays, data_sha256, _ = load_data_dir(args.data_dir)
     check_fits_model(spec, spec_of(arrays), os.path.join(args.data_dir, NPZ_NAME))
     labels = arrays["y_test"].astype(np.int32)
-    scoring = compile_program(jax.jit(score).lower(params, arrays["x_test"], labels), "score")  # as train's
+    scoring = compile_scoring(score, params, arrays["x_test"], labels)
     loss, accuracy, predicted = scoring(params, arrays["x_test"], labels)
     predicted = np.asarray(predicted)
     confusion = np.zeros((spec.classes, spec.classes), np.int64)
@@ -566,7 +572,8 @@ def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
     wrong = np.flatnonzero(predicted != labels)
     confidence = np.zeros(0)  # the probability the model gave each wrong answer: the mistakes alone are scored again
     if len(wrong):
-        probabilities = np.asarray(jax.jit(class_probabilities)(params, arrays["x_test"][wrong]))
+        images = arrays["x_test"][wrong]
+        probabilities = np.asarray(compile_scoring(class_probabilities, params, images)(params, images))
         confidence = probabilities[np.arange(len(wrong)), predicted[wrong]]
     mistakes = most_confident_mistakes(wrong, confidence, labels, predicted)
     metrics = {
@@ -607,11 +614,12 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
     model_files = [os.path.join(args.model_dir, name) for name in MODEL_FILES]
     check_replaceable(args.predictions, [args.images, *model_files])
     params, spec, _ = load_model(args.model_dir)
-    classify = jax.jit(class_probabilities)
     os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
     with (image_batches(args.images, INFER_BATCH, spec.image_shape) as (count, batches),
           staged(args.predictions) as (out, tmp)):
         size = min(INFER_BATCH, count)  # every call the same shape: one program
+        classify = compile_scoring(class_probabilities, params,
+                                   jax.ShapeDtypeStruct((size, *spec.image_shape), np.uint8))
         write_staged(out, PREDICTIONS_START + to_json(args.images, None) + b', "predictions": [')
         for i, images in enumerate(batches):
             padded = np.pad(images, ((0, size - len(images)), *[(0, 0)] * len(spec.image_shape)))
