@@ -12,7 +12,8 @@ Reading order, top to bottom:
   the commands       each task's parameters (COMMANDS), and the command line
   the model          CNN, built for the data's image shape and classes (Spec); Conv, its convolutions
   training           the loss, the optimizer, the step (train_steps), the augmentation, an epoch's plan
-  compiled programs  the three programs a run compiles before its first step, and the data's sharding
+  compiled programs  the three programs a run compiles before its first step, the options every
+                     program is compiled with (evaluate's and infer's too), and the data's sharding
   the tasks          train, evaluate, infer, download, and TASKS, which names them for the command line
   pictures           the curves, the confusion matrix, the mistakes
   the safety net     what keeps careless hands from losing work, in five parts: messages and configs,
