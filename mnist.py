@@ -473,12 +473,12 @@ def run_epochs(args: argparse.Namespace, config: TrainConfig, run_id: dict, arra
     state, history = resume(checkpoint, run_id, programs.init(config.seed), log)
     if history:  # the restored state is on the host: put it where the fresh one would be
         state = jax.tree.map(lambda a: global_array(np.asarray(a), replicated), state)
-    with StopSignals() as stop:
+    with recording_signals():
         for epoch in range(len(history) + 1, config.train_epochs + 1):
             if history and reached_target(config, history[-1]):
                 break
             epoch_start = time.perf_counter()
-            state, loss_sum = train_epoch(programs, state, data, data_seed, epoch, stop)
+            state, loss_sum = train_epoch(programs, state, data, data_seed, epoch)
             scores = programs.score(state.average, data["x_test"], data["y_test"])
             test_loss, test_accuracy = float(scores[0]), float(scores[1])  # waits for the epoch's last call
             epoch_seconds = time.perf_counter() - epoch_start
@@ -490,6 +490,7 @@ def run_epochs(args: argparse.Namespace, config: TrainConfig, run_id: dict, arra
                                  b"".join(to_json(dataclasses.asdict(m), indent=None) + b"\n" for m in history))
                 save_checkpoint(checkpoint, run_id, state, history)
             log.info(history[-1].describe(config.train_epochs))
+        stop_if_signalled(f"stopped after epoch {len(history)}; run the same command again to finish")
     return state, history, compile_seconds
 
 
@@ -509,7 +510,7 @@ class EpochMetrics:
                 f"test_accuracy {self.test_accuracy:.4f}, {self.epoch_seconds:.2f} s")
 
 
-def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, epoch: int, stop: StopSignals):
+def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, epoch: int):
     """One epoch of the compiled programs: the state after it, and its summed training loss (on the
     device). The host queues at most MAX_IN_FLIGHT calls ahead, and stops between two of them."""
     plan = plan_epoch(seed, epoch, len(data["x_train"]), programs.batch_size)
@@ -518,9 +519,8 @@ def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, ep
     steps, count = len(batches), programs.count
     in_flight = collections.deque()
     for first in range(0, steps, count):
-        if stop.signum is not None:
-            raise Stopped(f"stopped in epoch {epoch}; run the same command again to resume "
-                          + (f"after epoch {epoch - 1}" if epoch > 1 else "from the start"), stop.signum)
+        stop_if_signalled(f"stopped in epoch {epoch}; run the same command again to resume "
+                          + (f"after epoch {epoch - 1}" if epoch > 1 else "from the start"))
         state, loss_sum = programs.steps(state, loss_sum, data["x_train"], data["y_train"], batches, offsets, first)
         in_flight.append(loss_sum)
         if len(in_flight) > MAX_IN_FLIGHT:
@@ -1566,31 +1566,41 @@ def resume(path: str, run_id: dict, state: TrainState, log: logging.Logger):
 
 
 class Stopped(BaseException):
-    """A signal stopped the task: SIGINT or SIGTERM at a safe point of training, or SIGTERM (`docker
-    stop`, `timeout`) anywhere else, unwinding as Ctrl-C does so that no temporary file is left behind.
-    A BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for a fault of
-    the file being read. Exit status 128 + the signal."""
+    """A signal stopped the task: SIGINT or SIGTERM at a safe point of training, or anywhere else
+    (`docker stop`, `timeout`, Ctrl-C), unwinding so that no temporary file is left behind. A
+    BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for a fault of the
+    file being read. Exit status 128 + the signal."""
 
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}[signum])
         self.code = 128 + signum
 
 
-class StopSignals:
-    """Within the block, SIGINT and SIGTERM only set `signum`, which the training loop reads between
-    calls: a run stops where nothing is half done."""
+signals_received: list[int] = []  # this task's SIGINTs and SIGTERMs, which stop_if_signalled reads
 
-    def __enter__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self.catch) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
 
-    def catch(self, signum, frame) -> None:
-        self.signum = signum
+def stop_if_signalled(message: str = "") -> None:
+    """Stop (Stopped) if the task has received a signal. Training only records them (recording_signals)
+    and asks between two calls; every task asks again when it is done, for a signal whose exception
+    was dropped: by Python in a callback (redelivered, see redeliver_signals, unless the task ended
+    first), or by JAX in a bare `except:` (around reading a compiled program's layouts, say)."""
+    if signals_received:
+        raise Stopped(signals_received[-1], message)
 
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
+
+@contextlib.contextmanager
+def recording_signals():
+    """Within the block, SIGINT and SIGTERM are only recorded: a run stops where nothing is half done."""
+    previous = {s: signal.signal(s, record_signal) for s in stoppable_signals()}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def record_signal(signum, frame) -> None:
+    signals_received.append(signum)
 
 
 def show_progress(epoch: int, done: int, steps: int) -> None:
@@ -1601,21 +1611,29 @@ def show_progress(epoch: int, done: int, steps: int) -> None:
 
 @contextlib.contextmanager
 def unwinding_signals():
-    """Within the block, SIGTERM unwinds as Ctrl-C does (Stopped), removing temporary files, and no
-    signal is lost in a callback (redeliver_signals). Only within it: before, nothing needs that, and
+    """Within the block, SIGINT and SIGTERM stop the task where it is (Stopped), removing temporary
+    files, and none is lost (see stop_if_signalled). Only within it: before, nothing needs that, and
     SIGTERM's default, ending the process (but for a container's process 1, which it leaves alone),
     also ends a wait for a cluster's other processes, where a Python handler would wait for JAX."""
+    signals_received.clear()
+    previous = {s: signal.signal(s, stop_task) for s in stoppable_signals()}
     unraisable_hook, sys.unraisablehook = sys.unraisablehook, redeliver_signals
-    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = unraisable_hook
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
-def terminate(signum, frame) -> None:
-    raise Stopped("terminated", signum)
+def stoppable_signals() -> list[int]:
+    """SIGINT and SIGTERM, but for one the process ignores (a shell's background job ignores SIGINT)."""
+    return [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+
+
+def stop_task(signum, frame) -> None:
+    record_signal(signum, frame)
+    raise Stopped(signum)
 
 
 def redeliver_signals(unraisable) -> None:
@@ -1623,14 +1641,10 @@ def redeliver_signals(unraisable) -> None:
     JAX has one), printing "Exception ignored in". A signal whose exception is dropped there is sent
     again a moment later, from another thread, so that it stops the task where the exception reaches
     main. (Sent at once, its handler would run inside this hook, and be dropped again.)"""
-    if isinstance(unraisable.exc_value, Stopped):
-        signum = unraisable.exc_value.code - 128
-    elif isinstance(unraisable.exc_value, KeyboardInterrupt):
-        signum = signal.SIGINT
-    else:
+    if not isinstance(unraisable.exc_value, Stopped):
         sys.__unraisablehook__(unraisable)
         return
-    resend = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+    resend = threading.Timer(0.01, os.kill, (os.getpid(), unraisable.exc_value.code - 128))
     resend.daemon = True
     resend.start()
 
@@ -1821,6 +1835,7 @@ def run(args: argparse.Namespace, log: logging.Logger) -> int:
     """The task, its outcome as an exit status, and every error as one line."""
     try:
         TASKS[args.task](args, log)
+        stop_if_signalled()
         return 0
     except CubeError as e:
         log.error(f"mnist.py {args.task}: error: {e}")
@@ -1831,9 +1846,6 @@ def run(args: argparse.Namespace, log: logging.Logger) -> int:
     except Stopped as e:
         log.error(f"mnist.py {args.task}: {e}")
         return e.code
-    except KeyboardInterrupt:
-        log.error(f"mnist.py {args.task}: interrupted")
-        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

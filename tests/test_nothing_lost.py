@@ -4,10 +4,12 @@ four tasks, each followed by a rerun to completion. MNIST_CHAOS_KILLS sets how m
 -- 200` for a long run); MNIST_CHAOS_SEED which ones."""
 import gc
 import json
+import linecache
 import os
 import random
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -117,7 +119,7 @@ def test_a_signal_dropped_by_a_gc_callback_still_stops_the_task(trained, tmp_pat
     fired = []
 
     def callback(phase, info):
-        if phase == "start" and not fired and signal.getsignal(signal.SIGTERM) is mnist.terminate:
+        if phase == "start" and not fired and signal.getsignal(signal.SIGTERM) is mnist.stop_task:
             fired.append(phase)
             signal.raise_signal(signal.SIGTERM)  # its handler runs here, inside the callback
             sum(range(100))
@@ -129,6 +131,33 @@ def test_a_signal_dropped_by_a_gc_callback_still_stops_the_task(trained, tmp_pat
         gc.callbacks.remove(callback)
     assert fired and result.code == 143, result.err
     assert "mnist.py evaluate: terminated" in result.err and "Exception ignored" not in result.err
+    assert parts(ws) == []
+
+
+def test_a_signal_swallowed_inside_jax_still_stops_the_task(trained, tmp_path, capsys):
+    """SIGTERM whose exception lands in one of JAX's bare `except:` blocks, which drops it without a
+    word (here the one around reading a compiled program's layouts, where CI once caught one): the
+    task still ends with 143 when it is done, not 0, and leaves nothing behind."""
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws)
+    fired = []
+
+    def trace(frame, event, arg):
+        if frame.f_code.co_name != "_get_layouts_from_executable":
+            return None
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+        if event == "line" and not fired and "get_parameter_layouts()" in line:
+            fired.append(line)
+            signal.raise_signal(signal.SIGTERM)  # its exception is raised here, inside JAX's `try:`
+        return trace
+
+    sys.settrace(trace)
+    try:
+        result = run_task("evaluate", ws, capsys)
+    finally:
+        sys.settrace(None)
+    assert fired, "JAX no longer reads the layouts where this test looks: find another bare except"
+    assert result.code == 143 and "mnist.py evaluate: terminated" in result.err, result
     assert parts(ws) == []
 
 

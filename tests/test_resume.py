@@ -87,9 +87,31 @@ def test_sigterm_while_reading_the_checkpoint_is_not_taken_for_damage(slow_ws, c
     (slow_ws / "model" / mnist.CHECKPOINT_NAME).write_bytes(b"a checkpoint")
 
     def signalled(data):
-        mnist.terminate(signal.SIGTERM, None)  # what the handler does when SIGTERM arrives
+        mnist.stop_task(signal.SIGTERM, None)  # what the handler does when SIGTERM arrives
 
     monkeypatch.setattr(mnist.serialization, "msgpack_restore", signalled)
     code, _, err = run_task("train", slow_ws, capsys)
     assert code == 143 and err.strip().splitlines()[-1] == "mnist.py train: terminated"
     assert (slow_ws / "model" / mnist.CHECKPOINT_NAME).read_bytes() == b"a checkpoint"
+
+
+def test_a_signal_after_the_last_call_stops_before_the_model_is_written(slow_ws, uninterrupted, capsys,
+                                                                        monkeypatch):
+    """SIGTERM once the last epoch's calls are queued (here as its line is logged), where no call is
+    left to stop before: the run stops with its checkpoint whole, and the rerun only writes the model."""
+    describe = mnist.EpochMetrics.describe
+
+    def signalled(metrics, epochs):
+        if metrics.epoch == epochs:
+            signal.raise_signal(signal.SIGTERM)
+        return describe(metrics, epochs)
+
+    monkeypatch.setattr(mnist.EpochMetrics, "describe", signalled)
+    code, _, err = run_task("train", slow_ws, capsys)
+    assert code == 143 and err.strip().splitlines()[-1] == (
+        f"mnist.py train: stopped after epoch {CONFIG['train_epochs']}; run the same command again to finish")
+    assert (slow_ws / "model" / mnist.CHECKPOINT_NAME).exists() and not (slow_ws / "model" / "params.msgpack").exists()
+    monkeypatch.undo()
+    code, out, err = run_task("train", slow_ws, capsys)
+    assert code == 0 and f"after epoch {CONFIG['train_epochs']}" in out and "epoch 1/" not in out, err
+    assert (slow_ws / "model" / "params.msgpack").read_bytes() == uninterrupted[0]
