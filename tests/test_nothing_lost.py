@@ -111,11 +111,11 @@ def test_a_model_dir_its_reader_cannot_write_is_read(trained):
 
 
 # -------------------------------------------------------------------------- signals honoured
-def test_a_signal_dropped_by_a_gc_callback_still_stops_the_task(trained, tmp_path, capsys):
+def test_a_signal_dropped_by_a_gc_callback_is_sent_again_at_once(tmp_path, capsys, server, real_data):
     """SIGTERM whose exception lands in a garbage collector's callback (JAX installs one), where Python
-    prints "Exception ignored" and drops it: the task still ends with 143, not 0."""
-    ws = tmp_path / "ws"
-    shutil.copytree(trained, ws)
+    prints "Exception ignored" and drops it: sent again (redeliver_signals), it stops a download of the
+    real MNIST over HTTP before anything is written, not only once the work is done (stop_if_signalled)."""
+    ws = source_workspace(tmp_path / "ws", (real_data / "mnist.npz").read_bytes(), server)
     fired = []
 
     def callback(phase, info):
@@ -124,14 +124,17 @@ def test_a_signal_dropped_by_a_gc_callback_still_stops_the_task(trained, tmp_pat
             signal.raise_signal(signal.SIGTERM)  # its handler runs here, inside the callback
             sum(range(100))
 
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1)  # a collection at once: downloading alone makes few objects that it tracks
     gc.callbacks.append(callback)
     try:
-        result = run_task("evaluate", ws, capsys)
+        result = run_task("download", ws, capsys)
     finally:
         gc.callbacks.remove(callback)
+        gc.set_threshold(*thresholds)
     assert fired and result.code == 143, result.err
-    assert "mnist.py evaluate: terminated" in result.err and "Exception ignored" not in result.err
-    assert parts(ws) == []
+    assert "mnist.py download: terminated" in result.err and "Exception ignored" not in result.err
+    assert not (ws / "data" / "mnist.npz").exists() and parts(ws) == []
 
 
 def test_a_signal_swallowed_inside_jax_still_stops_the_task(trained, tmp_path, capsys):
