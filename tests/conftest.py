@@ -2,6 +2,7 @@
 data, workspaces laid out as workspace/ is, one way to run a task in this process and one to run it as
 its own process, and the runners run for real (nox, a Docker image, a plain user)."""
 import collections
+import contextlib
 import grp
 import hashlib
 import http.server
@@ -282,15 +283,21 @@ def nox(*args, env=None, user=None, docker_group=True):
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1200)
 
 
-def start_as_in_a_terminal(command: list[str], **popen) -> subprocess.Popen:
-    """A process that Ctrl-C (SIGINT) interrupts, as in a terminal. A shell starts its background jobs
-    with Ctrl-C ignored, and a child inherits that, but not a handler: with one here, the child starts
-    with Ctrl-C at its default."""
+@contextlib.contextmanager
+def as_in_a_terminal():
+    """Processes started within are ones that Ctrl-C (SIGINT) interrupts, as in a terminal. A shell
+    starts its background jobs with Ctrl-C ignored (CI's tests may run as one), and a child inherits
+    that, but not a handler: with one here, the child starts with Ctrl-C at its default."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return subprocess.Popen(command, **popen)
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def start_as_in_a_terminal(command: list[str], **popen) -> subprocess.Popen:
+    with as_in_a_terminal():
+        return subprocess.Popen(command, **popen)
 
 
 def docker_ready():

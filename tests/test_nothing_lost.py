@@ -137,6 +137,21 @@ def test_a_signal_dropped_by_a_gc_callback_is_sent_again_at_once(tmp_path, capsy
     assert not (ws / "data" / "mnist.npz").exists() and parts(ws) == []
 
 
+def test_a_background_job_keeps_ignoring_ctrl_c():
+    """A shell starts its background jobs with Ctrl-C (SIGINT) ignored, so that Ctrl-C at the terminal
+    stops only the job in front: a task leaves it ignored, in training too, and SIGTERM still stops it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with mnist.unwinding_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is mnist.stop_task
+            with mnist.recording_signals():
+                assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+                assert signal.getsignal(signal.SIGTERM) is mnist.record_signal
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_signal_swallowed_inside_jax_still_stops_the_task(trained, tmp_path, capsys):
     """SIGTERM whose exception lands in one of JAX's bare `except:` blocks, which drops it without a
     word (here the one around reading a compiled program's layouts, where CI once caught one): the

@@ -4,7 +4,7 @@ import signal
 import time
 
 import pytest
-from conftest import create_state, digits_workspace, finish, run_task, start_train
+from conftest import as_in_a_terminal, create_state, digits_workspace, finish, run_task, start_train
 
 import mnist
 
@@ -18,8 +18,9 @@ def slow_ws(tmp_path):
 
 
 def start_and_signal(ws, model, signum, after_epochs):
-    """Start train, wait until `after_epochs` epochs are saved, then send `signum`."""
-    process = start_train(ws, model)
+    """Start train as in a terminal, wait until `after_epochs` epochs are saved, then send `signum`."""
+    with as_in_a_terminal():
+        process = start_train(ws, model)
     metrics = ws / "logs" / model / "train_metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
