@@ -529,6 +529,12 @@ def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, ep
     return state, loss_sum
 
 
+def show_progress(epoch: int, done: int, steps: int) -> None:
+    """A live step counter on a terminal; nothing in logs, where the epoch lines say enough."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
+
+
 def reached_target(config: TrainConfig, metrics: EpochMetrics) -> bool:
     return config.target_accuracy is not None and metrics.test_accuracy >= config.target_accuracy
 
@@ -1601,12 +1607,6 @@ def recording_signals():
 
 def record_signal(signum, frame) -> None:
     signals_received.append(signum)
-
-
-def show_progress(epoch: int, done: int, steps: int) -> None:
-    """A live step counter on a terminal; nothing in logs, where the epoch lines say enough."""
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
 
 
 @contextlib.contextmanager
