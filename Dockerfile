@@ -24,9 +24,12 @@ COPY . /mlcube/
 RUN cd /mlcube && sha256sum $(ls -A) > /opt/sources.sha256
 ENV MNIST_IMAGE_SOURCES=/opt/sources.sha256
 
-# No USER: MLCube's runner starts the container with no --user, as root, and mnist.py then becomes the
-# owner of the folder that receives the task's first output (MLCube made it as its caller), so the caller
-# owns what the task writes. Our runners pass --user=UID:GID and drop every capability.
+# A plain user, not root, for whatever starts the image without saying who (Kubeflow, a bare docker run);
+# the same uid as run-k8s's pods (noxfile.py's K8S_USER). Our runners pass --user=UID:GID and drop every
+# capability. MLCube's runner makes the task's output folders as its caller and can pass no uid of theirs,
+# so mlcube.yaml starts its containers as root, and mnist.py then becomes the owner of the folder that
+# receives the task's first output, so the caller owns what the task writes (MNIST_RUN_AS_OUTPUT_OWNER).
 ENV MNIST_RUN_AS_OUTPUT_OWNER=1
 WORKDIR /mlcube
+USER 10001:10001
 ENTRYPOINT ["python3", "/mlcube/mnist.py"]

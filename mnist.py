@@ -654,7 +654,7 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
     record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()},
               "class_names": names}
     expected = expected_npz_digest(sources, record, record_path)
-    if os.path.exists(final) and sha256_of(final) == expected:
+    if expected and os.path.exists(final) and sha256_of(final, MAX_DECLARED_BYTES) == expected:
         log.info(f"skipped: {final} is already present and matches its SHA-256")
         complete = {**record, NPZ_NAME: expected, "bytes": os.path.getsize(final)}
         if read_record(record_path) != complete:  # a run killed before writing it
@@ -948,6 +948,9 @@ def read_source(entry: dict, base: str, where: str) -> Source:
     except ValueError as e:
         raise CubeError(f"{where}: not a valid uri: {shorten(uri)} ({e})") from None
     if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise CubeError(f"{where}: a file:// uri names a file on this machine (file:///path or "
+                            f"file://localhost/path), not on {shorten(parts.netloc)}")
         uri = urllib.request.url2pathname(parts.path)
     elif parts.scheme == "":  # a plain path is relative to the config file, as it is in the container
         uri = os.path.join(base, uri)
@@ -1032,7 +1035,7 @@ def fetch_http(source: Source, out, log: logging.Logger) -> tuple[str, int]:
     delay = RETRY_DELAY
     for attempt in range(1, HTTP_ATTEMPTS + 1):
         try:
-            with urllib.request.urlopen(uri, timeout=HTTP_TIMEOUT) as response:
+            with OPENER.open(uri, timeout=HTTP_TIMEOUT) as response:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
                 if total is not None and (total > limit or (source.size and total != source.size)):
@@ -1056,6 +1059,21 @@ def fetch_http(source: Source, out, log: logging.Logger) -> tuple[str, int]:
             delay *= 2
     raise CubeError(f"{uri}: download failed after {HTTP_ATTEMPTS} attempts ({problem}); "
                     "check the network, or point uri at a local copy")
+
+
+class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects to http(s) alone (urllib would also follow one to ftp://), and never from https to
+    http, where anyone on the way could change what is fetched before its digest is checked."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
+        if new not in ("http", "https") or (old, new) == ("https", "http"):
+            raise CubeError(f"{req.full_url}: the server redirects to {shorten(newurl)}; only redirects to "
+                            "http(s), and never from https to http, are followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+OPENER = urllib.request.build_opener(CheckedRedirects)
 
 
 def size_limit(source: Source) -> tuple[int, str]:
@@ -1118,7 +1136,8 @@ def read_record(path: str) -> dict:
 
 
 # ------ atomic files and locks: no half-written output, no two runs mixed, no file of yours touched
-LOCK_NAME = ".mnist.lock"  # Windows's folder lock, a file in the folder (see folder_lock)
+LOCK_NAME = ".mnist.lock"  # the file a folder's lock is taken on (see folder_lock)
+PART_ATTEMPTS = 8  # temporary names tried before a folder is given up as tampered with (see open_part)
 PART = re.compile(r"\..+\.mnist-\d+-[0-9a-f]{8}\.part")  # our temporary files: .NAME.mnist-PID-RANDOM.part
 
 
@@ -1139,19 +1158,25 @@ def staged(path: str):
 def open_part(folder: str, name: str):
     """A new temporary file for `name` in `folder`, named as only this cube names them (PART) and
     locked by this process for as long as it is open: a lock, unlike a process ID, says whether its
-    maker is alive from any host or container that shares the folder."""
-    while True:
+    maker is alive from any host or container that shares the folder. A file that another run's
+    clean-up removed, or another process locked, before this one could is left for a new name."""
+    for _ in range(PART_ATTEMPTS):
         out = open(os.path.join(folder, f".{name}.mnist-{os.getpid()}-{os.urandom(4).hex()}.part"), "xb")
         try:
-            lock(out.fileno(), shared=False, wait=True)
+            lock(out.fileno(), shared=False)
             if os.fstat(out.fileno()).st_nlink:  # not removed by another run's clean-up before the lock
                 return out
+        except (BlockingIOError, PermissionError):
+            out.close()
+            continue
         except BaseException:  # a signal, say, before staged() can clean up: the file is ours to remove
             out.close()
             with contextlib.suppress(OSError):
                 os.unlink(out.name)
             raise
         out.close()
+    raise CubeError(f"{folder}: another process locks each temporary file the task makes there; choose "
+                    "another folder, or find that process")
 
 
 def remove_abandoned_parts(folder: str) -> None:
@@ -1172,7 +1197,7 @@ def remove_unheld(path: str) -> None:
     if fcntl is None:
         os.unlink(path)
         return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    fd = os.open(path, os.O_RDONLY | NO_FOLLOW | NO_WAIT)
     try:
         lock(fd, shared=False)
         os.unlink(path)
@@ -1180,14 +1205,14 @@ def remove_unheld(path: str) -> None:
         os.close(fd)
 
 
-def lock(fd: int, shared: bool, wait: bool = False) -> None:
-    """An OS lock on the open file (or, but on Windows, folder) `fd`, which dies with its process;
+def lock(fd: int, shared: bool) -> None:
+    """An OS lock on the open file `fd`, which dies with its process, taken at once or not at all:
     BlockingIOError or PermissionError when another process holds it. Windows locks are exclusive
     only, so readers take turns there; with neither kind of lock (a stand-in test), none."""
     if fcntl:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     elif msvcrt:
-        msvcrt.locking(fd, msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
 
 
 def write_staged(out, data: bytes) -> None:
@@ -1231,14 +1256,24 @@ def os_fault(e: OSError, path: str | None = None) -> str:
              errno.EISDIR: "is a folder where a file is expected; give a file's path",
              errno.ENOTDIR: "a file stands where a folder is expected; give a folder's path",
              errno.EEXIST: "a file stands where a folder is expected; give a folder's path",
-             errno.ENOENT: "no such file or folder"}
+             errno.ENOENT: "no such file or folder",
+             errno.ELOOP: "a symbolic link stands there, which the cube does not follow; remove it"}
     return f"{path}: {hints.get(e.errno, e.strerror or type(e).__name__)}"
 
 
-def sha256_of(path: str) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
+def sha256_of(path: str, limit: int) -> str | None:
+    """The SHA-256 of the regular file at `path`; None if it is not one (a device, a FIFO), or is
+    larger than `limit` bytes."""
+    sha, size = hashlib.sha256(), 0
+    try:
+        f = open_regular(path)
+    except CubeError:
+        return None
+    with f:
         while chunk := f.read(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                return None
             sha.update(chunk)
     return sha.hexdigest()
 
@@ -1247,23 +1282,42 @@ def sha256_of(path: str) -> str:
 def folder_lock(folder: str, shared: bool = False):
     """One writer at a time in `folder` (download's data_dir, train's model_dir), and no reader while
     it writes (evaluate and infer read model_dir `shared`), so that no one sees two runs' files mixed:
-    an OS lock on the folder itself, which dies with its process (kill -9 too), needs no file (a
-    read-only mount can be locked) and holds across containers that mount the folder. Windows locks
-    no folder: there it is a file in it, LOCK_NAME, removed afterwards."""
-    target = folder if fcntl else os.path.join(folder, LOCK_NAME)
-    fd = os.open(target, os.O_RDONLY if fcntl else os.O_RDWR | os.O_CREAT)
+    an OS lock, which dies with its process (kill -9 too) and holds across containers that mount the
+    folder, on a file in it that only its owner may open (LOCK_NAME, 0600): a lock on the folder
+    itself, or on a file others may read, could be taken by any local user to stop every run."""
+    fd = open_lock_file(os.path.join(folder, LOCK_NAME), shared)
     try:
-        try:
-            lock(fd, shared)
-        except (BlockingIOError, PermissionError):
-            doing = "being written by another run" if shared else "in use by another run (writing or reading it)"
-            raise CubeError(f"{folder}: {doing}; wait for it to end, or choose another folder") from None
+        if fd is not None:
+            try:
+                lock(fd, shared)
+            except (BlockingIOError, PermissionError):
+                doing = "being written by another run" if shared else "in use by another run (writing or reading it)"
+                raise CubeError(f"{folder}: {doing}; wait for it to end, or choose another folder") from None
         yield
     finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def open_lock_file(path: str, shared: bool) -> int | None:
+    """The lock file at `path`, made if missing, never through a symbolic link. A reader that may
+    neither make nor open it (a read-only mount no writer has used, another user's folder) reads
+    without a lock: None."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o600)
+    except OSError as e:
+        if not shared or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        try:
+            fd = os.open(path, os.O_RDONLY | NO_FOLLOW | NO_WAIT)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EACCES):
+                return None
+            raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        if target != folder:
-            with contextlib.suppress(OSError):  # another run holds it now
-                os.unlink(target)
+        raise CubeError(f"{path}: not a regular file (a device, FIFO or socket); remove it")
+    return fd
 
 
 def check_replaceable(path: str, inputs: list[str]) -> None:
@@ -1286,13 +1340,26 @@ def check_replaceable(path: str, inputs: list[str]) -> None:
 # ------ bounded readers: devices, FIFOs, bombs and damaged files refused in bounded time and memory
 MAX_DATA_BYTES = 128 << 20  # of a data file that data.yaml gives no size: MNIST's largest is 47 MB
 MAX_PARAMS_BYTES = 1 << 30  # of params.msgpack: MNIST's are 0.8 MB, 224×224 colour images' about 50 MB
+MAX_CHECKPOINT_BYTES = 4 * MAX_PARAMS_BYTES  # the parameters, their average and Adam's two moments
 MAX_DECLARED_BYTES = 16 << 30  # of one whose size: it gives (train's peak is about six times it)
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows has neither, nor FIFOs to wait on
+NO_WAIT = getattr(os, "O_NONBLOCK", 0)  # a FIFO opens at once, to be refused, instead of waiting for a writer
+
+
+def open_for_appending(path: str):
+    """`path` opened to append text, created if missing, as a regular file and never through a
+    symbolic link: a link planted at a log's path would have the task write where it points."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CubeError(f"{path}: not a regular file (a device, FIFO or socket); remove it, or choose another folder")
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def open_regular(path: str, where: str | None = None):
     """`path` opened for binary reading if it is a regular file. Devices and FIFOs are refused before a
     byte is read: /dev/zero never ends, and opening a FIFO waits for a writer."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # Windows has no FIFOs to wait on
+    fd = os.open(path, os.O_RDONLY | NO_WAIT)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise CubeError(f"{where or path}: not a regular file (a device, FIFO or socket); give a file")
@@ -1556,9 +1623,12 @@ def resume(path: str, run_id: dict, state: TrainState, log: logging.Logger):
     if not os.path.exists(path):
         return state, []
     start_over = f"delete {path} to start over"
+    with open_regular(path) as f:
+        blob = f.read(MAX_CHECKPOINT_BYTES + 1)
+    if len(blob) > MAX_CHECKPOINT_BYTES:
+        raise CubeError(f"{path}: larger than the {MAX_CHECKPOINT_BYTES} bytes a checkpoint may have; {start_over}")
     try:
-        with open(path, "rb") as f:
-            record = serialization.msgpack_restore(f.read())
+        record = serialization.msgpack_restore(blob)
         saved = json.loads(record["run"])
         history = [EpochMetrics(**row) for row in json.loads(record["history"])]
         state = serialization.from_state_dict(state, record["state"])
@@ -1682,6 +1752,10 @@ def image_sources() -> dict[str, str] | None:
 CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
 SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
 MAX_CACHE_BYTES = 100 << 20  # beyond this, the programs written longest ago are dropped; a run adds 0.4 MB
+CACHE_ENTRY = re.compile(r".+-[0-9a-f]{64}-(cache|atime)")  # JAX's names for its entries: PROGRAM-KEY-cache
+CACHE_TAG = "CACHEDIR.TAG"  # marks a cache folder the cube made (the Cache Directory Tagging convention)
+CACHE_TAG_TEXT = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
+                  b"# The MNIST MLCube's compiled programs: code its tasks run. Only their owner may write here.\n")
 
 
 def join_cluster() -> tuple[int, int]:
@@ -1715,11 +1789,21 @@ def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) 
     log.handlers = [to_stdout, to_stderr]
     if log_dir and process[0] == 0:
         os.makedirs(log_dir, exist_ok=True)
-        log.handlers.append(logging.FileHandler(os.path.join(log_dir, f"mnist_{task}.log"), encoding="utf-8"))
-        log.handlers[-1].setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s"))
+        log.handlers.append(logging.StreamHandler(open_for_appending(os.path.join(log_dir, f"mnist_{task}.log"))))
+        log.handlers[-1].setFormatter(OneLine(f"%(asctime)s %(levelname)s {tag}%(message)s"))
     for handler in log.handlers[:2]:
-        handler.setFormatter(logging.Formatter(f"{tag}%(message)s"))
+        handler.setFormatter(OneLine(f"{tag}%(message)s"))
     return log
+
+
+class OneLine(logging.Formatter):
+    """Each event on one line of its own: a line break or another control character in a value from a
+    config or a server (a uri holding "\\nINFO ...") is written escaped, so it cannot forge a line."""
+
+    CONTROLS = {code: f"\\x{code:02x}" for code in [*range(9), *range(11, 32), 127]} | {10: "\\n"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).translate(self.CONTROLS)
 
 
 def compilation_cache_folder() -> str | None:
@@ -1737,14 +1821,39 @@ def use_compilation_cache() -> None:
     """Keep compiled programs between runs, so that a rerun loads them instead of compiling (several
     times faster), in compilation_cache_folder, at most MAX_CACHE_BYTES of them (prune_cache). JAX
     keys each entry by program, JAX version and device; a damaged or foreign entry only costs a
-    compilation (and is replaced: see show_warning)."""
+    compilation (and is replaced: see show_warning). The entries are native code that this process
+    runs, so a folder that anyone but its user may write is not used (trusted_cache)."""
     warnings.showwarning = show_warning
     folder = compilation_cache_folder()
     if folder is None or jax.config.jax_compilation_cache_dir:  # JAX's own variable was set: it rules
         return
+    if not trusted_cache(folder):
+        return
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program: they are small
     prune_cache(folder)
+
+
+def trusted_cache(folder: str) -> bool:
+    """Whether compiled programs may be loaded from `folder`: made if missing (private), tagged as the
+    cube's (CACHE_TAG) while it holds nothing but JAX's entries, and it must be a folder of this user's
+    that no other user may write. Otherwise one line says why, and the task compiles without a cache."""
+    try:
+        if not os.path.isdir(folder):
+            os.makedirs(folder, mode=0o700)
+        info = os.stat(folder)
+        # Windows has no uid, and its permissions are ACLs that st_mode does not show.
+        if hasattr(os, "geteuid") and (info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+            raise CubeError(f"{folder} is writable by another user, and what it holds runs as code; use a folder "
+                            f"of your own (chmod go-w, or set {CACHE_VARIABLE})")
+        names = os.listdir(folder)
+        if CACHE_TAG not in names and all(map(CACHE_ENTRY.fullmatch, names)):  # nothing in it but JAX's
+            write_atomically(os.path.join(folder, CACHE_TAG), CACHE_TAG_TEXT)
+    except (OSError, CubeError) as e:
+        problem = os_fault(e, folder) if isinstance(e, OSError) else str(e)
+        print(f"mnist.py: compiling without a cache: {problem}", file=sys.stderr)
+        return False
+    return True
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -1755,26 +1864,35 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     folder = jax.config.jax_compilation_cache_dir
     if damaged and folder:
         for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(damaged[1]) + "-*")):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            if CACHE_ENTRY.fullmatch(os.path.basename(path)):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         message = f"{message} (removed: the next run compiles it afresh)"
     SHOW_WARNING(message, category, filename, lineno, file, line)
 
 
 def prune_cache(folder: str) -> None:
-    """Keep the cache under MAX_CACHE_BYTES, dropping the entries written longest ago. Not JAX's own
-    limit (jax_compilation_cache_max_size, with the filelock package): in our containers it fails
-    every write, because its eviction asks each entry's owner's name (through etils), and a --user
-    uid has none in the image (getpwuid: uid not found)."""
-    with contextlib.suppress(FileNotFoundError):
-        entries = sorted((entry.stat().st_mtime, entry.stat().st_size, entry.path) for entry in os.scandir(folder))
-        total = sum(size for _, size, _ in entries)
-        for _, size, path in entries:
-            if total <= MAX_CACHE_BYTES:
-                break
-            with contextlib.suppress(FileNotFoundError):  # another run may have dropped it first
-                os.unlink(path)
-            total -= size
+    """Keep the cache under MAX_CACHE_BYTES, dropping the entries written longest ago: only files JAX
+    names as its entries (CACHE_ENTRY), and only in a folder the cube made (CACHE_TAG), so that a
+    variable pointed at a folder of the user's deletes nothing of theirs. Not JAX's own limit
+    (jax_compilation_cache_max_size, with the filelock package): in our containers it fails every
+    write, because its eviction asks each entry's owner's name (through etils), and a --user uid has
+    none in the image (getpwuid: uid not found)."""
+    try:
+        with open_regular(os.path.join(folder, CACHE_TAG)) as f:
+            if f.read(len(CACHE_TAG_TEXT)) != CACHE_TAG_TEXT:
+                return
+        entries = sorted((entry.stat().st_mtime, entry.stat().st_size, entry.path) for entry in os.scandir(folder)
+                         if CACHE_ENTRY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False))
+    except (OSError, CubeError):
+        return
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in entries:
+        if total <= MAX_CACHE_BYTES:
+            break
+        with contextlib.suppress(FileNotFoundError):  # another run may have dropped it first
+            os.unlink(path)
+        total -= size
 
 
 def written_folders(args: argparse.Namespace) -> list[str]:
@@ -1812,7 +1930,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_as_output_owner(args)
         process = join_cluster() if args.task == "train" else (0, 1)
-        use_compilation_cache()
+        if args.task != "download":  # the one task that compiles nothing
+            use_compilation_cache()
         log = open_log(getattr(args, "log_dir", None), args.task, process)
     except OSError as e:
         print(f"mnist.py {args.task}: error: cannot write logs: {os_fault(e)}", file=sys.stderr)
@@ -1827,8 +1946,8 @@ def main(argv: list[str] | None = None) -> int:
         with unwinding_signals():
             return run(args, log)
     finally:
-        for handler in log.handlers:
-            handler.close()
+        for handler in log.handlers[2:]:  # the log file's; stdout and stderr stay open
+            handler.stream.close()
 
 
 def run(args: argparse.Namespace, log: logging.Logger) -> int:

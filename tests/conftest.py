@@ -57,7 +57,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-Route = collections.namedtuple("Route", "body fail status truncate stall endless trickle")
+Route = collections.namedtuple("Route", "body fail status truncate stall endless trickle location")
 
 
 class Quiet(http.server.ThreadingHTTPServer):
@@ -85,6 +85,8 @@ class Server:
                     return self.send_error(500)
                 time.sleep(route.stall)
                 self.send_response(route.status)
+                if route.location:  # a redirect
+                    self.send_header("Location", route.location)
                 if route.endless:  # no Content-Length: the body ends when the connection does, never
                     self.end_headers()
                     while True:
@@ -106,8 +108,9 @@ class Server:
         self.httpd = Quiet(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def serve(self, path, body, fail=0, status=200, truncate=0, stall=0.0, endless=False, trickle=0.0) -> str:
-        self.routes[path] = Route(body, fail, status, truncate, stall, endless, trickle)
+    def serve(self, path, body, fail=0, status=200, truncate=0, stall=0.0, endless=False, trickle=0.0,
+              location=None) -> str:
+        self.routes[path] = Route(body, fail, status, truncate, stall, endless, trickle, location)
         return f"http://127.0.0.1:{self.httpd.server_port}{path}"
 
     def url(self, path) -> str:

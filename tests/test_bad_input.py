@@ -271,7 +271,7 @@ def test_lock_dies_with_its_process_and_only_its_temp_files_go(trained, tmp_path
     holder.wait()
     result = finish(start_task("download", ws))
     assert result.code == 0, result.err
-    assert sorted(os.listdir(ws / "data")) == [".notes.part", "download.json", "mnist.npz"]
+    assert sorted(os.listdir(ws / "data")) == [mnist.LOCK_NAME, ".notes.part", "download.json", "mnist.npz"]
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, server):

@@ -78,14 +78,50 @@ def test_runs_at_once_share_the_cache(cache_ws):
     assert (cache_ws / "a" / "params.msgpack").read_bytes() == (cache_ws / "b" / "params.msgpack").read_bytes()
 
 
+def entry(name: str) -> str:
+    """A file name as JAX names its cache entries."""
+    return f"jit_{name}-{sha256(name.encode())}-cache"
+
+
 def test_the_cache_stays_bounded(tmp_path, monkeypatch):
     """Beyond MAX_CACHE_BYTES, the entries written longest ago go first."""
     monkeypatch.setattr(mnist, "MAX_CACHE_BYTES", 2500)
+    assert mnist.trusted_cache(str(tmp_path / "cache"))  # made, and tagged as the cube's
     for age, name in enumerate(["newest", "newer", "older", "oldest"]):
-        (tmp_path / name).write_bytes(bytes(1000))
-        os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
-    mnist.prune_cache(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["newer", "newest"]
+        (tmp_path / "cache" / entry(name)).write_bytes(bytes(1000))
+        os.utime(tmp_path / "cache" / entry(name), (1e9 - age, 1e9 - age))
+    mnist.prune_cache(str(tmp_path / "cache"))
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted([mnist.CACHE_TAG, entry("newer"), entry("newest")])
+
+
+def test_pruning_deletes_nothing_of_a_users_folder(cache_ws, monkeypatch):
+    """The variable pointed at a folder of the user's: their files stay, the old entries too, as the
+    folder is not one the cube made; in the cube's own folder, only JAX's entries go."""
+    monkeypatch.setattr(mnist, "MAX_CACHE_BYTES", 1000)
+    users = cache_ws / "thesis"
+    users.mkdir()
+    (users / "thesis.tex").write_text("\\documentclass{book}")
+    with open(users / "big.bin", "wb") as f:
+        f.truncate(120 << 20)  # sparse: 120 MB that take no disk
+    (users / entry("old")).write_bytes(bytes(2000))
+    train(cache_ws, MNIST_COMPILATION_CACHE=str(users))
+    kept = set(os.listdir(users))
+    assert {"thesis.tex", "big.bin", entry("old")} <= kept and mnist.CACHE_TAG not in kept
+    assert mnist.trusted_cache(str(cache_ws / "ours"))
+    (cache_ws / "ours" / "notes.txt").write_bytes(bytes(2000))
+    (cache_ws / "ours" / entry("old")).write_bytes(bytes(2000))
+    mnist.prune_cache(str(cache_ws / "ours"))
+    assert sorted(os.listdir(cache_ws / "ours")) == sorted([mnist.CACHE_TAG, "notes.txt"])
+
+
+def test_a_folder_others_may_write_is_not_used(cache_ws):
+    """Its entries are native code the task runs: a cache that another user may write is left alone."""
+    shared = cache_ws / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    stderr, _ = train(cache_ws, MNIST_COMPILATION_CACHE=str(shared))
+    assert f"compiling without a cache: {shared} is writable by another user" in stderr
+    assert os.listdir(shared) == [] and hits(stderr) == []
 
 
 def test_noxfile_mounts_the_folder_local_runs_use(monkeypatch, tmp_path):

@@ -33,7 +33,9 @@ def run_download(tmp_path, config, capsys):
 
 
 def data_files(tmp_path):
-    return sorted(os.listdir(tmp_path / "data")) if (tmp_path / "data").exists() else []
+    """What data_dir holds but the lock file that download leaves there (see mnist.folder_lock)."""
+    folder = tmp_path / "data"
+    return sorted(set(os.listdir(folder)) - {mnist.LOCK_NAME}) if folder.exists() else []
 
 
 def error_line(err):
