@@ -30,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +124,8 @@ def run_slurm(session: nox.Session, opts: Options) -> None:
         fresh_image(session, SINGULARITY, opts)  # built or rebuilt here, on the login node
     python = (opts.venv or Path(session.virtualenv.location)) / "bin" / "python"
     run_tasks(session, opts, lambda run, opts: slurm_script(run, opts, python),
-              lambda run, opts: slurm_execute(run, opts, python))
+              lambda run, opts: slurm_execute(run, opts, python),
+              container_mounts if opts.container else lambda run: run.mounts)
 
 
 @nox.session
@@ -270,6 +272,14 @@ def pair(value: str) -> tuple[str, str]:
     return name, rest
 
 
+def variable(value: str) -> tuple[str, str]:
+    """NAME=VALUE for --env, NAME a variable's name: a batch script exports it as it is written."""
+    name, rest = pair(value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise UsageError(f"expects NAME=VALUE, NAME of letters, digits and _ (not first a digit), got {value!r}")
+    return name, rest
+
+
 def number_of_processes(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise UsageError(f"expects a number of processes, 1 or more, got {value!r}")
@@ -282,6 +292,25 @@ def matching(pattern: str, example: str) -> Callable[[str], str]:
             raise UsageError(f"expects {example}, got {value!r}")
         return value
     return check
+
+
+# sbatch options that run-slurm sets itself, each with the runner's option that sets it (None: none does)
+SBATCH_OWN = {"output": None, "error": None, "job-name": None, "ntasks": "--processes", "nodes": "--nodes",
+              "partition": "--partition", "time": "--time", "account": "--account", "gpus": "--gpus", "wait": None,
+              "parsable": None, "chdir": None, "wrap": None}
+
+
+def sbatch_option(value: str) -> str:
+    """Another sbatch option for a #SBATCH line: one --name[=value] token with no space or control
+    character, and none that run-slurm sets (sbatch takes the start of an option's name for it)."""
+    match = re.fullmatch(r"--([a-z][a-z0-9-]*)(=[^\s\x00-\x1f\x7f]*)?", value)
+    if not match:
+        raise UsageError(f"expects one option such as --mem=8G (--name or --name=value, no spaces), got {value!r}")
+    for own, instead in SBATCH_OWN.items():
+        if own.startswith(match[1]):
+            raise UsageError(f"{value!r} would set --{own}, which run-slurm sets itself"
+                             + (f": use its {instead}" if instead else ""))
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +330,7 @@ LIMITED = ("run-docker", "run-singularity", "run-k8s")  # the runners that limit
 OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PATH sets a parameter
     "workspace": Option("=PATH  where mlcube.yaml's relative paths resolve (default: workspace/)", "workspace",
                         lambda value: Path(value).resolve()),
-    "env": Option("=NAME=VALUE  set a variable for the task (repeatable)", "env", pair),
+    "env": Option("=NAME=VALUE  set a variable for the task (repeatable)", "env", variable),
     "gpus": Option("=all|N|device=I,J  give the tasks GPUs (default: platform.accelerator_count)", "gpus",
                    runners=("run-docker", "run-singularity", "run-k8s", "run-kubeflow", "run-slurm")),
     "network": Option("=NAME  the container's network (default: none, but for download)", "network",
@@ -322,16 +351,20 @@ OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PA
     "host": Option("=URL  run-kubeflow: submit the pipeline to Kubeflow at URL", "host", runners=("run-kubeflow",)),
     "nodes": Option("=N  run-slurm: spread the processes over N nodes", "nodes",
                     matching(r"[1-9][0-9]*(-[1-9][0-9]*)?", "a number of nodes such as 2 or 1-4"), ("run-slurm",)),
-    "partition": Option("=NAME  run-slurm: the partition (queue) the jobs go to", "partition", runners=("run-slurm",)),
+    "partition": Option("=NAME  run-slurm: the partition (queue) the jobs go to", "partition",
+                        matching(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*", "partition names such as gpu or gpu,cpu"),
+                        ("run-slurm",)),
     "time": Option("=LIMIT  run-slurm: each job's time limit, as sbatch takes it (30:00)", "time",
-                   runners=("run-slurm",)),
-    "account": Option("=NAME  run-slurm: the account charged", "account", runners=("run-slurm",)),
+                   matching(r"([0-9]+-)?[0-9]+(:[0-9]+){0,2}|(?i:infinite|unlimited)",
+                            "a time such as 30, 30:00, 4:00:00 or 1-12:00"), ("run-slurm",)),
+    "account": Option("=NAME  run-slurm: the account charged", "account",
+                      matching(r"[A-Za-z0-9_.-]+", "an account name such as proj-42"), ("run-slurm",)),
     "container": Option("=apptainer|singularity  run-slurm: run the cube's image, not its virtualenv", "container",
                         matching(r"apptainer|singularity", "apptainer or singularity"), ("run-slurm",)),
     "venv": Option("=PATH  run-slurm: the virtualenv on the shared file system (default: the session's)", "venv",
                    lambda value: Path(value).resolve(), ("run-slurm",)),
     "sbatch": Option("=OPTION  run-slurm: another sbatch option, e.g. --sbatch=--mem=8G (repeatable)", "sbatch",
-                     runners=("run-slurm",)),
+                     sbatch_option, ("run-slurm",)),
     "dry-run": Option("  print what each task would run, and run nothing", "dry_run", None),
 }
 
@@ -412,6 +445,45 @@ def resolve(task: str, opts: Options) -> Run:
     return run
 
 
+def host_paths(run: Run) -> dict[str, str]:
+    """Each parameter's host path, by name."""
+    return dict(arg.removeprefix("--").split("=", 1) for arg in run.host_args)
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a control character: in a path, it ends a line or a field
+SYSTEM_ONLY = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+SYSTEM_FOLDERS = (*SYSTEM_ONLY, "/opt", "/root", "/run", "/srv", "/var")  # and those that may hold the user's
+
+
+def mount_fault(host: str, mount: Mount) -> str | None:
+    """Why a container runner may not mount `host` as `mount`, or None. A character that the runtimes'
+    mount syntax reads as a separator (`:` in Docker's --volume, `,` between Apptainer's --bind
+    entries; a drive letter's colon is not one) or a control character; the root, the user's home or
+    a system folder, which would hand the container the host's own files; to write, a folder in one
+    of SYSTEM_ONLY. Symbolic links are followed, as the runtimes follow them."""
+    if CONTROL.search(host) or {":", ","} & set(os.path.splitdrive(host)[1]):
+        return "it holds a control character, ':' or ',', which the runtimes read as separators"
+    real = os.path.realpath(host)
+    named = {os.path.realpath(os.path.expanduser("~")): "your home folder", os.path.realpath(os.sep): "the root folder"}
+    if real in named or real in SYSTEM_FOLDERS:
+        return f"it is {named.get(real, 'a system folder')}"
+    inside = [folder for folder in SYSTEM_ONLY if real.startswith(folder + os.sep)]
+    if inside and not mount.read_only:
+        return f"it is in the system folder {inside[0]}, where a task may not write"
+    return None
+
+
+def checked_mounts(mounts: dict[str, Mount]) -> dict[str, Mount]:
+    """`mounts`, once mount_fault finds fault with none: every container runner's mounts, and
+    Kubernetes' claim paths, pass through here."""
+    for host, mount in mounts.items():
+        fault = mount_fault(host, mount)
+        if fault:
+            raise UsageError(f"will not mount {host!r} into a container: {fault}; give the task's paths "
+                             "a folder of their own")
+    return mounts
+
+
 def require_tasks(opts: Options) -> list[str]:
     """The tasks to run: a runner needs one at least."""
     if not opts.tasks:
@@ -419,23 +491,29 @@ def require_tasks(opts: Options) -> list[str]:
     return opts.tasks
 
 
-def run_tasks(session: nox.Session, opts: Options, command, execute) -> None:
-    """Run each task in order through `execute(run, opts)`, or print `command(run, opts)` for
-    --dry-run; stop at the first failure, exiting with that task's exit code."""
+def run_tasks(session: nox.Session, opts: Options, command, execute,
+              mounts: Callable[[Run], dict[str, Mount]] = lambda run: run.mounts) -> None:
+    """Run each task in order through `execute(run, opts)`, its `mounts(run)` made first, or print
+    `command(run, opts)` for --dry-run; stop at the first failure, exiting with that task's exit code."""
     for task in require_tasks(opts):
         run = resolve(task, opts)
         shown = command(run, opts)  # a command line, or a batch script's text
         if opts.dry_run:
             print(shown if isinstance(shown, str) else shlex.join(shown))
             continue
-        for folder in container_mounts(run):
-            os.makedirs(folder, exist_ok=True)
+        make_folders(mounts(run))
         code = execute(run, opts)
         if code:
-            mounted = [f"{mount.target} is {host}" for host, mount in container_mounts(run).items()
+            mounted = [f"{mount.target} is {host}" for host, mount in mounts(run).items()
                        if mount.target in str(shown)]
             session.log(f"task {task} failed with exit code {code}" + (f" ({'; '.join(mounted)})" if mounted else ""))
             raise SystemExit(code)
+
+
+def make_folders(mounts: dict[str, Mount]) -> None:
+    """The host folders of a task's mounts, made if missing; the containers' cache only its user's."""
+    for folder, mount in mounts.items():
+        os.makedirs(folder, mode=0o700 if mount.target == CACHE_TARGET else 0o777, exist_ok=True)
 
 # ------------------------------------------------------------------------------- container runtimes
 @dataclasses.dataclass(frozen=True)
@@ -480,7 +558,8 @@ def configure(runtime: Runtime, opts: Options) -> None:
 def run_in(session: nox.Session, runtime: Runtime, opts: Options) -> None:
     """Run the session's tasks in the runtime's image, (re)built first if it must be."""
     client = None if opts.dry_run else fresh_image(session, runtime, opts)
-    run_tasks(session, opts, runtime.command, lambda run, opts: runtime.execute(client, run, opts))
+    run_tasks(session, opts, runtime.command, lambda run, opts: runtime.execute(client, run, opts),
+              container_mounts)
 
 
 def fresh_image(session: nox.Session, runtime: Runtime, opts: Options):
@@ -499,7 +578,7 @@ IMAGE = CUBE["docker"]["image"]
 SOURCES_LABEL = "org.mlcommons.mnist.sources"  # the image's sources (see `sources`), as JSON
 ONLINE_TASKS = {"download"}  # the task that fetches data; the others run with no network at all
 TMPFS_SIZE = "256m"  # of /tmp, HOME in the image, which holds matplotlib's cache
-CACHE_TARGET = "/cache"  # where a container sees host_cache
+CACHE_TARGET = "/cache"  # where a container sees container_cache
 
 
 def mnist_definitions(*names: str) -> dict[str, Any]:
@@ -585,28 +664,42 @@ def network(run: Run, opts: Options) -> str | None:
 def task_env(run: Run, opts: Options, image: str) -> dict[str, str]:
     """The variables of a task in a container that the runner made: see task_variables."""
     cached = any(mount.target == CACHE_TARGET for mount in container_mounts(run).values())
-    return task_variables(opts, image, cached)
+    return task_variables(opts, image, CACHE_TARGET if cached else None)
 
 
-def task_variables(opts: Options, image: str, cached: bool) -> dict[str, str]:
+def task_variables(opts: Options, image: str, cache: str | None) -> dict[str, str]:
     """Every runner's task variables: the image, which the outputs record; where compiled programs are
-    kept (CACHE_TARGET when one is mounted there); the CPU alone when no GPU was asked for (a GPU image
-    would probe for CUDA, noisily); then the caller's --env."""
+    kept (`cache`, None: nowhere); the CPU alone when no GPU was asked for (a GPU image would probe for
+    CUDA, noisily); then the caller's --env."""
     cpu_only = {} if gpus_wanted(opts) else {"JAX_PLATFORMS": "cpu"}
-    cache = CACHE_TARGET if cached else "off"
-    return {"MNIST_IMAGE": image, cache_rule()["CACHE_VARIABLE"]: cache, **cpu_only, **opts.env}
+    return {"MNIST_IMAGE": image, cache_rule()["CACHE_VARIABLE"]: cache or "off", **cpu_only, **opts.env}
 
 
 def host_cache() -> str | None:
-    """The host folder where containers keep compiled programs between runs: the one local runs use,
-    by mnist.py's own compilation_cache_folder (None for "off")."""
+    """The folder where local runs keep compiled programs, by mnist.py's own compilation_cache_folder
+    (None for "off")."""
     return cache_rule()["compilation_cache_folder"]()
 
 
+def container_cache() -> str | None:
+    """The host folder where containers keep compiled programs between runs: host_cache's path with
+    -containers added (None for "off"). Never host_cache itself: its programs are native code that
+    local runs load and run, and a container must not be able to plant any there."""
+    cache = host_cache()
+    return os.path.normpath(cache) + "-containers" if cache else None
+
+
 def container_mounts(run: Run) -> dict[str, Mount]:
-    """The task's mounts and, read-write for a task that compiles, the cache of compiled programs."""
-    cache = host_cache() if run.task not in ONLINE_TASKS else None  # download compiles nothing
-    return {**run.mounts, **({cache: Mount(CACHE_TARGET, False)} if cache else {})}
+    """The task's mounts and, read-write for a task that compiles, the containers' cache of compiled
+    programs; each one checked (checked_mounts)."""
+    cache = container_cache() if run.task not in ONLINE_TASKS else None  # download compiles nothing
+    return checked_mounts({**run.mounts, **({cache: Mount(CACHE_TARGET, False)} if cache else {})})
+
+
+def caller() -> str | None:
+    """The uid:gid that containers run as, the caller's; None on Windows, which has none (Docker
+    Desktop chooses)."""
+    return f"{os.geteuid()}:{os.getegid()}" if hasattr(os, "geteuid") else None
 
 
 def container_settings(run: Run, opts: Options, image: str) -> dict:
@@ -614,8 +707,7 @@ def container_settings(run: Run, opts: Options, image: str) -> dict:
     docker_execute hands it to the SDK (sdk_settings). Least privilege: the caller's uid:gid, no
     capabilities, no privilege gain, a read-only root file system with a small /tmp, no network unless
     the task needs one, read-only inputs."""
-    uid = f"{os.geteuid()}:{os.getegid()}" if hasattr(os, "geteuid") else None  # Windows: Docker Desktop's
-    return {"user": uid, "network": network(run, opts), "cap-drop": "ALL",
+    return {"user": caller(), "network": network(run, opts), "cap-drop": "ALL",
             "security-opt": "no-new-privileges", "read-only": True, "tmpfs": f"/tmp:size={TMPFS_SIZE}",
             "memory": opts.memory, "cpus": opts.cpus, "gpus": gpus_wanted(opts),
             "env": task_env(run, opts, image), "volume": container_mounts(run)}
@@ -799,22 +891,43 @@ def slurm_folder(opts: Options) -> Path:
     return opts.workspace / "slurm"
 
 
-def slurm_script(run: Run, opts: Options, python: Path) -> str:
-    """The batch script of a task: Slurm's directives, the task's variables, then srun of mnist.py in
-    the virtualenv at `python`, or of the cube's image with run-singularity's binds and confinement."""
+def slurm_path(path: Path | str) -> str:
+    """A path that a batch script names, once nothing in it could change the script: a control
+    character would end its line, and `%` is a pattern in Slurm's file names."""
+    if CONTROL.search(str(path)) or "%" in str(path):
+        raise UsageError(f"run-slurm takes no path with a control character or '%' (a Slurm file name pattern): "
+                         f"{str(path)!r}")
+    return str(path)
+
+
+def slurm_directives(run: Run, opts: Options) -> dict[str, Any]:
+    """The task's #SBATCH directives: their values checked when read (OPTIONS), the output's path here;
+    none may hold a space, where sbatch would end it."""
     gpus = gpus_wanted(opts)
     if gpus and not gpus.isdigit():
         raise UsageError(f"run-slurm takes --gpus=N, a number of GPUs, not {gpus!r}")
-    directives = {"job-name": f"mnist-{run.task}", "output": slurm_folder(opts) / f"{run.task}-%j.out",
-                  "ntasks": opts.processes if run.task == "train" else 1, "nodes": opts.nodes,
-                  "partition": opts.partition, "time": opts.time, "account": opts.account, "gpus": gpus}
+    output = f"{slurm_path(slurm_folder(opts))}/{run.task}-%j.out"
+    if re.search(r"\s", output):
+        raise UsageError(f"run-slurm writes its output's path into a #SBATCH line, which a space would end: {output!r}")
+    return {"job-name": f"mnist-{run.task}", "output": output, "ntasks": opts.processes if run.task == "train" else 1,
+            "nodes": opts.nodes, "partition": opts.partition, "time": opts.time, "account": opts.account, "gpus": gpus}
+
+
+def slurm_script(run: Run, opts: Options, python: Path) -> str:
+    """The batch script of a task: Slurm's directives, the task's variables, then srun of mnist.py in
+    the virtualenv at `python`, or of the cube's image with run-singularity's binds and confinement.
+    Every path in it passes slurm_path; every variable's value is quoted."""
+    directives = slurm_directives(run, opts)
+    paths = [python, ROOT / "mnist.py", *host_paths(run).values(), *(container_mounts(run) if opts.container else ())]
+    for path in paths:
+        slurm_path(path)
     if opts.container:
         command = [opts.container, *singularity_command(run, opts)[1:]]
         variables = {}  # singularity_command hands them to the container
     else:
         command = [str(python), str(ROOT / "mnist.py"), run.task, *run.host_args]
-        variables = {**({} if gpus else {"JAX_PLATFORMS": "cpu"}), **opts.env}
-    again = f"sbatch {slurm_folder(opts) / run.task}.sbatch"
+        variables = {**({} if directives["gpus"] else {"JAX_PLATFORMS": "cpu"}), **opts.env}
+    again = shlex.join(["sbatch", f"{slurm_folder(opts) / run.task}.sbatch"])
     return "\n".join([
         "#!/bin/bash",
         *(f"#SBATCH --{name}={value}" for name, value in directives.items() if value),
@@ -831,7 +944,7 @@ def slurm_execute(run: Run, opts: Options, python: Path) -> int:
     folder = slurm_folder(opts)
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / f"{run.task}.sbatch"
-    script.write_text(slurm_script(run, opts, python))
+    write_replacing(script, slurm_script(run, opts, python))
     submit = subprocess.Popen(["sbatch", "--wait", "--parsable", str(script)], stdout=subprocess.PIPE, text=True)
     job = submit.stdout.readline().strip().split(";")[0]
     if not job:  # sbatch refused it, and said why
@@ -842,6 +955,21 @@ def slurm_execute(run: Run, opts: Options, python: Path) -> int:
     except KeyboardInterrupt:
         subprocess.run(["scancel", job])
         submit.wait()
+        raise
+
+
+def write_replacing(path: Path, text: str) -> None:
+    """Write `text` to a new file beside `path` (mkstemp: O_CREAT|O_EXCL, only its user may read it),
+    then rename it over `path`: whatever stands at `path`, a symbolic link included, is replaced, never
+    written through, and no reader sees half of it."""
+    fd, new = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(new, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(new)
         raise
 
 
@@ -877,11 +1005,13 @@ def run_mlcube(session: nox.Session, packages: list[str]) -> None:
     session.run("mlcube", *session.posargs, env={"MLCUBE_SYSTEM_SETTINGS": settings})
 
 # --------------------------------------------------------------------------------------- Kubernetes
-# Each task is a batch/v1 Job running the image, the workspace on a PersistentVolumeClaim; `train
-# --processes=N` is an Indexed Job of N pods and a headless Service, through which the pods find pod 0,
-# JAX's coordinator. The manifests are plain dictionaries; the official client sends them.
+# Each task is a batch/v1 Job running the image, the workspace on a PersistentVolumeClaim, its network
+# limited by a NetworkPolicy of its own; `train --processes=N` is an Indexed Job of N pods and a headless
+# Service, through which the pods find pod 0, JAX's coordinator. The manifests are plain dictionaries;
+# the official client sends them.
 K8S_USER = 10001  # any uid but root's: the pods run as it, and the claim is made writable for its group
 COORDINATOR_PORT = 8476
+K8S_CACHE = f"{CACHE_TARGET}/jax"  # in the pod's emptyDir, which anyone may write: a folder mnist.py makes its user's
 
 def quantity(size: str) -> str:
     """A size as mlcube.yaml or Docker write it (8GB, 512m, 2GiB) as a Kubernetes quantity (8G, 512M, 2Gi)."""
@@ -906,56 +1036,90 @@ def claim_path(host: str, opts: Options) -> str:
 
 
 def k8s_resources(opts: Options) -> dict:
+    """What a pod asks for: memory (limited to what it asks), processors if --cpus says, GPUs."""
     platform = CUBE.get("platform") or {}
     requests = {"memory": quantity(opts.memory or platform.get("host_memory") or "2GB")}
     requests.update({"cpu": opts.cpus} if opts.cpus else {})
     gpus = gpus_wanted(opts)
     if gpus and not gpus.isdigit():
         raise UsageError(f"run-k8s takes --gpus as a number of GPUs per pod, got {gpus!r}")
-    return {"requests": requests, **({"limits": {"nvidia.com/gpu": gpus}} if gpus else {})}
+    limits = {"memory": requests["memory"], **({"nvidia.com/gpu": gpus} if gpus else {})}
+    return {"requests": requests, "limits": limits}
 
 
-def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
-    """The pod template: the task in the image as a non-root user with no capabilities and a read-only
-    root file system, its folders on the claim (inputs read-only), made first by an init container."""
-    on_claim = {claim_path(host, opts): mount for host, mount in run.mounts.items()}
+def k8s_on_claim(run: Run, opts: Options) -> dict[str, Mount]:
+    """The task's mounts by their paths in the claim, once checked (checked_mounts)."""
+    return {claim_path(host, opts): mount for host, mount in checked_mounts(run.mounts).items()}
+
+
+def k8s_locked() -> dict:
+    """A container's securityContext: no privilege escalation, no capabilities, a read-only root file
+    system. A new dictionary each time, or the YAML would hold anchors."""
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def k8s_container(run: Run, opts: Options, job: str, processes: int) -> dict:
+    """The task's container: its folders on the claim (inputs read-only), and a cache of compiled
+    programs and a /tmp of the pod's own (emptyDir volumes), never on the claim that other pods share."""
     mounts = [{"name": "workspace", "mountPath": mount.target, "readOnly": mount.read_only,
-               **({"subPath": sub_path} if sub_path else {})} for sub_path, mount in on_claim.items()]
-    mounts += [{"name": "workspace", "mountPath": CACHE_TARGET, "subPath": ".cache/jax"},
-               {"name": "tmp", "mountPath": "/tmp"}]
-    folders = sorted({os.path.join("/workspace", sub_path) for sub_path in on_claim} | {"/workspace/.cache/jax"})
-    env = task_variables(opts, IMAGE, cached=True)
+               **({"subPath": sub_path} if sub_path else {})} for sub_path, mount in k8s_on_claim(run, opts).items()]
+    mounts += [{"name": "cache", "mountPath": CACHE_TARGET}, {"name": "tmp", "mountPath": "/tmp"}]
+    env = task_variables(opts, IMAGE, K8S_CACHE)
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"{job}-0.{job}:{COORDINATOR_PORT}", JAX_NUM_PROCESSES=str(processes))
     index = {"name": "JAX_PROCESS_ID", "valueFrom": {"fieldRef": {
         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
-    def locked() -> dict:  # a new dictionary each time, or the YAML would hold anchors
-        return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    return {"name": run.task, "image": IMAGE, "args": [run.task, *run.container_args],
+            "env": [{"name": k, "value": v} for k, v in env.items()] + ([index] if processes > 1 else []),
+            "resources": k8s_resources(opts), "securityContext": k8s_locked(), "volumeMounts": mounts}
 
+
+def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
+    """The pod template: the task's container (k8s_container) as a non-root user with no capabilities,
+    a read-only root file system and no service account token (it talks to no API), its folders on the
+    claim made first by an init container."""
+    folders = sorted(os.path.join("/workspace", sub_path) for sub_path in k8s_on_claim(run, opts))
     return {
         "metadata": {"labels": {"app": "mnist", "mnist/task": run.task}},
         "spec": {
             "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
             **({"subdomain": job} if processes > 1 else {}),
             "securityContext": {"runAsNonRoot": True, "runAsUser": K8S_USER, "runAsGroup": K8S_USER,
                                 "fsGroup": K8S_USER, "seccompProfile": {"type": "RuntimeDefault"}},
-            "initContainers": [{"name": "folders", "image": IMAGE, "securityContext": locked(),
+            "initContainers": [{"name": "folders", "image": IMAGE, "securityContext": k8s_locked(),
                                 "command": ["python3", "-c", "import os, sys; [os.makedirs(f, exist_ok=True) "
                                             "for f in sys.argv[1:]]", *folders],
                                 "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]}],
-            "containers": [{"name": run.task, "image": IMAGE, "args": [run.task, *run.container_args],
-                            "env": [{"name": k, "value": v} for k, v in env.items()]
-                            + ([index] if processes > 1 else []),
-                            "resources": k8s_resources(opts), "securityContext": locked(),
-                            "volumeMounts": mounts}],
+            "containers": [k8s_container(run, opts, job, processes)],
             "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": opts.pvc}},
+                        {"name": "cache", "emptyDir": {"sizeLimit": "256Mi"}},
                         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}}],
         },
     }
 
 
+def k8s_network_policy(run: Run, meta: dict, processes: int) -> dict:
+    """What the Job's pods may reach, and be reached from: download, anywhere (it fetches data), and
+    nothing may reach it; a training of several pods, its own pods on any port (JAX's coordinator,
+    and the processes' collectives on ports they pick) and DNS, for pod 0's name; any other task,
+    nothing at all."""
+    def pods() -> dict:  # a new dictionary each time, or the YAML would hold anchors
+        return {"podSelector": {"matchLabels": {"job-name": meta["name"]}}}
+
+    ingress, egress = [], []
+    if run.task in ONLINE_TASKS:
+        egress = [{}]
+    elif processes > 1:
+        ingress = [{"from": [pods()]}]
+        egress = [{"to": [pods()]}, {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta,
+            "spec": {**pods(), "policyTypes": ["Ingress", "Egress"], "ingress": ingress, "egress": egress}}
+
+
 def k8s_manifests(run: Run, opts: Options, job: str) -> list[dict]:
-    """The Job for one task, and for a training of several pods the headless Service that names them."""
+    """The Job for one task, last, after its NetworkPolicy and, for a training of several pods, the
+    headless Service that names them."""
     if opts.processes > 1 and "train" not in opts.tasks:
         raise UsageError(f"--processes applies to train only, not {', '.join(opts.tasks)}")
     processes = opts.processes if run.task == "train" else 1
@@ -963,7 +1127,8 @@ def k8s_manifests(run: Run, opts: Options, job: str) -> list[dict]:
     spec = {"backoffLimit": 0, "template": k8s_pod(run, opts, job, processes)}
     if processes > 1:
         spec.update(completionMode="Indexed", completions=processes, parallelism=processes)
-    manifests = [{"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}]
+    manifests = [k8s_network_policy(run, meta, processes),
+                 {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}]
     if processes > 1:
         manifests.insert(0, {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {
             "clusterIP": "None", "selector": {"job-name": job},
@@ -1021,6 +1186,7 @@ def k8s_apply(opts: Options, plans: list[list[dict]]) -> int:
     except config.ConfigException as e:
         raise UsageError(f"no Kubernetes cluster to talk to ({e})") from None
     api, core, batch = client.ApiClient(), client.CoreV1Api(), client.BatchV1Api()
+    apis = {"Job": batch, "Service": core, "NetworkPolicy": client.NetworkingV1Api()}
     if opts.create_pvc:
         with contextlib.suppress(utils.FailToCreateError):  # it exists: use it
             utils.create_from_dict(api, k8s_claim(opts))
@@ -1031,14 +1197,25 @@ def k8s_apply(opts: Options, plans: list[list[dict]]) -> int:
                 utils.create_from_dict(api, manifest)
             code = k8s_follow(core, batch, watch, job, opts.namespace)
         finally:  # Ctrl-C too
-            batch.delete_namespaced_job(job, opts.namespace, propagation_policy="Background")
-            if len(manifests) > 1:
-                core.delete_namespaced_service(job, opts.namespace)
+            k8s_delete(apis, manifests)
         if code:
             print(f"run-k8s: task {manifests[-1]['metadata']['labels']['mnist/task']} failed with exit code {code}",
                   file=sys.stderr)
             return code
     return 0
+
+
+K8S_DELETE = {"Job": "delete_namespaced_job", "Service": "delete_namespaced_service",
+              "NetworkPolicy": "delete_namespaced_network_policy"}  # each kind's call on its API in k8s_apply
+
+
+def k8s_delete(apis: dict, manifests: list[dict]) -> None:
+    """Delete what a task's manifests made, the Job first (its pods go with it), its NetworkPolicy
+    and Service after."""
+    for manifest in reversed(manifests):
+        name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+        extra = {"propagation_policy": "Background"} if manifest["kind"] == "Job" else {}
+        getattr(apis[manifest["kind"]], K8S_DELETE[manifest["kind"]])(name, namespace, **extra)
 
 
 def k8s_follow(core, batch, watch, job: str, namespace: str) -> int:
@@ -1098,20 +1275,44 @@ def kfp_component(task: str):
     return components.load_component_from_text(yaml.safe_dump(spec))
 
 
+def kfp_imports(opts: Options) -> dict[str, str]:
+    """The host path of each input that no earlier task writes: what the pipeline imports."""
+    imported, produced = {}, set()
+    for task in opts.tasks:
+        paths = host_paths(resolve(task, opts))
+        for name, (_, output) in parameters(task).items():
+            if output:
+                produced.add(name)
+            elif name not in produced and name not in imported:
+                imported[name] = paths[name]
+    return imported
+
+
+def kfp_import_folders(opts: Options) -> list[str]:
+    """The host folders of what the pipeline imports, for kfp.local to mount: a file's folder, as every
+    runner mounts it (the offline route's data lies beside data.yaml). Each import must be there, as
+    Docker mounts nothing that is missing."""
+    kinds = {name: spec["type"] for task in opts.tasks for name, (spec, _) in parameters(task).items()}
+    imported = kfp_imports(opts)
+    for path in imported.values():
+        if not os.path.exists(path):
+            raise UsageError(f"the pipeline imports {path}, which does not exist")
+    return sorted({os.path.dirname(path) if kinds[name] == "file" else path for name, path in imported.items()})
+
+
 def kfp_pipeline(opts: Options):
     from kfp import dsl
 
     @dsl.pipeline(name=PIPELINE_NAME, description=CUBE.get("description", ""))
     def pipeline():
-        produced = {}
+        imported, produced = kfp_imports(opts), {}
         for task in opts.tasks:
-            paths = dict(arg.removeprefix("--").split("=", 1) for arg in resolve(task, opts).host_args)
             inputs = {}
             for name, (_, output) in parameters(task).items():
                 if output:
                     continue
                 if name not in produced:
-                    produced[name] = dsl.importer(artifact_uri=paths[name], artifact_class=dsl.Artifact).output
+                    produced[name] = dsl.importer(artifact_uri=imported[name], artifact_class=dsl.Artifact).output
                 inputs[name] = produced[name]
             step = kfp_component(task)(**inputs)
             produced.update({name: step.outputs[name] for name, (_, output) in parameters(task).items() if output})
@@ -1139,21 +1340,33 @@ def kfp_main(opts: Options) -> int:
     return 0
 
 
+def kfp_root(opts: Options) -> Path:
+    """kfp.local's pipeline root, which its containers may write: a folder of the workspace's own."""
+    return opts.workspace / "kubeflow"
+
+
 def kfp_run_locally(opts: Options) -> int:
-    """The pipeline on this machine's Docker engine, its pipeline root the workspace, each container
-    as least privileged as run-docker's; the exit code of the first task that did not succeed."""
+    """The pipeline on this machine's Docker engine, each container as least privileged as run-docker's,
+    writing only in kfp_root (kfp.local mounts it read-write), the folders of what it imports mounted
+    read-only at their own paths; the exit code of the first task that did not succeed."""
+    from docker.types import Mount as DockerMount
     from kfp import local
 
+    root = kfp_root(opts)
+    imports = {folder: Mount(folder, True) for folder in kfp_import_folders(opts)}
+    checked_mounts({str(root): Mount(str(root), False), **imports})
     # kfp.local hands the component's command to Docker as CMD, after the image's ENTRYPOINT, where
     # Kubernetes replaces the ENTRYPOINT with it; env runs the command as Kubernetes would.
-    runner = local.DockerRunner(entrypoint=["/usr/bin/env"], user=f"{os.geteuid()}:{os.getegid()}",
-                                cap_drop=["ALL"], security_opt=["no-new-privileges"], read_only=True,
+    runner = local.DockerRunner(entrypoint=["/usr/bin/env"], user=caller(), cap_drop=["ALL"],
+                                security_opt=["no-new-privileges"], read_only=True,
                                 tmpfs={"/tmp": f"size={TMPFS_SIZE}"},
-                                environment={cache_rule()["CACHE_VARIABLE"]: "off"})
-    local.init(runner=runner, pipeline_root=str(opts.workspace), raise_on_error=False)
-    before = set(opts.workspace.glob(f"{PIPELINE_NAME}-20*"))  # a run's folder is named for its date
+                                environment={cache_rule()["CACHE_VARIABLE"]: "off"},
+                                mounts=[DockerMount(path, path, type="bind", read_only=True) for path in imports])
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=runner, pipeline_root=str(root), raise_on_error=False)
+    before = set(root.glob(f"{PIPELINE_NAME}-20*"))  # a run's folder is named for its date
     kfp_pipeline(opts)()
-    runs = sorted(set(opts.workspace.glob(f"{PIPELINE_NAME}-20*")) - before)
+    runs = sorted(set(root.glob(f"{PIPELINE_NAME}-20*")) - before)
     for task in opts.tasks:
         if not runs or not (runs[-1] / task / "status").is_file():
             print(f"run-kubeflow: task {task} failed (see its log above)", file=sys.stderr)

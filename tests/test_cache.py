@@ -3,6 +3,7 @@ host folder mounted into the container), reused by the next run, off when asked,
 runs at once, and a damaged entry costs a compilation, never a crash or other bits."""
 import json
 import os
+import stat
 
 import pytest
 from conftest import digits_workspace, finish, needs_docker, nox, sha256, start_train
@@ -124,8 +125,9 @@ def test_a_folder_others_may_write_is_not_used(cache_ws):
     assert os.listdir(shared) == [] and hits(stderr) == []
 
 
-def test_noxfile_mounts_the_folder_local_runs_use(monkeypatch, tmp_path):
-    """The toolchain runs mnist.py's own rule, whatever the variables say."""
+def test_containers_get_a_folder_beside_the_one_local_runs_use(monkeypatch, tmp_path):
+    """The toolchain runs mnist.py's own rule, whatever the variables say, and mounts into containers
+    a folder beside that one, never the one local runs load."""
     for variables in ({}, {"XDG_CACHE_HOME": str(tmp_path)}, {"MNIST_COMPILATION_CACHE": str(tmp_path / "c")},
                       {"MNIST_COMPILATION_CACHE": "off"}):
         for name in ("XDG_CACHE_HOME", "MNIST_COMPILATION_CACHE"):
@@ -133,7 +135,9 @@ def test_noxfile_mounts_the_folder_local_runs_use(monkeypatch, tmp_path):
         for name, value in variables.items():
             monkeypatch.setenv(name, value)
         assert noxfile.host_cache() == mnist.compilation_cache_folder()
-    assert noxfile.host_cache() is None
+        if noxfile.host_cache():
+            assert noxfile.container_cache() == mnist.compilation_cache_folder() + "-containers"
+    assert noxfile.host_cache() is None and noxfile.container_cache() is None
 
 
 def test_run_local_uses_it(cache_ws):
@@ -149,21 +153,23 @@ def test_run_local_uses_it(cache_ws):
 
 @needs_docker
 def test_run_docker_mounts_a_cache_the_caller_owns(image, plain_user, tmp_path):
-    """The host folder is made by the runner as the caller, mounted at /cache, and used by the next run."""
+    """The containers' host folder is made by the runner as the caller, private, mounted at /cache,
+    and used by the next run; the folder local runs use is never made or mounted."""
     home = plain_user or tmp_path
     ws = digits_workspace(home / "cache-test")
-    cache = ws / "jax-cache"
+    local, cache = ws / "jax-cache", ws / "jax-cache-containers"
     if plain_user:
         for path in (ws, *ws.rglob("*")):
             os.chown(path, 4321, 4321)
     owner = (4321, 4321) if plain_user else (os.getuid(), os.getgid())
-    env = {"HOME": str(home), "MNIST_COMPILATION_CACHE": str(cache)}
+    env = {"HOME": str(home), "MNIST_COMPILATION_CACHE": str(local)}
     for run in range(2):
         result = nox("-s", "run-docker", "--", "train", f"--workspace={ws}", "--env=JAX_LOG_COMPILES=1",
                      env=env, user=plain_user)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         if run == 0:
             assert hits(result.stderr) == [] and (cache.stat().st_uid, cache.stat().st_gid) == owner
+            assert stat.S_IMODE(cache.stat().st_mode) == 0o700 and not local.exists()
     assert hits(result.stderr) == sorted(PROGRAMS), result.stderr[-3000:]
     assert {(p.stat().st_uid, p.stat().st_gid) for p in cache.iterdir()} == {owner}
     assert json.loads((ws / "model" / "model.json").read_text())["epochs_run"] == 1

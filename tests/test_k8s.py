@@ -80,8 +80,81 @@ def test_pods_are_least_privileged_and_mount_inputs_read_only():
     mounts = {m["mountPath"]: (m.get("subPath", ""), m.get("readOnly", False))
               for m in pod["containers"][0]["volumeMounts"]}
     assert mounts == {"/mlcube_io0": ("data", True), "/mlcube_io1": ("", True), "/mlcube_io2": ("logs", False),
-                      "/mlcube_io3": ("model", False), "/cache": (".cache/jax", False), "/tmp": ("", False)}
-    assert pod["containers"][0]["resources"] == {"requests": {"memory": "8G"}, "limits": {"nvidia.com/gpu": "1"}}
+                      "/mlcube_io3": ("model", False), "/cache": ("", False), "/tmp": ("", False)}
+    assert pod["containers"][0]["resources"] == {"requests": {"memory": "8G"},
+                                                 "limits": {"memory": "8G", "nvidia.com/gpu": "1"}}
+
+
+def jobs(*args) -> list[dict]:
+    return [doc for doc in manifests(*args) if doc["kind"] == "Job"]
+
+
+def test_pods_hold_no_token_and_no_more_memory_than_they_ask():
+    """No service account token to call the cluster's API with, from a task that never calls it; a
+    memory limit, the request, so that a pod cannot starve its node."""
+    for args in (["download", "train", "evaluate", "infer"], ["train", "--processes=2", "--memory=6g"]):
+        for job in jobs(*args):
+            pod = job["spec"]["template"]["spec"]
+            assert pod["automountServiceAccountToken"] is False
+            resources = pod["containers"][0]["resources"]
+            assert resources["limits"]["memory"] == resources["requests"]["memory"]
+
+
+def test_the_compiled_programs_are_the_pods_own():
+    """A cache on the claim would be shared, read-write, by every pod that mounts it, and its programs
+    run as code: each pod keeps its own, in an emptyDir, in a folder mnist.py makes its user's."""
+    pod = jobs("train")[0]["spec"]["template"]["spec"]
+    [cache] = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/cache"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert "emptyDir" in volumes[cache["name"]] and "subPath" not in cache
+    assert {"name": "MNIST_COMPILATION_CACHE", "value": "/cache/jax"} in pod["containers"][0]["env"]
+    assert not any(".cache" in arg for arg in pod["initContainers"][0]["command"])
+
+
+OWN = "the Job's own pods"  # in the rules below, what the policy's selector of them stands in
+
+
+def with_own(rules: list[dict], selector: dict) -> list[dict]:
+    """`rules` with OWN replaced by `selector`."""
+    return [{key: [selector if peer == OWN else peer for peer in value] if key in ("from", "to") else value
+             for key, value in rule.items()} for rule in rules]
+
+
+@pytest.mark.parametrize("args, ingress, egress", [
+    (["download"], [], [{}]),  # fetches data, from anywhere; nothing reaches it
+    (["train"], [], []),
+    (["evaluate"], [], []),
+    (["infer"], [], []),
+    (["train", "--processes=3"], [{"from": [OWN]}],
+     [{"to": [OWN]}, {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}]),
+])
+def test_each_job_has_a_network_policy_that_lets_only_its_task_through(args, ingress, egress):
+    """Made before its Job, so that no pod starts unconfined. A training of several pods talks among
+    them on any port: JAX's CPU collectives (gloo), as NCCL's, listen on ports the processes pick,
+    besides the coordinator's; DNS finds pod 0 by name."""
+    *_, policy, job = manifests(*args)
+    own = {"podSelector": {"matchLabels": {"job-name": job["metadata"]["name"]}}}
+    assert policy["kind"] == "NetworkPolicy" and policy["metadata"] == job["metadata"]
+    assert policy["spec"]["podSelector"] == own["podSelector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"] == with_own(ingress, own) and policy["spec"]["egress"] == with_own(egress, own)
+
+
+def test_apply_deletes_what_it_made_the_job_first():
+    """k8s_apply's clean-up, with a recorder in the API clients' place (no cluster here): the Job,
+    then its NetworkPolicy and its Service, each by its own call."""
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, call):
+            return lambda *args, **kwargs: calls.append((call, args, kwargs))
+
+    made = manifests("train", "--processes=2", "--namespace=ml")
+    noxfile.k8s_delete({"Job": Recorder(), "Service": Recorder(), "NetworkPolicy": Recorder()}, made)
+    name = made[-1]["metadata"]["name"]
+    assert calls == [("delete_namespaced_job", (name, "ml"), {"propagation_policy": "Background"}),
+                     ("delete_namespaced_network_policy", (name, "ml"), {}),
+                     ("delete_namespaced_service", (name, "ml"), {})]
 
 
 @pytest.mark.parametrize("size, expected", [("8GB", "8G"), ("512MB", "512M"), ("2GiB", "2Gi"), ("100kB", "100k"),
@@ -107,7 +180,8 @@ def test_session_dry_run_prints_manifests_for_kubectl(tmp_path):
                  f"--workspace={tmp_path}", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     docs = list(yaml.safe_load_all(result.stdout))
-    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", "Job", "Service", "Job"]
+    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", "NetworkPolicy", "Job", "Service", "NetworkPolicy",
+                                         "Job"]
     assert "&id" not in result.stdout  # plain YAML, no anchors
     assert os.listdir(tmp_path) == []  # nothing made here
     bad = nox("-s", "run-k8s", "--", "evaluate", "--processes=2", f"--workspace={tmp_path}", "--dry-run")
@@ -115,10 +189,20 @@ def test_session_dry_run_prints_manifests_for_kubectl(tmp_path):
 
 
 def pod_command(job: dict, index: int, workspace: Path, port: int) -> tuple[list[str], dict]:
-    """What pod `index` of the Indexed Job runs, on this machine: its mounts as folders of `workspace`
-    (the claim), pod 0's DNS name as 127.0.0.1, the completion index that Kubernetes annotates."""
-    container = job["spec"]["template"]["spec"]["containers"][0]
-    mounts = {m["mountPath"]: str(workspace / m.get("subPath", "")) for m in container["volumeMounts"]}
+    """What pod `index` of the Indexed Job runs, on this machine: its mounts of the claim as folders of
+    `workspace`, its emptyDir volumes as folders of its own (pod<index>/<volume> beside `workspace`),
+    anyone's to write as Kubernetes makes them, pod 0's DNS name as 127.0.0.1, the completion index
+    that Kubernetes annotates."""
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    claim = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    own = workspace.parent / f"pod{index}"
+    mounts = {m["mountPath"]: str(workspace / m.get("subPath", "") if m["name"] in claim else own / m["name"])
+              for m in container["volumeMounts"]}
+    for folder in mounts.values():
+        os.makedirs(folder, exist_ok=True)
+        if folder.startswith(str(own)):
+            os.chmod(folder, 0o777)
 
     def local(value: str) -> str:
         name, eq, path = value.rpartition("=") if value.startswith("--") else ("", "", value)
@@ -144,9 +228,7 @@ def test_indexed_job_pods_train_together(tmp_path):
     """Two pods' commands and environments, as two local processes: they join through JAX's
     coordinator, train one model, and only index 0 writes it."""
     workspace = digits_workspace(tmp_path / "claim", 1024, 128)
-    for folder in ("logs", "model", ".cache/jax"):
-        (workspace / folder).mkdir(parents=True)
-    service, job = manifests("train", "--processes=2")
+    service, _, job = manifests("train", "--processes=2")
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
@@ -161,5 +243,8 @@ def test_indexed_job_pods_train_together(tmp_path):
         assert processes[index].returncode == 0, err[-2000:]
         assert f"[process {index}/2] training on 2 cpu device(s)" in out
     assert "written" in outputs[0][0] and "written" not in outputs[1][0]
-    assert sorted(os.listdir(workspace / "model")) == ["model.json", "params.msgpack"]
-    assert any((workspace / ".cache" / "jax").iterdir())  # the claim holds the compiled programs
+    model = sorted(name for name in os.listdir(workspace / "model") if name != ".mnist.lock")  # the folder's lock
+    assert model == ["model.json", "params.msgpack"]
+    for index in range(2):  # each pod kept its compiled programs in its own cache, none on the claim
+        assert any((tmp_path / f"pod{index}" / "cache" / "jax").iterdir())
+    assert sorted(os.listdir(workspace)) == ["data", "logs", "model", "train.yaml"]

@@ -20,6 +20,48 @@ print(json.dumps({"name": pipeline.name, "tasks": sorted(spec.root.dag.tasks),
 """
 
 
+# kfp_run_locally up to kfp.local's run, in run-kubeflow's virtualenv, on a system without os.geteuid
+# (Windows's case): what the DockerRunner and local.init are given, as JSON.
+SETTINGS = """
+import json, os, sys
+del os.geteuid
+sys.path.insert(0, sys.argv[1])
+import noxfile
+from kfp import local
+given = {}
+def init(runner, **settings):
+    mounts = [{"source": m["Source"], "target": m["Target"], "read_only": m["ReadOnly"]}
+              for m in runner.container_run_args["mounts"]]
+    given.update(user=runner.container_run_args["user"], mounts=mounts, root=settings["pipeline_root"])
+    raise SystemExit(print(json.dumps(given)))
+local.init = init
+noxfile.kfp_run_locally(noxfile.parse_args(sys.argv[2:], "run-kubeflow"))
+"""
+
+
+def test_containers_write_only_a_pipeline_root_of_their_own(tmp_path):
+    """kfp.local mounts the pipeline root read-write: it is workspace/kubeflow, not the workspace; the
+    folders of what the pipeline imports (train.yaml's, the workspace, and data_dir) are mounted
+    read-only at their own paths. Where the system has no uid (Windows), Docker picks the user."""
+    ws = tmp_path / "ws"
+    (ws / "data").mkdir(parents=True)
+    (ws / "train.yaml").write_text("{}")
+    compiled = nox("-s", "run-kubeflow", "--", "train", f"--workspace={ws}")  # makes the session's virtualenv
+    assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
+    given = subprocess.run([str(ROOT / ".nox" / "run-kubeflow" / "bin" / "python"), "-c", SETTINGS, str(ROOT), "train",
+                            f"--workspace={ws}", "--local"], capture_output=True, text=True)
+    assert given.returncode == 0, given.stderr[-3000:]
+    assert json.loads(given.stdout) == {"user": None, "root": str(ws / "kubeflow"), "mounts": [
+        {"source": str(path), "target": str(path), "read_only": True} for path in (ws, ws / "data")]}
+
+
+def test_a_missing_import_is_one_line(tmp_path):
+    """Docker mounts no folder that is missing: the runner says so first, in one line."""
+    result = nox("-s", "run-kubeflow", "--", "evaluate", f"--workspace={tmp_path}", "--local")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"run-kubeflow: error: the pipeline imports {tmp_path / 'data'}, which does not exist" in result.stdout
+
+
 def real_workspace(tmp_path, real_data, digest=None):
     """The real mnist.npz beside data.yaml (the offline route), and one short epoch."""
     return source_workspace(tmp_path / "ws", (real_data / "mnist.npz").read_bytes(), digest=digest, batch_size=512)
@@ -42,10 +84,12 @@ def test_compiled_pipeline_loads_back_with_the_sdk(tmp_path):
 @needs_docker
 def test_local_run_on_docker_end_to_end(tmp_path, real_data, image):
     ws = real_workspace(tmp_path, real_data)
+    before = os.listdir(ws)
     result = nox("-s", "run-kubeflow", "--", "download", "train", "evaluate", f"--workspace={ws}", "--local")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    [run] = [p for p in ws.iterdir() if p.name.startswith("mnist-20")]  # the pipeline root is the workspace
+    [run] = [p for p in (ws / "kubeflow").iterdir() if p.name.startswith("mnist-20")]  # in the pipeline root
     assert f"the tasks' outputs are in {run}" in result.stdout
+    assert sorted(os.listdir(ws)) == sorted([*before, "kubeflow", "mnist-pipeline.yaml"])  # nothing else written
     summary = json.loads((run / "train" / "model_dir" / "model.json").read_text())
     metrics = json.loads((run / "evaluate" / "log_dir" / "evaluate_metrics.json").read_text())
     assert summary["test_accuracy"] > 0.9 and metrics["test_accuracy"] == summary["test_accuracy"]
@@ -60,5 +104,5 @@ def test_a_failed_step_fails_the_run(tmp_path, real_data, image):
     result = nox("-s", "run-kubeflow", "--", "download", "train", f"--workspace={ws}", "--local")
     assert result.returncode == 1
     assert "SHA-256 mismatch" in result.stdout and "run-kubeflow: task download failed" in result.stdout + result.stderr
-    [run] = [p for p in ws.iterdir() if p.name.startswith("mnist-20")]
+    [run] = [p for p in (ws / "kubeflow").iterdir() if p.name.startswith("mnist-20")]
     assert not (run / "train").exists()

@@ -1,5 +1,7 @@
 """The nox runners: the MLCube contract without a daemon, then run-local and run-docker for real."""
+import dataclasses
 import json
+import ntpath
 import os
 import shutil
 import signal
@@ -7,6 +9,7 @@ import subprocess
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -91,7 +94,7 @@ def test_docker_command_line(tmp_path, monkeypatch):
         "--gpus=all", f"--env=MNIST_IMAGE={IMAGE}", "--env=MNIST_COMPILATION_CACHE=/cache", "--env=X=1",
         f"--volume={tmp_path / 'data'}:/mlcube_io0:ro", f"--volume={tmp_path}:/mlcube_io1:ro",
         f"--volume={tmp_path / 'logs'}:/mlcube_io2:rw", f"--volume={tmp_path / 'model'}:/mlcube_io3:rw",
-        f"--volume={tmp_path / 'cache'}:/cache:rw",
+        f"--volume={tmp_path / 'cache-containers'}:/cache:rw",
         IMAGE, "train", "--data_dir=/mlcube_io0", "--train_config=/mlcube_io1/train.yaml",
         "--log_dir=/mlcube_io2", "--model_dir=/mlcube_io3"]
     monkeypatch.setenv("MNIST_COMPILATION_CACHE", "off")
@@ -168,6 +171,89 @@ def test_gpus_from_option_or_accelerator_count(monkeypatch):
     assert noxfile.device_requests("2")[0]["Count"] == 2
     assert noxfile.device_requests("device=0,3")[0]["DeviceIDs"] == ["0", "3"]
     assert noxfile.device_requests(None) == []
+
+
+# Each container runner's line for a task: Docker's, Singularity's, Slurm's container route, Kubernetes'.
+CONTAINER_RUNNERS = {
+    "run-docker": lambda run, opts: noxfile.docker_command(run, opts),
+    "run-singularity": lambda run, opts: noxfile.singularity_command(run, opts),
+    "run-slurm --container": lambda run, opts: noxfile.slurm_script(
+        run, dataclasses.replace(opts, container="apptainer"), Path(sys.executable)),
+    "run-k8s": lambda run, opts: noxfile.k8s_manifests(run, opts, "mnist-job"),
+}
+
+
+@pytest.mark.parametrize("runner", CONTAINER_RUNNERS)
+@pytest.mark.parametrize("args, fault", [
+    (["infer", "--predictions=/predictions.json"], "'/' into a container: it is the root folder"),
+    (["train", "--log_dir=~"], "it is your home folder"),
+    (["train", "--model_dir=/etc"], "'/etc' into a container: it is a system folder"),
+    (["train", "--data_dir=/usr"], "'/usr' into a container: it is a system folder"),  # read-only too
+    (["train", "--model_dir=/etc/cron.d"], "it is in the system folder /etc, where a task may not write"),
+    (["train", "--model_dir=link/cron.d"], "it is in the system folder /etc, where a task may not write"),
+    (["train", "--data_dir=/x,/etc"], "'/x,/etc' into a container: it holds a control character, ':' or ','"),
+    (["train", "--data_dir=/x:/etc"], "'/x:/etc' into a container: it holds a control character, ':' or ','"),
+    (["train", "--data_dir=/x\n/etc"], "'/x\\n/etc' into a container: it holds a control character"),
+])
+def test_a_mount_wider_than_the_task_needs_is_refused(runner, args, fault, tmp_path, monkeypatch):
+    """What an attacker would hand a runner, a path or a folder linked elsewhere: every container
+    runner refuses it in one line, before anything runs or is written."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "link").symlink_to("/etc")
+    opts = noxfile.parse_args([*args, f"--workspace={tmp_path}"])
+    with pytest.raises(noxfile.UsageError) as refused:
+        CONTAINER_RUNNERS[runner](noxfile.resolve(args[0], opts), opts)
+    assert fault in str(refused.value) and "\n" not in str(refused.value)
+    assert "give the task's paths a folder of their own" in str(refused.value)
+
+
+def test_what_a_task_may_have_is_mounted():
+    """Reading from a system folder's own folders, or writing where users keep their files, stays open."""
+    opts = noxfile.parse_args(["train", "--train_config=/usr/share/mnist/train.yaml", "--model_dir=/srv/mnist/m",
+                               "--log_dir=/var/tmp/logs"])
+    mounts = noxfile.container_mounts(noxfile.resolve("train", opts))
+    assert mounts["/usr/share/mnist"].read_only and not mounts["/srv/mnist/m"].read_only
+
+
+def test_a_drive_letters_colon_is_no_separator(monkeypatch):
+    """Windows paths, by Windows's rules: C: is the drive; a colon after it still separates."""
+    monkeypatch.setattr(os.path, "splitdrive", ntpath.splitdrive)
+    mount = noxfile.Mount("/mlcube_io0", False)
+    assert noxfile.mount_fault(r"C:\Users\me\ws\model", mount) is None
+    assert "':' or ','" in noxfile.mount_fault(r"C:\Users\me\ws:C:\Windows", mount)
+
+
+def test_a_refused_mount_ends_the_dry_run_in_one_line(tmp_path):
+    result = nox("-s", "run-docker", "--", "infer", "--predictions=/predictions.json", f"--workspace={tmp_path}",
+                 "--dry-run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "docker run" not in result.stdout
+    assert "run-docker aborted: will not mount '/' into a container: it is the root folder" in result.stderr
+
+
+def test_containers_get_a_cache_of_their_own(tmp_path, monkeypatch):
+    """Never the folder local runs load compiled programs from, which a container could fill with code
+    of its choosing: a folder beside it, which the runner makes its user's alone."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("MNIST_COMPILATION_CACHE", raising=False)
+    local, own = tmp_path / "home/.cache/mnist-mlcube/jax", tmp_path / "home/.cache/mnist-mlcube/jax-containers"
+    assert noxfile.host_cache() == str(local) and noxfile.container_cache() == str(own)
+    opts = noxfile.parse_args(["train", f"--workspace={tmp_path / 'ws'}"])
+    mounts = noxfile.container_mounts(noxfile.resolve("train", opts))
+    assert mounts[str(own)] == ("/cache", False) and str(local) not in mounts
+    noxfile.make_folders(mounts)
+    assert own.stat().st_mode & 0o777 == 0o700 and not local.exists()
+    dry = nox("-s", "run-docker", "--", "train", f"--workspace={tmp_path / 'ws'}", "--dry-run",
+              env={"HOME": str(tmp_path / "home"), "MNIST_COMPILATION_CACHE": str(tmp_path / "c")})
+    assert f"--volume={tmp_path / 'c-containers'}:/cache:rw" in dry.stdout and f"{tmp_path / 'c'}:" not in dry.stdout
+    monkeypatch.setenv("MNIST_COMPILATION_CACHE", "off")
+    assert noxfile.container_cache() is None
+
+
+def test_a_caller_without_a_uid_leaves_the_user_to_docker(monkeypatch):
+    """Windows has no os.geteuid: Docker Desktop chooses the user."""
+    monkeypatch.delattr(os, "geteuid")
+    assert noxfile.caller() is None
 
 
 # ------------------------------------------------------------------------- runners, for real

@@ -60,7 +60,7 @@ def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
     built = json.loads((ws / ".image" / f"{IMAGE}.sources.json").read_text())
     assert sorted(built["files"]) == ["Singularity.recipe", "mnist.py", "requirements.txt"]
     provenance = ["--env", f"MNIST_IMAGE={image} (sources {sha256(json.dumps(built, sort_keys=True).encode())[:16]})"]
-    cache = tmp_path / "cache"
+    cache = tmp_path / "cache-containers"  # the containers' own, beside the one local runs use
     assert recorded() == [
         ["singularity", "build", "--force", "--fakeroot", image, str(ROOT / "Singularity.recipe")],
         ["singularity", "run", "--bind", f"{ws}:/mlcube_io0:ro", "--bind", f"{ws}/data:/mlcube_io1:rw",
@@ -75,10 +75,11 @@ def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
          "--model_dir=/mlcube_io3"]]
     assert json.loads((ws / "model" / "model.json").read_text())["image"] == provenance[1].removeprefix("MNIST_IMAGE=")
     assert any(cache.iterdir())  # train kept its compiled programs in the bound cache folder
+    assert cache.stat().st_mode & 0o777 == 0o700 and not (tmp_path / "cache").exists()
     assert json.loads((ws / "model" / "model.json").read_text())["epochs_run"] == 1
     assert "epoch 1/1" in result.stdout  # the task's output streamed through spython
     dry = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", "--env=SEEN=1", "--dry-run",
-              env={"MNIST_COMPILATION_CACHE": str(cache)})
+              env={"MNIST_COMPILATION_CACHE": str(tmp_path / "cache")})
     assert [shlex.split(line) for line in dry.stdout.splitlines()] == recorded()[1:]
 
 def test_standin_gpus_add_nv(tmp_path, server, standin):

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from conftest import (
     source_workspace,
     start_as_in_a_terminal,
 )
+
+import noxfile
 
 SETTINGS = """ClusterName=cube
 SlurmctldHost={host}
@@ -157,10 +160,89 @@ def test_dry_run_prints_the_script_that_sbatch_accepts(tmp_path, slurm):
     ("--gpus=all", "run-slurm takes --gpus=N, a number of GPUs, not 'all'"),
     ("--container=docker", "--container expects apptainer or singularity, got 'docker'"),
     ("--pvc=x", "--pvc is an option of run-k8s, not of run-slurm"),
+    ("--partition=gpu\ntouch /tmp/x", "--partition expects partition names such as gpu or gpu,cpu, got 'gpu\\ntouch"),
+    ("--account=acct --output=/root/.bashrc", "--account expects an account name such as proj-42, got 'acct --output"),
+    ("--time=10:00 --output=/root/.bashrc", "--time expects a time such as 30, 30:00, 4:00:00 or 1-12:00, got"),
+    ("--env=A;id>/tmp/y;B=1", "--env expects NAME=VALUE, NAME of letters, digits and _ (not first a digit), got"),
+    ("--sbatch=--output=/root/.bashrc", "--sbatch '--output=/root/.bashrc' would set --output, which run-slurm sets"),
+    ("--sbatch=--part=debug", "--sbatch '--part=debug' would set --partition, which run-slurm sets itself: use its"),
+    ("--sbatch=--mem=8G --output=/root/.bashrc", "--sbatch expects one option such as --mem=8G"),
+    ("--sbatch=-o/root/.bashrc", "--sbatch expects one option such as --mem=8G"),
+    ("--data_dir=/data/%u", "run-slurm takes no path with a control character or '%' (a Slurm file name pattern)"),
 ])
 def test_usage_errors_are_one_line(tmp_path, option, message):
     result = nox("-s", "run-slurm", "--", "train", f"--workspace={tmp_path}", option, "--dry-run")
-    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    aborted = [line for line in result.stderr.splitlines() if "run-slurm aborted: " in line]
+    assert result.returncode == 1 and len(aborted) == 1 and message in aborted[0], result.stderr
+    assert "Traceback" not in result.stderr and "#!/bin/bash" not in result.stdout
+
+
+STUBS = """#!/bin/sh
+# STAND-IN for srun: the script's command is not run, only the script around it
+exit 0
+"""
+
+
+@pytest.mark.parametrize("attack", [
+    ["--partition=gpu\ntouch {marker}"],
+    ["--env=A;touch {marker};B=1"],
+    ["--account=acct\ntouch {marker}"],
+    ["--time=10\ntouch {marker}"],
+    ["--sbatch=--comment=x\ntouch {marker}"],
+    ["--workspace={tmp}/ws\ntouch {marker}\n"],
+])
+def test_an_attackers_value_never_runs_as_a_command(tmp_path, attack):
+    """The reviewer's attack: the batch script run-slurm makes of these values, run by bash with a
+    STAND-IN srun on PATH; the runner refuses each one first, so the marker never appears."""
+    marker, stub = tmp_path / "marker", tmp_path / "bin" / "srun"
+    stub.parent.mkdir()
+    stub.write_text(STUBS)
+    stub.chmod(0o755)
+    args = [arg.format(marker=marker, tmp=tmp_path) for arg in attack]
+    try:
+        opts = noxfile.parse_args(["train", f"--workspace={tmp_path / 'ws'}", *args], "run-slurm")
+        script = noxfile.slurm_script(noxfile.resolve("train", opts), opts, Path(sys.executable))
+    except noxfile.UsageError as refused:
+        assert "\n" not in str(refused)
+        script = None
+    if script is not None:  # what the attack did before the runner refused it
+        (tmp_path / "train.sbatch").write_text(script)
+        subprocess.run(["bash", tmp_path / "train.sbatch"], env={**os.environ, "PATH": f"{stub.parent}:/usr/bin:/bin"},
+                       capture_output=True)
+    assert not marker.exists()
+    assert script is None
+
+
+def test_values_that_fit_their_fields_pass(tmp_path):
+    opts = noxfile.parse_args(["train", f"--workspace={tmp_path}", "--partition=gpu,debug", "--account=proj-4.2",
+                               "--time=1-12:00:00", "--nodes=1-2", "--sbatch=--mem=8G", "--sbatch=--exclusive",
+                               "--env=XLA_FLAGS=--xla_dump_to=/tmp a b", "--env=_X=it's"], "run-slurm")
+    script = noxfile.slurm_script(noxfile.resolve("train", opts), opts, Path(sys.executable))
+    for line in ("#SBATCH --partition=gpu,debug", "#SBATCH --account=proj-4.2", "#SBATCH --time=1-12:00:00",
+                 "#SBATCH --mem=8G", "#SBATCH --exclusive", "export XLA_FLAGS='--xla_dump_to=/tmp a b'",
+                 "export _X='it'\"'\"'s'"):
+        assert line in script.splitlines()
+
+
+def test_the_script_replaces_a_symlink_at_its_path_never_writes_through_it(tmp_path, monkeypatch):
+    """A symbolic link planted at workspace/slurm/train.sbatch, pointing at a file elsewhere: the
+    runner puts its script in the link's place; the file it pointed at is as it was. A STAND-IN sbatch
+    refuses the job: the script is what is checked here."""
+    ws, elsewhere = tmp_path / "ws", tmp_path / "elsewhere"
+    (ws / "slurm").mkdir(parents=True)
+    elsewhere.write_text("the user's own file\n")
+    (ws / "slurm" / "train.sbatch").symlink_to(elsewhere)
+    stub = tmp_path / "bin" / "sbatch"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 1\n")
+    stub.chmod(0o755)
+    opts = noxfile.parse_args(["train", f"--workspace={ws}"], "run-slurm")
+    monkeypatch.setenv("PATH", f"{stub.parent}:{os.environ['PATH']}")
+    assert noxfile.slurm_execute(noxfile.resolve("train", opts), opts, Path(sys.executable)) == 1
+    script = ws / "slurm" / "train.sbatch"
+    assert not script.is_symlink() and script.read_text().startswith("#!/bin/bash\n")
+    assert elsewhere.read_text() == "the user's own file\n"
+    assert sorted(os.listdir(ws / "slurm")) == ["train.sbatch"]  # no temporary file left
 
 
 def test_standin_container_route_runs_the_image_with_run_singularitys_confinement(tmp_path, slurm):
