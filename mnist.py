@@ -14,11 +14,12 @@ Reading order, top to bottom:
   training           the loss, the optimizer, the step (train_steps), the augmentation, an epoch's plan
   compiled programs  the three programs a run compiles before its first step, the options every
                      program is compiled with (evaluate's and infer's too), and the data's sharding
-  the tasks          train, evaluate, infer, download, and TASKS, which names them for the command line
-  pictures           the curves, the confusion matrix, the mistakes
-  the safety net     what keeps careless hands from losing work, in five parts: messages and configs,
-                     downloading, atomic files and locks, bounded readers, checkpoints and signals
-  process setup      the cluster a run may join, logs, the compilation cache, main
+  the tasks          train, evaluate, infer and download, each with what only it uses, in the order
+                     it calls them; then TASKS, which names them for the command line
+  the machinery      what knows nothing of MNIST or of learning, each part named for what it guards
+                     against: messages and configs, bounded readers, atomic files and locks,
+                     downloading, signals
+  the process        the cluster a run may join, logs, the compilation cache, main
 
 To make it your own: another network is the model section; another task is a function in the tasks
 section, a line in TASKS and its parameters in COMMANDS (the README's "Making it your own" lists every
@@ -164,9 +165,9 @@ def architecture(classes: int) -> str:
 
 class Conv(nn.Module):
     """nn.Conv(features, (size, size), strides=2) with its SAME padding and parameters, computed as
-    one matrix product over the image's patches: XLA's CPU backend runs this and its gradient a
-    quarter faster than nn.Conv's convolution (the README's "How it trains" has the figures), and it
-    needs no convolution kernels on any backend."""
+    one matrix product over the image's patches: XLA's CPU backend runs this and its gradient faster
+    than nn.Conv's convolution (the README's "How it trains" has the figures), and it needs no
+    convolution kernels on any backend."""
     features: int
     size: int
 
@@ -230,12 +231,14 @@ OPTIMIZERS = {
     "lamb": (optax.lamb, 5e-3),
     "lion": (optax.lion, 1e-3),
 }
+
+
 AVERAGE_DECAY = 0.99  # of the parameter average that is evaluated and saved; see TrainState
 
 
 class TrainState(train_state.TrainState):
     """Flax's train state plus a moving average of the parameters, which the run evaluates and
-    saves: averaging out the last hundred or so steps' noise reaches 99 % an epoch sooner."""
+    saves: it averages out the noise of the last steps, so a run reaches a given accuracy sooner."""
     average: Any
 
     def apply_gradients(self, *, grads, **kwargs) -> "TrainState":
@@ -245,9 +248,8 @@ class TrainState(train_state.TrainState):
 
 def state_initializer(config: TrainConfig, total_steps: int, spec: Spec) -> Callable[[int], TrainState]:
     """The function of the seed that makes a run's first state: parameters from an RBG key, the
-    optimizer with its schedule. RBG rather than the default Threefry: optimised, XLA compiles its
-    generator in a quarter of the time; unoptimised, as compile_program makes the initial state, the
-    two are alike, and RBG's parameters are the ones every figure in the README was measured with."""
+    optimizer with its schedule. RBG rather than the default Threefry: XLA compiles its generator
+    faster, and RBG's parameters are the ones the README's figures and the pinned digest come from."""
     make, _ = OPTIMIZERS[config.optimizer]
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, total_steps // 20, total_steps)
@@ -267,7 +269,7 @@ def init_params(key: jax.Array, spec: Spec):
 def train_steps(state, loss_sum, images, labels, batches, offsets, first, count: int, split=None):
     """`count` optimizer steps on batches[first:first + count] (image indices), each image shifted by
     its offsets, as one loop that XLA compiles once (on the CPU as fast as unrolled steps, because Conv
-    is a matrix product: a loop of nn.Conv steps runs many times slower). With `split`, each device
+    is a matrix product; a loop of nn.Conv steps is not). With `split`, each device
     gathers and learns from its own slice of every batch (data parallelism); XLA sums the gradients
     across devices, and the replicated state stays in step."""
     grad_fn = jax.value_and_grad(lambda params, images, labels: cross_entropy(predict(params, images), labels))
@@ -286,7 +288,7 @@ def train_steps(state, loss_sum, images, labels, batches, offsets, first, count:
 
 def shift(images: jax.Array, offsets: jax.Array) -> jax.Array:
     """Move each image by offsets - 1 pixels (offsets in 0..2, rows and columns): a cheap
-    augmentation that lifts test accuracy and even reaches 99 % an epoch sooner."""
+    augmentation that lifts test accuracy."""
     channels = [(0, 0)] * (images.ndim - 3)  # a colour image's channels move together
     padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), *channels))
 
@@ -320,18 +322,6 @@ def default_learning_rate(optimizer: str, batch_size: int) -> float:
     """The optimizer's peak rate, scaled by the square root of batch_size / 128: smaller batches
     give noisier gradients, which want smaller steps."""
     return OPTIMIZERS[optimizer][1] * (batch_size / 128) ** 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """train.yaml, checked and with every optional key resolved; model.json and the checkpoint record
-    it as JSON (dataclasses.asdict). Keys without a default are required."""
-    optimizer: str  # a key of OPTIMIZERS
-    train_epochs: int
-    batch_size: int
-    learning_rate: float | None = None  # left out: the optimizer's peak rate for the batch size
-    seed: int = 0
-    target_accuracy: float | None = None  # stop after the first epoch that reaches it
 
 
 # ------------------------------------------------------------------- compiled programs and sharding
@@ -383,12 +373,12 @@ def compile_programs(config: TrainConfig, data: dict, mesh: Mesh, spec: Spec) ->
 
 
 def compile_program(program: jax.stages.Lowered, name: str) -> jax.stages.Compiled:
-    """XLA with the options that suit the program. On the CPU, XLA's older loop emitters compile in
-    half the time, for epochs a few per cent slower, and LLVM's lighter optimisation (level 1 of 3)
-    saves another quarter, for epochs as fast: their matrix products come from libraries that LLVM
-    does not compile. On a GPU, XLA times several kernels for each matrix product and keeps the
-    fastest: worth it for the training steps, which run thousands of times, and only compile time
-    for the rest. The initial state, made once, is not worth optimising on any backend."""
+    """XLA with the options that suit the program. On the CPU, XLA's older loop emitters and LLVM's
+    lighter optimisation (level 1 of 3) compile much faster for epochs about as fast: their matrix
+    products come from libraries that LLVM does not compile. On a GPU, XLA times several kernels for
+    each matrix product and keeps the fastest: worth it for the training steps, which run thousands
+    of times, and only compile time for the rest. The initial state, made once, is not worth
+    optimising on any backend."""
     options = {}
     if jax.default_backend() == "cpu":
         options = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
@@ -410,18 +400,13 @@ def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-# ---------------------------------------------------------------------------------------- the tasks
-# Calls queued on the devices at most: enough to keep them busy, and a stop waits for no more. An
-# unbounded queue of programs with collectives deadlocked XLA's CPU backend (2 devices on 2 cores).
+# ------------------------------- train: its config, its data, its epochs, its checkpoint, its model
+# Calls queued on the devices at most: enough to keep them busy, and a stop waits for no more (an
+# unbounded queue of programs with collectives can deadlock XLA's CPU backend).
 MAX_IN_FLIGHT = 2
-MISTAKES_SHOWN = 36  # the most confident mistakes that evaluate lists and draws
-INFER_BATCH = 10 * SCORE_BATCH  # images that infer reads, scores and writes at a time: its memory stays flat
-MODEL_FILES = ("model.json", "params.msgpack")  # what train writes in model_dir, and evaluate and infer read
-PREDICTIONS_START = b'{"images": '  # how infer's output begins: the only existing file it replaces
 
 
 def train(args: argparse.Namespace, log: logging.Logger) -> None:
-    """Train the CNN on data_dir/mnist.npz; write model_dir/params.msgpack and model.json."""
     config = read_train_config(args.train_config)
     arrays, data_sha256, names = load_data_dir(args.data_dir)
     devices, process_0 = jax.devices(), jax.process_index() == 0  # one process writes for all
@@ -433,12 +418,72 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
         os.makedirs(args.model_dir, exist_ok=True)  # open_log made log_dir
     with folder_lock(args.model_dir) if process_0 else contextlib.nullcontext():
         spec = spec_of(arrays)
-        run_id = {"architecture": architecture(spec.classes), "input_shape": list(spec.image_shape),
-                  "classes": spec.classes, "class_names": names, "config": dataclasses.asdict(config),
-                  "data_sha256": data_sha256}
-        state, history, compile_seconds = run_epochs(args, config, run_id, arrays, process_0, log)
+        identity = {"architecture": architecture(spec.classes), "input_shape": list(spec.image_shape),
+                    "classes": spec.classes, "class_names": names, "config": dataclasses.asdict(config),
+                    "data_sha256": data_sha256}
+        run = TrainRun(config, spec, identity, args.model_dir, args.log_dir, process_0)
+        state, history, compile_seconds = run_epochs(run, arrays, log)
         if process_0:
-            write_model(args, config, run_id, len(arrays["x_train"]), state, history, compile_seconds, log)
+            write_model(run, len(arrays["x_train"]), state, history, compile_seconds, log)
+
+
+class TrainRun(NamedTuple):
+    """One training run: its settings, the data's shape, what makes it this run (a checkpoint of
+    another is refused; model.json records it), where it writes, and whether this process writes
+    (in a run of several processes, process 0 alone does)."""
+    config: TrainConfig
+    spec: Spec
+    identity: dict
+    model_dir: str
+    log_dir: str
+    writes: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """train.yaml, checked and with every optional key resolved; model.json and the checkpoint record
+    it as JSON (dataclasses.asdict). Keys without a default are required."""
+    optimizer: str  # a key of OPTIMIZERS
+    train_epochs: int
+    batch_size: int
+    learning_rate: float | None = None  # left out: the optimizer's peak rate for the batch size
+    seed: int = 0
+    target_accuracy: float | None = None  # stop after the first epoch that reaches it
+
+
+# What a train.yaml value of each TrainConfig type may be (YAML writes 1 for 1.0), and its name in messages.
+TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number")}
+
+
+MAX_SEED = 2**31 - 2  # the programs take the seed, and seed + 1 for the data, as int32
+
+
+MAX_STEPS = 2**31 - 1  # of a run: the optimizer's step counter is an int32
+
+
+def read_train_config(path: str) -> TrainConfig:
+    """The training settings, or a CubeError naming the key and what it must be."""
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    required = [name for name, field in fields.items() if field.default is dataclasses.MISSING]
+    config = check_keys(read_yaml(path), required, [name for name in fields if name not in required], path)
+    for key, value in config.items():
+        accepted, kind = TYPES[fields[key].type.removesuffix(" | None")]
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise CubeError(f"{path}: {key} must be {kind}, got {shorten(value)}")
+    if config["optimizer"] not in OPTIMIZERS:
+        raise CubeError(f"{path}: unknown optimizer {shorten(config['optimizer'])} (known: {', '.join(OPTIMIZERS)})")
+    for key in ("learning_rate", "target_accuracy"):
+        if key in config and not math.isfinite(config[key]):
+            raise CubeError(f"{path}: {key} must be a finite number, got {config[key]!r}")
+    for key in ("train_epochs", "batch_size", "learning_rate"):
+        if key in config and config[key] <= 0:
+            raise CubeError(f"{path}: {key} must be positive, got {shorten(config[key])}")
+    if not 0 <= config.get("seed", 0) <= MAX_SEED:
+        raise CubeError(f"{path}: seed must lie in 0..{MAX_SEED}, got {shorten(config['seed'])}")
+    if not 0 < config.get("target_accuracy", 1) <= 1:
+        raise CubeError(f"{path}: target_accuracy must lie in (0, 1], got {shorten(config['target_accuracy'])}")
+    return TrainConfig(**{"learning_rate": default_learning_rate(config["optimizer"], config["batch_size"]),
+                          **config})
 
 
 def check_fits(config: TrainConfig, n: int, devices: int, path: str) -> None:
@@ -454,10 +499,81 @@ def check_fits(config: TrainConfig, n: int, devices: int, path: str) -> None:
                         f"which the step counter cannot count; use at most {MAX_STEPS // (n // batch_size)}")
 
 
-def run_epochs(args: argparse.Namespace, config: TrainConfig, run_id: dict, arrays: dict, process_0: bool,
-               log: logging.Logger) -> tuple[TrainState, list[EpochMetrics], float]:
+def load_data_dir(data_dir: str) -> tuple[dict[str, np.ndarray], str, list[str] | None]:
+    """data_dir/mnist.npz, bounded by MAX_DATA_BYTES, or by its size as download recorded it: a data
+    set that data.yaml declares (its size:) may be larger; and its classes' names, if data.yaml gave
+    them (one a class)."""
+    record_path = os.path.join(data_dir, RECORD_NAME)
+    record = read_record(record_path)
+    recorded = record.get("bytes")
+    limit = max(MAX_DATA_BYTES, recorded if isinstance(recorded, int) and recorded <= MAX_DECLARED_BYTES else 0)
+    path = os.path.join(data_dir, NPZ_NAME)
+    if not os.path.lexists(path):
+        raise CubeError(f"{path}: no such file; run the download task first")
+    arrays, digest = load_mnist(path, limit=limit)
+    names, classes = record.get("class_names"), spec_of(arrays).classes
+    if names is not None and (not isinstance(names, list) or len(names) != classes):
+        raise CubeError(f"{record_path}: class_names lists {shorten(names)}, but the data has {classes} classes; "
+                        "give data.yaml's classes: one name a class, and download again")
+    return arrays, digest, names
+
+
+def read_record(path: str) -> dict:
+    """download.json as an earlier run wrote it; {} when there is none or it is unreadable."""
+    try:
+        with open_regular(path) as f:
+            record = json.loads(f.read(MAX_CONFIG_BYTES))
+    except (OSError, ValueError, CubeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def load_mnist(path: str, where: str | None = None, limit: int | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """The four arrays of an image data set from an npz of at most `limit` bytes (MAX_DATA_BYTES by
+    default), checked (check_data), and the file's SHA-256. Messages name `where` (default: the path)."""
+    where = where or path
+    arrays, digest = read_npz(path, ARRAYS, limit or MAX_DATA_BYTES, where)
+    return check_data(arrays, where), digest
+
+
+def check_data(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """Arrays of an image classification data set: uint8 images N×H×W (grey) or N×H×W×C (colour, C = 3
+    or more; C = 1 is grey too), one shape for train and test; integer labels 0..K-1, K ≥ 2, each class
+    among the training labels (a gap means a mislabelled set)."""
+    shape = arrays["x_train"].shape[1:]
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or not len(x) or x.shape[3:] == (2,):
+            raise CubeError(f"{where}: x_{split} must be uint8 images N×H×W, or N×H×W×C with C = 1 or 3 or more, "
+                            f"found {x.dtype} {'×'.join(map(str, x.shape))}")
+        if x.shape[1:] != shape:
+            raise CubeError(f"{where}: x_test's images are {'×'.join(map(str, x.shape[1:]))}, x_train's "
+                            f"{'×'.join(map(str, shape))}; train and test must have one shape")
+        if y.dtype.kind not in "iu" or y.shape != (len(x),):
+            raise CubeError(f"{where}: y_{split} must be {len(x)} integer labels (one per image), "
+                            f"found {y.dtype} {'×'.join(map(str, y.shape))}")
+        if y.min() < 0:
+            raise CubeError(f"{where}: y_{split} labels must be 0 or more, found {y.min()}")
+    check_classes(arrays["y_train"], arrays["y_test"], where)
+    return arrays
+
+
+def check_classes(y_train: np.ndarray, y_test: np.ndarray, where: str) -> None:
+    classes = int(y_train.max()) + 1
+    if classes < 2:
+        raise CubeError(f"{where}: y_train holds one class only; a classifier needs two at least")
+    absent = sorted(set(range(classes)) - set(np.unique(y_train).tolist()))
+    if absent:
+        raise CubeError(f"{where}: y_train labels must be 0..{classes - 1}, each present, but "
+                        f"{', '.join(map(str, absent[:5]))}{', ...' if len(absent) > 5 else ''} never appear")
+    if y_test.max() >= classes:
+        raise CubeError(f"{where}: y_test has label {y_test.max()}, which no training image has (0..{classes - 1})")
+
+
+def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainState, list[EpochMetrics], float]:
     """Compile, resume from a checkpoint if there is one, then train epoch by epoch until the last or
     the target accuracy; the final state, the history (one EpochMetrics per epoch) and the compile seconds."""
+    config = run.config
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     replicated = NamedSharding(mesh, PartitionSpec())
     data = {key: global_array(value.astype(np.int32) if key[0] == "y" else value, replicated)
@@ -465,12 +581,12 @@ def run_epochs(args: argparse.Namespace, config: TrainConfig, run_id: dict, arra
     steps = len(arrays["x_train"]) // config.batch_size
     data_seed = config.seed + 1  # for shuffling and shifting; the initialisation has its own stream
     started = time.perf_counter()
-    programs = compile_programs(config, data, mesh, Spec(tuple(run_id["input_shape"]), run_id["classes"]))
+    programs = compile_programs(config, data, mesh, run.spec)
     compile_seconds = time.perf_counter() - started
     log.info(f"compiled in {compile_seconds:.2f} s ({programs.count} steps per call)")
 
-    checkpoint = os.path.join(args.model_dir, CHECKPOINT_NAME)
-    state, history = resume(checkpoint, run_id, programs.init(config.seed), log)
+    checkpoint = os.path.join(run.model_dir, CHECKPOINT_NAME)
+    state, history = resume(checkpoint, run.identity, programs.init(config.seed), log)
     if history:  # the restored state is on the host: put it where the fresh one would be
         state = jax.tree.map(lambda a: global_array(np.asarray(a), replicated), state)
     with recording_signals():
@@ -485,10 +601,10 @@ def run_epochs(args: argparse.Namespace, config: TrainConfig, run_id: dict, arra
             history.append(EpochMetrics(
                 epoch, float(loss_sum) / steps, test_loss, test_accuracy, epoch_seconds,
                 (history[-1].elapsed_seconds if history else 0) + epoch_seconds))
-            if process_0:
-                write_atomically(os.path.join(args.log_dir, "train_metrics.jsonl"),
+            if run.writes:
+                write_atomically(os.path.join(run.log_dir, "train_metrics.jsonl"),
                                  b"".join(to_json(dataclasses.asdict(m), indent=None) + b"\n" for m in history))
-                save_checkpoint(checkpoint, run_id, state, history)
+                save_checkpoint(checkpoint, run.identity, state, history)
             log.info(history[-1].describe(config.train_epochs))
         stop_if_signalled(f"stopped after epoch {len(history)}; run the same command again to finish")
     return state, history, compile_seconds
@@ -539,18 +655,52 @@ def reached_target(config: TrainConfig, metrics: EpochMetrics) -> bool:
     return config.target_accuracy is not None and metrics.test_accuracy >= config.target_accuracy
 
 
-def write_model(args: argparse.Namespace, config: TrainConfig, run_id: dict, n: int, state: TrainState,
-                history: list[EpochMetrics], compile_seconds: float, log: logging.Logger) -> None:
+CHECKPOINT_NAME = "checkpoint.msgpack"  # in model_dir while a run is incomplete
+
+
+def save_checkpoint(path: str, identity: dict, state: TrainState, history: list[EpochMetrics]) -> None:
+    """Parameters and their average, optimizer state and step count, and the epochs so far. The PRNG
+    keys need no saving: each epoch's are derived from the seed and the epoch's number."""
+    record = {"state": serialization.to_state_dict(state), "run": json.dumps(identity),
+              "history": json.dumps([dataclasses.asdict(metrics) for metrics in history])}
+    write_atomically(path, serialization.msgpack_serialize(record))
+
+
+def resume(path: str, identity: dict, state: TrainState, log: logging.Logger):
+    """The state and history saved in the checkpoint of this same run, or a fresh start."""
+    if not os.path.exists(path):
+        return state, []
+    start_over = f"delete {path} to start over"
+    with open_regular(path) as f:
+        blob = f.read(MAX_CHECKPOINT_BYTES + 1)
+    if len(blob) > MAX_CHECKPOINT_BYTES:
+        raise CubeError(f"{path}: larger than the {MAX_CHECKPOINT_BYTES} bytes a checkpoint may have; {start_over}")
+    try:
+        record = serialization.msgpack_restore(blob)
+        saved = json.loads(record["run"])
+        history = [EpochMetrics(**row) for row in json.loads(record["history"])]
+        state = serialization.from_state_dict(state, record["state"])
+    except Exception as e:  # msgpack and Flax raise many kinds for a damaged file
+        raise CubeError(f"{path}: not a readable checkpoint ({type(e).__name__}); {start_over}") from None
+    for key, value in identity.items():
+        if saved.get(key) != value:
+            raise CubeError(f"{path}: a checkpoint of another run (its {key} differs); {start_over}")
+    log.info(f"resumed from {path} after epoch {len(history)}")
+    return state, history
+
+
+def write_model(run: TrainRun, n: int, state: TrainState, history: list[EpochMetrics], compile_seconds: float,
+                log: logging.Logger) -> None:
     """params.msgpack (the parameter average), model.json, the curves; the checkpoint is removed."""
-    last = history[-1]
+    config, last = run.config, history[-1]
     reached = reached_target(config, last)
     if reached:
         log.info(f"reached target_accuracy {config.target_accuracy} after {len(history)} epochs, "
                  f"{last.elapsed_seconds:.2f} s")
-    write_atomically(os.path.join(args.model_dir, "params.msgpack"), serialization.to_bytes(state.average))
+    write_atomically(os.path.join(run.model_dir, "params.msgpack"), serialization.to_bytes(state.average))
     images_per_epoch = n // config.batch_size * config.batch_size  # the last partial batch is dropped
     summary = {
-        **run_id,  # the architecture, the data's shape and classes, the config, the data's SHA-256
+        **run.identity,  # the architecture, the data's shape and classes, the config, the data's SHA-256
         "test_accuracy": last.test_accuracy, "test_loss": last.test_loss,
         "epochs_run": len(history), "time_to_target_seconds": last.elapsed_seconds if reached else None,
         "train_seconds": last.elapsed_seconds, "compile_seconds": compile_seconds,
@@ -559,14 +709,73 @@ def write_model(args: argparse.Namespace, config: TrainConfig, run_id: dict, n: 
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
         **provenance(),
     }
-    write_atomically(os.path.join(args.model_dir, "model.json"), to_json(summary))
-    save_plot(os.path.join(args.log_dir, "training_curves.png"), draw_curves(history), log)
-    os.unlink(os.path.join(args.model_dir, CHECKPOINT_NAME))  # the run is complete: a rerun starts afresh
-    log.info(f"written {args.model_dir}/params.msgpack and model.json: test_accuracy {last.test_accuracy:.4f}")
+    write_atomically(os.path.join(run.model_dir, "model.json"), to_json(summary))
+    save_plot(os.path.join(run.log_dir, "training_curves.png"), draw_curves(history), log)
+    os.unlink(os.path.join(run.model_dir, CHECKPOINT_NAME))  # the run is complete: a rerun starts afresh
+    log.info(f"written {run.model_dir}/params.msgpack and model.json: test_accuracy {last.test_accuracy:.4f}")
+
+
+def provenance() -> dict:
+    """Which image ran the task, as outputs record it: its ID, which only the runner that started it
+    knows (MNIST_IMAGE; our runners set it, MLCube's do not), and the SHA-256 of each file it was built
+    from, which its build recorded (see image_sources), so that under any runner the outputs name the
+    code that made them. Both None outside an image."""
+    return {"image": os.environ.get("MNIST_IMAGE") or None, "image_sources": image_sources()}
+
+
+def image_sources() -> dict[str, str] | None:
+    """The image's record of its sources (`sha256sum` lines, at the path MNIST_IMAGE_SOURCES names), as
+    {file: SHA-256}: the fingerprint the runners' rebuild check compares. None without a readable one."""
+    path = os.environ.get("MNIST_IMAGE_SOURCES")
+    if not path:
+        return None
+    try:
+        with open_regular(path) as f:
+            lines = f.read(MAX_CONFIG_BYTES).decode().splitlines()
+    except (OSError, UnicodeDecodeError, CubeError):
+        return None
+    pairs = [line.split(None, 1) for line in lines]
+    return {pair[1]: pair[0] for pair in pairs if len(pair) == 2}
+
+
+def save_plot(path: str, draw, log: logging.Logger) -> None:
+    """Draw a figure with `draw(figure)` and write it as a PNG, when matplotlib is there. A bare Figure,
+    not pyplot: no display, no global state, and a faster import."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.info(f"no {os.path.basename(path)}: matplotlib, which requirements.txt names, is not installed")
+        return
+    figure = Figure(figsize=(9, 4))
+    draw(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    write_atomically(path, buffer.getvalue())
+    log.info(f"written {path}")
+
+
+def draw_curves(history: list[EpochMetrics]):
+    """Loss and accuracy per epoch, side by side."""
+    def draw(figure) -> None:
+        epochs = [m.epoch for m in history]
+        loss, accuracy = figure.subplots(1, 2)
+        loss.plot(epochs, [m.train_loss for m in history], "o-", label="train")
+        loss.plot(epochs, [m.test_loss for m in history], "o-", label="test")
+        accuracy.plot(epochs, [100 * m.test_accuracy for m in history], "o-", color="C1")
+        for axes, title in ((loss, "loss"), (accuracy, "test accuracy (%)")):
+            axes.set(title=title, xlabel="epoch", xticks=epochs)
+        loss.legend()
+    return draw
+
+
+# ---------------------------------------- evaluate: the model and the test images, scored and drawn
+MISTAKES_SHOWN = 36  # the most confident mistakes that evaluate lists and draws
+
+
+MODEL_FILES = ("model.json", "params.msgpack")  # what train writes in model_dir, and evaluate and infer read
 
 
 def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
-    """Score the trained model on all test images; write log_dir/evaluate_metrics.json."""
     params, spec, summary = load_model(args.model_dir)
     arrays, data_sha256, _ = load_data_dir(args.data_dir)
     check_fits_model(spec, spec_of(arrays), os.path.join(args.data_dir, NPZ_NAME))
@@ -601,6 +810,66 @@ def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
               draw_mistakes(arrays["x_test"], mistakes, metrics["mistakes"], names), log)
 
 
+def load_model(model_dir: str) -> tuple[dict, Spec, dict]:
+    """The parameters and model.json that train wrote, checked against this file's CNN for the data
+    model.json names (its Spec). Both are read under the folder's lock, shared, so that they come
+    from one run even while another replaces them."""
+    summary_path = os.path.join(model_dir, MODEL_FILES[0])
+    params_path = os.path.join(model_dir, MODEL_FILES[1])
+    try:
+        with folder_lock(model_dir, shared=True), open_regular(summary_path) as f:
+            summary = json.loads(f.read(MAX_CONFIG_BYTES))
+            with open_regular(params_path) as g:
+                blob = g.read(MAX_PARAMS_BYTES + 1)
+    except FileNotFoundError as e:
+        raise CubeError(f"{e.filename}: no such file; run the train task first") from None
+    except (OSError, ValueError) as e:
+        raise CubeError(f"{summary_path}: not a readable model.json ({shorten(str(e), 120, quoted=False)})") from None
+    if len(blob) > MAX_PARAMS_BYTES:
+        raise CubeError(f"{params_path}: larger than the {MAX_PARAMS_BYTES} bytes parameters may have")
+    spec = model_spec(summary, summary_path)
+    template = jax.eval_shape(lambda: init_params(jax.random.key(0), spec))  # shapes only: nothing runs
+    built = architecture(spec.classes)
+    try:
+        params = serialization.from_bytes(template, blob)
+        same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, template, params)
+    except Exception as e:  # msgpack and Flax raise many kinds for a damaged file
+        raise CubeError(f"{params_path}: not parameters of {built} ({type(e).__name__}: {e})") from None
+    if not all(jax.tree.leaves(same)):
+        raise CubeError(f"{params_path}: its arrays do not fit {built}; retrain with this version")
+    return params, spec, summary
+
+
+def model_spec(summary: object, path: str) -> Spec:
+    """The Spec that model.json records, checked: this mnist.py builds the architecture it names."""
+    retrain = "retrain, or restore the model.json written with params.msgpack"
+    if not isinstance(summary, dict):
+        raise CubeError(f"{path}: not a model.json (a JSON object); {retrain}")
+    missing = [key for key in ("input_shape", "classes", "test_accuracy", "test_loss") if key not in summary]
+    if missing:
+        raise CubeError(f"{path}: missing {', '.join(missing)}, which train writes; {retrain}")
+    shape, classes = summary["input_shape"], summary["classes"]
+    valid_shape = isinstance(shape, list) and len(shape) in (2, 3) and all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 < n < 1 << 16 for n in shape)
+    if not valid_shape or isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes < 1 << 16:
+        raise CubeError(f"{path}: input_shape {shorten(shape)} or classes {shorten(classes)} is not what train "
+                        f"writes; {retrain}")
+    if summary.get("architecture") != architecture(classes):
+        raise CubeError(f"{path}: written for architecture {shorten(summary.get('architecture'))}, but this "
+                        f"mnist.py builds {architecture(classes)!r}; retrain with this version")
+    return Spec(tuple(shape), classes)
+
+
+def check_fits_model(spec: Spec, data: Spec, where: str) -> None:
+    """Data for a model: images of the shape it was trained on, and the classes it knows."""
+    if data.image_shape != spec.image_shape:
+        raise CubeError(f"{where}: its images are {'×'.join(map(str, data.image_shape))}, but the model was "
+                        f"trained on {'×'.join(map(str, spec.image_shape))}")
+    if data.classes > spec.classes:
+        raise CubeError(f"{where}: its labels run to {data.classes - 1}, but the model knows classes "
+                        f"0..{spec.classes - 1}")
+
+
 def most_confident_mistakes(wrong: np.ndarray, confidence: np.ndarray, labels: np.ndarray,
                             predicted: np.ndarray) -> list[dict]:
     """The misclassified images (`wrong`, their indices; `confidence`, the probability the model gave
@@ -616,8 +885,60 @@ def class_probabilities(params, images: jax.Array) -> jax.Array:
     return jax.nn.softmax(predict_all(params, images))
 
 
+def draw_confusion(confusion: np.ndarray, names: list[str]):
+    """The confusion matrix with its counts; the diagonal holds the correct answers. Its picture grows
+    with the classes, and labels every class by its name up to 50, every few above."""
+    def draw(figure) -> None:
+        classes = len(confusion)
+        figure.set_size_inches(max(9, classes / 4), max(4, classes / 4))
+        axes = figure.subplots()
+        axes.imshow(np.log1p(confusion), cmap="Blues")
+        if classes <= COUNTS_SHOWN:
+            for (true, guess), count in np.ndenumerate(confusion):
+                axes.text(guess, true, count, ha="center", va="center", fontsize=7,
+                          color="white" if true == guess else "black")
+        ticks = range(0, classes, -(-classes // 50))
+        axes.set(xlabel="predicted class", ylabel="true class", xticks=ticks, yticks=ticks,
+                 xticklabels=[names[k] for k in ticks], yticklabels=[names[k] for k in ticks],
+                 title="confusion matrix (test images)")
+        axes.tick_params(axis="x", labelrotation=90 if max(map(len, names)) > 2 else 0)
+    return draw
+
+
+COUNTS_SHOWN = 20  # classes up to which the confusion matrix writes its counts; beyond, colour alone
+
+
+def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int, names: list[str]):
+    """A grid of the mistakes listed, each captioned true → predicted (probability), by the classes'
+    `names`; or, with none, a note saying so."""
+    def draw(figure) -> None:
+        if not mistakes:
+            figure.text(0.5, 0.5, "no mistakes: every test image is classified correctly", ha="center", fontsize=14)
+            return
+        columns = min(len(mistakes), 9)
+        rows = -(-len(mistakes) // columns)
+        figure.set_size_inches(1.4 * columns, 1.6 * rows + 0.5)
+        for k, mistake in enumerate(mistakes):
+            axes = figure.add_subplot(rows, columns, k + 1)
+            image = images[mistake["index"]]
+            colour = image.ndim == 3 and image.shape[2] >= 3  # shown as it is, its first three channels as RGB
+            axes.imshow(image[..., :3] if colour else image.squeeze(), cmap=None if colour else "gray_r")
+            axes.set_title(f"{names[mistake['true']]} → {names[mistake['predicted']]} "
+                           f"({100 * mistake['probability']:.1f}%)", fontsize=10)
+            axes.set_axis_off()
+        shown = f"the {len(mistakes)} most confident of {total}" if len(mistakes) < total else f"all {total}"
+        figure.suptitle(f"{shown} mistakes: true → predicted (probability)")
+    return draw
+
+
+# --------------------------------------------------- infer: any number of images, a batch at a time
+INFER_BATCH = 10 * SCORE_BATCH  # images that infer reads, scores and writes at a time: its memory stays flat
+
+
+PREDICTIONS_START = b'{"images": '  # how infer's output begins: the only existing file it replaces
+
+
 def infer(args: argparse.Namespace, log: logging.Logger) -> None:
-    """Classify images with the trained model; write each one's class and probabilities as JSON."""
     model_files = [os.path.join(args.model_dir, name) for name in MODEL_FILES]
     check_replaceable(args.predictions, [args.images, *model_files])
     params, spec, _ = load_model(args.model_dir)
@@ -638,13 +959,168 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
     log.info(f"classified {count} images from {args.images}; written {args.predictions}")
 
 
+def check_replaceable(path: str, inputs: list[str]) -> None:
+    """infer replaces only what it wrote: never one of its inputs, nor any other file already at `path`
+    that is not an earlier predictions file."""
+    if not os.path.lexists(path):
+        return
+    for given in inputs:
+        if os.path.realpath(path) == os.path.realpath(given):
+            raise CubeError(f"{path}: is one of infer's inputs ({given}); give --predictions another path")
+    if os.path.isdir(path):
+        raise CubeError(f"{path}: is a folder where a file is expected; give --predictions a file's path")
+    with reading(path, "readable"), open_regular(path) as f:
+        start = f.read(len(PREDICTIONS_START))
+    if start != PREDICTIONS_START:
+        raise CubeError(f"{path}: already exists and is not a predictions file that infer wrote; move it "
+                        "away or give --predictions another path")
+
+
+@contextlib.contextmanager
+def image_batches(path: str, batch: int, image_shape: tuple[int, ...]):
+    """The number of uint8 images of `image_shape` in a .npy, an .npz (its one array, or x_test) or an
+    IDX file (gzipped or not), and an iterator over them, `batch` at a time: no more is ever in memory."""
+    with contextlib.ExitStack() as stack:
+        with reading(path, "readable images"):
+            f = open_maybe_gzipped(stack, path, path)
+            start = f.read(6)
+            f.seek(0)
+            if start.startswith(b"PK"):  # a zip, so an .npz: the format is told by the first bytes, not the name
+                f = npz_member(stack, f, path)
+            if start.startswith((b"PK", b"\x93NUMPY")):
+                shape, dtype = npy_header(f, path)
+            elif start.startswith(b"\0\0\x08"):
+                shape, dtype = read_idx_header(f, path), "uint8"
+            else:
+                raise CubeError(f"{path}: not images infer reads (a .npy, an .npz or an IDX file, gzipped or not)")
+        one = "×".join(map(str, image_shape))
+        if dtype != "uint8" or (shape[1:] != image_shape and shape != image_shape):
+            raise CubeError(f"{path}: expected uint8 images N×{one} or one {one} (as the model was trained on), "
+                            f"found {dtype} {'×'.join(map(str, shape))}")
+        count = 1 if shape == image_shape else shape[0]
+        yield count, read_batches(f, count, batch, path, image_shape)
+
+
+def npz_member(stack: contextlib.ExitStack, f, path: str):
+    """The .npz's one array, or its x_test, open for reading as the .npy file it holds."""
+    archive = stack.enter_context(zipfile.ZipFile(f))
+    names = [name.removesuffix(".npy") for name in archive.namelist()]
+    chosen = names if len(names) == 1 else [name for name in names if name == "x_test"]
+    if not chosen:
+        held = f"holds {shorten(', '.join(names), quoted=False)}" if names else "holds no arrays"
+        raise CubeError(f"{path}: {held}; expected one array, or x_test")
+    return stack.enter_context(archive.open(chosen[0] + ".npy"))
+
+
+def read_batches(f, count: int, batch: int, where: str, image_shape: tuple[int, ...]):
+    """count images of `image_shape` bytes from `f`, `batch` at a time; the file must hold exactly these."""
+    size = math.prod(image_shape)
+    for first in range(0, count, batch):
+        n = min(batch, count - first)
+        with reading(where, "readable images"):
+            data = f.read(n * size)
+        if len(data) != n * size:
+            raise CubeError(f"{where}: ends within image {first + len(data) // size + 1} of the {count} it declares")
+        yield np.frombuffer(data, np.uint8).reshape(n, *image_shape)
+    with reading(where, "readable images"):
+        extra = f.read(1)
+    if extra:
+        raise CubeError(f"{where}: holds more than the {count} images it declares")
+
+
+# --------------------------------------------- download: its config, its sources, the npz it writes
+NPZ_NAME = "mnist.npz"
+
+
+RECORD_NAME = "download.json"  # where the npz came from, and its SHA-256
+
+
+ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+IDX_FILES = {"train_images": "x_train", "train_labels": "y_train",
+             "test_images": "x_test", "test_labels": "y_test"}
+
+
 def download(args: argparse.Namespace, log: logging.Logger) -> None:
-    """Fetch the data set named in data_config, verify it, and write data_dir/mnist.npz."""
     sources, names = read_data_config(args.data_config)
     log.info(f"read {args.data_config}: {', '.join(source.uri for source in sources.values())}")
     os.makedirs(args.data_dir, exist_ok=True)
     with folder_lock(args.data_dir):
         fetch_and_verify(sources, names, args.data_dir, log)
+
+
+def read_data_config(path: str) -> tuple[dict[str, Source], list[str] | None]:
+    """Each source file's name and its Source, from either form of `data.yaml`, and the classes' names
+    where it gives them (`classes:`, a list: class k is the k-th name)."""
+    config = read_yaml(path)
+    base = os.path.dirname(os.path.abspath(path))
+    if "files" not in config:
+        check_keys(config, ["uri", "hash"], ["size", "classes"], path)
+        return {NPZ_NAME: read_source(config, base, path)}, class_names(config, path)
+    files = check_keys(config, ["files"], ["classes"], path)["files"]
+    check_keys(files, list(IDX_FILES), [], f"{path}: files")
+    return {name: read_source(check_keys(files[name], ["uri", "hash"], ["size"], f"{path}: files.{name}"),
+                              base, f"{path}: files.{name}")
+            for name in IDX_FILES}, class_names(config, path)
+
+
+def class_names(config: dict, path: str) -> list[str] | None:
+    names = config.get("classes")
+    if names is None:
+        return None
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n.strip() for n in names):
+        raise CubeError(f"{path}: classes must be a list of two names or more, got {shorten(names)}")
+    if len(set(names)) != len(names):
+        raise CubeError(f"{path}: classes names {shorten(sorted({n for n in names if names.count(n) > 1}))} twice")
+    return names
+
+
+def read_source(entry: dict, base: str, where: str) -> Source:
+    uri, digest, size = str(entry["uri"]), str(entry["hash"]).strip().lower(), entry.get("size")
+    digest = digest.removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise CubeError(f"{where}: hash must be a SHA-256 digest (64 hex digits, 'sha256:' prefix "
+                        f"optional), got {shorten(entry['hash'])}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_DECLARED_BYTES):
+        raise CubeError(f"{where}: size must be the file's size in bytes, 1 to {MAX_DECLARED_BYTES}, "
+                        f"got {shorten(size)}")
+    if len(uri) > MAX_URI_CHARS:
+        raise CubeError(f"{where}: uri longer than {MAX_URI_CHARS} characters: {shorten(uri)}")
+    if WINDOWS_PATH.match(uri):  # C:\data, C:/data or \\server\share: a path, not a URL of scheme "c"
+        return Source(os.path.join(base, uri), digest, size)
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        parts.port  # noqa: B018 (a port out of range raises only when it is read)
+    except ValueError as e:
+        raise CubeError(f"{where}: not a valid uri: {shorten(uri)} ({e})") from None
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise CubeError(f"{where}: a file:// uri names a file on this machine (file:///path or "
+                            f"file://localhost/path), not on {shorten(parts.netloc)}")
+        uri = urllib.request.url2pathname(parts.path)
+    elif parts.scheme == "":  # a plain path is relative to the config file, as it is in the container
+        uri = os.path.join(base, uri)
+    elif parts.scheme in ("http", "https"):
+        uri = ascii_uri(uri, parts, where)
+    else:
+        raise CubeError(f"{where}: unsupported uri scheme {shorten(parts.scheme + ':')} in {shorten(uri)} "
+                        "(expected http://, https://, file:// or a local path)")
+    return Source(uri, digest, size)
+
+
+def ascii_uri(uri: str, parts: urllib.parse.SplitResult, where: str) -> str:
+    """An http(s) uri as a server takes it: other characters than ASCII's printable ones in its path
+    and query percent-encoded as UTF-8, as browsers send them; a host name must be ASCII already."""
+    if not parts.netloc.isascii():
+        raise CubeError(f"{where}: the host in {shorten(uri)} is not ASCII; write it in its ASCII form (xn--...)")
+    return urllib.parse.quote(uri, safe="".join(map(chr, range(33, 127))))
+
+
+MAX_URI_CHARS = 2048
+
+
+WINDOWS_PATH = re.compile(r"[A-Za-z]:[\\/]|\\\\")  # a drive's path, or a UNC path
 
 
 def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_dir: str,
@@ -676,6 +1152,14 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
     log.info(f"written {final} (SHA-256 {record[NPZ_NAME]})")
 
 
+def expected_npz_digest(sources: dict[str, Source], record: dict, record_path: str) -> str | None:
+    """The SHA-256 that data_dir/mnist.npz has when it was made from these sources."""
+    if NPZ_NAME in sources:
+        return sources[NPZ_NAME].sha256
+    previous = read_record(record_path)
+    return previous.get(NPZ_NAME) if previous.get("sources") == record["sources"] else None
+
+
 def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) -> bytes:
     """Fetch and verify the four IDX files beside `final`, then pack their arrays as the Keras-layout npz."""
     arrays = {}
@@ -692,100 +1176,16 @@ def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) ->
 TASKS = {"download": download, "train": train, "evaluate": evaluate, "infer": infer}  # COMMANDS's, run
 
 
-# ----------------------------------------------------------------------------------------- pictures
-def save_plot(path: str, draw, log: logging.Logger) -> None:
-    """Draw a figure with `draw(figure)` and write it as a PNG, when matplotlib is there. A bare Figure,
-    not pyplot: no display, no global state, and a faster import."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        log.info(f"no {os.path.basename(path)}: matplotlib, which requirements.txt names, is not installed")
-        return
-    figure = Figure(figsize=(9, 4))
-    draw(figure)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    write_atomically(path, buffer.getvalue())
-    log.info(f"written {path}")
-
-
-def draw_curves(history: list[EpochMetrics]):
-    """Loss and accuracy per epoch, side by side."""
-    def draw(figure) -> None:
-        epochs = [m.epoch for m in history]
-        loss, accuracy = figure.subplots(1, 2)
-        loss.plot(epochs, [m.train_loss for m in history], "o-", label="train")
-        loss.plot(epochs, [m.test_loss for m in history], "o-", label="test")
-        accuracy.plot(epochs, [100 * m.test_accuracy for m in history], "o-", color="C1")
-        for axes, title in ((loss, "loss"), (accuracy, "test accuracy (%)")):
-            axes.set(title=title, xlabel="epoch", xticks=epochs)
-        loss.legend()
-    return draw
-
-
-def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int, names: list[str]):
-    """A grid of the mistakes listed, each captioned true → predicted (probability), by the classes'
-    `names`; or, with none, a note saying so."""
-    def draw(figure) -> None:
-        if not mistakes:
-            figure.text(0.5, 0.5, "no mistakes: every test image is classified correctly", ha="center", fontsize=14)
-            return
-        columns = min(len(mistakes), 9)
-        rows = -(-len(mistakes) // columns)
-        figure.set_size_inches(1.4 * columns, 1.6 * rows + 0.5)
-        for k, mistake in enumerate(mistakes):
-            axes = figure.add_subplot(rows, columns, k + 1)
-            image = images[mistake["index"]]
-            colour = image.ndim == 3 and image.shape[2] >= 3  # shown as it is, its first three channels as RGB
-            axes.imshow(image[..., :3] if colour else image.squeeze(), cmap=None if colour else "gray_r")
-            axes.set_title(f"{names[mistake['true']]} → {names[mistake['predicted']]} "
-                           f"({100 * mistake['probability']:.1f}%)", fontsize=10)
-            axes.set_axis_off()
-        shown = f"the {len(mistakes)} most confident of {total}" if len(mistakes) < total else f"all {total}"
-        figure.suptitle(f"{shown} mistakes: true → predicted (probability)")
-    return draw
-
-
-COUNTS_SHOWN = 20  # classes up to which the confusion matrix writes its counts; beyond, colour alone
-
-
-def draw_confusion(confusion: np.ndarray, names: list[str]):
-    """The confusion matrix with its counts; the diagonal holds the correct answers. Its picture grows
-    with the classes, and labels every class by its name up to 50, every few above."""
-    def draw(figure) -> None:
-        classes = len(confusion)
-        figure.set_size_inches(max(9, classes / 4), max(4, classes / 4))
-        axes = figure.subplots()
-        axes.imshow(np.log1p(confusion), cmap="Blues")
-        if classes <= COUNTS_SHOWN:
-            for (true, guess), count in np.ndenumerate(confusion):
-                axes.text(guess, true, count, ha="center", va="center", fontsize=7,
-                          color="white" if true == guess else "black")
-        ticks = range(0, classes, -(-classes // 50))
-        axes.set(xlabel="predicted class", ylabel="true class", xticks=ticks, yticks=ticks,
-                 xticklabels=[names[k] for k in ticks], yticklabels=[names[k] for k in ticks],
-                 title="confusion matrix (test images)")
-        axes.tick_params(axis="x", labelrotation=90 if max(map(len, names)) > 2 else 0)
-    return draw
-
-
 # ==================================================================================================
-# The safety net
-# What keeps careless hands and bad luck from losing work: each part below says what it guards against.
-# The ML above never needs to read it; every task goes through it.
+# The machinery
+# What knows nothing of MNIST or of learning, and keeps careless hands and bad luck from losing work:
+# each part says what it guards against. It uses no name of the sections above.
+
+
 # ==================================================================================================
 
 
 # ----------------------- messages and configs: one line for every mistake, no config read unbounded
-MAX_CONFIG_BYTES = 64 << 10  # a config is a few lines; this bounds what the YAML reader parses
-MAX_URI_CHARS = 2048
-WINDOWS_PATH = re.compile(r"[A-Za-z]:[\\/]|\\\\")  # a drive's path, or a UNC path
-# What a train.yaml value of each TrainConfig type may be (YAML writes 1 for 1.0), and its name in messages.
-TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number")}
-MAX_SEED = 2**31 - 2  # the programs take the seed, and seed + 1 for the data, as int32
-MAX_STEPS = 2**31 - 1  # of a run: the optimizer's step counter is an int32
-
-
 class CubeError(Exception):
     """A problem the user can fix: reported as one line, with a non-zero exit."""
 
@@ -794,6 +1194,9 @@ def shorten(value: object, limit: int = 60, quoted: bool = True) -> str:
     """A value as a message shows it: its repr (or, not `quoted`, the text itself), cut to a short prefix."""
     text = repr(value) if quoted else str(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+MAX_CONFIG_BYTES = 64 << 10  # a config is a few lines; this bounds what the YAML reader parses
 
 
 class ConfigLoader(yaml.SafeLoader):
@@ -870,29 +1273,341 @@ def to_json(value: object, indent: int | None = 2) -> bytes:
     return json.dumps(finite(value), indent=indent, allow_nan=False).encode()
 
 
-def read_train_config(path: str) -> TrainConfig:
-    """The training settings, or a CubeError naming the key and what it must be."""
-    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
-    required = [name for name, field in fields.items() if field.default is dataclasses.MISSING]
-    config = check_keys(read_yaml(path), required, [name for name in fields if name not in required], path)
-    for key, value in config.items():
-        accepted, kind = TYPES[fields[key].type.removesuffix(" | None")]
-        if isinstance(value, bool) or not isinstance(value, accepted):
-            raise CubeError(f"{path}: {key} must be {kind}, got {shorten(value)}")
-    if config["optimizer"] not in OPTIMIZERS:
-        raise CubeError(f"{path}: unknown optimizer {shorten(config['optimizer'])} (known: {', '.join(OPTIMIZERS)})")
-    for key in ("learning_rate", "target_accuracy"):
-        if key in config and not math.isfinite(config[key]):
-            raise CubeError(f"{path}: {key} must be a finite number, got {config[key]!r}")
-    for key in ("train_epochs", "batch_size", "learning_rate"):
-        if key in config and config[key] <= 0:
-            raise CubeError(f"{path}: {key} must be positive, got {shorten(config[key])}")
-    if not 0 <= config.get("seed", 0) <= MAX_SEED:
-        raise CubeError(f"{path}: seed must lie in 0..{MAX_SEED}, got {shorten(config['seed'])}")
-    if not 0 < config.get("target_accuracy", 1) <= 1:
-        raise CubeError(f"{path}: target_accuracy must lie in (0, 1], got {shorten(config['target_accuracy'])}")
-    return TrainConfig(**{"learning_rate": default_learning_rate(config["optimizer"], config["batch_size"]),
-                          **config})
+# ------ bounded readers: devices, FIFOs, bombs and damaged files refused in bounded time and memory
+MAX_DATA_BYTES = 128 << 20  # of a data file that data.yaml gives no size: MNIST's largest is 47 MB
+
+
+MAX_PARAMS_BYTES = 1 << 30  # of params.msgpack: MNIST's are 0.8 MB, 224×224 colour images' about 50 MB
+
+
+MAX_CHECKPOINT_BYTES = 4 * MAX_PARAMS_BYTES  # the parameters, their average and Adam's two moments
+
+
+MAX_DECLARED_BYTES = 16 << 30  # of one whose size: it gives (train's peak is about six times it)
+
+
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows has neither, nor FIFOs to wait on
+
+
+NO_WAIT = getattr(os, "O_NONBLOCK", 0)  # a FIFO opens at once, to be refused, instead of waiting for a writer
+
+
+def open_regular(path: str, where: str | None = None):
+    """`path` opened for binary reading if it is a regular file. Devices and FIFOs are refused before a
+    byte is read: /dev/zero never ends, and opening a FIFO waits for a writer."""
+    fd = os.open(path, os.O_RDONLY | NO_WAIT)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CubeError(f"{where or path}: not a regular file (a device, FIFO or socket); give a file")
+    return os.fdopen(fd, "rb")
+
+
+@contextlib.contextmanager
+def reading(where: str, what: str, missing: str = "no such file"):
+    """The faults of reading a file (missing, unreadable, damaged) as one CubeError naming `where`."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise CubeError(f"{where}: {missing}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise CubeError(f"{where}: not {what} ({shorten(str(e), 120, quoted=False)})") from None
+    except MemoryError:  # a header that declares more than any file of ours holds
+        raise CubeError(f"{where}: not {what} (it declares more data than memory holds)") from None
+
+
+def read_npz(path: str, names: tuple[str, ...], limit: int, where: str) -> tuple[dict[str, np.ndarray], str]:
+    """The arrays `names` of an npz, and the file's SHA-256, from one read of it: pickles refused, at
+    most `limit` bytes, unpacked too, and no header that declares more than its array holds. Memory:
+    the file and its arrays, so about twice `limit` at most."""
+    with reading(where, "a readable .npz"):
+        with open_regular(path, where) as f:
+            blob = f.read(limit + 1)
+        if len(blob) > limit:
+            raise CubeError(f"{where}: larger than the {limit} bytes a data file may have")
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            missing = [name for name in names if name not in npz.files]
+            if missing:
+                raise CubeError(f"{where}: missing array '{missing[0]}' (expected {', '.join(names)})")
+            sizes = {name: npz.zip.getinfo(f"{name}.npy").file_size for name in names}
+            if sum(sizes.values()) > limit:  # a compressed npz can unpack to any size
+                raise CubeError(f"{where}: its arrays unpack to {sum(sizes.values())} bytes, more than "
+                                f"the {limit} a data file may have")
+            for name in names:  # np.load allocates what a header declares before it reads a byte
+                with npz.zip.open(f"{name}.npy") as member:
+                    shape, dtype = npy_header(member, where)
+                declared = math.prod(shape) * np.dtype(dtype).itemsize
+                if declared > sizes[name]:
+                    raise CubeError(f"{where}: its {name} declares {'×'.join(map(str, shape))} {dtype} "
+                                    f"({declared} bytes) in {sizes[name]} bytes")
+            arrays = {name: npz[name] for name in names}
+    return arrays, hashlib.sha256(blob).hexdigest()
+
+
+def open_maybe_gzipped(stack: contextlib.ExitStack, path: str, where: str):
+    """A regular file for reading, through gzip when it starts with gzip's magic bytes."""
+    f = stack.enter_context(open_regular(path, where))
+    gzipped = f.read(2) == b"\x1f\x8b"
+    f.seek(0)
+    return stack.enter_context(gzip.GzipFile(fileobj=f)) if gzipped else f
+
+
+def npy_header(f, where: str) -> tuple[tuple[int, ...], str]:
+    """The shape and dtype a .npy header declares (nothing is unpickled: the bytes are read raw)."""
+    if f.read(6) != b"\x93NUMPY":
+        raise CubeError(f"{where}: not a .npy array (no NumPy header at its start)")
+    version = tuple(f.read(2))
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        raise CubeError(f"{where}: a .npy array of format version {version}; expected 1.0 or 2.0")
+    shape, fortran_order, dtype = read_header[version](f)
+    if fortran_order and len(shape) > 1:
+        raise CubeError(f"{where}: stored in Fortran order; save it with np.save(path, np.ascontiguousarray(images))")
+    return shape, str(dtype)
+
+
+def read_idx(path: str, where: str) -> np.ndarray:
+    """An array from an IDX file (gzipped or raw) of unsigned bytes, of at most MAX_DATA_BYTES."""
+    with contextlib.ExitStack() as stack, reading(where, "a readable IDX file"):
+        f = open_maybe_gzipped(stack, path, where)
+        shape = read_idx_header(f, where)
+        size = math.prod(shape)
+        if size > MAX_DATA_BYTES:
+            raise CubeError(f"{where}: its header declares {size} bytes of data, more than the "
+                            f"{MAX_DATA_BYTES} an MNIST-like file may have")
+        body = f.read(size + 1)
+    if len(body) != size:
+        raise CubeError(f"{where}: not an IDX file of unsigned bytes with a consistent size "
+                        f"(its header declares {size} bytes of data)")
+    return np.frombuffer(body, np.uint8).reshape(shape)
+
+
+def read_idx_header(f, where: str) -> tuple[int, ...]:
+    """The sizes in an IDX header: two zero bytes, type code 0x08 (unsigned byte), the rank, then
+    big-endian int32 sizes."""
+    head = f.read(4)
+    rank = head[3] if len(head) == 4 and head[:3] == b"\0\0\x08" else 0
+    sizes = f.read(4 * rank)
+    if not 1 <= rank <= 4 or len(sizes) != 4 * rank:
+        raise CubeError(f"{where}: not an IDX file of unsigned bytes (its header is not one)")
+    shape = tuple(int.from_bytes(sizes[i:i + 4], "big", signed=True) for i in range(0, 4 * rank, 4))
+    if min(shape) < 0:
+        raise CubeError(f"{where}: not an IDX file of unsigned bytes (negative sizes {shape})")
+    return shape
+
+
+def open_for_appending(path: str):
+    """`path` opened to append text, created if missing, as a regular file and never through a
+    symbolic link: a link planted at a log's path would have the task write where it points."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CubeError(f"{path}: not a regular file (a device, FIFO or socket); remove it, or choose another folder")
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+# ------ atomic files and locks: no half-written output, no two runs mixed, no file of yours touched
+LOCK_NAME = ".mnist.lock"  # the file a folder's lock is taken on (see folder_lock)
+
+
+PART_ATTEMPTS = 8  # temporary names tried before a folder is given up as tampered with (see open_part)
+
+
+PART = re.compile(r"\..+\.mnist-\d+-[0-9a-f]{8}\.part")  # our temporary files: .NAME.mnist-PID-RANDOM.part
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    with staged(path) as (out, tmp):
+        write_staged(out, data)
+        move_into_place(out, tmp, path)
+
+
+@contextlib.contextmanager
+def staged(path: str):
+    """A new temporary file beside `path` (so that a rename is atomic), with the umask's permissions,
+    open for writing; removed when the block ends unless move_into_place() put it at `path`. A run
+    killed before that leaves it behind, and the next task that writes in the folder removes it (main)."""
+    out = open_part(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    try:
+        with out:
+            yield out, out.name
+    finally:
+        if os.path.exists(out.name):
+            os.unlink(out.name)
+
+
+def open_part(folder: str, name: str):
+    """A new temporary file for `name` in `folder`, named as only this cube names them (PART) and
+    locked by this process for as long as it is open: a lock, unlike a process ID, says whether its
+    maker is alive from any host or container that shares the folder. A file that another run's
+    clean-up removed, or another process locked, before this one could is left for a new name."""
+    for _ in range(PART_ATTEMPTS):
+        out = open(os.path.join(folder, f".{name}.mnist-{os.getpid()}-{os.urandom(4).hex()}.part"), "xb")
+        try:
+            lock(out.fileno(), shared=False)
+            if os.fstat(out.fileno()).st_nlink:  # not removed by another run's clean-up before the lock
+                return out
+        except (BlockingIOError, PermissionError):
+            out.close()
+            continue
+        except BaseException:  # a signal, say, before staged() can clean up: the file is ours to remove
+            out.close()
+            with contextlib.suppress(OSError):
+                os.unlink(out.name)
+            raise
+        out.close()
+    raise CubeError(f"{folder}: another process locks each temporary file the task makes there; choose "
+                    "another folder, or find that process")
+
+
+def write_staged(out, data: bytes) -> None:
+    """Write to a staged file; a full or read-only disk is the destination's fault, said so."""
+    try:
+        out.write(data)
+    except OSError as e:
+        raise CubeError(os_fault(e, os.path.dirname(out.name))) from None
+
+
+def move_into_place(out, tmp: str, path: str) -> None:
+    """Make a finished staged file durable, then put it at `path` in one atomic step."""
+    try:
+        out.flush()
+        os.fsync(out.fileno())
+        os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError as e:  # a full disk shows at the flush; a folder at `path` at the rename
+        blamed = path if e.errno == errno.EISDIR else os.path.dirname(os.path.abspath(path))
+        raise CubeError(os_fault(e, blamed)) from None
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def os_fault(e: OSError, path: str | None = None) -> str:
+    """An operating-system error as one line: the path, what went wrong, what to do."""
+    path = path or e.filename or "?"
+    hints = {errno.ENOSPC: "no space left on its device; free some, or choose a folder on another disk",
+             errno.EDQUOT: "over your disk quota there; free some space, or choose another folder",
+             errno.EACCES: "permission denied; check who owns it, or choose another folder",
+             errno.EPERM: "operation not permitted; check who owns it, or choose another folder",
+             errno.EROFS: "on a read-only file system; choose a writable folder",
+             errno.EISDIR: "is a folder where a file is expected; give a file's path",
+             errno.ENOTDIR: "a file stands where a folder is expected; give a folder's path",
+             errno.EEXIST: "a file stands where a folder is expected; give a folder's path",
+             errno.ENOENT: "no such file or folder",
+             errno.ELOOP: "a symbolic link stands there, which the cube does not follow; remove it"}
+    return f"{path}: {hints.get(e.errno, e.strerror or type(e).__name__)}"
+
+
+def remove_abandoned_parts(folder: str) -> None:
+    """Remove the temporary files that killed runs left in `folder`: this cube's by their name (PART),
+    and only those no live process holds. A user's own files are never touched."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in filter(PART.fullmatch, names):
+        with contextlib.suppress(OSError):  # held by a live process, or gone already
+            remove_unheld(os.path.join(folder, name))
+
+
+def remove_unheld(path: str) -> None:
+    """Remove `path` unless a live process holds it: its lock says so, or, on Windows, the system
+    itself, which refuses to remove a file another process has open."""
+    if fcntl is None:
+        os.unlink(path)
+        return
+    fd = os.open(path, os.O_RDONLY | NO_FOLLOW | NO_WAIT)
+    try:
+        lock(fd, shared=False)
+        os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def lock(fd: int, shared: bool) -> None:
+    """An OS lock on the open file `fd`, which dies with its process, taken at once or not at all:
+    BlockingIOError or PermissionError when another process holds it. Windows locks are exclusive
+    only, so readers take turns there; with neither kind of lock (a stand-in test), none."""
+    if fcntl:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    elif msvcrt:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str, shared: bool = False):
+    """One writer at a time in `folder` (download's data_dir, train's model_dir), and no reader while
+    it writes (evaluate and infer read model_dir `shared`), so that no one sees two runs' files mixed:
+    an OS lock, which dies with its process (kill -9 too) and holds across containers that mount the
+    folder, on a file in it that only its owner may open (LOCK_NAME, 0600): a lock on the folder
+    itself, or on a file others may read, could be taken by any local user to stop every run."""
+    fd = open_lock_file(os.path.join(folder, LOCK_NAME), shared)
+    try:
+        if fd is not None:
+            try:
+                lock(fd, shared)
+            except (BlockingIOError, PermissionError):
+                doing = "being written by another run" if shared else "in use by another run (writing or reading it)"
+                raise CubeError(f"{folder}: {doing}; wait for it to end, or choose another folder") from None
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def open_lock_file(path: str, shared: bool) -> int | None:
+    """The lock file at `path`, made if missing, never through a symbolic link. A reader that may
+    neither make nor open it (a read-only mount no writer has used, another user's folder) reads
+    without a lock: None."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o600)
+    except OSError as e:
+        if not shared or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        try:
+            fd = os.open(path, os.O_RDONLY | NO_FOLLOW | NO_WAIT)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EACCES):
+                return None
+            raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CubeError(f"{path}: not a regular file (a device, FIFO or socket); remove it")
+    return fd
+
+
+def sha256_of(path: str, limit: int) -> str | None:
+    """The SHA-256 of the regular file at `path`; None if it is not one (a device, a FIFO), or is
+    larger than `limit` bytes."""
+    sha, size = hashlib.sha256(), 0
+    try:
+        f = open_regular(path)
+    except CubeError:
+        return None
+    with f:
+        while chunk := f.read(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                return None
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+# ---------------------------------- downloading: servers that fail, stall, trickle, lie or redirect
+HTTP_TIMEOUT = 30.0  # seconds to connect, and at most between two reads of a body
+
+
+MIN_RATE = 10_000  # bytes a second that a transfer must average, once it has run for HTTP_TIMEOUT
+
+
+HTTP_ATTEMPTS = 4  # tries for connection faults and 5xx answers; a 4xx answer is never retried
+
+
+RETRY_DELAY = 1.0  # seconds before the second try, doubled before each one after it
+
+
+CHUNK = 1 << 20
 
 
 class Source(NamedTuple):
@@ -903,131 +1618,29 @@ class Source(NamedTuple):
     size: int | None
 
 
-def read_data_config(path: str) -> tuple[dict[str, Source], list[str] | None]:
-    """Each source file's name and its Source, from either form of `data.yaml`, and the classes' names
-    where it gives them (`classes:`, a list: class k is the k-th name)."""
-    config = read_yaml(path)
-    base = os.path.dirname(os.path.abspath(path))
-    if "files" not in config:
-        check_keys(config, ["uri", "hash"], ["size", "classes"], path)
-        return {NPZ_NAME: read_source(config, base, path)}, class_names(config, path)
-    files = check_keys(config, ["files"], ["classes"], path)["files"]
-    check_keys(files, list(IDX_FILES), [], f"{path}: files")
-    return {name: read_source(check_keys(files[name], ["uri", "hash"], ["size"], f"{path}: files.{name}"),
-                              base, f"{path}: files.{name}")
-            for name in IDX_FILES}, class_names(config, path)
-
-
-def class_names(config: dict, path: str) -> list[str] | None:
-    names = config.get("classes")
-    if names is None:
-        return None
-    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n.strip() for n in names):
-        raise CubeError(f"{path}: classes must be a list of two names or more, got {shorten(names)}")
-    if len(set(names)) != len(names):
-        raise CubeError(f"{path}: classes names {shorten(sorted({n for n in names if names.count(n) > 1}))} twice")
-    return names
-
-
-def read_source(entry: dict, base: str, where: str) -> Source:
-    uri, digest, size = str(entry["uri"]), str(entry["hash"]).strip().lower(), entry.get("size")
-    digest = digest.removeprefix("sha256:")
-    if not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise CubeError(f"{where}: hash must be a SHA-256 digest (64 hex digits, 'sha256:' prefix "
-                        f"optional), got {shorten(entry['hash'])}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_DECLARED_BYTES):
-        raise CubeError(f"{where}: size must be the file's size in bytes, 1 to {MAX_DECLARED_BYTES}, "
-                        f"got {shorten(size)}")
-    if len(uri) > MAX_URI_CHARS:
-        raise CubeError(f"{where}: uri longer than {MAX_URI_CHARS} characters: {shorten(uri)}")
-    if WINDOWS_PATH.match(uri):  # C:\data, C:/data or \\server\share: a path, not a URL of scheme "c"
-        return Source(os.path.join(base, uri), digest, size)
-    try:
-        parts = urllib.parse.urlsplit(uri)
-        parts.port  # noqa: B018 (a port out of range raises only when it is read)
-    except ValueError as e:
-        raise CubeError(f"{where}: not a valid uri: {shorten(uri)} ({e})") from None
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise CubeError(f"{where}: a file:// uri names a file on this machine (file:///path or "
-                            f"file://localhost/path), not on {shorten(parts.netloc)}")
-        uri = urllib.request.url2pathname(parts.path)
-    elif parts.scheme == "":  # a plain path is relative to the config file, as it is in the container
-        uri = os.path.join(base, uri)
-    elif parts.scheme in ("http", "https"):
-        uri = ascii_uri(uri, parts, where)
+def fetch_source(source: Source, out, log: logging.Logger) -> None:
+    """Stream the source into the file `out`, hashing as it goes; a CubeError unless its SHA-256 matches."""
+    uri = source.uri
+    if uri.startswith(("http://", "https://")):
+        digest, size = fetch_http(source, out, log)
     else:
-        raise CubeError(f"{where}: unsupported uri scheme {shorten(parts.scheme + ':')} in {shorten(uri)} "
-                        "(expected http://, https://, file:// or a local path)")
-    return Source(uri, digest, size)
+        try:
+            with open_regular(uri) as f:
+                digest, size = stream(f, out, os.fstat(f.fileno()).st_size, uri, *size_limit(source))
+        except OSError as e:
+            raise CubeError(f"{uri}: cannot read ({e.strerror})") from None
+    log.info(f"fetched {size} bytes from {uri}")
+    if digest != source.sha256:
+        raise CubeError(f"{uri}: SHA-256 mismatch: expected {source.sha256}, got {digest}; "
+                        "the download is corrupt or the hash in the data config is wrong")
+    log.info(f"verified SHA-256 {digest} of {uri}")
 
 
-def ascii_uri(uri: str, parts: urllib.parse.SplitResult, where: str) -> str:
-    """An http(s) uri as a server takes it: other characters than ASCII's printable ones in its path
-    and query percent-encoded as UTF-8, as browsers send them; a host name must be ASCII already."""
-    if not parts.netloc.isascii():
-        raise CubeError(f"{where}: the host in {shorten(uri)} is not ASCII; write it in its ASCII form (xn--...)")
-    return urllib.parse.quote(uri, safe="".join(map(chr, range(33, 127))))
-
-
-# -------------------------------------------- downloading: servers that fail, stall, trickle or lie
-HTTP_TIMEOUT = 30.0  # seconds to connect, and at most between two reads of a body
-MIN_RATE = 10_000  # bytes a second that a transfer must average, once it has run for HTTP_TIMEOUT
-HTTP_ATTEMPTS = 4  # tries for connection faults and 5xx answers; a 4xx answer is never retried
-RETRY_DELAY = 1.0  # seconds before the second try, doubled before each one after it
-CHUNK = 1 << 20
-NPZ_NAME = "mnist.npz"
-RECORD_NAME = "download.json"  # where the npz came from, and its SHA-256
-ARRAYS = ("x_train", "y_train", "x_test", "y_test")
-IDX_FILES = {"train_images": "x_train", "train_labels": "y_train",
-             "test_images": "x_test", "test_labels": "y_test"}
-
-
-class Progress:
-    """A live bar on a terminal; a line at each quarter otherwise, so CI logs stay short."""
-
-    def __init__(self, label: str, total: int | None):
-        self.label, self.total, self.tty, self.shown = label, total, sys.stderr.isatty(), 0
-
-    def update(self, done: int) -> None:
-        if not self.total:
-            return
-        if self.tty:
-            filled = 30 * done // self.total
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
-                             f"{done / 1e6:.1f}/{self.total / 1e6:.1f} MB")
-            if done >= self.total:
-                sys.stderr.write("\n")
-        elif 4 * done // self.total > self.shown:
-            self.shown = 4 * done // self.total
-            sys.stderr.write(f"{self.label}: {25 * self.shown}% of {self.total / 1e6:.1f} MB\n")
-
-
-def stream(source, out, total: int | None, uri: str, limit: int, why: str) -> tuple[str, int]:
-    """Copy `source` to the staged file `out` in chunks, returning the SHA-256 and size of what was
-    copied; a CubeError as soon as it passes `limit` bytes (`why` says where the limit comes from)."""
-    out.seek(0)
-    out.truncate()
-    sha, size = hashlib.sha256(), 0
-    progress = Progress(os.path.basename(urllib.parse.urlsplit(uri).path) or uri, total)
-    started = time.monotonic()
-    while chunk := source.read1(CHUNK):  # read1: what has arrived, so that a trickle is seen
-        size += len(chunk)
-        if size > limit:
-            raise CubeError(f"{uri}: stopped after {limit} bytes, {why}; check the uri")
-        write_staged(out, chunk)
-        sha.update(chunk)
-        progress.update(size)
-        check_rate(uri, size, time.monotonic() - started)
-    return sha.hexdigest(), size
-
-
-def check_rate(uri: str, size: int, seconds: float) -> None:
-    """Each read may wait HTTP_TIMEOUT; the whole transfer must also average MIN_RATE once it has run
-    that long, so that a server that trickles a byte at a time cannot hold a task for ever."""
-    if seconds > HTTP_TIMEOUT and size < MIN_RATE * seconds:
-        raise CubeError(f"{uri}: slower than {MIN_RATE / 1000:g} kB/s on average ({size} bytes in {seconds:.0f} s); "
-                        "check the network, or point uri at a local copy")
+def size_limit(source: Source) -> tuple[int, str]:
+    """The most bytes `source` may have, and where that limit comes from."""
+    if source.size is not None:
+        return source.size, f"its size in the data config is {source.size}"
+    return MAX_DATA_BYTES, "the most a data file may have (set its size: in the data config if it is larger)"
 
 
 def fetch_http(source: Source, out, log: logging.Logger) -> tuple[str, int]:
@@ -1076,571 +1689,54 @@ class CheckedRedirects(urllib.request.HTTPRedirectHandler):
 OPENER = urllib.request.build_opener(CheckedRedirects)
 
 
-def size_limit(source: Source) -> tuple[int, str]:
-    """The most bytes `source` may have, and where that limit comes from."""
-    if source.size is not None:
-        return source.size, f"its size in the data config is {source.size}"
-    return MAX_DATA_BYTES, "the most a data file may have (set its size: in the data config if it is larger)"
-
-
-def fetch_source(source: Source, out, log: logging.Logger) -> None:
-    """Stream the source into the file `out`, hashing as it goes; a CubeError unless its SHA-256 matches."""
-    uri = source.uri
-    if uri.startswith(("http://", "https://")):
-        digest, size = fetch_http(source, out, log)
-    else:
-        try:
-            with open_regular(uri) as f:
-                digest, size = stream(f, out, os.fstat(f.fileno()).st_size, uri, *size_limit(source))
-        except OSError as e:
-            raise CubeError(f"{uri}: cannot read ({e.strerror})") from None
-    log.info(f"fetched {size} bytes from {uri}")
-    if digest != source.sha256:
-        raise CubeError(f"{uri}: SHA-256 mismatch: expected {source.sha256}, got {digest}; "
-                        "the download is corrupt or the hash in the data config is wrong")
-    log.info(f"verified SHA-256 {digest} of {uri}")
-
-
-def expected_npz_digest(sources: dict[str, Source], record: dict, record_path: str) -> str | None:
-    """The SHA-256 that data_dir/mnist.npz has when it was made from these sources."""
-    if NPZ_NAME in sources:
-        return sources[NPZ_NAME].sha256
-    previous = read_record(record_path)
-    return previous.get(NPZ_NAME) if previous.get("sources") == record["sources"] else None
-
-
-def load_data_dir(data_dir: str) -> tuple[dict[str, np.ndarray], str, list[str] | None]:
-    """data_dir/mnist.npz, bounded by MAX_DATA_BYTES, or by its size as download recorded it: a data
-    set that data.yaml declares (its size:) may be larger; and its classes' names, if data.yaml gave
-    them (one a class)."""
-    record_path = os.path.join(data_dir, RECORD_NAME)
-    record = read_record(record_path)
-    recorded = record.get("bytes")
-    limit = max(MAX_DATA_BYTES, recorded if isinstance(recorded, int) and recorded <= MAX_DECLARED_BYTES else 0)
-    arrays, digest = load_mnist(os.path.join(data_dir, NPZ_NAME), limit=limit)
-    names, classes = record.get("class_names"), spec_of(arrays).classes
-    if names is not None and (not isinstance(names, list) or len(names) != classes):
-        raise CubeError(f"{record_path}: class_names lists {shorten(names)}, but the data has {classes} classes; "
-                        "give data.yaml's classes: one name a class, and download again")
-    return arrays, digest, names
-
-
-def read_record(path: str) -> dict:
-    """download.json as an earlier run wrote it; {} when there is none or it is unreadable."""
-    try:
-        with open_regular(path) as f:
-            record = json.loads(f.read(MAX_CONFIG_BYTES))
-    except (OSError, ValueError, CubeError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-# ------ atomic files and locks: no half-written output, no two runs mixed, no file of yours touched
-LOCK_NAME = ".mnist.lock"  # the file a folder's lock is taken on (see folder_lock)
-PART_ATTEMPTS = 8  # temporary names tried before a folder is given up as tampered with (see open_part)
-PART = re.compile(r"\..+\.mnist-\d+-[0-9a-f]{8}\.part")  # our temporary files: .NAME.mnist-PID-RANDOM.part
-
-
-@contextlib.contextmanager
-def staged(path: str):
-    """A new temporary file beside `path` (so that a rename is atomic), with the umask's permissions,
-    open for writing; removed when the block ends unless move_into_place() put it at `path`. A run
-    killed before that leaves it behind, and the next task that writes in the folder removes it (main)."""
-    out = open_part(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
-    try:
-        with out:
-            yield out, out.name
-    finally:
-        if os.path.exists(out.name):
-            os.unlink(out.name)
-
-
-def open_part(folder: str, name: str):
-    """A new temporary file for `name` in `folder`, named as only this cube names them (PART) and
-    locked by this process for as long as it is open: a lock, unlike a process ID, says whether its
-    maker is alive from any host or container that shares the folder. A file that another run's
-    clean-up removed, or another process locked, before this one could is left for a new name."""
-    for _ in range(PART_ATTEMPTS):
-        out = open(os.path.join(folder, f".{name}.mnist-{os.getpid()}-{os.urandom(4).hex()}.part"), "xb")
-        try:
-            lock(out.fileno(), shared=False)
-            if os.fstat(out.fileno()).st_nlink:  # not removed by another run's clean-up before the lock
-                return out
-        except (BlockingIOError, PermissionError):
-            out.close()
-            continue
-        except BaseException:  # a signal, say, before staged() can clean up: the file is ours to remove
-            out.close()
-            with contextlib.suppress(OSError):
-                os.unlink(out.name)
-            raise
-        out.close()
-    raise CubeError(f"{folder}: another process locks each temporary file the task makes there; choose "
-                    "another folder, or find that process")
-
-
-def remove_abandoned_parts(folder: str) -> None:
-    """Remove the temporary files that killed runs left in `folder`: this cube's by their name (PART),
-    and only those no live process holds. A user's own files are never touched."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in filter(PART.fullmatch, names):
-        with contextlib.suppress(OSError):  # held by a live process, or gone already
-            remove_unheld(os.path.join(folder, name))
-
-
-def remove_unheld(path: str) -> None:
-    """Remove `path` unless a live process holds it: its lock says so, or, on Windows, the system
-    itself, which refuses to remove a file another process has open."""
-    if fcntl is None:
-        os.unlink(path)
-        return
-    fd = os.open(path, os.O_RDONLY | NO_FOLLOW | NO_WAIT)
-    try:
-        lock(fd, shared=False)
-        os.unlink(path)
-    finally:
-        os.close(fd)
-
-
-def lock(fd: int, shared: bool) -> None:
-    """An OS lock on the open file `fd`, which dies with its process, taken at once or not at all:
-    BlockingIOError or PermissionError when another process holds it. Windows locks are exclusive
-    only, so readers take turns there; with neither kind of lock (a stand-in test), none."""
-    if fcntl:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    elif msvcrt:
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-
-
-def write_staged(out, data: bytes) -> None:
-    """Write to a staged file; a full or read-only disk is the destination's fault, said so."""
-    try:
-        out.write(data)
-    except OSError as e:
-        raise CubeError(os_fault(e, os.path.dirname(out.name))) from None
-
-
-def move_into_place(out, tmp: str, path: str) -> None:
-    """Make a finished staged file durable, then put it at `path` in one atomic step."""
-    try:
-        out.flush()
-        os.fsync(out.fileno())
-        os.replace(tmp, path)
-        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError as e:  # a full disk shows at the flush; a folder at `path` at the rename
-        blamed = path if e.errno == errno.EISDIR else os.path.dirname(os.path.abspath(path))
-        raise CubeError(os_fault(e, blamed)) from None
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    with staged(path) as (out, tmp):
-        write_staged(out, data)
-        move_into_place(out, tmp, path)
-
-
-def os_fault(e: OSError, path: str | None = None) -> str:
-    """An operating-system error as one line: the path, what went wrong, what to do."""
-    path = path or e.filename or "?"
-    hints = {errno.ENOSPC: "no space left on its device; free some, or choose a folder on another disk",
-             errno.EDQUOT: "over your disk quota there; free some space, or choose another folder",
-             errno.EACCES: "permission denied; check who owns it, or choose another folder",
-             errno.EPERM: "operation not permitted; check who owns it, or choose another folder",
-             errno.EROFS: "on a read-only file system; choose a writable folder",
-             errno.EISDIR: "is a folder where a file is expected; give a file's path",
-             errno.ENOTDIR: "a file stands where a folder is expected; give a folder's path",
-             errno.EEXIST: "a file stands where a folder is expected; give a folder's path",
-             errno.ENOENT: "no such file or folder",
-             errno.ELOOP: "a symbolic link stands there, which the cube does not follow; remove it"}
-    return f"{path}: {hints.get(e.errno, e.strerror or type(e).__name__)}"
-
-
-def sha256_of(path: str, limit: int) -> str | None:
-    """The SHA-256 of the regular file at `path`; None if it is not one (a device, a FIFO), or is
-    larger than `limit` bytes."""
+def stream(source, out, total: int | None, uri: str, limit: int, why: str) -> tuple[str, int]:
+    """Copy `source` to the staged file `out` in chunks, returning the SHA-256 and size of what was
+    copied; a CubeError as soon as it passes `limit` bytes (`why` says where the limit comes from)."""
+    out.seek(0)
+    out.truncate()
     sha, size = hashlib.sha256(), 0
-    try:
-        f = open_regular(path)
-    except CubeError:
-        return None
-    with f:
-        while chunk := f.read(CHUNK):
-            size += len(chunk)
-            if size > limit:
-                return None
-            sha.update(chunk)
-    return sha.hexdigest()
+    progress = Progress(os.path.basename(urllib.parse.urlsplit(uri).path) or uri, total)
+    started = time.monotonic()
+    while chunk := source.read1(CHUNK):  # read1: what has arrived, so that a trickle is seen
+        size += len(chunk)
+        if size > limit:
+            raise CubeError(f"{uri}: stopped after {limit} bytes, {why}; check the uri")
+        write_staged(out, chunk)
+        sha.update(chunk)
+        progress.update(size)
+        check_rate(uri, size, time.monotonic() - started)
+    return sha.hexdigest(), size
 
 
-@contextlib.contextmanager
-def folder_lock(folder: str, shared: bool = False):
-    """One writer at a time in `folder` (download's data_dir, train's model_dir), and no reader while
-    it writes (evaluate and infer read model_dir `shared`), so that no one sees two runs' files mixed:
-    an OS lock, which dies with its process (kill -9 too) and holds across containers that mount the
-    folder, on a file in it that only its owner may open (LOCK_NAME, 0600): a lock on the folder
-    itself, or on a file others may read, could be taken by any local user to stop every run."""
-    fd = open_lock_file(os.path.join(folder, LOCK_NAME), shared)
-    try:
-        if fd is not None:
-            try:
-                lock(fd, shared)
-            except (BlockingIOError, PermissionError):
-                doing = "being written by another run" if shared else "in use by another run (writing or reading it)"
-                raise CubeError(f"{folder}: {doing}; wait for it to end, or choose another folder") from None
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
+def check_rate(uri: str, size: int, seconds: float) -> None:
+    """Each read may wait HTTP_TIMEOUT; the whole transfer must also average MIN_RATE once it has run
+    that long, so that a server that trickles a byte at a time cannot hold a task for ever."""
+    if seconds > HTTP_TIMEOUT and size < MIN_RATE * seconds:
+        raise CubeError(f"{uri}: slower than {MIN_RATE / 1000:g} kB/s on average ({size} bytes in {seconds:.0f} s); "
+                        "check the network, or point uri at a local copy")
 
 
-def open_lock_file(path: str, shared: bool) -> int | None:
-    """The lock file at `path`, made if missing, never through a symbolic link. A reader that may
-    neither make nor open it (a read-only mount no writer has used, another user's folder) reads
-    without a lock: None."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o600)
-    except OSError as e:
-        if not shared or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
-        try:
-            fd = os.open(path, os.O_RDONLY | NO_FOLLOW | NO_WAIT)
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.EACCES):
-                return None
-            raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CubeError(f"{path}: not a regular file (a device, FIFO or socket); remove it")
-    return fd
+class Progress:
+    """A live bar on a terminal; a line at each quarter otherwise, so CI logs stay short."""
+
+    def __init__(self, label: str, total: int | None):
+        self.label, self.total, self.tty, self.shown = label, total, sys.stderr.isatty(), 0
+
+    def update(self, done: int) -> None:
+        if not self.total:
+            return
+        if self.tty:
+            filled = 30 * done // self.total
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{done / 1e6:.1f}/{self.total / 1e6:.1f} MB")
+            if done >= self.total:
+                sys.stderr.write("\n")
+        elif 4 * done // self.total > self.shown:
+            self.shown = 4 * done // self.total
+            sys.stderr.write(f"{self.label}: {25 * self.shown}% of {self.total / 1e6:.1f} MB\n")
 
 
-def check_replaceable(path: str, inputs: list[str]) -> None:
-    """infer replaces only what it wrote: never one of its inputs, nor any other file already at `path`
-    that is not an earlier predictions file."""
-    if not os.path.lexists(path):
-        return
-    for given in inputs:
-        if os.path.realpath(path) == os.path.realpath(given):
-            raise CubeError(f"{path}: is one of infer's inputs ({given}); give --predictions another path")
-    if os.path.isdir(path):
-        raise CubeError(f"{path}: is a folder where a file is expected; give --predictions a file's path")
-    with reading(path, "readable"), open_regular(path) as f:
-        start = f.read(len(PREDICTIONS_START))
-    if start != PREDICTIONS_START:
-        raise CubeError(f"{path}: already exists and is not a predictions file that infer wrote; move it "
-                        "away or give --predictions another path")
-
-
-# ------ bounded readers: devices, FIFOs, bombs and damaged files refused in bounded time and memory
-MAX_DATA_BYTES = 128 << 20  # of a data file that data.yaml gives no size: MNIST's largest is 47 MB
-MAX_PARAMS_BYTES = 1 << 30  # of params.msgpack: MNIST's are 0.8 MB, 224×224 colour images' about 50 MB
-MAX_CHECKPOINT_BYTES = 4 * MAX_PARAMS_BYTES  # the parameters, their average and Adam's two moments
-MAX_DECLARED_BYTES = 16 << 30  # of one whose size: it gives (train's peak is about six times it)
-NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows has neither, nor FIFOs to wait on
-NO_WAIT = getattr(os, "O_NONBLOCK", 0)  # a FIFO opens at once, to be refused, instead of waiting for a writer
-
-
-def open_for_appending(path: str):
-    """`path` opened to append text, created if missing, as a regular file and never through a
-    symbolic link: a link planted at a log's path would have the task write where it points."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CubeError(f"{path}: not a regular file (a device, FIFO or socket); remove it, or choose another folder")
-    return os.fdopen(fd, "a", encoding="utf-8")
-
-
-def open_regular(path: str, where: str | None = None):
-    """`path` opened for binary reading if it is a regular file. Devices and FIFOs are refused before a
-    byte is read: /dev/zero never ends, and opening a FIFO waits for a writer."""
-    fd = os.open(path, os.O_RDONLY | NO_WAIT)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CubeError(f"{where or path}: not a regular file (a device, FIFO or socket); give a file")
-    return os.fdopen(fd, "rb")
-
-
-@contextlib.contextmanager
-def reading(where: str, what: str, missing: str = "no such file"):
-    """The faults of reading a file (missing, unreadable, damaged) as one CubeError naming `where`."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise CubeError(f"{where}: {missing}") from None
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise CubeError(f"{where}: not {what} ({shorten(str(e), 120, quoted=False)})") from None
-    except MemoryError:  # a header that declares more than any file of ours holds
-        raise CubeError(f"{where}: not {what} (it declares more data than memory holds)") from None
-
-
-def open_maybe_gzipped(stack: contextlib.ExitStack, path: str, where: str):
-    """A regular file for reading, through gzip when it starts with gzip's magic bytes."""
-    f = stack.enter_context(open_regular(path, where))
-    gzipped = f.read(2) == b"\x1f\x8b"
-    f.seek(0)
-    return stack.enter_context(gzip.GzipFile(fileobj=f)) if gzipped else f
-
-
-def read_idx_header(f, where: str) -> tuple[int, ...]:
-    """The sizes in an IDX header: two zero bytes, type code 0x08 (unsigned byte), the rank, then
-    big-endian int32 sizes."""
-    head = f.read(4)
-    rank = head[3] if len(head) == 4 and head[:3] == b"\0\0\x08" else 0
-    sizes = f.read(4 * rank)
-    if not 1 <= rank <= 4 or len(sizes) != 4 * rank:
-        raise CubeError(f"{where}: not an IDX file of unsigned bytes (its header is not one)")
-    shape = tuple(int.from_bytes(sizes[i:i + 4], "big", signed=True) for i in range(0, 4 * rank, 4))
-    if min(shape) < 0:
-        raise CubeError(f"{where}: not an IDX file of unsigned bytes (negative sizes {shape})")
-    return shape
-
-
-def read_idx(path: str, where: str) -> np.ndarray:
-    """An array from an IDX file (gzipped or raw) of unsigned bytes, of at most MAX_DATA_BYTES."""
-    with contextlib.ExitStack() as stack, reading(where, "a readable IDX file"):
-        f = open_maybe_gzipped(stack, path, where)
-        shape = read_idx_header(f, where)
-        size = math.prod(shape)
-        if size > MAX_DATA_BYTES:
-            raise CubeError(f"{where}: its header declares {size} bytes of data, more than the "
-                            f"{MAX_DATA_BYTES} an MNIST-like file may have")
-        body = f.read(size + 1)
-    if len(body) != size:
-        raise CubeError(f"{where}: not an IDX file of unsigned bytes with a consistent size "
-                        f"(its header declares {size} bytes of data)")
-    return np.frombuffer(body, np.uint8).reshape(shape)
-
-
-def check_data(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-    """Arrays of an image classification data set: uint8 images N×H×W (grey) or N×H×W×C (colour, C = 3
-    or more; C = 1 is grey too), one shape for train and test; integer labels 0..K-1, K ≥ 2, each class
-    among the training labels (a gap means a mislabelled set)."""
-    shape = arrays["x_train"].shape[1:]
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != np.uint8 or x.ndim not in (3, 4) or not len(x) or x.shape[3:] == (2,):
-            raise CubeError(f"{where}: x_{split} must be uint8 images N×H×W, or N×H×W×C with C = 1 or 3 or more, "
-                            f"found {x.dtype} {'×'.join(map(str, x.shape))}")
-        if x.shape[1:] != shape:
-            raise CubeError(f"{where}: x_test's images are {'×'.join(map(str, x.shape[1:]))}, x_train's "
-                            f"{'×'.join(map(str, shape))}; train and test must have one shape")
-        if y.dtype.kind not in "iu" or y.shape != (len(x),):
-            raise CubeError(f"{where}: y_{split} must be {len(x)} integer labels (one per image), "
-                            f"found {y.dtype} {'×'.join(map(str, y.shape))}")
-        if y.min() < 0:
-            raise CubeError(f"{where}: y_{split} labels must be 0 or more, found {y.min()}")
-    check_classes(arrays["y_train"], arrays["y_test"], where)
-    return arrays
-
-
-def check_classes(y_train: np.ndarray, y_test: np.ndarray, where: str) -> None:
-    classes = int(y_train.max()) + 1
-    if classes < 2:
-        raise CubeError(f"{where}: y_train holds one class only; a classifier needs two at least")
-    absent = sorted(set(range(classes)) - set(np.unique(y_train).tolist()))
-    if absent:
-        raise CubeError(f"{where}: y_train labels must be 0..{classes - 1}, each present, but "
-                        f"{', '.join(map(str, absent[:5]))}{', ...' if len(absent) > 5 else ''} never appear")
-    if y_test.max() >= classes:
-        raise CubeError(f"{where}: y_test has label {y_test.max()}, which no training image has (0..{classes - 1})")
-
-
-def load_mnist(path: str, where: str | None = None, limit: int = MAX_DATA_BYTES) -> tuple[dict[str, np.ndarray], str]:
-    """The four arrays from an npz (pickles refused, at most `limit` bytes, unpacked too, shapes and
-    labels checked), and the file's SHA-256, from one read of it. Messages name `where` (default: the
-    path). Memory: the file and its arrays, so about twice `limit` at most."""
-    where = where or path
-    with reading(where, "a usable MNIST .npz", missing="no such file; run the download task first"):
-        with open_regular(path, where) as f:
-            blob = f.read(limit + 1)
-        if len(blob) > limit:
-            raise CubeError(f"{where}: larger than the {limit} bytes an MNIST-like file may have")
-        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-            missing = [key for key in ARRAYS if key not in npz.files]
-            if missing:
-                raise CubeError(f"{where}: missing array '{missing[0]}' (expected {', '.join(ARRAYS)})")
-            sizes = {key: npz.zip.getinfo(f"{key}.npy").file_size for key in ARRAYS}
-            if sum(sizes.values()) > limit:  # a compressed npz can unpack to any size
-                raise CubeError(f"{where}: its arrays unpack to {sum(sizes.values())} bytes, more than "
-                                f"the {limit} an MNIST-like data set may have")
-            for key in ARRAYS:  # np.load allocates what a header declares before it reads a byte
-                with npz.zip.open(f"{key}.npy") as member:
-                    shape, dtype = npy_header(member, where)
-                declared = math.prod(shape) * np.dtype(dtype).itemsize
-                if declared > sizes[key]:
-                    raise CubeError(f"{where}: its {key} declares {'×'.join(map(str, shape))} {dtype} "
-                                    f"({declared} bytes) in {sizes[key]} bytes")
-            arrays = {key: npz[key] for key in ARRAYS}
-    return check_data(arrays, where), hashlib.sha256(blob).hexdigest()
-
-
-def load_model(model_dir: str) -> tuple[dict, Spec, dict]:
-    """The parameters and model.json that train wrote, checked against this file's CNN for the data
-    model.json names (its Spec). Both are read under the folder's lock, shared, so that they come
-    from one run even while another replaces them."""
-    summary_path = os.path.join(model_dir, MODEL_FILES[0])
-    params_path = os.path.join(model_dir, MODEL_FILES[1])
-    try:
-        with folder_lock(model_dir, shared=True), open_regular(summary_path) as f:
-            summary = json.loads(f.read(MAX_CONFIG_BYTES))
-            with open_regular(params_path) as g:
-                blob = g.read(MAX_PARAMS_BYTES + 1)
-    except FileNotFoundError as e:
-        raise CubeError(f"{e.filename}: no such file; run the train task first") from None
-    except (OSError, ValueError) as e:
-        raise CubeError(f"{summary_path}: not a readable model.json ({shorten(str(e), 120, quoted=False)})") from None
-    if len(blob) > MAX_PARAMS_BYTES:
-        raise CubeError(f"{params_path}: larger than the {MAX_PARAMS_BYTES} bytes parameters may have")
-    spec = model_spec(summary, summary_path)
-    template = jax.eval_shape(lambda: init_params(jax.random.key(0), spec))  # shapes only: nothing runs
-    built = architecture(spec.classes)
-    try:
-        params = serialization.from_bytes(template, blob)
-        same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, template, params)
-    except Exception as e:  # msgpack and Flax raise many kinds for a damaged file
-        raise CubeError(f"{params_path}: not parameters of {built} ({type(e).__name__}: {e})") from None
-    if not all(jax.tree.leaves(same)):
-        raise CubeError(f"{params_path}: its arrays do not fit {built}; retrain with this version")
-    return params, spec, summary
-
-
-def model_spec(summary: object, path: str) -> Spec:
-    """The Spec that model.json records, checked: this mnist.py builds the architecture it names."""
-    retrain = "retrain, or restore the model.json written with params.msgpack"
-    if not isinstance(summary, dict):
-        raise CubeError(f"{path}: not a model.json (a JSON object); {retrain}")
-    missing = [key for key in ("input_shape", "classes", "test_accuracy", "test_loss") if key not in summary]
-    if missing:
-        raise CubeError(f"{path}: missing {', '.join(missing)}, which train writes; {retrain}")
-    shape, classes = summary["input_shape"], summary["classes"]
-    valid_shape = isinstance(shape, list) and len(shape) in (2, 3) and all(
-        isinstance(n, int) and not isinstance(n, bool) and 0 < n < 1 << 16 for n in shape)
-    if not valid_shape or isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes < 1 << 16:
-        raise CubeError(f"{path}: input_shape {shorten(shape)} or classes {shorten(classes)} is not what train "
-                        f"writes; {retrain}")
-    if summary.get("architecture") != architecture(classes):
-        raise CubeError(f"{path}: written for architecture {shorten(summary.get('architecture'))}, but this "
-                        f"mnist.py builds {architecture(classes)!r}; retrain with this version")
-    return Spec(tuple(shape), classes)
-
-
-def check_fits_model(spec: Spec, data: Spec, where: str) -> None:
-    """Data for a model: images of the shape it was trained on, and the classes it knows."""
-    if data.image_shape != spec.image_shape:
-        raise CubeError(f"{where}: its images are {'×'.join(map(str, data.image_shape))}, but the model was "
-                        f"trained on {'×'.join(map(str, spec.image_shape))}")
-    if data.classes > spec.classes:
-        raise CubeError(f"{where}: its labels run to {data.classes - 1}, but the model knows classes "
-                        f"0..{spec.classes - 1}")
-
-
-@contextlib.contextmanager
-def image_batches(path: str, batch: int, image_shape: tuple[int, ...]):
-    """The number of uint8 images of `image_shape` in a .npy, an .npz (its one array, or x_test) or an
-    IDX file (gzipped or not), and an iterator over them, `batch` at a time: no more is ever in memory."""
-    with contextlib.ExitStack() as stack:
-        with reading(path, "readable images"):
-            f = open_maybe_gzipped(stack, path, path)
-            start = f.read(6)
-            f.seek(0)
-            if start.startswith(b"PK"):  # a zip, so an .npz: the format is told by the first bytes, not the name
-                f = npz_member(stack, f, path)
-            if start.startswith((b"PK", b"\x93NUMPY")):
-                shape, dtype = npy_header(f, path)
-            elif start.startswith(b"\0\0\x08"):
-                shape, dtype = read_idx_header(f, path), "uint8"
-            else:
-                raise CubeError(f"{path}: not images infer reads (a .npy, an .npz or an IDX file, gzipped or not)")
-        one = "×".join(map(str, image_shape))
-        if dtype != "uint8" or (shape[1:] != image_shape and shape != image_shape):
-            raise CubeError(f"{path}: expected uint8 images N×{one} or one {one} (as the model was trained on), "
-                            f"found {dtype} {'×'.join(map(str, shape))}")
-        count = 1 if shape == image_shape else shape[0]
-        yield count, read_batches(f, count, batch, path, image_shape)
-
-
-def npz_member(stack: contextlib.ExitStack, f, path: str):
-    """The .npz's one array, or its x_test, open for reading as the .npy file it holds."""
-    archive = stack.enter_context(zipfile.ZipFile(f))
-    names = [name.removesuffix(".npy") for name in archive.namelist()]
-    chosen = names if len(names) == 1 else [name for name in names if name == "x_test"]
-    if not chosen:
-        held = f"holds {shorten(', '.join(names), quoted=False)}" if names else "holds no arrays"
-        raise CubeError(f"{path}: {held}; expected one array, or x_test")
-    return stack.enter_context(archive.open(chosen[0] + ".npy"))
-
-
-def npy_header(f, where: str) -> tuple[tuple[int, ...], str]:
-    """The shape and dtype a .npy header declares (nothing is unpickled: the bytes are read raw)."""
-    if f.read(6) != b"\x93NUMPY":
-        raise CubeError(f"{where}: not a .npy array (no NumPy header at its start)")
-    version = tuple(f.read(2))
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in read_header:
-        raise CubeError(f"{where}: a .npy array of format version {version}; expected 1.0 or 2.0")
-    shape, fortran_order, dtype = read_header[version](f)
-    if fortran_order and len(shape) > 1:
-        raise CubeError(f"{where}: stored in Fortran order; save it with np.save(path, np.ascontiguousarray(images))")
-    return shape, str(dtype)
-
-
-def read_batches(f, count: int, batch: int, where: str, image_shape: tuple[int, ...]):
-    """count images of `image_shape` bytes from `f`, `batch` at a time; the file must hold exactly these."""
-    size = math.prod(image_shape)
-    for first in range(0, count, batch):
-        n = min(batch, count - first)
-        with reading(where, "readable images"):
-            data = f.read(n * size)
-        if len(data) != n * size:
-            raise CubeError(f"{where}: ends within image {first + len(data) // size + 1} of the {count} it declares")
-        yield np.frombuffer(data, np.uint8).reshape(n, *image_shape)
-    with reading(where, "readable images"):
-        extra = f.read(1)
-    if extra:
-        raise CubeError(f"{where}: holds more than the {count} images it declares")
-
-
-# ---------------- checkpoints and signals: a kill loses at most an epoch, a signal is never ignored
-CHECKPOINT_NAME = "checkpoint.msgpack"  # in model_dir while a run is incomplete
-
-
-def save_checkpoint(path: str, run_id: dict, state: TrainState, history: list[EpochMetrics]) -> None:
-    """Parameters and their average, optimizer state and step count, and the epochs so far. The PRNG
-    keys need no saving: each epoch's are derived from the seed and the epoch's number."""
-    record = {"state": serialization.to_state_dict(state), "run": json.dumps(run_id),
-              "history": json.dumps([dataclasses.asdict(metrics) for metrics in history])}
-    write_atomically(path, serialization.msgpack_serialize(record))
-
-
-def resume(path: str, run_id: dict, state: TrainState, log: logging.Logger):
-    """The state and history saved in the checkpoint of this same run, or a fresh start."""
-    if not os.path.exists(path):
-        return state, []
-    start_over = f"delete {path} to start over"
-    with open_regular(path) as f:
-        blob = f.read(MAX_CHECKPOINT_BYTES + 1)
-    if len(blob) > MAX_CHECKPOINT_BYTES:
-        raise CubeError(f"{path}: larger than the {MAX_CHECKPOINT_BYTES} bytes a checkpoint may have; {start_over}")
-    try:
-        record = serialization.msgpack_restore(blob)
-        saved = json.loads(record["run"])
-        history = [EpochMetrics(**row) for row in json.loads(record["history"])]
-        state = serialization.from_state_dict(state, record["state"])
-    except Exception as e:  # msgpack and Flax raise many kinds for a damaged file
-        raise CubeError(f"{path}: not a readable checkpoint ({type(e).__name__}); {start_over}") from None
-    for key, value in run_id.items():
-        if saved.get(key) != value:
-            raise CubeError(f"{path}: a checkpoint of another run (its {key} differs); {start_over}")
-    log.info(f"resumed from {path} after epoch {len(history)}")
-    return state, history
-
-
+# -------------------------------- signals: a kill loses at most an epoch, a signal is never ignored
 class Stopped(BaseException):
     """A signal stopped the task: SIGINT or SIGTERM at a safe point of training, or anywhere else
     (`docker stop`, `timeout`, Ctrl-C), unwinding so that no temporary file is left behind. A
@@ -1664,15 +1760,9 @@ def stop_if_signalled(message: str = "") -> None:
         raise Stopped(signals_received[-1], message)
 
 
-@contextlib.contextmanager
 def recording_signals():
     """Within the block, SIGINT and SIGTERM are only recorded: a run stops where nothing is half done."""
-    previous = {s: signal.signal(s, record_signal) for s in stoppable_signals()}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return handling_signals(record_signal)
 
 
 def record_signal(signum, frame) -> None:
@@ -1686,19 +1776,25 @@ def unwinding_signals():
     SIGTERM's default, ending the process (but for a container's process 1, which it leaves alone),
     also ends a wait for a cluster's other processes, where a Python handler would wait for JAX."""
     signals_received.clear()
-    previous = {s: signal.signal(s, stop_task) for s in stoppable_signals()}
     unraisable_hook, sys.unraisablehook = sys.unraisablehook, redeliver_signals
+    try:
+        with handling_signals(stop_task):
+            yield
+    finally:
+        sys.unraisablehook = unraisable_hook
+
+
+@contextlib.contextmanager
+def handling_signals(handler):
+    """Within the block, `handler` takes SIGINT and SIGTERM, but for one the process ignores (a
+    shell's background job ignores SIGINT, and so must its tasks)."""
+    heard = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, handler) for s in heard}
     try:
         yield
     finally:
-        sys.unraisablehook = unraisable_hook
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def stoppable_signals() -> list[int]:
-    """SIGINT and SIGTERM, but for one the process ignores (a shell's background job ignores SIGINT)."""
-    return [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+        for s, before in previous.items():
+            signal.signal(s, before)
 
 
 def stop_task(signum, frame) -> None:
@@ -1719,41 +1815,27 @@ def redeliver_signals(unraisable) -> None:
     resend.start()
 
 
-def provenance() -> dict:
-    """Which image ran the task, as outputs record it: its ID, which only the runner that started it
-    knows (MNIST_IMAGE; our runners set it, MLCube's do not), and the SHA-256 of each file it was built
-    from, which its build recorded (see image_sources), so that under any runner the outputs name the
-    code that made them. Both None outside an image."""
-    return {"image": os.environ.get("MNIST_IMAGE") or None, "image_sources": image_sources()}
-
-
-def image_sources() -> dict[str, str] | None:
-    """The image's record of its sources (`sha256sum` lines, at the path MNIST_IMAGE_SOURCES names), as
-    {file: SHA-256}: the fingerprint the runners' rebuild check compares. None without a readable one."""
-    path = os.environ.get("MNIST_IMAGE_SOURCES")
-    if not path:
-        return None
-    try:
-        with open_regular(path) as f:
-            lines = f.read(MAX_CONFIG_BYTES).decode().splitlines()
-    except (OSError, UnicodeDecodeError, CubeError):
-        return None
-    pairs = [line.split(None, 1) for line in lines]
-    return {pair[1]: pair[0] for pair in pairs if len(pair) == 2}
-
-
 # ==================================================================================================
-# Process setup and main
+# The process
 # The cluster a run may join, logs, the compilation cache, and main.
+
+
 # ==================================================================================================
-
-
-# -------------------------------------------------------------------------------------- the process
 CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
+
+
 SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
+
+
 MAX_CACHE_BYTES = 100 << 20  # beyond this, the programs written longest ago are dropped; a run adds 0.4 MB
+
+
 CACHE_ENTRY = re.compile(r".+-[0-9a-f]{64}-(cache|atime)")  # JAX's names for its entries: PROGRAM-KEY-cache
+
+
 CACHE_TAG = "CACHEDIR.TAG"  # marks a cache folder the cube made (the Cache Directory Tagging convention)
+
+
 CACHE_TAG_TEXT = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
                   b"# The MNIST MLCube's compiled programs: code its tasks run. Only their owner may write here.\n")
 
@@ -1818,11 +1900,11 @@ def compilation_cache_folder() -> str | None:
 
 
 def use_compilation_cache() -> None:
-    """Keep compiled programs between runs, so that a rerun loads them instead of compiling (several
-    times faster), in compilation_cache_folder, at most MAX_CACHE_BYTES of them (prune_cache). JAX
-    keys each entry by program, JAX version and device; a damaged or foreign entry only costs a
-    compilation (and is replaced: see show_warning). The entries are native code that this process
-    runs, so a folder that anyone but its user may write is not used (trusted_cache)."""
+    """Keep compiled programs between runs, so that a rerun loads them instead of compiling, in
+    compilation_cache_folder, at most MAX_CACHE_BYTES of them (prune_cache). JAX keys each entry by
+    program, JAX version and device; a damaged or foreign entry only costs a compilation (and is
+    replaced: see show_warning). The entries are native code that this process runs, so a folder
+    that anyone but its user may write is not used (trusted_cache)."""
     warnings.showwarning = show_warning
     folder = compilation_cache_folder()
     if folder is None or jax.config.jax_compilation_cache_dir:  # JAX's own variable was set: it rules
@@ -1944,13 +2026,13 @@ def main(argv: list[str] | None = None) -> int:
         remove_abandoned_parts(folder)
     try:
         with unwinding_signals():
-            return run(args, log)
+            return outcome(args, log)
     finally:
         for handler in log.handlers[2:]:  # the log file's; stdout and stderr stay open
             handler.stream.close()
 
 
-def run(args: argparse.Namespace, log: logging.Logger) -> int:
+def outcome(args: argparse.Namespace, log: logging.Logger) -> int:
     """The task, its outcome as an exit status, and every error as one line."""
     try:
         TASKS[args.task](args, log)
@@ -1971,9 +2053,8 @@ if __name__ == "__main__":
     status = main()
     if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
         # A signal that landed inside JAX (its tracing, XLA's compiling, its runtime's start) can leave
-        # it in a state that Python's teardown then crashes on (SIGABRT or SIGSEGV, after about one in
-        # five SIGTERMs that landed while it compiled). The stopped task has removed its temporary
-        # files and closed its logs, so the process leaves without that teardown.
+        # it in a state that Python's teardown then crashes on (SIGABRT or SIGSEGV). The stopped task
+        # has removed its temporary files and closed its logs, so the process leaves without it.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -222,7 +222,7 @@ def test_bad_train_config_fails_before_compiling(digits_ws, capsys, monkeypatch,
 
 @pytest.mark.parametrize("content, message", [
     (None, "no such file; run the download task first"),
-    (b"not a zip", "not a usable MNIST .npz"),
+    (b"not a zip", "not a readable .npz"),
 ])
 def test_missing_or_malformed_data(digits_ws, capsys, monkeypatch, content, message):
     monkeypatch.setattr(mnist.jax, "jit", lambda *a, **k: pytest.fail("compiled before checking"))
