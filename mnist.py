@@ -158,9 +158,22 @@ def spec_of(arrays: dict[str, np.ndarray]) -> Spec:
     return Spec(arrays["x_train"].shape[1:], int(arrays["y_train"].max()) + 1)
 
 
-def architecture(classes: int) -> str:
-    """CNN as model.json records it, which evaluate and infer check before they load parameters."""
-    return f"CNN(conv16/4x4/s2, conv32/3x3/s2, dense128, dense{classes})"
+def architecture(spec: Spec) -> str:
+    """CNN as model.json records it, which evaluate and infer check before they load parameters: each
+    layer's kind and width (and a convolution's kernel), read off the parameters CNN makes for `spec`
+    (their shapes alone: nothing runs), so that it follows any change to the class."""
+    params = jax.eval_shape(lambda: init_params(jax.random.key(0), spec))
+    layers = []
+    for name in layer_names(params):
+        kernel = params[name]["kernel"].shape
+        layers.append(f"conv{kernel[3]}/{kernel[0]}x{kernel[1]}/s2" if name.startswith("Conv") else f"dense{kernel[1]}")
+    return f"CNN({', '.join(layers)})"
+
+
+def layer_names(params) -> list[str]:
+    """The layers of CNN's parameters in the order CNN calls them: Flax names them Conv_0, Conv_1, ...
+    and Dense_0, Dense_1, ... by their order of creation, convolutions first in CNN."""
+    return sorted(params, key=lambda name: (not name.startswith("Conv"), int(name.rpartition("_")[2])))
 
 
 class Conv(nn.Module):
@@ -188,8 +201,8 @@ class Conv(nn.Module):
 
 
 def predict(params, images: jax.Array) -> jax.Array:
-    """Logits, one row per image, a column per class: as many as the output layer has."""
-    return CNN(params["Dense_1"]["bias"].shape[-1]).apply({"params": params}, images)
+    """Logits, one row per image, a column per class: as many as CNN's last layer has."""
+    return CNN(params[layer_names(params)[-1]]["bias"].shape[-1]).apply({"params": params}, images)
 
 
 def predict_all(params, images: jax.Array) -> jax.Array:
@@ -418,7 +431,7 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
         os.makedirs(args.model_dir, exist_ok=True)  # open_log made log_dir
     with folder_lock(args.model_dir) if process_0 else contextlib.nullcontext():
         spec = spec_of(arrays)
-        identity = {"architecture": architecture(spec.classes), "input_shape": list(spec.image_shape),
+        identity = {"architecture": architecture(spec), "input_shape": list(spec.image_shape),
                     "classes": spec.classes, "class_names": names, "config": dataclasses.asdict(config),
                     "data_sha256": data_sha256}
         run = TrainRun(config, spec, identity, args.model_dir, args.log_dir, process_0)
@@ -829,7 +842,7 @@ def load_model(model_dir: str) -> tuple[dict, Spec, dict]:
         raise CubeError(f"{params_path}: larger than the {MAX_PARAMS_BYTES} bytes parameters may have")
     spec = model_spec(summary, summary_path)
     template = jax.eval_shape(lambda: init_params(jax.random.key(0), spec))  # shapes only: nothing runs
-    built = architecture(spec.classes)
+    built = architecture(spec)
     try:
         params = serialization.from_bytes(template, blob)
         same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, template, params)
@@ -854,10 +867,11 @@ def model_spec(summary: object, path: str) -> Spec:
     if not valid_shape or isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes < 1 << 16:
         raise CubeError(f"{path}: input_shape {shorten(shape)} or classes {shorten(classes)} is not what train "
                         f"writes; {retrain}")
-    if summary.get("architecture") != architecture(classes):
+    spec = Spec(tuple(shape), classes)
+    if summary.get("architecture") != architecture(spec):
         raise CubeError(f"{path}: written for architecture {shorten(summary.get('architecture'))}, but this "
-                        f"mnist.py builds {architecture(classes)!r}; retrain with this version")
-    return Spec(tuple(shape), classes)
+                        f"mnist.py builds {architecture(spec)!r}; retrain with this version")
+    return spec
 
 
 def check_fits_model(spec: Spec, data: Spec, where: str) -> None:
@@ -1535,6 +1549,8 @@ def lock(fd: int, shared: bool) -> None:
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
 
 
+# Not filelock: its shared lock (ReadWriteLock) is a SQLite file every reader must write, and readers
+# get their folders read-only; and a temporary file's own lock is what says its maker lives.
 @contextlib.contextmanager
 def folder_lock(folder: str, shared: bool = False):
     """One writer at a time in `folder` (download's data_dir, train's model_dir), and no reader while
@@ -1716,6 +1732,7 @@ def check_rate(uri: str, size: int, seconds: float) -> None:
                         "check the network, or point uri at a local copy")
 
 
+# Not tqdm: into a log it writes every redraw, where this writes a line at each quarter.
 class Progress:
     """A live bar on a terminal; a line at each quarter otherwise, so CI logs stay short."""
 
@@ -1890,8 +1907,8 @@ class OneLine(logging.Formatter):
 
 def compilation_cache_folder() -> str | None:
     """Where compiled programs are kept between runs: $MNIST_COMPILATION_CACHE, None for "off", by
-    default the user's cache folder. (noxfile.py runs this very definition for the host folder it
-    mounts into containers, so that containers and local runs share one cache.)"""
+    default the user's cache folder. (noxfile.py runs this very definition, and mounts a folder
+    beside it into containers: never this one, whose programs local runs load and run.)"""
     setting = os.environ.get(CACHE_VARIABLE, "")
     if setting == "off":
         return None

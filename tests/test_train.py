@@ -25,6 +25,37 @@ def run_train(ws, config, capsys):
     return run_task("train", ws, capsys)
 
 
+class DeeperCNN(mnist.nn.Module):
+    """CNN as a student changes it: one more dense layer, and nothing else anywhere."""
+    classes: int
+
+    @mnist.nn.compact
+    def __call__(self, images):
+        x = images.astype(jnp.float32)[..., None] / 255.0
+        x = mnist.nn.relu(mnist.Conv(16, 4)(x))
+        x = mnist.nn.relu(mnist.Conv(32, 3)(x))
+        x = mnist.nn.relu(mnist.nn.Dense(128)(x.reshape(x.shape[0], -1)))
+        x = mnist.nn.relu(mnist.nn.Dense(64)(x))
+        return mnist.nn.Dense(self.classes)(x)
+
+
+def test_changing_the_network_is_a_change_to_cnn_alone(digits_ws, capsys, monkeypatch):
+    """Train, evaluate and infer take the network's layers and class count from CNN itself."""
+    monkeypatch.setattr(mnist, "CNN", DeeperCNN)
+    code, _, err = run_train(digits_ws, {"optimizer": "adam", "train_epochs": 1, "batch_size": 32}, capsys)
+    assert code == 0, err
+    summary = json.loads((digits_ws / "model" / "model.json").read_text())
+    assert summary["architecture"] == "CNN(conv16/4x4/s2, conv32/3x3/s2, dense128, dense64, dense10)"
+    assert run_task("evaluate", digits_ws, capsys).code == 0
+    metrics = json.loads((digits_ws / "logs" / "evaluate_metrics.json").read_text())
+    assert metrics["test_accuracy"] == summary["test_accuracy"]
+    assert run_task("infer", digits_ws, capsys).code == 0
+    monkeypatch.undo()  # the model of another network is refused, in one line
+    result = run_task("evaluate", digits_ws, capsys)
+    assert result.code == 1 and "written for architecture 'CNN(conv16/4x4/s2, conv32/3x3/s2, dense128, dense64" \
+        in result.err
+
+
 def test_train_writes_model_metrics_and_logs(digits_ws, capsys):
     code, out, err = run_train(digits_ws, {"optimizer": "adam", "train_epochs": 3, "batch_size": 32}, capsys)
     assert code == 0, err
