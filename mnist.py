@@ -466,11 +466,7 @@ class TrainConfig:
 
 # What a train.yaml value of each TrainConfig type may be (YAML writes 1 for 1.0), and its name in messages.
 TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number")}
-
-
 MAX_SEED = 2**31 - 2  # the programs take the seed, and seed + 1 for the data, as int32
-
-
 MAX_STEPS = 2**31 - 1  # of a run: the optimizer's step counter is an int32
 
 
@@ -783,8 +779,6 @@ def draw_curves(history: list[EpochMetrics]):
 
 # ---------------------------------------- evaluate: the model and the test images, scored and drawn
 MISTAKES_SHOWN = 36  # the most confident mistakes that evaluate lists and draws
-
-
 MODEL_FILES = ("model.json", "params.msgpack")  # what train writes in model_dir, and evaluate and infer read
 
 
@@ -947,8 +941,6 @@ def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int, names: l
 
 # --------------------------------------------------- infer: any number of images, a batch at a time
 INFER_BATCH = 10 * SCORE_BATCH  # images that infer reads, scores and writes at a time: its memory stays flat
-
-
 PREDICTIONS_START = b'{"images": '  # how infer's output begins: the only existing file it replaces
 
 
@@ -1044,14 +1036,8 @@ def read_batches(f, count: int, batch: int, where: str, image_shape: tuple[int, 
 
 # --------------------------------------------- download: its config, its sources, the npz it writes
 NPZ_NAME = "mnist.npz"
-
-
 RECORD_NAME = "download.json"  # where the npz came from, and its SHA-256
-
-
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
-
-
 IDX_FILES = {"train_images": "x_train", "train_labels": "y_train",
              "test_images": "x_test", "test_labels": "y_test"}
 
@@ -1132,8 +1118,6 @@ def ascii_uri(uri: str, parts: urllib.parse.SplitResult, where: str) -> str:
 
 
 MAX_URI_CHARS = 2048
-
-
 WINDOWS_PATH = re.compile(r"[A-Za-z]:[\\/]|\\\\")  # a drive's path, or a UNC path
 
 
@@ -1289,20 +1273,10 @@ def to_json(value: object, indent: int | None = 2) -> bytes:
 
 # ------ bounded readers: devices, FIFOs, bombs and damaged files refused in bounded time and memory
 MAX_DATA_BYTES = 128 << 20  # of a data file that data.yaml gives no size: MNIST's largest is 47 MB
-
-
 MAX_PARAMS_BYTES = 1 << 30  # of params.msgpack: MNIST's are 0.8 MB, 224×224 colour images' about 50 MB
-
-
 MAX_CHECKPOINT_BYTES = 4 * MAX_PARAMS_BYTES  # the parameters, their average and Adam's two moments
-
-
 MAX_DECLARED_BYTES = 16 << 30  # of one whose size: it gives (train's peak is about six times it)
-
-
 NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows has neither, nor FIFOs to wait on
-
-
 NO_WAIT = getattr(os, "O_NONBLOCK", 0)  # a FIFO opens at once, to be refused, instead of waiting for a writer
 
 
@@ -1421,11 +1395,7 @@ def open_for_appending(path: str):
 
 # ------ atomic files and locks: no half-written output, no two runs mixed, no file of yours touched
 LOCK_NAME = ".mnist.lock"  # the file a folder's lock is taken on (see folder_lock)
-
-
 PART_ATTEMPTS = 8  # temporary names tried before a folder is given up as tampered with (see open_part)
-
-
 PART = re.compile(r"\..+\.mnist-\d+-[0-9a-f]{8}\.part")  # our temporary files: .NAME.mnist-PID-RANDOM.part
 
 
@@ -1612,17 +1582,9 @@ def sha256_of(path: str, limit: int) -> str | None:
 
 # ---------------------------------- downloading: servers that fail, stall, trickle, lie or redirect
 HTTP_TIMEOUT = 30.0  # seconds to connect, and at most between two reads of a body
-
-
 MIN_RATE = 10_000  # bytes a second that a transfer must average, once it has run for HTTP_TIMEOUT
-
-
 HTTP_ATTEMPTS = 4  # tries for connection faults and 5xx answers; a 4xx answer is never retried
-
-
 RETRY_DELAY = 1.0  # seconds before the second try, doubled before each one after it
-
-
 CHUNK = 1 << 20
 
 
@@ -1839,20 +1801,10 @@ def redeliver_signals(unraisable) -> None:
 
 # ==================================================================================================
 CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
-
-
 SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
-
-
 MAX_CACHE_BYTES = 100 << 20  # beyond this, the programs written longest ago are dropped; a run adds 0.4 MB
-
-
 CACHE_ENTRY = re.compile(r".+-[0-9a-f]{64}-(cache|atime)")  # JAX's names for its entries: PROGRAM-KEY-cache
-
-
 CACHE_TAG = "CACHEDIR.TAG"  # marks a cache folder the cube made (the Cache Directory Tagging convention)
-
-
 CACHE_TAG_TEXT = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
                   b"# The MNIST MLCube's compiled programs: code its tasks run. Only their owner may write here.\n")
 
