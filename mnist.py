@@ -48,6 +48,7 @@ import re
 import signal
 import stat
 import sys
+import tarfile
 import threading
 import time
 import urllib.error
@@ -1043,17 +1044,24 @@ IDX_FILES = {"train_images": "x_train", "train_labels": "y_train",
 
 
 def download(args: argparse.Namespace, log: logging.Logger) -> None:
-    sources, names = read_data_config(args.data_config)
-    log.info(f"read {args.data_config}: {', '.join(source.uri for source in sources.values())}")
+    config = read_yaml(args.data_config)
+    images = read_image_config(config, args.data_config)  # None when data.yaml names an npz or IDX files
+    sources, names = ({}, None) if images else read_data_config(args.data_config, config)
+    uris = [images.source.uri] if images else [source.uri for source in sources.values()]
+    log.info(f"read {args.data_config}: {', '.join(uris)}")
     os.makedirs(args.data_dir, exist_ok=True)
     with folder_lock(args.data_dir):
-        fetch_and_verify(sources, names, args.data_dir, log)
+        if images:
+            make_npz_of_images(images, args.data_dir, log)
+        else:
+            fetch_and_verify(sources, names, args.data_dir, log)
 
 
-def read_data_config(path: str) -> tuple[dict[str, Source], list[str] | None]:
-    """Each source file's name and its Source, from either form of `data.yaml`, and the classes' names
-    where it gives them (`classes:`, a list: class k is the k-th name)."""
-    config = read_yaml(path)
+def read_data_config(path: str, config: dict | None = None) -> tuple[dict[str, Source], list[str] | None]:
+    """Each source file's name and its Source, from either form of `data.yaml` (`config`, when it is
+    read already), and the classes' names where it gives them (`classes:`, a list: class k is the k-th
+    name)."""
+    config = read_yaml(path) if config is None else config
     base = os.path.dirname(os.path.abspath(path))
     if "files" not in config:
         check_keys(config, ["uri", "hash"], ["size", "classes"], path)
@@ -1077,18 +1085,26 @@ def class_names(config: dict, path: str) -> list[str] | None:
 
 
 def read_source(entry: dict, base: str, where: str) -> Source:
-    uri, digest, size = str(entry["uri"]), str(entry["hash"]).strip().lower(), entry.get("size")
-    digest = digest.removeprefix("sha256:")
-    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+    """The Source an entry of data.yaml names; its sha256 is "" where the entry may and does give no hash
+    (a folder of images, which check_keys allowed)."""
+    size = entry.get("size")
+    digest = str(entry.get("hash", "")).strip().lower().removeprefix("sha256:")
+    if "hash" in entry and not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise CubeError(f"{where}: hash must be a SHA-256 digest (64 hex digits, 'sha256:' prefix "
                         f"optional), got {shorten(entry['hash'])}")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_DECLARED_BYTES):
         raise CubeError(f"{where}: size must be the file's size in bytes, 1 to {MAX_DECLARED_BYTES}, "
                         f"got {shorten(size)}")
+    return Source(resolve_uri(str(entry["uri"]), base, where), digest, size)
+
+
+def resolve_uri(uri: str, base: str, where: str) -> str:
+    """A data.yaml uri as the task opens it: an http(s) URL, or a local path (a plain path is relative to
+    `base`, data.yaml's folder)."""
     if len(uri) > MAX_URI_CHARS:
         raise CubeError(f"{where}: uri longer than {MAX_URI_CHARS} characters: {shorten(uri)}")
     if WINDOWS_PATH.match(uri):  # C:\data, C:/data or \\server\share: a path, not a URL of scheme "c"
-        return Source(os.path.join(base, uri), digest, size)
+        return os.path.join(base, uri)
     try:
         parts = urllib.parse.urlsplit(uri)
         parts.port  # noqa: B018 (a port out of range raises only when it is read)
@@ -1106,7 +1122,7 @@ def read_source(entry: dict, base: str, where: str) -> Source:
     else:
         raise CubeError(f"{where}: unsupported uri scheme {shorten(parts.scheme + ':')} in {shorten(uri)} "
                         "(expected http://, https://, file:// or a local path)")
-    return Source(uri, digest, size)
+    return uri
 
 
 def ascii_uri(uri: str, parts: urllib.parse.SplitResult, where: str) -> str:
@@ -1169,6 +1185,219 @@ def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) ->
     buffer = io.BytesIO()
     np.savez(buffer, **check_data(arrays, "the IDX files"))
     return buffer.getvalue()
+
+
+# An image set: a folder of class folders (train/<class>/... and test/<class>/..., or <class>/... alone),
+# or a zip or tar archive of one, decoded by Pillow into the same mnist.npz.
+# make_npz_of_images = read_image_files -> split_by_class -> decode_images -> write_image_npz
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
+SPLITS = ("train", "test")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")  # what Pillow may read a file as
+DEFAULT_TEST_FRACTION = 0.2  # of each class, held out as the test set when the set has no test/
+
+
+class ImageSet(NamedTuple):
+    """Where the images are (an archive's Source has its hash; a folder's may have none: ""), whether
+    it is a folder, and data.yaml's test_fraction and image_size."""
+    source: Source
+    folder: bool
+    test_fraction: float
+    image_size: tuple[int, int] | None
+
+
+def read_image_config(config: dict, path: str) -> ImageSet | None:
+    """data.yaml's image set, when its uri names a folder or an archive (by its name); None otherwise."""
+    if "files" in config or not isinstance(config.get("uri"), str):
+        return None
+    uri = resolve_uri(config["uri"], os.path.dirname(os.path.abspath(path)), path)
+    web = uri.startswith(("http://", "https://"))
+    folder = not web and os.path.isdir(uri)
+    name = urllib.parse.urlsplit(uri).path if web else uri
+    if not folder and not name.lower().endswith(ARCHIVES):
+        return None
+    check_keys(config, ["uri"] if folder else ["uri", "hash"], ["hash", "size", "test_fraction", "image_size"], path)
+    fraction = config.get("test_fraction", DEFAULT_TEST_FRACTION)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise CubeError(f"{path}: test_fraction must be a number between 0 and 1 (exclusive), got {shorten(fraction)}")
+    size = config.get("image_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(
+            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_IMAGE_SIDE for n in size)):
+        raise CubeError(f"{path}: image_size must be [height, width], each 1 to {MAX_IMAGE_SIDE}, got {shorten(size)}")
+    source = read_source(config, os.path.dirname(os.path.abspath(path)), path)
+    return ImageSet(source, folder, float(fraction), tuple(size) if size else None)
+
+
+MAX_IMAGE_SIDE = 1 << 14  # pixels of an image_size's height or width
+
+
+def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> None:
+    """Read the image set's files (an archive fetched and verified first), and unless data_dir holds
+    the npz made from these same files and settings, decode them and write it, with download.json."""
+    final, record_path = os.path.join(data_dir, NPZ_NAME), os.path.join(data_dir, RECORD_NAME)
+    files, digest = read_image_files(images, final, log)
+    source = {"uri": images.source.uri, "sha256": digest, "test_fraction": images.test_fraction,
+              "image_size": list(images.image_size) if images.image_size else None}
+    previous = read_record(record_path)
+    expected = previous.get(NPZ_NAME) if previous.get("sources") == {"images": source} else None
+    if expected and os.path.exists(final) and sha256_of(final, MAX_DECLARED_BYTES) == expected:
+        log.info(f"skipped: {final} is already present and matches its SHA-256")
+        return
+    splits = split_by_class(files, images.test_fraction, images.source.uri)
+    names = sorted(splits["train"])
+    arrays = decode_images(files, splits, names, images, size_limit(images.source)[0])
+    buffer = io.BytesIO()
+    np.savez(buffer, **check_data(arrays, images.source.uri))
+    write_atomically(final, buffer.getvalue())
+    record = {"sources": {"images": source}, "class_names": names,
+              "class_counts": {name: {split: len(splits[split].get(name, [])) for split in SPLITS} for name in names},
+              NPZ_NAME: hashlib.sha256(buffer.getvalue()).hexdigest(), "bytes": os.path.getsize(final)}
+    write_atomically(record_path, to_json(record))
+    log.info(f"written {final} ({len(arrays['x_train'])} training and {len(arrays['x_test'])} test images "
+             f"of {len(names)} classes; SHA-256 {record[NPZ_NAME]})")
+
+
+def read_image_files(images: ImageSet, final: str, log: logging.Logger) -> tuple[dict[str, bytes], str]:
+    """Every file of the set but the OS's litter, by its name within the folder or archive, and the
+    SHA-256 that identifies them: an archive's own (verified against data.yaml's hash), or for a folder
+    one over its files' names and bytes (checked against data.yaml's hash where it gives one)."""
+    limit = size_limit(images.source)[0]
+    if images.folder:
+        files = read_tree(images.source.uri, limit)
+        digest = digest_of_files(files)
+        if images.source.sha256 and digest != images.source.sha256:
+            raise CubeError(f"{images.source.uri}: SHA-256 mismatch: expected {images.source.sha256}, got {digest} "
+                            "(over its files' names and bytes); the folder changed or the hash is wrong")
+        log.info(f"read {len(files)} files from {images.source.uri} (SHA-256 {digest})")
+        return files, digest
+    with staged(final) as (out, tmp):
+        fetch_source(images.source, out, log)
+        out.flush()
+        files = read_archive(tmp, images.source.uri, limit)
+    return files, images.source.sha256
+
+
+def digest_of_files(files: dict[str, bytes]) -> str:
+    """One SHA-256 over files' sorted names and their bytes, each with its length: the same files give
+    the same digest on every machine, and no two sets of files one digest."""
+    sha = hashlib.sha256()
+    for name in sorted(files):
+        for part in (name.encode(), files[name]):
+            sha.update(len(part).to_bytes(8, "big") + part)
+    return sha.hexdigest()
+
+
+def split_by_class(files: dict[str, bytes], test_fraction: float, where: str) -> dict[str, dict[str, list[str]]]:
+    """The file names of each split (train, test) and class. One top folder around the set is looked
+    through. A set without train/ and test/ is <class>/... alone, and test_fraction of each class is
+    held out (held_out)."""
+    paths = {name: name.split("/") for name in files}
+    tops = {parts[0] for parts in paths.values()}
+    if len(tops) == 1 and all(len(parts) > 2 for parts in paths.values()) and not tops & set(SPLITS):
+        paths = {name: parts[1:] for name, parts in paths.items()}
+        tops = {parts[0] for parts in paths.values()}
+    layout = "train/<class>/... and test/<class>/..., or <class>/... alone"
+    split = bool(tops & set(SPLITS))
+    if split and tops != set(SPLITS):
+        raise CubeError(f"{where}: holds {', '.join(sorted(tops - set(SPLITS)) or ['no test/'])} beside "
+                        f"{'/, '.join(sorted(tops & set(SPLITS)))}/; expected {layout}")
+    splits, within = {name: {} for name in SPLITS}, {}  # within: each file's path inside its class folder
+    for name, parts in sorted(paths.items()):
+        if len(parts) < 2 + split:
+            raise CubeError(f"{where}: {name} lies outside any class folder; expected {layout}")
+        splits[parts[0] if split else "train"].setdefault(parts[split], []).append(name)
+        within[name] = "/".join(parts[1 + split:])
+    if len(splits["train"]) < 2:
+        raise CubeError(f"{where}: holds {len(splits['train'])} class folder(s); expected two or more ({layout})")
+    unknown = sorted(set(splits["test"]) - set(splits["train"]))
+    if unknown:
+        raise CubeError(f"{where}: test/{unknown[0]} is a class that train/ does not have")
+    return splits if split else held_out(splits["train"], test_fraction, within, where)
+
+
+def held_out(classes: dict[str, list[str]], test_fraction: float, within: dict[str, str],
+             where: str) -> dict[str, dict[str, list[str]]]:
+    """test_fraction of each class's files (rounded; at least one, and one left to train on) as the
+    test set: those first when ordered by the SHA-256 of their paths `within` the class folder, so that
+    the same files are held out on every machine, whatever folder or archive holds the set."""
+    splits = {name: {} for name in SPLITS}
+    for name, members in classes.items():
+        if len(members) < 2:
+            raise CubeError(f"{where}: class {name} has {len(members)} image; two or more are needed to hold "
+                            "one out for testing")
+        order = sorted(members, key=lambda member: hashlib.sha256(within[member].encode()).digest())
+        count = min(max(round(test_fraction * len(members)), 1), len(members) - 1)
+        splits["test"][name], splits["train"][name] = sorted(order[:count]), sorted(order[count:])
+    return splits
+
+
+def decode_images(files: dict[str, bytes], splits: dict, names: list[str], images: ImageSet,
+                  limit: int) -> dict[str, np.ndarray]:
+    """The four arrays of the npz: each split's images, decoded (decode_image) and of one size (or
+    resized to image_size), in colour if any is; its labels, class k being the k-th of the sorted names."""
+    decoded, budget = {}, limit
+    for split in SPLITS:
+        for name in names:
+            for member in splits[split].get(name, []):
+                where = f"{images.source.uri}: {member}"
+                decoded[member] = decode_image(files[member], images.image_size, budget, where)
+                budget -= decoded[member].nbytes
+    shapes = {image.shape[:2]: member for member, image in decoded.items()}
+    if len(shapes) > 1:
+        (one, a), (two, b) = list(shapes.items())[:2]
+        raise CubeError(f"{images.source.uri}: {a} is {one[0]}×{one[1]} but {b} is {two[0]}×{two[1]}; "
+                        "add image_size: [height, width] to data.yaml to resize every image to one size")
+    colour = any(image.ndim == 3 for image in decoded.values())
+    arrays = {}
+    for split in SPLITS:
+        members = [(member, k) for k, name in enumerate(names) for member in splits[split].get(name, [])]
+        stack = [decoded[member] for member, _ in members]
+        if colour:
+            stack = [np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image for image in stack]
+        arrays[f"x_{split}"] = np.stack(stack)
+        arrays[f"y_{split}"] = np.array([k for _, k in members], np.uint8 if len(names) <= 256 else np.int32)
+    return arrays
+
+
+def decode_image(data: bytes, size: tuple[int, int] | None, budget: int, where: str) -> np.ndarray:
+    """One image file as 8-bit grey (H×W) or colour (H×W×3) pixels (see eight_bit), resized to `size`
+    ([height, width]) when one is given, by stretching with bilinear resampling, as Keras's
+    image_dataset_from_directory does: the whole image is kept, which a crop could cut the object out
+    of. A file that declares more pixels than `budget` bytes hold, or more than Pillow deems safe (a
+    decompression bomb), is refused before it is decoded."""
+    from PIL import Image  # here alone: the other tasks, and --help, start without it
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                width, height = image.size
+                if width * height * 3 > budget:
+                    raise Image.DecompressionBombError(f"{width}×{height} pixels")
+                pixels = eight_bit(image)
+                if size and pixels.shape[:2] != size:
+                    pixels = np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.Resampling.BILINEAR))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise CubeError(f"{where}: declares more pixels than the data set may have ({shorten(str(e), 80, False)}); "
+                        "a decompression bomb, or an image far too large") from None
+    except Image.UnidentifiedImageError:
+        raise CubeError(f"{where}: not an image of a format read here ({', '.join(IMAGE_FORMATS)})") from None
+    except Exception as e:  # a damaged file can fail anywhere in a decoder, each failure one line
+        raise CubeError(f"{where}: not a readable image ({shorten(str(e) or type(e).__name__, 120, False)})") from None
+    return pixels
+
+
+def eight_bit(image) -> np.ndarray:
+    """A Pillow image's first frame as 8-bit pixels: grey (1, L, LA, 16-bit) stays grey, alpha is
+    dropped (as Keras's loader drops it), a palette whose colours are all grey is grey, and every other
+    mode (RGB, RGBA, P, CMYK, YCbCr) becomes RGB."""
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):  # 16-bit grey (PNG, TIFF) to 8-bit
+        return np.clip(np.asarray(image, np.float64) / 257, 0, 255).round().astype(np.uint8)
+    if mode in ("1", "L", "LA", "F"):
+        return np.asarray(image.convert("L"))
+    pixels = np.asarray(image.convert("RGBA" if mode in ("P", "PA") else "RGB"))[..., :3]
+    grey = mode in ("P", "PA") and (pixels == pixels[..., :1]).all()
+    return np.ascontiguousarray(pixels[..., 0]) if grey else pixels
 
 
 TASKS = {"download": download, "train": train, "evaluate": evaluate, "infer": infer}  # COMMANDS's, run
@@ -1381,6 +1610,117 @@ def read_idx_header(f, where: str) -> tuple[int, ...]:
     if min(shape) < 0:
         raise CubeError(f"{where}: not an IDX file of unsigned bytes (negative sizes {shape})")
     return shape
+
+
+MAX_FILES = 2_000_000  # entries a folder or archive of files may hold (ImageNet's training set: 1.3 million)
+LITTER = ("__macosx", "thumbs.db", "desktop.ini")  # what macOS and Windows leave in folders; and dot-files
+
+
+def is_litter(name: str) -> bool:
+    return name.startswith(".") or name.lower() in LITTER
+
+
+class FileBudget:
+    """Files read into memory, by name, at most MAX_FILES entries seen and `limit` bytes in all."""
+
+    def __init__(self, where: str, limit: int):
+        self.where, self.limit, self.files, self.seen, self.bytes = where, limit, {}, 0, 0
+
+    def count(self, size: int = 0) -> None:
+        """One more entry, which declares `size` bytes: a CubeError past either bound."""
+        self.seen += 1
+        if self.seen > MAX_FILES:
+            raise CubeError(f"{self.where}: holds more than {MAX_FILES} files and folders")
+        self.charge(size)
+
+    def charge(self, size: int) -> None:
+        self.bytes += size
+        if self.bytes > self.limit:
+            raise CubeError(f"{self.where}: its files hold more than {self.limit} bytes, the most a data set "
+                            "may have (set size: in the data config if it is larger)")
+
+    def add(self, name: str, f, declared: int = 0) -> None:
+        """The file `name`, read from `f`; its bytes beyond what count() took for it are counted too."""
+        data = f.read(self.limit - self.bytes + declared + 1)
+        self.charge(len(data) - declared)
+        self.files[name] = data
+
+
+def read_tree(root: str, limit: int) -> dict[str, bytes]:
+    """Every regular file under the folder `root` but litter (is_litter), by its path within it with
+    "/" between folders. Links to folders are not followed."""
+    budget = FileBudget(root, limit)
+    try:
+        for folder, folders, names in os.walk(root, onerror=raise_error):
+            folders[:] = sorted(name for name in folders if not is_litter(name))
+            for name in sorted(names):
+                budget.count()
+                if not is_litter(name):
+                    path = os.path.join(folder, name)
+                    with open_regular(path) as f:
+                        budget.add(os.path.relpath(path, root).replace(os.sep, "/"), f)
+    except OSError as e:
+        raise CubeError(os_fault(e)) from None
+    return budget.files
+
+
+def raise_error(e: OSError) -> None:
+    raise e
+
+
+def read_archive(path: str, where: str, limit: int) -> dict[str, bytes]:
+    """Every file in a zip or tar archive (gzipped or not) but litter, by its name, read in memory:
+    nothing is extracted. A member named outside the archive's folder (absolute, or with ..), or one
+    that is a link or a device, is refused."""
+    budget = FileBudget(where, limit)
+    try:
+        with open_regular(path, where) as f:
+            if zipfile.is_zipfile(f):
+                read_zip(f, budget)
+            else:
+                f.seek(0)
+                read_tar(f, budget)
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as e:
+        raise CubeError(f"{where}: not a readable zip or tar archive ({shorten(str(e), 120, False)})") from None
+    return budget.files
+
+
+def read_zip(f, budget: FileBudget) -> None:
+    with zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            budget.count(info.file_size)
+            name = member_name(info.filename, budget.where)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise CubeError(f"{budget.where}: member {shorten(info.filename)} is a symbolic link; an archive "
+                                "of images holds files and folders alone")
+            if name and not info.is_dir():
+                with archive.open(info) as member:
+                    budget.add(name, member, info.file_size)
+
+
+def read_tar(f, budget: FileBudget) -> None:
+    with tarfile.open(fileobj=f, mode="r:*") as archive:
+        for info in archive:
+            budget.count(info.size if info.isfile() else 0)
+            name = member_name(info.name, budget.where)
+            if not (info.isfile() or info.isdir()):
+                raise CubeError(f"{budget.where}: member {shorten(info.name)} is a link or a device; an archive "
+                                "of images holds files and folders alone")
+            if name and info.isfile():
+                budget.add(name, archive.extractfile(info), info.size)
+
+
+def member_name(name: str, where: str) -> str:
+    """An archive member's name as a path within the archive's folder ("a/b"); "" for litter (is_litter
+    of any part). Absolute names and .. are refused: they would lead outside if it were extracted."""
+    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
+    if name.startswith(("/", "\\")) or WINDOWS_DRIVE.match(name) or ".." in parts:
+        raise CubeError(f"{where}: member {shorten(name)} is named outside the archive's folder (absolute, "
+                        "or with ..); an archive of images holds relative names alone")
+    return "" if any(map(is_litter, parts)) else "/".join(parts)
+
+
+WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
 
 
 def open_for_appending(path: str):
