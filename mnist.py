@@ -1189,7 +1189,7 @@ def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) ->
 
 # An image set: a folder of class folders (train/<class>/... and test/<class>/..., or <class>/... alone),
 # or a zip or tar archive of one, decoded by Pillow into the same mnist.npz.
-# make_npz_of_images = read_image_files -> split_by_class -> decode_images -> write_image_npz
+# make_npz_of_images = read_image_files -> split_by_class -> decode_images -> mnist.npz and download.json
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
 SPLITS = ("train", "test")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")  # what Pillow may read a file as
@@ -1371,7 +1371,7 @@ def decode_image(data: bytes, size: tuple[int, int] | None, budget: int, where: 
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 width, height = image.size
-                if width * height * 3 > budget:
+                if width * height * 3 > budget:  # its pixels in colour, before a byte is decoded
                     raise Image.DecompressionBombError(f"{width}×{height} pixels")
                 pixels = eight_bit(image)
                 if size and pixels.shape[:2] != size:
