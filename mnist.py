@@ -89,8 +89,8 @@ COMMANDS = {
         "log_dir": ("folder that receives evaluate_metrics.json and mnist_evaluate.log", "directory", True)}),
     "infer": ("Classify images with the trained model; write each one's class and probabilities as JSON.", {
         "model_dir": ("folder holding params.msgpack and model.json (from train)", "directory", False),
-        "images": ("images to classify: .npy, .npz or IDX; uint8, N of the shape the model was trained on, "
-                   "or one", "file", False),
+        "images": ("images to classify: .npy, .npz or IDX (uint8, N of the shape the model was trained on, "
+                   "or one), or image files (a folder of them, or one)", "file", False),
         "predictions": ("JSON file that receives each image's class and probabilities; an existing file "
                         "there is replaced only if infer wrote it", "file", True)}),
 }
@@ -715,6 +715,7 @@ def write_model(run: TrainRun, n: int, state: TrainState, history: list[EpochMet
         "epochs_run": len(history), "time_to_target_seconds": last.elapsed_seconds if reached else None,
         "train_seconds": last.elapsed_seconds, "compile_seconds": compile_seconds,
         "images_per_second": len(history) * images_per_epoch / last.elapsed_seconds,
+        "resizing": RESIZING,  # how download's image_size and infer bring an image to input_shape
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
         **provenance(),
@@ -950,7 +951,7 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
     check_replaceable(args.predictions, [args.images, *model_files])
     params, spec, _ = load_model(args.model_dir)
     os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
-    with (image_batches(args.images, INFER_BATCH, spec.image_shape) as (count, batches),
+    with (image_batches(args.images, INFER_BATCH, spec.image_shape) as (count, batches, names),
           staged(args.predictions) as (out, tmp)):
         size = min(INFER_BATCH, count)  # every call the same shape: one program
         classify = compile_scoring(class_probabilities, params,
@@ -960,6 +961,8 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
             padded = np.pad(images, ((0, size - len(images)), *[(0, 0)] * len(spec.image_shape)))
             probabilities = np.asarray(classify(params, padded))[:len(images)]
             rows = [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probabilities]
+            if names:  # image files: each row names its file
+                rows = [{"file": name, **row} for name, row in zip(names[i * INFER_BATCH:], rows, strict=False)]
             write_staged(out, (b", " if i else b"") + b", ".join(to_json(row, None) for row in rows))
         write_staged(out, b"]}")
         move_into_place(out, tmp, args.predictions)
@@ -986,7 +989,12 @@ def check_replaceable(path: str, inputs: list[str]) -> None:
 @contextlib.contextmanager
 def image_batches(path: str, batch: int, image_shape: tuple[int, ...]):
     """The number of uint8 images of `image_shape` in a .npy, an .npz (its one array, or x_test) or an
-    IDX file (gzipped or not), and an iterator over them, `batch` at a time: no more is ever in memory."""
+    IDX file (gzipped or not), an iterator over them, `batch` at a time: no more is ever in memory, and
+    None; or, for image files (image_file_batches), their names."""
+    if os.path.isdir(path) or path.lower().endswith(IMAGE_SUFFIXES):
+        names = image_file_names(path)
+        yield len(names), image_file_batches(path, names, batch, image_shape), names
+        return
     with contextlib.ExitStack() as stack:
         with reading(path, "readable images"):
             f = open_maybe_gzipped(stack, path, path)
@@ -999,13 +1007,59 @@ def image_batches(path: str, batch: int, image_shape: tuple[int, ...]):
             elif start.startswith(b"\0\0\x08"):
                 shape, dtype = read_idx_header(f, path), "uint8"
             else:
-                raise CubeError(f"{path}: not images infer reads (a .npy, an .npz or an IDX file, gzipped or not)")
+                raise CubeError(f"{path}: not images infer reads (a .npy, an .npz or an IDX file, gzipped or not, "
+                                f"or image files: a folder of them, or one ending in {', '.join(IMAGE_SUFFIXES)})")
         one = "×".join(map(str, image_shape))
         if dtype != "uint8" or (shape[1:] != image_shape and shape != image_shape):
             raise CubeError(f"{path}: expected uint8 images N×{one} or one {one} (as the model was trained on), "
                             f"found {dtype} {'×'.join(map(str, shape))}")
         count = 1 if shape == image_shape else shape[0]
-        yield count, read_batches(f, count, batch, path, image_shape)
+        yield count, read_batches(f, count, batch, path, image_shape), None
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # what infer reads as images
+
+
+def image_file_names(path: str) -> list[str]:
+    """The image files infer classifies: a folder's (all its files but litter, in sorted order, by their
+    paths within it), or the one file's name."""
+    if not os.path.isdir(path):
+        return [os.path.basename(path)]
+    try:
+        names = [name for name, _ in walk_files(path)]
+    except OSError as e:
+        raise CubeError(os_fault(e)) from None
+    if not names:
+        raise CubeError(f"{path}: holds no image files")
+    return names
+
+
+def image_file_batches(path: str, names: list[str], batch: int, image_shape: tuple[int, ...]):
+    """The image files `names` (in the folder `path`, or the file `path` itself) decoded as download
+    decodes an image set's (decode_image) and stretched to the model's size as download's image_size
+    stretches them, grey or colour as the model was trained, `batch` at a time."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    for first in range(0, len(names), batch):
+        images = []
+        for name in names[first:first + batch]:
+            file = os.path.join(folder, *name.split("/"))
+            with reading(file, "a readable image file"), open_regular(file) as f:
+                data = f.read(MAX_DATA_BYTES + 1)
+            pixels = decode_image(data, image_shape[:2], MAX_DATA_BYTES, file)
+            images.append(in_channels(pixels, image_shape))
+        yield np.stack(images)
+
+
+def in_channels(pixels: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """Decoded pixels, grey (H×W) or colour (H×W×3), as the model takes them: grey to colour by
+    repeating it, colour to grey by its luma (Pillow's "L"), as a grey model was never shown colour."""
+    from PIL import Image
+
+    if len(image_shape) == 3 and pixels.ndim == 2:
+        return np.repeat(pixels[..., None], image_shape[2], axis=2)
+    if len(image_shape) == 2 and pixels.ndim == 3:
+        return np.asarray(Image.fromarray(pixels).convert("L"))
+    return pixels
 
 
 def npz_member(stack: contextlib.ExitStack, f, path: str):
@@ -1358,6 +1412,9 @@ def decode_images(files: dict[str, bytes], splits: dict, names: list[str], image
     return arrays
 
 
+RESIZING = "bilinear stretch"  # how decode_image brings an image to another size
+
+
 def decode_image(data: bytes, size: tuple[int, int] | None, budget: int, where: str) -> np.ndarray:
     """One image file as 8-bit grey (H×W) or colour (H×W×3) pixels (see eight_bit), resized to `size`
     ([height, width]) when one is given, by stretching with bilinear resampling, as Keras's
@@ -1647,21 +1704,32 @@ class FileBudget:
 
 
 def read_tree(root: str, limit: int) -> dict[str, bytes]:
-    """Every regular file under the folder `root` but litter (is_litter), by its path within it with
-    "/" between folders. Links to folders are not followed."""
+    """Every regular file under the folder `root` but litter (see walk_files), by its path within it,
+    read in memory, `limit` bytes at most in all."""
     budget = FileBudget(root, limit)
     try:
-        for folder, folders, names in os.walk(root, onerror=raise_error):
-            folders[:] = sorted(name for name in folders if not is_litter(name))
-            for name in sorted(names):
-                budget.count()
-                if not is_litter(name):
-                    path = os.path.join(folder, name)
-                    with open_regular(path) as f:
-                        budget.add(os.path.relpath(path, root).replace(os.sep, "/"), f)
+        for name, path in walk_files(root):
+            with open_regular(path) as f:
+                budget.add(name, f)
     except OSError as e:
         raise CubeError(os_fault(e)) from None
     return budget.files
+
+
+def walk_files(root: str):
+    """The files under the folder `root` but litter (is_litter), in sorted order, each as its path
+    within `root` (with "/" between folders) and its path; MAX_FILES entries at most. Links to folders
+    are not followed."""
+    seen = 0
+    for folder, folders, names in os.walk(root, onerror=raise_error):
+        folders[:] = sorted(name for name in folders if not is_litter(name))
+        seen += len(folders) + len(names)
+        if seen > MAX_FILES:
+            raise CubeError(f"{root}: holds more than {MAX_FILES} files and folders")
+        for name in sorted(names):
+            if not is_litter(name):
+                path = os.path.join(folder, name)
+                yield os.path.relpath(path, root).replace(os.sep, "/"), path
 
 
 def raise_error(e: OSError) -> None:

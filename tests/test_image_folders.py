@@ -94,6 +94,34 @@ def test_a_folder_of_splits_downloads_trains_evaluates_and_infers(tmp_path, caps
     assert again.code == 0 and "skipped" in again.out
 
 
+def test_infer_takes_a_folder_of_images_or_one_image_resized_as_training_resized(tmp_path, capsys):
+    """A model trained on 8×8 colour images classifies a folder of other images (other sizes, grey and
+    colour, litter skipped), each row naming its file, and one image file; each as the same pixels in
+    an npz would be classified, once stretched to 8×8 as download stretches (model.json says how)."""
+    for split, count in (("train", 10), ("test", 5)):
+        write_classes(tmp_path / "ws" / "pictures" / split, count)
+    ws = workspace(tmp_path / "ws", "pictures")
+    for task in ("download", "train"):
+        assert run_task(task, ws, capsys).code == 0
+    assert json.loads((ws / "model" / "model.json").read_text())["resizing"] == mnist.RESIZING
+    new = write_classes(tmp_path / "new", 2, (("png", "L"), ("jpeg", "RGB")), size=(16, 12))
+    add_litter(new)
+    result = run_task("infer", ws, capsys, images=new, predictions=ws / "folder.json")
+    assert result.code == 0, result.err
+    rows = json.loads((ws / "folder.json").read_text())["predictions"]
+    assert [row["file"] for row in rows] == [f"{name}/{i:02d}.{ext}" for name in CLASSES
+                                             for i, ext in enumerate(("png", "jpeg"))]
+    stretched = np.stack([mnist.in_channels(mnist.decode_image((new / row["file"]).read_bytes(), (8, 8), 1 << 20, ""),
+                                            (8, 8, 3)) for row in rows])
+    np.save(tmp_path / "same.npy", stretched)
+    assert run_task("infer", ws, capsys, images=tmp_path / "same.npy", predictions=ws / "npy.json").code == 0
+    same = json.loads((ws / "npy.json").read_text())["predictions"]
+    assert [{k: v for k, v in row.items() if k != "file"} for row in rows] == same
+    result = run_task("infer", ws, capsys, images=new / CLASSES[1] / "01.jpeg", predictions=ws / "one.json")
+    assert result.code == 0, result.err
+    assert json.loads((ws / "one.json").read_text())["predictions"] == [{**rows[3], "file": "01.jpeg"}]
+
+
 def test_grey_stays_grey_and_class_folders_alone_hold_out_the_same_test_set(tmp_path, capsys):
     grey = (("png", "L"), ("bmp", "L"), ("gif", "L"))
     for place in ("a", "b"):
