@@ -135,10 +135,11 @@ class CNN(nn.Module):
     """Two stride-2 convolutions and a dense layer. Strides instead of pooling: XLA's CPU backend
     runs the gradient of pooling slowly, and a strided convolution learns its own downsampling."""
     classes: int  # the data's: MNIST's 10 digits
+    pixel_max: int  # the training images' brightest value (MNIST's 255), which becomes 1
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        x = images.astype(jnp.float32) / 255.0  # uint8 N×28×28 (MNIST), or N×H×W×C in colour
+        x = images.astype(jnp.float32) / self.pixel_max  # uint8 N×28×28 (MNIST), or N×H×W×C in colour
         if x.ndim == 3:
             x = x[..., None]  # grey: one channel, N×28×28×1
         x = nn.relu(Conv(16, 4)(x))  # 14×14
@@ -149,14 +150,17 @@ class CNN(nn.Module):
 
 class Spec(NamedTuple):
     """What the network is built for, taken from the data: each image's shape (rows, columns, and
-    channels for colour) and the number of classes. model.json records it."""
+    channels for colour), the number of classes, and the training images' brightest value, which
+    scales every input (a set of 0..16 pixels is not one of dim 0..255 pixels). model.json records it."""
     image_shape: tuple[int, ...]
     classes: int
+    pixel_max: int
 
 
 def spec_of(arrays: dict[str, np.ndarray]) -> Spec:
-    """The Spec of checked arrays (check_data): their images' shape, and their labels' count."""
-    return Spec(arrays["x_train"].shape[1:], int(arrays["y_train"].max()) + 1)
+    """The Spec of checked arrays (check_data): their images' shape, their labels' count, and their
+    training images' brightest value (1 at least)."""
+    return Spec(arrays["x_train"].shape[1:], int(arrays["y_train"].max()) + 1, max(int(arrays["x_train"].max()), 1))
 
 
 def architecture(spec: Spec) -> str:
@@ -201,15 +205,15 @@ class Conv(nn.Module):
         return jnp.concatenate(patches, -1) @ kernel.reshape(-1, self.features) + bias
 
 
-def predict(params, images: jax.Array) -> jax.Array:
+def predict(params, images: jax.Array, pixel_max: int) -> jax.Array:
     """Logits, one row per image, a column per class: as many as CNN's last layer has."""
-    return CNN(params[layer_names(params)[-1]]["bias"].shape[-1]).apply({"params": params}, images)
+    return CNN(params[layer_names(params)[-1]]["bias"].shape[-1], pixel_max).apply({"params": params}, images)
 
 
-def predict_all(params, images: jax.Array) -> jax.Array:
+def predict_all(params, images: jax.Array, pixel_max: int) -> jax.Array:
     """predict for any number of images, SCORE_BATCH at a time, so that memory stays bounded (all
     60,000 training images at once take gigabytes)."""
-    return jax.lax.map(lambda image: predict(params, image[None])[0], images, batch_size=SCORE_BATCH)
+    return jax.lax.map(lambda image: predict(params, image[None], pixel_max)[0], images, batch_size=SCORE_BATCH)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -252,12 +256,16 @@ AVERAGE_DECAY = 0.99  # of the parameter average that is evaluated and saved; se
 
 class TrainState(train_state.TrainState):
     """Flax's train state plus a moving average of the parameters, which the run evaluates and
-    saves: it averages out the noise of the last steps, so a run reaches a given accuracy sooner."""
+    saves: it averages out the noise of the last steps, so a run reaches a given accuracy sooner.
+    Its decay grows to AVERAGE_DECAY over the first steps ((1 + step) / (10 + step), as TensorFlow's
+    ExponentialMovingAverage does with num_updates), so that even a short run's average holds next
+    to nothing of the random initial parameters."""
     average: Any
 
     def apply_gradients(self, *, grads, **kwargs) -> "TrainState":
         state = super().apply_gradients(grads=grads, **kwargs)
-        return state.replace(average=optax.incremental_update(state.params, self.average, 1 - AVERAGE_DECAY))
+        decay = jnp.minimum(AVERAGE_DECAY, (1 + self.step) / (10 + self.step))
+        return state.replace(average=optax.incremental_update(state.params, self.average, 1 - decay))
 
 
 def state_initializer(config: TrainConfig, total_steps: int, spec: Spec) -> Callable[[int], TrainState]:
@@ -277,16 +285,17 @@ def state_initializer(config: TrainConfig, total_steps: int, spec: Spec) -> Call
 
 
 def init_params(key: jax.Array, spec: Spec):
-    return CNN(spec.classes).init(key, jnp.zeros((1, *spec.image_shape), jnp.uint8))["params"]
+    return CNN(spec.classes, spec.pixel_max).init(key, jnp.zeros((1, *spec.image_shape), jnp.uint8))["params"]
 
 
-def train_steps(state, loss_sum, images, labels, batches, offsets, first, count: int, split=None):
+def train_steps(state, loss_sum, images, labels, batches, offsets, first, count: int, pixel_max: int, split=None):
     """`count` optimizer steps on batches[first:first + count] (image indices), each image shifted by
     its offsets, as one loop that XLA compiles once (on the CPU as fast as unrolled steps, because Conv
     is a matrix product; a loop of nn.Conv steps is not). With `split`, each device
     gathers and learns from its own slice of every batch (data parallelism); XLA sums the gradients
     across devices, and the replicated state stays in step."""
-    grad_fn = jax.value_and_grad(lambda params, images, labels: cross_entropy(predict(params, images), labels))
+    grad_fn = jax.value_and_grad(lambda params, images, labels: cross_entropy(predict(params, images, pixel_max),
+                                                                              labels))
 
     def step(carry, i):
         state, loss_sum = carry
@@ -294,10 +303,15 @@ def train_steps(state, loss_sum, images, labels, batches, offsets, first, count:
         if split is not None:
             images_i, labels_i, offsets_i = (jax.lax.with_sharding_constraint(a, split)
                                              for a in (images_i, labels_i, offsets_i))
-        loss, grads = grad_fn(state.params, shift(images_i, offsets_i), labels_i)
+        if min(images.shape[1:3]) >= MIN_SHIFT_SIDE:
+            images_i = shift(images_i, offsets_i)
+        loss, grads = grad_fn(state.params, images_i, labels_i)
         return (state.apply_gradients(grads=grads), loss_sum + loss), None
 
     return jax.lax.scan(step, (state, loss_sum), first + jnp.arange(count))[0]
+
+
+MIN_SHIFT_SIDE = 16  # images shorter or narrower are not shifted: a pixel is too much of them
 
 
 def shift(images: jax.Array, offsets: jax.Array) -> jax.Array:
@@ -324,10 +338,10 @@ def plan_epoch(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndarr
     return batches.astype(np.int32), rng.integers(0, 3, (steps, batch_size, 2), dtype=np.int32)
 
 
-def score(params, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def score(params, images: jax.Array, labels: jax.Array, pixel_max: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean loss, accuracy and each image's predicted class. train and the evaluate task both run
     this one function, so the figures they report are the same bits."""
-    logits = predict_all(params, images)
+    logits = predict_all(params, images, pixel_max)
     predicted = logits.argmax(-1)
     return cross_entropy(logits, labels), (predicted == labels).mean(), predicted
 
@@ -375,9 +389,11 @@ def compile_programs(config: TrainConfig, data: dict, mesh: Mesh, spec: Spec) ->
     batches, offsets = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
                         for a in plan_epoch(0, 0, n, batch_size))  # any plan has an epoch's shapes
     split = NamedSharding(mesh, PartitionSpec("batch"))
-    run_steps = jax.jit(functools.partial(train_steps, count=count, split=split), out_shardings=replicated).lower(
+    steps_of_call = functools.partial(train_steps, count=count, pixel_max=spec.pixel_max, split=split)
+    run_steps = jax.jit(steps_of_call, out_shardings=replicated).lower(
         state, jnp.zeros(()), data["x_train"], data["y_train"], batches, offsets, 0)
-    scoring = jax.jit(score, out_shardings=replicated).lower(state.average, data["x_test"], data["y_test"])
+    scoring = jax.jit(functools.partial(score, pixel_max=spec.pixel_max), out_shardings=replicated).lower(
+        state.average, data["x_test"], data["y_test"])
     lowered = {"init": init, "steps": run_steps, "score": scoring}
     with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
         compiling = {name: pool.submit(compile_program, program, name)
@@ -403,10 +419,11 @@ def compile_program(program: jax.stages.Lowered, name: str) -> jax.stages.Compil
     return program.compile(options)
 
 
-def compile_scoring(function: Callable, *args) -> jax.stages.Compiled:
-    """score or class_probabilities compiled for the shapes of `args` as train compiles its scoring
-    (compile_program): evaluate reports train's very bits, and evaluate and infer compile sooner."""
-    return compile_program(jax.jit(function).lower(*args), "score")
+def compile_scoring(function: Callable, spec: Spec, *args) -> jax.stages.Compiled:
+    """score or class_probabilities for the model of `spec`, compiled for the shapes of `args` as train
+    compiles its scoring (compile_program): evaluate reports train's very bits, and evaluate and infer
+    compile sooner."""
+    return compile_program(jax.jit(functools.partial(function, pixel_max=spec.pixel_max)).lower(*args), "score")
 
 
 def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -418,6 +435,7 @@ def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
 # Calls queued on the devices at most: enough to keep them busy, and a stop waits for no more (an
 # unbounded queue of programs with collectives can deadlock XLA's CPU backend).
 MAX_IN_FLIGHT = 2
+FEW_STEPS = 500  # a run of fewer optimizer steps says so when it ends
 
 
 def train(args: argparse.Namespace, log: logging.Logger) -> None:
@@ -433,7 +451,8 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
     with folder_lock(args.model_dir) if process_0 else contextlib.nullcontext():
         spec = spec_of(arrays)
         identity = {"architecture": architecture(spec), "input_shape": list(spec.image_shape),
-                    "classes": spec.classes, "class_names": names, "config": dataclasses.asdict(config),
+                    "classes": spec.classes, "pixel_max": spec.pixel_max, "class_names": names,
+                    "config": dataclasses.asdict(config),
                     "data_sha256": data_sha256}
         run = TrainRun(config, spec, identity, args.model_dir, args.log_dir, process_0)
         state, history, compile_seconds = run_epochs(run, arrays, log)
@@ -708,6 +727,10 @@ def write_model(run: TrainRun, n: int, state: TrainState, history: list[EpochMet
         log.info(f"reached target_accuracy {config.target_accuracy} after {len(history)} epochs, "
                  f"{last.elapsed_seconds:.2f} s")
     write_atomically(os.path.join(run.model_dir, "params.msgpack"), serialization.to_bytes(state.average))
+    steps = n // config.batch_size * len(history)
+    if steps < FEW_STEPS:
+        log.info(f"trained {steps} steps in all, few for a network to settle: more epochs, or a smaller "
+                 "batch_size, give it more")
     images_per_epoch = n // config.batch_size * config.batch_size  # the last partial batch is dropped
     summary = {
         **run.identity,  # the architecture, the data's shape and classes, the config, the data's SHA-256
@@ -789,7 +812,7 @@ def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
     arrays, data_sha256, _ = load_data_dir(args.data_dir)
     check_fits_model(spec, spec_of(arrays), os.path.join(args.data_dir, NPZ_NAME))
     labels = arrays["y_test"].astype(np.int32)
-    scoring = compile_scoring(score, params, arrays["x_test"], labels)
+    scoring = compile_scoring(score, spec, params, arrays["x_test"], labels)
     loss, accuracy, predicted = scoring(params, arrays["x_test"], labels)
     predicted = np.asarray(predicted)
     confusion = np.zeros((spec.classes, spec.classes), np.int64)
@@ -798,7 +821,7 @@ def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
     confidence = np.zeros(0)  # the probability the model gave each wrong answer: the mistakes alone are scored again
     if len(wrong):
         images = arrays["x_test"][wrong]
-        probabilities = np.asarray(compile_scoring(class_probabilities, params, images)(params, images))
+        probabilities = np.asarray(compile_scoring(class_probabilities, spec, params, images)(params, images))
         confidence = probabilities[np.arange(len(wrong)), predicted[wrong]]
     mistakes = most_confident_mistakes(wrong, confidence, labels, predicted)
     metrics = {
@@ -854,20 +877,25 @@ def model_spec(summary: object, path: str) -> Spec:
     retrain = "retrain, or restore the model.json written with params.msgpack"
     if not isinstance(summary, dict):
         raise CubeError(f"{path}: not a model.json (a JSON object); {retrain}")
-    missing = [key for key in ("input_shape", "classes", "test_accuracy", "test_loss") if key not in summary]
+    missing = [key for key in ("input_shape", "classes", "pixel_max", "test_accuracy", "test_loss")
+               if key not in summary]
     if missing:
         raise CubeError(f"{path}: missing {', '.join(missing)}, which train writes; {retrain}")
-    shape, classes = summary["input_shape"], summary["classes"]
-    valid_shape = isinstance(shape, list) and len(shape) in (2, 3) and all(
-        isinstance(n, int) and not isinstance(n, bool) and 0 < n < 1 << 16 for n in shape)
-    if not valid_shape or isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes < 1 << 16:
-        raise CubeError(f"{path}: input_shape {shorten(shape)} or classes {shorten(classes)} is not what train "
-                        f"writes; {retrain}")
-    spec = Spec(tuple(shape), classes)
+    shape, classes, pixel_max = summary["input_shape"], summary["classes"], summary["pixel_max"]
+    valid_shape = isinstance(shape, list) and len(shape) in (2, 3) and all(whole(n, 1, 1 << 16) for n in shape)
+    if not (valid_shape and whole(classes, 2, 1 << 16) and whole(pixel_max, 1, 255)):
+        raise CubeError(f"{path}: input_shape {shorten(shape)}, classes {shorten(classes)} or pixel_max "
+                        f"{shorten(pixel_max)} is not what train writes; {retrain}")
+    spec = Spec(tuple(shape), classes, pixel_max)
     if summary.get("architecture") != architecture(spec):
         raise CubeError(f"{path}: written for architecture {shorten(summary.get('architecture'))}, but this "
                         f"mnist.py builds {architecture(spec)!r}; retrain with this version")
     return spec
+
+
+def whole(value: object, low: int, high: int) -> bool:
+    """Whether a value read from JSON is a whole number (not a bool) from `low` to `high`."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def check_fits_model(spec: Spec, data: Spec, where: str) -> None:
@@ -890,9 +918,9 @@ def most_confident_mistakes(wrong: np.ndarray, confidence: np.ndarray, labels: n
              "probability": round(float(confidence[k]), 4)} for k in order]
 
 
-def class_probabilities(params, images: jax.Array) -> jax.Array:
+def class_probabilities(params, images: jax.Array, pixel_max: int) -> jax.Array:
     """Each image's probability of each class."""
-    return jax.nn.softmax(predict_all(params, images))
+    return jax.nn.softmax(predict_all(params, images, pixel_max))
 
 
 def draw_confusion(confusion: np.ndarray, names: list[str]):
@@ -954,7 +982,7 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
     with (image_batches(args.images, INFER_BATCH, spec.image_shape) as (count, batches, names),
           staged(args.predictions) as (out, tmp)):
         size = min(INFER_BATCH, count)  # every call the same shape: one program
-        classify = compile_scoring(class_probabilities, params,
+        classify = compile_scoring(class_probabilities, spec, params,
                                    jax.ShapeDtypeStruct((size, *spec.image_shape), np.uint8))
         write_staged(out, PREDICTIONS_START + to_json(args.images, None) + b', "predictions": [')
         for i, images in enumerate(batches):

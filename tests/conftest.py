@@ -171,7 +171,7 @@ def make_digits(n_train=512, n_test=128, seed=0) -> dict:
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
-MNIST_SPEC = mnist.Spec((28, 28), 10)  # MNIST's, and make_mnist's and make_digits's
+MNIST_SPEC = mnist.Spec((28, 28), 10, 255)  # MNIST's, and make_mnist's and make_digits's
 
 
 def create_state(config: dict, total_steps: int, spec: "mnist.Spec" = MNIST_SPEC):

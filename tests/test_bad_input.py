@@ -146,7 +146,7 @@ CASES = [
      "not an IDX file of unsigned bytes (negative sizes (-1, 28, 28))"),
     ("a text file named .npy", "infer",
      lambda ws: {"images": write(ws / "notes.npy", "these are my notes\n")},
-     "notes.npy: not images infer reads (a .npy, an .npz or an IDX file, gzipped or not)"),
+     "notes.npy: not images infer reads (a .npy, an .npz or an IDX file, gzipped or not, or image files"),
     ("images that are a device", "infer",
      lambda ws: {"images": "/dev/zero"}, "/dev/zero: not a regular file"),
     ("a downloaded npz without x_test", "download",
@@ -346,7 +346,7 @@ def test_infer_streams_any_number_of_images(trained, tmp_path, capsys):
     assert run_task("infer", trained, capsys, images=path, predictions=tmp_path / "p.json").code == 0
     predictions = json.loads((tmp_path / "p.json").read_text())["predictions"]
     params, _, _ = mnist.load_model(str(trained / "model"))
-    expected = np.asarray(mnist.class_probabilities(params, images[24000:]))
+    expected = np.asarray(mnist.class_probabilities(params, images[24000:], 255))
     assert len(predictions) == 25000
     assert [p["class"] for p in predictions[24000:]] == [int(p.argmax()) for p in expected]
 

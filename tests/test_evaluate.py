@@ -2,15 +2,28 @@
 import io
 import json
 import logging
+import shutil
 import sys
 
 import jax
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import MNIST_SPEC, run_task, write_config
+from conftest import MNIST_SPEC, npz_bytes, run_task, write_config
 
 import mnist
+
+
+def with_mistakes(trained, tmp_path):
+    """A copy of the trained workspace whose first ten test labels are wrong, so that the model, which
+    classifies its learnable digits perfectly, makes mistakes for evaluate to list and draw."""
+    ws = tmp_path / "mistaken"
+    shutil.copytree(trained, ws)
+    with np.load(ws / "data" / "mnist.npz") as f:
+        arrays = {name: f[name] for name in f.files}
+    arrays["y_test"][:10] = (arrays["y_test"][:10] + 1) % 10
+    (ws / "data" / "mnist.npz").write_bytes(npz_bytes(arrays))
+    return ws
 
 
 def test_evaluate_equals_what_train_recorded(trained, capsys):
@@ -33,12 +46,13 @@ def test_evaluate_equals_what_train_recorded(trained, capsys):
     ("evaluate", ["jit(score)", "jit(class_probabilities)"]),
     ("infer", ["jit(class_probabilities)"]),
 ])
-def test_each_task_compiles_its_programs_only(trained, capsys, caplog, task, programs):
+def test_each_task_compiles_its_programs_only(trained, tmp_path, capsys, caplog, task, programs):
     """Loading the model runs nothing; scoring is one program (evaluate's figures, as train's, and the
     probabilities that the mistakes are drawn with), not one for each operation."""
+    ws = with_mistakes(trained, tmp_path)
     jax.clear_caches()  # programs compiled by earlier tests would not be logged again
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
-        code, _, err = run_task(task, trained, capsys)
+        code, _, err = run_task(task, ws, capsys)
     assert code == 0, err
     assert [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Compiling")] == programs
 
@@ -88,7 +102,7 @@ def test_infer_refuses_bad_images(trained, tmp_path, capsys, images, message):
                                                            "architecture": "MLP(512, 10)"})),
      "written for architecture 'MLP(512, 10)'"),
     (lambda m: (m / "model.json").write_text(json.dumps({"architecture": "MLP(512, 10)"})),
-     "missing input_shape, classes, test_accuracy, test_loss, which train writes"),
+     "missing input_shape, classes, pixel_max, test_accuracy, test_loss, which train writes"),
     (lambda m: (m / "params.msgpack").unlink(), "params.msgpack: no such file; run the train task first"),
 ])
 def test_a_damaged_or_foreign_model_is_refused(trained, tmp_path, capsys, damage, message):
@@ -145,6 +159,7 @@ DIGITS = [str(k) for k in range(10)]  # the class names a data.yaml without clas
 def test_pictures_show_what_they_claim(trained, tmp_path, capsys):
     """Each PNG decodes to the size of the figure drawn from the task's own figures, and that figure
     holds them: a panel per epoch's point, a count per cell, a panel per mistake listed."""
+    trained = with_mistakes(trained, tmp_path)
     code, out, err = run_task("evaluate", trained, capsys, log_dir=tmp_path)
     assert code == 0, err
     metrics = json.loads((tmp_path / "evaluate_metrics.json").read_text())

@@ -71,7 +71,8 @@ def test_signals_stop_cleanly_and_say_how_to_resume(slow_ws, uninterrupted, sign
 def test_checkpoint_of_another_run_is_refused(slow_ws, capsys):
     (slow_ws / "model").mkdir()
     state = create_state({**CONFIG, "learning_rate": 1e-3}, 10)
-    other = {"architecture": mnist.architecture(mnist.Spec((28, 28), 10)), "input_shape": [28, 28], "classes": 10,
+    other = {"architecture": mnist.architecture(mnist.Spec((28, 28), 10, 255)), "input_shape": [28, 28],
+             "classes": 10, "pixel_max": 255,
              "config": {**CONFIG, "seed": 6}, "data_sha256": "0" * 64}
     mnist.save_checkpoint(str(slow_ws / "model" / mnist.CHECKPOINT_NAME), other, state, [])
     code, _, err = run_task("train", slow_ws, capsys)

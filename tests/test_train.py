@@ -28,10 +28,11 @@ def run_train(ws, config, capsys):
 class DeeperCNN(mnist.nn.Module):
     """CNN as a student changes it: one more dense layer, and nothing else anywhere."""
     classes: int
+    pixel_max: int
 
     @mnist.nn.compact
     def __call__(self, images):
-        x = images.astype(jnp.float32)[..., None] / 255.0
+        x = images.astype(jnp.float32)[..., None] / self.pixel_max
         x = mnist.nn.relu(mnist.Conv(16, 4)(x))
         x = mnist.nn.relu(mnist.Conv(32, 3)(x))
         x = mnist.nn.relu(mnist.nn.Dense(128)(x.reshape(x.shape[0], -1)))
@@ -79,7 +80,7 @@ def test_train_writes_model_metrics_and_logs(digits_ws, capsys):
     restored = mnist.serialization.from_bytes(
         create_state(summary["config"], 1).params, (digits_ws / "model" / "params.msgpack").read_bytes())
     test = np.load(digits_ws / "data" / "mnist.npz")
-    loss, accuracy, _ = mnist.score(restored, test["x_test"], test["y_test"])
+    loss, accuracy, _ = mnist.score(restored, test["x_test"], test["y_test"], 255)
     assert float(accuracy) == pytest.approx(summary["test_accuracy"])
     leftovers = [f for d in ("model", "logs") for f in os.listdir(digits_ws / d)
                  if f.startswith(".") and f != mnist.LOCK_NAME]
@@ -144,8 +145,8 @@ def test_every_optimizer_builds_and_steps(name):
     config = {"optimizer": name, "learning_rate": mnist.OPTIMIZERS[name][1], "seed": 0}
     state = create_state(config, total_steps=10)
     batches, offsets = jnp.arange(64).reshape(2, 32), jnp.ones((2, 32, 2), jnp.int32)
-    new, loss_sum = jax.jit(mnist.train_steps, static_argnums=7)(
-        state, jnp.zeros(()), data["x_train"], data["y_train"].astype(np.int32), batches, offsets, 0, 2)
+    new, loss_sum = jax.jit(mnist.train_steps, static_argnums=(7, 8))(
+        state, jnp.zeros(()), data["x_train"], data["y_train"].astype(np.int32), batches, offsets, 0, 2, 255)
     assert np.isfinite(float(loss_sum)) and float(loss_sum) > 0
     before, after = jax.tree.leaves(state.params), jax.tree.leaves(new.params)
     assert all(a.shape == b.shape for a, b in zip(before, after, strict=True))
@@ -156,12 +157,12 @@ def test_one_call_of_four_steps_equals_four_calls_of_one():
     data = make_digits(256, 8)
     state = create_state({"optimizer": "adam", "learning_rate": 1e-3, "seed": 0}, total_steps=4)
     batches, offsets = mnist.plan_epoch(1, 1, 256, 32)
-    run = jax.jit(mnist.train_steps, static_argnums=7)
+    run = jax.jit(mnist.train_steps, static_argnums=(7, 8))
     args = (data["x_train"], data["y_train"].astype(np.int32), batches, offsets)
-    looped, looped_loss = run(state, jnp.zeros(()), *args, 2, 4)
+    looped, looped_loss = run(state, jnp.zeros(()), *args, 2, 4, 255)
     single, single_loss = state, jnp.zeros(())
     for first in range(2, 6):
-        single, single_loss = run(single, single_loss, *args, first, 1)
+        single, single_loss = run(single, single_loss, *args, first, 1, 255)
     assert int(looped.step) == int(single.step) == 4
     np.testing.assert_allclose(looped_loss, single_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(looped.average), jax.tree.leaves(single.average), strict=True):
@@ -187,15 +188,16 @@ def test_plan_epoch_is_a_function_of_seed_and_epoch():
 
 
 def test_model_shapes():
-    params = mnist.CNN(10).init(jax.random.key(0), jnp.zeros((1, 28, 28), jnp.uint8))["params"]
-    logits = mnist.CNN(10).apply({"params": params}, jnp.zeros((5, 28, 28), jnp.uint8))
+    params = mnist.CNN(10, 255).init(jax.random.key(0), jnp.zeros((1, 28, 28), jnp.uint8))["params"]
+    logits = mnist.CNN(10, 255).apply({"params": params}, jnp.zeros((5, 28, 28), jnp.uint8))
     assert logits.shape == (5, 10) and logits.dtype == jnp.float32
 
 
 def test_predict_all_scores_every_image_in_batches():
     images = jax.random.randint(jax.random.key(1), (2 * mnist.SCORE_BATCH + 7, 28, 28), 0, 256).astype(jnp.uint8)
     params = mnist.init_params(jax.random.key(0), MNIST_SPEC)
-    np.testing.assert_allclose(jax.jit(mnist.predict_all)(params, images), mnist.predict(params, images),
+    np.testing.assert_allclose(jax.jit(mnist.predict_all, static_argnums=2)(params, images, 255),
+                               mnist.predict(params, images, 255),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -209,13 +211,15 @@ def test_conv_computes_what_flax_conv_computes(size, height, channels):
     np.testing.assert_allclose(ours.apply(variables, images), flax_conv.apply(variables, images), atol=1e-5)
 
 
-def test_the_average_follows_the_parameters():
-    state = create_state({"optimizer": "sgd", "learning_rate": 0.1, "seed": 0}, total_steps=10)
+@pytest.mark.parametrize("step, decay", [(0, 0.1), (8, 0.5), (10_000, mnist.AVERAGE_DECAY)])
+def test_the_average_follows_the_parameters_and_soon_forgets_the_initial_ones(step, decay):
+    """The average's decay is (1 + step) / (10 + step) up to AVERAGE_DECAY: after the first step it
+    holds a tenth of the random initial parameters, not 99 %."""
+    state = create_state({"optimizer": "sgd", "learning_rate": 0.1, "seed": 0}, total_steps=10).replace(step=step)
     new = state.apply_gradients(grads=jax.tree.map(jnp.ones_like, state.params))
     for before, after, average in zip(*map(jax.tree.leaves, (state.params, new.params, new.average)), strict=True):
         assert not np.allclose(before, after)
-        np.testing.assert_allclose(average, mnist.AVERAGE_DECAY * before + (1 - mnist.AVERAGE_DECAY) * after,
-                                   rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(average, decay * before + (1 - decay) * after, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("steps, count", [(468, 52), (1875, 25), (3, 3), (128, 64), (67, 1)])
@@ -286,7 +290,7 @@ def test_short_run_on_real_mnist(tmp_path, capsys, real_data):
     assert json.loads((tmp_path / "model" / "model.json").read_text())["test_accuracy"] > 0.97
 
 
-BENCHMARK_DIGEST = "ac790faf7b5084ce0ee5c0c8287786060925912993572b418948c798f12e2ea6"  # see the docstring
+BENCHMARK_DIGEST = "e700c1f4fe7d854cbab4e8160e6d71424fac60aecb41fb591ed1539547773074"  # see the docstring
 
 
 @pytest.mark.skipif(jax.__version__ != "0.10.2" or jax.default_backend() != "cpu"
