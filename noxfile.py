@@ -106,12 +106,15 @@ def run_docker(session: nox.Session, opts: Options) -> None:
 @runner("configure-singularity", python=False)
 def configure_singularity(session: nox.Session, opts: Options) -> None:
     """Build the Singularity image from Singularity.recipe, unprivileged (`-- --from-docker` to convert)."""
+    fresh_docker_image(session, opts)
     configure(SINGULARITY, opts)
 
 
 @runner("run-singularity", python=False)
 def run_singularity(session: nox.Session, opts: Options) -> None:
     """Run tasks in the Singularity image, building it first if missing or stale: `nox -s run-singularity -- train`."""
+    if not opts.dry_run:
+        fresh_docker_image(session, opts)
     run_in(session, SINGULARITY, opts)
 
 
@@ -797,6 +800,13 @@ def singularity_client():
 def singularity_image(opts: Options) -> Path:
     """Where the image lives: workspace/.image/, as MLCube's Singularity runner keeps it."""
     return opts.workspace / ".image" / CUBE["singularity"]["image"]
+
+
+def fresh_docker_image(session: nox.Session, opts: Options) -> None:
+    """With --from-docker, the Docker image that is converted, built first from the sources as they are
+    now when it is missing or stale (fresh_image): the Singularity image records those sources as its own."""
+    if opts.from_docker:
+        fresh_image(session, DOCKER, opts)
 
 
 def singularity_sources(opts: Options) -> list[str]:
