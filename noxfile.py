@@ -17,7 +17,6 @@ carries out the MLCube contract:
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import functools
@@ -582,24 +581,7 @@ SOURCES_LABEL = "org.mlcommons.mnist.sources"  # the image's sources (see `sourc
 ONLINE_TASKS = {"download"}  # the task that fetches data; the others run with no network at all
 TMPFS_SIZE = "256m"  # of /tmp, HOME in the image, which holds matplotlib's cache
 CACHE_TARGET = "/cache"  # where a container sees container_cache
-
-
-def mnist_definitions(*names: str) -> dict[str, Any]:
-    """mnist.py's top-level definitions of `names`, run here from its source: importing mnist.py
-    would import JAX, which the toolchain's own environment does not install. They may use `os`."""
-    tree = ast.parse((ROOT / "mnist.py").read_text(encoding="utf-8"))
-    wanted = [node for node in tree.body if getattr(node, "name", None) in names
-              or any(getattr(target, "id", None) in names for target in getattr(node, "targets", []))]
-    namespace = {"os": os}
-    exec(compile(ast.Module(wanted, type_ignores=[]), "mnist.py", "exec"), namespace)
-    return namespace
-
-
-@functools.cache
-def cache_rule() -> dict[str, Any]:
-    """mnist.py's CACHE_VARIABLE and compilation_cache_folder: one cache rule for both files, read
-    when a runner first needs it (parsing mnist.py would add 30 ms to every nox start, `nox -l` too)."""
-    return mnist_definitions("CACHE_VARIABLE", "compilation_cache_folder")
+CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off", as mnist.py reads it
 
 
 def docker_client():
@@ -671,24 +653,33 @@ def task_env(run: Run, opts: Options, image: str) -> dict[str, str]:
 
 
 def task_variables(opts: Options, image: str, cache: str | None) -> dict[str, str]:
-    """Every runner's task variables: the image, which the outputs record; where compiled programs are
-    kept (`cache`, None: nowhere); the CPU alone when no GPU was asked for (a GPU image would probe for
-    CUDA, noisily); then the caller's --env."""
-    cpu_only = {} if gpus_wanted(opts) else {"JAX_PLATFORMS": "cpu"}
-    return {"MNIST_IMAGE": image, cache_rule()["CACHE_VARIABLE"]: cache or "off", **cpu_only, **opts.env}
+    """A container's task variables: the image, which the outputs record; where compiled programs are
+    kept (`cache`, None: nowhere); platform_variables; then the caller's --env."""
+    return {"MNIST_IMAGE": image, CACHE_VARIABLE: cache or "off", **platform_variables(opts), **opts.env}
 
 
-def host_cache() -> str | None:
-    """The folder where local runs keep compiled programs, by mnist.py's own compilation_cache_folder
-    (None for "off")."""
-    return cache_rule()["compilation_cache_folder"]()
+def platform_variables(opts: Options) -> dict[str, str]:
+    """JAX_PLATFORMS=cpu when no GPU is wanted, for every runner that sets a task's variables: a GPU
+    build of JAX would probe for CUDA, noisily. Nothing when GPUs are wanted."""
+    return {} if gpus_wanted(opts) else {"JAX_PLATFORMS": "cpu"}
+
+
+def compilation_cache_folder() -> str | None:
+    """Where local runs keep compiled programs: $MNIST_COMPILATION_CACHE, None for "off", by default
+    the user's cache folder. mnist.py holds the same rule (importing it would import JAX, which the
+    toolchain does not install); tests/test_cache.py keeps the two in step."""
+    setting = os.environ.get(CACHE_VARIABLE, "")
+    if setting == "off":
+        return None
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return setting or os.path.join(user_cache, "mnist-mlcube", "jax")
 
 
 def container_cache() -> str | None:
-    """The host folder where containers keep compiled programs between runs: host_cache's path with
-    -containers added (None for "off"). Never host_cache itself: its programs are native code that
-    local runs load and run, and a container must not be able to plant any there."""
-    cache = host_cache()
+    """The host folder where containers keep compiled programs between runs: compilation_cache_folder
+    with -containers added (None for "off"). Never that folder itself: its programs are native code
+    that local runs load and run, and a container must not be able to plant any there."""
+    cache = compilation_cache_folder()
     return os.path.normpath(cache) + "-containers" if cache else None
 
 
@@ -936,7 +927,7 @@ def slurm_script(run: Run, opts: Options, python: Path) -> str:
         variables = {}  # singularity_command hands them to the container
     else:
         command = [str(python), str(ROOT / "mnist.py"), run.task, *run.host_args]
-        variables = {**({} if directives["gpus"] else {"JAX_PLATFORMS": "cpu"}), **opts.env}
+        variables = {**platform_variables(opts), **opts.env}
     again = shlex.join(["sbatch", f"{slurm_folder(opts) / run.task}.sbatch"])
     return "\n".join([
         "#!/bin/bash",
@@ -1370,7 +1361,7 @@ def kfp_run_locally(opts: Options) -> int:
     runner = local.DockerRunner(entrypoint=["/usr/bin/env"], user=caller(), cap_drop=["ALL"],
                                 security_opt=["no-new-privileges"], read_only=True,
                                 tmpfs={"/tmp": f"size={TMPFS_SIZE}"},
-                                environment={cache_rule()["CACHE_VARIABLE"]: "off"},
+                                environment={CACHE_VARIABLE: "off"},
                                 mounts=[DockerMount(path, path, type="bind", read_only=True) for path in imports])
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=runner, pipeline_root=str(root), raise_on_error=False)

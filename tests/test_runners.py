@@ -237,7 +237,7 @@ def test_containers_get_a_cache_of_their_own(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.delenv("MNIST_COMPILATION_CACHE", raising=False)
     local, own = tmp_path / "home/.cache/mnist-mlcube/jax", tmp_path / "home/.cache/mnist-mlcube/jax-containers"
-    assert noxfile.host_cache() == str(local) and noxfile.container_cache() == str(own)
+    assert noxfile.compilation_cache_folder() == str(local) and noxfile.container_cache() == str(own)
     opts = noxfile.parse_args(["train", f"--workspace={tmp_path / 'ws'}"])
     mounts = noxfile.container_mounts(noxfile.resolve("train", opts))
     assert mounts[str(own)] == ("/cache", False) and str(local) not in mounts
