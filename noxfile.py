@@ -3,8 +3,9 @@
 Runners take task names, then options (OPTIONS below; `nox -s run-local -- --help` lists them):
     nox -s run-docker -- download train --network=host --data_dir=/scratch/mnist
 
-Reading order: the sessions first, each a few lines over the helpers below it; then how a runner
-carries out the MLCube contract:
+Reading order: the settings first, LEAST_PRIVILEGE among them (what every container runner gives a
+task); then the sessions, each a few lines over the helpers below it; then how a runner carries out the
+MLCube contract:
   parse_args   the session's arguments -> Options (tasks, path overrides, the runner's options)
   resolve      a task and Options -> Run: each parameter's host path (relative ones against the
                workspace), its folder mounted once at /mlcube_io<N> (read-only unless an output lands
@@ -17,7 +18,6 @@ carries out the MLCube contract:
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import functools
@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import nox
 import yaml
 
+# ----------------------------------------------------------------------------------------- settings
 nox.options.sessions = []  # a bare `nox` lists the sessions and runs nothing
 nox.options.reuse_existing_virtualenvs = True
 
@@ -48,9 +49,59 @@ for noisy in ("docker", "urllib3"):  # nox shows every logger's debug lines; the
 # of nothing: the sessions use virtualenv and pip.
 logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
 
-ROOT = Path(__file__).resolve().parent
-CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())
-TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython"]
+ROOT = Path(__file__).resolve().parent  # the cube's folder: mlcube.yaml, mnist.py, the Dockerfile
+CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())  # the tasks, their parameters, the image, the platform
+IMAGE = CUBE["docker"]["image"]  # the image every container runner runs
+SHARED = ROOT.parent / "shared"  # the benchmark's real MNIST and reference anchors, beside the clone
+TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython"]  # the tests' virtualenv
+MLCUBE = ["mlcube==0.0.9", "mlcube-docker==0.0.9", "mlcube-singularity==0.0.9"]  # MLCube's CLI and local runners
+# Their cluster runners, in a virtualenv of their own: kfp 1.8 pins PyYAML 5, which builds on Python 3.11
+# only with Cython 2 and no build isolation, and its requests-toolbelt imports what urllib3 2 removed.
+MLCUBE_CLUSTER = ["mlcube==0.0.9", "mlcube-k8s==0.0.9", "mlcube-kubeflow==0.0.9", "urllib3<2"]
+
+CONTAINERS = ("configure-docker", "run-docker", "configure-singularity", "run-singularity")  # they build images
+LIMITED = ("run-docker", "run-singularity", "run-k8s")  # the runners that limit memory and processors
+# sbatch options that run-slurm sets itself, each with the runner's option that sets it (None: none does)
+SBATCH_OWN = {"output": None, "error": None, "job-name": None, "ntasks": "--processes", "nodes": "--nodes",
+              "partition": "--partition", "time": "--time", "account": "--account", "gpus": "--gpus", "wait": None,
+              "parsable": None, "chdir": None, "wrap": None}
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a control character: in a path, it ends a line or a field
+SYSTEM_ONLY = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+SYSTEM_FOLDERS = (*SYSTEM_ONLY, "/opt", "/root", "/run", "/srv", "/var")  # and those that may hold the user's
+
+SOURCES_LABEL = "org.mlcommons.mnist.sources"  # the Docker image's label of its sources (see `sources`), as JSON
+CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off", as mnist.py reads it
+CACHE_TARGET = "/cache"  # where a container sees container_cache
+
+K8S_USER = 10001  # any uid but root's: the pods run as it, and the claim is made writable for its group
+COORDINATOR_PORT = 8476  # where pod 0 of a training of several pods serves JAX's coordinator
+K8S_CACHE = f"{CACHE_TARGET}/jax"  # in the pod's emptyDir, which anyone may write: a folder mnist.py makes its user's
+K8S_DELETE = {"Job": "delete_namespaced_job", "Service": "delete_namespaced_service",
+              "NetworkPolicy": "delete_namespaced_network_policy"}  # each kind's call on its API in k8s_apply
+PIPELINE_NAME = "mnist"  # the Kubeflow pipeline's name, and the start of its package's and runs' names
+
+ONLINE_TASKS = frozenset({"download"})  # the task that fetches data; the others run with no network at all
+TMPFS_MIB = 256  # the size of /tmp, in memory: HOME in the image, which holds matplotlib's cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Confinement:
+    """What a task in a container may do. Every container runner gives it LEAST_PRIVILEGE, each in its
+    runtime's terms: docker_confinement (run-docker, and kfp.local's runner), singularity_options and
+    k8s_security with k8s_pod's securityContext."""
+
+    as_caller: bool  # it runs as the caller's uid:gid, so what it writes is theirs (a cluster has no caller)
+    no_capabilities: bool  # every Linux capability dropped
+    no_privilege_gain: bool  # setuid programs and file capabilities raise nothing (no_new_privs)
+    read_only_root: bool  # the image's own files cannot change
+    read_only_inputs: bool  # a folder where none of the task's outputs lands is mounted read-only
+    tmp_mib: int  # a private /tmp in memory, this big
+    online_tasks: frozenset[str]  # the tasks given a network; the others get none
+
+
+LEAST_PRIVILEGE = Confinement(as_caller=True, no_capabilities=True, no_privilege_gain=True, read_only_root=True,
+                              read_only_inputs=True, tmp_mib=TMPFS_MIB, online_tasks=ONLINE_TASKS)
 
 # ----------------------------------------------------------------------------------------- sessions
 # Every session, in the order `nox -l` lists them. The runners' sessions read their arguments through
@@ -106,12 +157,15 @@ def run_docker(session: nox.Session, opts: Options) -> None:
 @runner("configure-singularity", python=False)
 def configure_singularity(session: nox.Session, opts: Options) -> None:
     """Build the Singularity image from Singularity.recipe, unprivileged (`-- --from-docker` to convert)."""
+    fresh_docker_image(session, opts)
     configure(SINGULARITY, opts)
 
 
 @runner("run-singularity", python=False)
 def run_singularity(session: nox.Session, opts: Options) -> None:
     """Run tasks in the Singularity image, building it first if missing or stale: `nox -s run-singularity -- train`."""
+    if not opts.dry_run:
+        fresh_docker_image(session, opts)
     run_in(session, SINGULARITY, opts)
 
 
@@ -294,12 +348,6 @@ def matching(pattern: str, example: str) -> Callable[[str], str]:
     return check
 
 
-# sbatch options that run-slurm sets itself, each with the runner's option that sets it (None: none does)
-SBATCH_OWN = {"output": None, "error": None, "job-name": None, "ntasks": "--processes", "nodes": "--nodes",
-              "partition": "--partition", "time": "--time", "account": "--account", "gpus": "--gpus", "wait": None,
-              "parsable": None, "chdir": None, "wrap": None}
-
-
 def sbatch_option(value: str) -> str:
     """Another sbatch option for a #SBATCH line: one --name[=value] token with no space or control
     character, and none that run-slurm sets (sbatch takes the start of an option's name for it)."""
@@ -321,10 +369,6 @@ class Option:
     field: str
     read: Callable[[str], Any] | None = str
     runners: tuple[str, ...] = ()
-
-
-CONTAINERS = ("configure-docker", "run-docker", "configure-singularity", "run-singularity")
-LIMITED = ("run-docker", "run-singularity", "run-k8s")  # the runners that limit memory and processors
 
 
 OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PATH sets a parameter
@@ -438,7 +482,8 @@ def resolve(task: str, opts: Options) -> Run:
         path = Path(os.path.expandvars(os.path.expanduser(opts.params.get(name, spec["default"]))))
         path = Path(os.path.abspath(opts.workspace / path))
         folder, file = (path.parent, "/" + path.name) if spec["type"] == "file" else (path, "")
-        target, read_only = run.mounts.get(str(folder), Mount(f"/mlcube_io{len(run.mounts)}", True))
+        new = Mount(f"/mlcube_io{len(run.mounts)}", LEAST_PRIVILEGE.read_only_inputs)
+        target, read_only = run.mounts.get(str(folder), new)
         run.mounts[str(folder)] = Mount(target, read_only and not output)
         run.host_args.append(f"--{name}={path}")
         run.container_args.append(f"--{name}={target}{file}")
@@ -448,11 +493,6 @@ def resolve(task: str, opts: Options) -> Run:
 def host_paths(run: Run) -> dict[str, str]:
     """Each parameter's host path, by name."""
     return dict(arg.removeprefix("--").split("=", 1) for arg in run.host_args)
-
-
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a control character: in a path, it ends a line or a field
-SYSTEM_ONLY = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
-SYSTEM_FOLDERS = (*SYSTEM_ONLY, "/opt", "/root", "/run", "/srv", "/var")  # and those that may hold the user's
 
 
 def mount_fault(host: str, mount: Mount) -> str | None:
@@ -574,31 +614,6 @@ def fresh_image(session: nox.Session, runtime: Runtime, opts: Options):
     return client
 
 # ------------------------------------------------------------------------------------------- Docker
-IMAGE = CUBE["docker"]["image"]
-SOURCES_LABEL = "org.mlcommons.mnist.sources"  # the image's sources (see `sources`), as JSON
-ONLINE_TASKS = {"download"}  # the task that fetches data; the others run with no network at all
-TMPFS_SIZE = "256m"  # of /tmp, HOME in the image, which holds matplotlib's cache
-CACHE_TARGET = "/cache"  # where a container sees container_cache
-
-
-def mnist_definitions(*names: str) -> dict[str, Any]:
-    """mnist.py's top-level definitions of `names`, run here from its source: importing mnist.py
-    would import JAX, which the toolchain's own environment does not install. They may use `os`."""
-    tree = ast.parse((ROOT / "mnist.py").read_text(encoding="utf-8"))
-    wanted = [node for node in tree.body if getattr(node, "name", None) in names
-              or any(getattr(target, "id", None) in names for target in getattr(node, "targets", []))]
-    namespace = {"os": os}
-    exec(compile(ast.Module(wanted, type_ignores=[]), "mnist.py", "exec"), namespace)
-    return namespace
-
-
-@functools.cache
-def cache_rule() -> dict[str, Any]:
-    """mnist.py's CACHE_VARIABLE and compilation_cache_folder: one cache rule for both files, read
-    when a runner first needs it (parsing mnist.py would add 30 ms to every nox start, `nox -l` too)."""
-    return mnist_definitions("CACHE_VARIABLE", "compilation_cache_folder")
-
-
 def docker_client():
     try:
         import docker
@@ -657,8 +672,9 @@ def gpus_wanted(opts: Options) -> str | None:
 
 
 def network(run: Run, opts: Options) -> str | None:
-    """--network if given; else none, unless the task fetches data (None: the runtime's default)."""
-    return opts.network or (None if run.task in ONLINE_TASKS else "none")
+    """The task's network: --network if given; else none, unless LEAST_PRIVILEGE gives the task one
+    (None: the runtime's default)."""
+    return opts.network or (None if run.task in LEAST_PRIVILEGE.online_tasks else "none")
 
 
 def task_env(run: Run, opts: Options, image: str) -> dict[str, str]:
@@ -668,24 +684,33 @@ def task_env(run: Run, opts: Options, image: str) -> dict[str, str]:
 
 
 def task_variables(opts: Options, image: str, cache: str | None) -> dict[str, str]:
-    """Every runner's task variables: the image, which the outputs record; where compiled programs are
-    kept (`cache`, None: nowhere); the CPU alone when no GPU was asked for (a GPU image would probe for
-    CUDA, noisily); then the caller's --env."""
-    cpu_only = {} if gpus_wanted(opts) else {"JAX_PLATFORMS": "cpu"}
-    return {"MNIST_IMAGE": image, cache_rule()["CACHE_VARIABLE"]: cache or "off", **cpu_only, **opts.env}
+    """A container's task variables: the image, which the outputs record; where compiled programs are
+    kept (`cache`, None: nowhere); platform_variables; then the caller's --env."""
+    return {"MNIST_IMAGE": image, CACHE_VARIABLE: cache or "off", **platform_variables(opts), **opts.env}
 
 
-def host_cache() -> str | None:
-    """The folder where local runs keep compiled programs, by mnist.py's own compilation_cache_folder
-    (None for "off")."""
-    return cache_rule()["compilation_cache_folder"]()
+def platform_variables(opts: Options) -> dict[str, str]:
+    """JAX_PLATFORMS=cpu when no GPU is wanted, for every runner that sets a task's variables: a GPU
+    build of JAX would probe for CUDA, noisily. Nothing when GPUs are wanted."""
+    return {} if gpus_wanted(opts) else {"JAX_PLATFORMS": "cpu"}
+
+
+def compilation_cache_folder() -> str | None:
+    """Where local runs keep compiled programs: $MNIST_COMPILATION_CACHE, None for "off", by default
+    the user's cache folder. mnist.py holds the same rule (importing it would import JAX, which the
+    toolchain does not install); tests/test_cache.py keeps the two in step."""
+    setting = os.environ.get(CACHE_VARIABLE, "")
+    if setting == "off":
+        return None
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return setting or os.path.join(user_cache, "mnist-mlcube", "jax")
 
 
 def container_cache() -> str | None:
-    """The host folder where containers keep compiled programs between runs: host_cache's path with
-    -containers added (None for "off"). Never host_cache itself: its programs are native code that
-    local runs load and run, and a container must not be able to plant any there."""
-    cache = host_cache()
+    """The host folder where containers keep compiled programs between runs: compilation_cache_folder
+    with -containers added (None for "off"). Never that folder itself: its programs are native code
+    that local runs load and run, and a container must not be able to plant any there."""
+    cache = compilation_cache_folder()
     return os.path.normpath(cache) + "-containers" if cache else None
 
 
@@ -702,15 +727,22 @@ def caller() -> str | None:
     return f"{os.geteuid()}:{os.getegid()}" if hasattr(os, "geteuid") else None
 
 
+def docker_confinement(network: str | None) -> dict:
+    """LEAST_PRIVILEGE keyed by `docker run`'s options, with the container's `network` (None: Docker's
+    default); an option the policy does not ask for is None."""
+    policy = LEAST_PRIVILEGE
+    return {"user": caller() if policy.as_caller else None, "network": network,
+            "cap-drop": "ALL" if policy.no_capabilities else None,
+            "security-opt": "no-new-privileges" if policy.no_privilege_gain else None,
+            "read-only": policy.read_only_root, "tmpfs": f"/tmp:size={policy.tmp_mib}m"}
+
+
 def container_settings(run: Run, opts: Options, image: str) -> dict:
-    """The one table of a task's container, keyed by `docker run`'s options: docker_command prints it,
-    docker_execute hands it to the SDK (sdk_settings). Least privilege: the caller's uid:gid, no
-    capabilities, no privilege gain, a read-only root file system with a small /tmp, no network unless
-    the task needs one, read-only inputs."""
-    return {"user": caller(), "network": network(run, opts), "cap-drop": "ALL",
-            "security-opt": "no-new-privileges", "read-only": True, "tmpfs": f"/tmp:size={TMPFS_SIZE}",
-            "memory": opts.memory, "cpus": opts.cpus, "gpus": gpus_wanted(opts),
-            "env": task_env(run, opts, image), "volume": container_mounts(run)}
+    """The one table of a task's container, keyed by `docker run`'s options: docker_confinement, the
+    limits and GPUs asked for, the task's variables and its mounts. docker_command prints it,
+    docker_execute hands it to the SDK (sdk_settings)."""
+    return {**docker_confinement(network(run, opts)), "memory": opts.memory, "cpus": opts.cpus,
+            "gpus": gpus_wanted(opts), "env": task_env(run, opts, image), "volume": container_mounts(run)}
 
 
 def docker_command(run: Run, opts: Options, image: str = IMAGE) -> list[str]:
@@ -730,13 +762,24 @@ def docker_command(run: Run, opts: Options, image: str = IMAGE) -> list[str]:
 
 def sdk_settings(settings: dict) -> dict:
     """container_settings in the Docker SDK's terms."""
-    tmpfs, _, tmpfs_options = settings["tmpfs"].partition(":")
     cpus = settings["cpus"]
-    return dict(user=settings["user"], network_mode=settings["network"], cap_drop=[settings["cap-drop"]],
-                security_opt=[settings["security-opt"]], read_only=settings["read-only"], tmpfs={tmpfs: tmpfs_options},
-                mem_limit=settings["memory"], nano_cpus=int(float(cpus) * 1e9) if cpus else None,
-                device_requests=device_requests(settings["gpus"]), environment=settings["env"],
+    return dict(**sdk_confinement(settings), mem_limit=settings["memory"],
+                nano_cpus=int(float(cpus) * 1e9) if cpus else None, device_requests=device_requests(settings["gpus"]),
+                environment=settings["env"],
                 volumes={host: {"bind": m.target, "mode": m.mode} for host, m in settings["volume"].items()})
+
+
+def sdk_confinement(settings: dict) -> dict:
+    """docker_confinement's options in the Docker SDK's terms: run-docker's and kfp.local's containers."""
+    tmpfs, _, tmpfs_options = settings["tmpfs"].partition(":")
+    return dict(user=settings["user"], network_mode=settings["network"], cap_drop=listed(settings["cap-drop"]),
+                security_opt=listed(settings["security-opt"]), read_only=settings["read-only"],
+                tmpfs={tmpfs: tmpfs_options})
+
+
+def listed(value: str | None) -> list[str]:
+    """An option's value as the SDK's list of them: none for None."""
+    return [value] if value else []
 
 
 def limit_options(opts: Options) -> list[str]:
@@ -799,6 +842,13 @@ def singularity_image(opts: Options) -> Path:
     return opts.workspace / ".image" / CUBE["singularity"]["image"]
 
 
+def fresh_docker_image(session: nox.Session, opts: Options) -> None:
+    """With --from-docker, the Docker image that is converted, built first from the sources as they are
+    now when it is missing or stale (fresh_image): the Singularity image records those sources as its own."""
+    if opts.from_docker:
+        fresh_image(session, DOCKER, opts)
+
+
 def singularity_sources(opts: Options) -> list[str]:
     """The recipe and the files its %files section copies in (the recipe too, for the image's record of
     its sources); the Docker image's with --from-docker."""
@@ -844,9 +894,11 @@ def singularity_binds(run: Run) -> list[str]:
 
 
 def singularity_options(run: Run, opts: Options) -> list[str]:
-    """Least privilege that an unprivileged user may ask for: --containall (no host /tmp, home or
-    environment; own PID and IPC namespaces), --no-home, no network unless the task needs one, the
-    limits asked for, and the task's variables."""
+    """LEAST_PRIVILEGE in Singularity's options, then the limits asked for and the task's variables.
+    Unprivileged, Singularity runs a task as its caller, with no capabilities, no privilege gain and a
+    read-only image by itself; --containall adds a private /tmp, home and environment (Singularity sizes
+    that /tmp, not tmp_mib) and PID and IPC namespaces of its own, --no-home keeps the caller's home
+    out, and --net --network=none takes the network from a task the policy gives none."""
     net = network(run, opts)
     return ["--containall", "--no-home",
             *(["--net", f"--network={net}"] if net and net != "host" else []),
@@ -926,7 +978,7 @@ def slurm_script(run: Run, opts: Options, python: Path) -> str:
         variables = {}  # singularity_command hands them to the container
     else:
         command = [str(python), str(ROOT / "mnist.py"), run.task, *run.host_args]
-        variables = {**({} if directives["gpus"] else {"JAX_PLATFORMS": "cpu"}), **opts.env}
+        variables = {**platform_variables(opts), **opts.env}
     again = shlex.join(["sbatch", f"{slurm_folder(opts) / run.task}.sbatch"])
     return "\n".join([
         "#!/bin/bash",
@@ -990,14 +1042,9 @@ def follow(path: Path, ended: Callable[[], bool]) -> None:
         time.sleep(0.2)
 
 
-# ------------------------------------------------------- MLCube's own CLI, and the benchmark's data
-MLCUBE = ["mlcube==0.0.9", "mlcube-docker==0.0.9", "mlcube-singularity==0.0.9"]
-# Their cluster runners, in a virtualenv of their own: kfp 1.8 pins PyYAML 5, which builds on Python 3.11
-# only with Cython 2 and no build isolation, and its requests-toolbelt imports what urllib3 2 removed.
-MLCUBE_CLUSTER = ["mlcube==0.0.9", "mlcube-k8s==0.0.9", "mlcube-kubeflow==0.0.9", "urllib3<2"]
-SHARED = ROOT.parent / "shared"
-
+# ---------------------------------------------------------------------------------- MLCube's own CLI
 def run_mlcube(session: nox.Session, packages: list[str]) -> None:
+    """`mlcube` with the session's arguments, from its virtualenv holding `packages`."""
     session.install("pip<24.1")  # MLCube pins omegaconf 2.1, whose metadata newer pips reject
     session.install(*packages)
     # MLCube writes its settings to ~/mlcube.yaml unless told otherwise: keep them in its virtualenv.
@@ -1009,10 +1056,6 @@ def run_mlcube(session: nox.Session, packages: list[str]) -> None:
 # limited by a NetworkPolicy of its own; `train --processes=N` is an Indexed Job of N pods and a headless
 # Service, through which the pods find pod 0, JAX's coordinator. The manifests are plain dictionaries;
 # the official client sends them.
-K8S_USER = 10001  # any uid but root's: the pods run as it, and the claim is made writable for its group
-COORDINATOR_PORT = 8476
-K8S_CACHE = f"{CACHE_TARGET}/jax"  # in the pod's emptyDir, which anyone may write: a folder mnist.py makes its user's
-
 def quantity(size: str) -> str:
     """A size as mlcube.yaml or Docker write it (8GB, 512m, 2GiB) as a Kubernetes quantity (8G, 512M, 2Gi)."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtTpP]?)(i?)[bB]?\s*", str(size))
@@ -1052,10 +1095,12 @@ def k8s_on_claim(run: Run, opts: Options) -> dict[str, Mount]:
     return {claim_path(host, opts): mount for host, mount in checked_mounts(run.mounts).items()}
 
 
-def k8s_locked() -> dict:
-    """A container's securityContext: no privilege escalation, no capabilities, a read-only root file
-    system. A new dictionary each time, or the YAML would hold anchors."""
-    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+def k8s_security() -> dict:
+    """LEAST_PRIVILEGE as a container's securityContext (the pod's names the user: k8s_pod). A new
+    dictionary each time, or the YAML would hold anchors."""
+    policy = LEAST_PRIVILEGE
+    return {"allowPrivilegeEscalation": not policy.no_privilege_gain, "readOnlyRootFilesystem": policy.read_only_root,
+            "capabilities": {"drop": ["ALL"] if policy.no_capabilities else []}}
 
 
 def k8s_container(run: Run, opts: Options, job: str, processes: int) -> dict:
@@ -1071,13 +1116,13 @@ def k8s_container(run: Run, opts: Options, job: str, processes: int) -> dict:
         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
     return {"name": run.task, "image": IMAGE, "args": [run.task, *run.container_args],
             "env": [{"name": k, "value": v} for k, v in env.items()] + ([index] if processes > 1 else []),
-            "resources": k8s_resources(opts), "securityContext": k8s_locked(), "volumeMounts": mounts}
+            "resources": k8s_resources(opts), "securityContext": k8s_security(), "volumeMounts": mounts}
 
 
 def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
-    """The pod template: the task's container (k8s_container) as a non-root user with no capabilities,
-    a read-only root file system and no service account token (it talks to no API), its folders on the
-    claim made first by an init container."""
+    """The pod template: the task's container (k8s_container) with no service account token (it talks to
+    no API), its folders on the claim made first by an init container. A cluster has no caller for
+    LEAST_PRIVILEGE's user: its pods run as K8S_USER, never root, with /tmp in memory."""
     folders = sorted(os.path.join("/workspace", sub_path) for sub_path in k8s_on_claim(run, opts))
     return {
         "metadata": {"labels": {"app": "mnist", "mnist/task": run.task}},
@@ -1087,14 +1132,14 @@ def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
             **({"subdomain": job} if processes > 1 else {}),
             "securityContext": {"runAsNonRoot": True, "runAsUser": K8S_USER, "runAsGroup": K8S_USER,
                                 "fsGroup": K8S_USER, "seccompProfile": {"type": "RuntimeDefault"}},
-            "initContainers": [{"name": "folders", "image": IMAGE, "securityContext": k8s_locked(),
+            "initContainers": [{"name": "folders", "image": IMAGE, "securityContext": k8s_security(),
                                 "command": ["python3", "-c", "import os, sys; [os.makedirs(f, exist_ok=True) "
                                             "for f in sys.argv[1:]]", *folders],
                                 "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]}],
             "containers": [k8s_container(run, opts, job, processes)],
             "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": opts.pvc}},
                         {"name": "cache", "emptyDir": {"sizeLimit": "256Mi"}},
-                        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}}],
+                        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": f"{LEAST_PRIVILEGE.tmp_mib}Mi"}}],
         },
     }
 
@@ -1108,7 +1153,7 @@ def k8s_network_policy(run: Run, meta: dict, processes: int) -> dict:
         return {"podSelector": {"matchLabels": {"job-name": meta["name"]}}}
 
     ingress, egress = [], []
-    if run.task in ONLINE_TASKS:
+    if run.task in LEAST_PRIVILEGE.online_tasks:
         egress = [{}]
     elif processes > 1:
         ingress = [{"from": [pods()]}]
@@ -1175,7 +1220,9 @@ def k8s_validate(manifest: dict) -> None:
 
 
 def k8s_apply(opts: Options, plans: list[list[dict]]) -> int:
-    """The calls to the cluster, kept thin: no cluster runs where the tests run."""
+    """The exit code of the tasks applied to the cluster in turn, each followed and then deleted: the
+    first failing task's, else 0. The calls to the cluster are kept thin: no cluster runs where the
+    tests run."""
     from kubernetes import client, config, utils, watch
 
     try:
@@ -1203,10 +1250,6 @@ def k8s_apply(opts: Options, plans: list[list[dict]]) -> int:
                   file=sys.stderr)
             return code
     return 0
-
-
-K8S_DELETE = {"Job": "delete_namespaced_job", "Service": "delete_namespaced_service",
-              "NetworkPolicy": "delete_namespaced_network_policy"}  # each kind's call on its API in k8s_apply
 
 
 def k8s_delete(apis: dict, manifests: list[dict]) -> None:
@@ -1243,7 +1286,6 @@ def k8s_follow(core, batch, watch, job: str, namespace: str) -> int:
 # The tasks, in the order given, as one Kubeflow Pipelines (v2) pipeline built with the kfp SDK: each
 # task a container component whose inputs and outputs are artifacts. A folder a task reads comes from
 # the earlier task that wrote it; the rest (the configs, images) is imported from the workspace.
-PIPELINE_NAME = "mnist"
 # Runs the task, then reports its output artifacts in the executor output file, as KFP's Python
 # executor does for Python components (kfp.local finds a container component's artifacts only there),
 # then writes `status`. $0 is the executor input, $1 the status file.
@@ -1323,7 +1365,7 @@ def kfp_pipeline(opts: Options):
 def kfp_main(opts: Options) -> int:
     """run-kubeflow inside its virtualenv, where the kfp SDK is: write the compiled pipeline to the
     workspace, then run it here (--local) or submit it (--host)."""
-    require_tasks(opts)  # before the SDK's import, which takes seconds
+    require_tasks(opts)  # a usage error first, before the SDK's import
     from kfp import compiler
 
     package = opts.workspace / f"{PIPELINE_NAME}-pipeline.yaml"
@@ -1346,9 +1388,11 @@ def kfp_root(opts: Options) -> Path:
 
 
 def kfp_run_locally(opts: Options) -> int:
-    """The pipeline on this machine's Docker engine, each container as least privileged as run-docker's,
-    writing only in kfp_root (kfp.local mounts it read-write), the folders of what it imports mounted
-    read-only at their own paths; the exit code of the first task that did not succeed."""
+    """The exit code of the pipeline run on this machine's Docker engine: that of the first task that did
+    not succeed, else 0. Each container gets docker_confinement, writes only in kfp_root (kfp.local
+    mounts it read-write) and sees the folders of what the pipeline imports read-only at their own
+    paths; kfp.local's one runner serves every step, so each has Docker's default network, which
+    download needs."""
     from docker.types import Mount as DockerMount
     from kfp import local
 
@@ -1357,10 +1401,8 @@ def kfp_run_locally(opts: Options) -> int:
     checked_mounts({str(root): Mount(str(root), False), **imports})
     # kfp.local hands the component's command to Docker as CMD, after the image's ENTRYPOINT, where
     # Kubernetes replaces the ENTRYPOINT with it; env runs the command as Kubernetes would.
-    runner = local.DockerRunner(entrypoint=["/usr/bin/env"], user=caller(), cap_drop=["ALL"],
-                                security_opt=["no-new-privileges"], read_only=True,
-                                tmpfs={"/tmp": f"size={TMPFS_SIZE}"},
-                                environment={cache_rule()["CACHE_VARIABLE"]: "off"},
+    runner = local.DockerRunner(entrypoint=["/usr/bin/env"], **sdk_confinement(docker_confinement(None)),
+                                environment={CACHE_VARIABLE: "off"},
                                 mounts=[DockerMount(path, path, type="bind", read_only=True) for path in imports])
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=runner, pipeline_root=str(root), raise_on_error=False)

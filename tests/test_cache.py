@@ -126,18 +126,19 @@ def test_a_folder_others_may_write_is_not_used(cache_ws):
 
 
 def test_containers_get_a_folder_beside_the_one_local_runs_use(monkeypatch, tmp_path):
-    """The toolchain runs mnist.py's own rule, whatever the variables say, and mounts into containers
-    a folder beside that one, never the one local runs load."""
+    """The toolchain's copy of mnist.py's rule agrees with it, whatever the variables say, and mounts
+    into containers a folder beside that one, never the one local runs load."""
+    assert noxfile.CACHE_VARIABLE == mnist.CACHE_VARIABLE
     for variables in ({}, {"XDG_CACHE_HOME": str(tmp_path)}, {"MNIST_COMPILATION_CACHE": str(tmp_path / "c")},
                       {"MNIST_COMPILATION_CACHE": "off"}):
         for name in ("XDG_CACHE_HOME", "MNIST_COMPILATION_CACHE"):
             monkeypatch.delenv(name, raising=False)
         for name, value in variables.items():
             monkeypatch.setenv(name, value)
-        assert noxfile.host_cache() == mnist.compilation_cache_folder()
-        if noxfile.host_cache():
+        assert noxfile.compilation_cache_folder() == mnist.compilation_cache_folder()
+        if noxfile.compilation_cache_folder():
             assert noxfile.container_cache() == mnist.compilation_cache_folder() + "-containers"
-    assert noxfile.host_cache() is None and noxfile.container_cache() is None
+    assert noxfile.compilation_cache_folder() is None and noxfile.container_cache() is None
 
 
 def test_run_local_uses_it(cache_ws):

@@ -162,6 +162,23 @@ def test_only_download_gets_a_network():
     assert noxfile.network(noxfile.resolve("train", opts), opts) == "bridge"
 
 
+def test_every_container_runner_takes_its_privileges_from_the_one_policy(tmp_path, monkeypatch):
+    """LEAST_PRIVILEGE, changed in its one place, changes Docker's command line and SDK settings,
+    Singularity's network and the pods' /tmp and NetworkPolicy alike."""
+    wider = dataclasses.replace(noxfile.LEAST_PRIVILEGE, tmp_mib=64, online_tasks=frozenset({"download", "train"}))
+    monkeypatch.setattr(noxfile, "LEAST_PRIVILEGE", wider)
+    opts = noxfile.parse_args(["train", f"--workspace={tmp_path}"])
+    run = noxfile.resolve("train", opts)
+    command = noxfile.docker_command(run, opts)
+    assert "--tmpfs=/tmp:size=64m" in command and not any(arg.startswith("--network") for arg in command)
+    assert noxfile.sdk_settings(noxfile.container_settings(run, opts, "x"))["tmpfs"] == {"/tmp": "size=64m"}
+    assert "--network=none" not in noxfile.singularity_command(run, opts)
+    network_policy, job = noxfile.k8s_manifests(run, opts, "mnist-job")
+    volumes = job["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}} in volumes
+    assert network_policy["spec"]["egress"] == [{}]
+
+
 def test_gpus_from_option_or_accelerator_count(monkeypatch):
     assert noxfile.gpus_wanted(noxfile.Options()) is None  # CPU by default: mlcube.yaml asks for none
     assert noxfile.gpus_wanted(noxfile.Options(gpus="device=1")) == "device=1"
@@ -237,7 +254,7 @@ def test_containers_get_a_cache_of_their_own(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.delenv("MNIST_COMPILATION_CACHE", raising=False)
     local, own = tmp_path / "home/.cache/mnist-mlcube/jax", tmp_path / "home/.cache/mnist-mlcube/jax-containers"
-    assert noxfile.host_cache() == str(local) and noxfile.container_cache() == str(own)
+    assert noxfile.compilation_cache_folder() == str(local) and noxfile.container_cache() == str(own)
     opts = noxfile.parse_args(["train", f"--workspace={tmp_path / 'ws'}"])
     mounts = noxfile.container_mounts(noxfile.resolve("train", opts))
     assert mounts[str(own)] == ("/cache", False) and str(local) not in mounts

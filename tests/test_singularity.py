@@ -9,10 +9,14 @@ lines, and mnist.py writing into the workspace. The recipe is parsed with spytho
 import json
 import os
 import shlex
+import shutil
+import subprocess
+import sys
 
 import pytest
+import yaml
+from conftest import BASE, CUBE_FILES, ROOT, make_digits, needs_docker, nox, npz_bytes, sha256, source_workspace
 from conftest import IMAGE as DOCKER_IMAGE
-from conftest import ROOT, make_digits, nox, npz_bytes, sha256, source_workspace
 from spython.main.parse.parsers import DockerParser, SingularityParser
 
 import noxfile
@@ -44,12 +48,48 @@ def test_standin_configure_singularity_builds_the_recipe_without_root(tmp_path, 
                            str(ROOT / "Singularity.recipe")]]
     assert (tmp_path / ".image" / IMAGE).is_file() and "Build complete" in result.stdout
 
-def test_standin_configure_singularity_from_the_docker_image(tmp_path, standin):
+@needs_docker
+def test_standin_configure_singularity_from_the_docker_image(tmp_path, standin, image):
     env, recorded = standin
-    result = nox("-s", "configure-singularity", "--", f"--workspace={tmp_path}", "--from-docker", env=env)
+    result = nox("-s", "configure-singularity", "--", f"--workspace={tmp_path}", "--from-docker", *BASE, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert recorded() == [["singularity", "build", "--force", str(tmp_path / ".image" / IMAGE),
                            f"docker-daemon://{DOCKER_IMAGE}"]]
+
+
+@needs_docker
+def test_standin_from_docker_converts_the_sources_as_they_are_now(tmp_path, standin, image):
+    """A copy of the cube, with an image name of its own, whose Docker image was built before its
+    mnist.py changed: --from-docker rebuilds that image first, saying why, then converts it, and the
+    Singularity image records the sources the Docker image was built from."""
+    import docker
+
+    env, recorded = standin
+    cube = tmp_path / "cube"
+    cube.mkdir()
+    for name in CUBE_FILES:
+        shutil.copy(ROOT / name, cube / name)
+    spec = yaml.safe_load((cube / "mlcube.yaml").read_text())
+    spec["docker"]["image"] = own = f"mnist-from-docker-test:{os.getpid()}"
+    (cube / "mlcube.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    nox_in_cube = [sys.executable, "-m", "nox", "-f", str(cube / "noxfile.py"), "-s"]
+    try:
+        built = subprocess.run([*nox_in_cube, "configure-docker", "--", *BASE], capture_output=True, text=True)
+        assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+        with open(cube / "mnist.py", "a") as f:
+            f.write("# edited\n")
+        result = subprocess.run([*nox_in_cube, "configure-singularity", "--", "--from-docker", *BASE,
+                                 f"--workspace={tmp_path / 'ws'}"], capture_output=True, text=True,
+                                env={**os.environ, **env}, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "building the image: changed since it was built: mnist.py" in result.stderr
+        label = docker.from_env().images.get(own).labels[noxfile.SOURCES_LABEL]
+    finally:
+        subprocess.run(["docker", "rmi", "-f", own], capture_output=True)
+    assert json.loads(label)["files"]["mnist.py"] == sha256((cube / "mnist.py").read_bytes())
+    assert json.loads((tmp_path / "ws" / ".image" / f"{IMAGE}.sources.json").read_text()) == json.loads(label)
+    assert recorded() == [["singularity", "build", "--force", str(tmp_path / "ws" / ".image" / IMAGE),
+                           f"docker-daemon://{own}"]]
 
 def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
     env, recorded = standin
