@@ -4,7 +4,9 @@ runs at once, and a damaged entry costs a compilation, never a crash or other bi
 import json
 import os
 import stat
+import sys
 
+import conftest
 import pytest
 from conftest import digits_workspace, finish, needs_docker, nox, sha256, start_train
 
@@ -138,6 +140,27 @@ def test_containers_get_a_folder_beside_the_one_local_runs_use(monkeypatch, tmp_
         if noxfile.host_cache():
             assert noxfile.container_cache() == mnist.compilation_cache_folder() + "-containers"
     assert noxfile.host_cache() is None and noxfile.container_cache() is None
+
+
+def test_sessions_without_docker_need_no_docker_group(monkeypatch, tmp_path):
+    """On a machine without a docker group (grp.getgrnam raises KeyError), the harness still runs the
+    sessions that need no Docker, such as run-local below, as the caller and as a plain user; only a
+    plain user's session in the docker group is skipped, with the reason."""
+    def no_such_group(name):
+        raise KeyError(f"getgrnam(): name not found: '{name}'")
+
+    commands = []
+    monkeypatch.setattr(conftest.grp, "getgrnam", no_such_group)
+    monkeypatch.setattr(conftest.subprocess, "run", lambda command, **_: commands.append(command))
+    nox("-s", "run-local", "--", "--help")
+    nox("-s", "run-local", "--", "--help", user=tmp_path, docker_group=False)
+    caller, plain = commands
+    assert caller[:2] == [sys.executable, "-m"] and caller[-4:] == ["-s", "run-local", "--", "--help"]
+    assert plain[:4] == ["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups"]
+    assert plain[4] == str(tmp_path / "venv" / "bin" / "python") and plain[-4:] == caller[-4:]
+    with pytest.raises(pytest.skip.Exception, match="no docker group on this machine"):
+        nox("-s", "run-docker", "--", "download", user=tmp_path)
+    assert len(commands) == 2  # nothing run
 
 
 def test_run_local_uses_it(cache_ws):
