@@ -75,10 +75,18 @@ def test_damaged_entries_cost_one_compilation_then_are_replaced(cache_ws):
 
 
 def test_runs_at_once_share_the_cache(cache_ws):
-    """Two cold runs, started together, write the same entries: both finish with the same bits."""
+    """Two cold runs, started together, write their entries into the one cache folder and both finish
+    with the same bits; a third run then loads every program from what they left, to the same bits."""
+    folder = cache_ws / "home" / ".cache" / "mnist-mlcube" / "jax"
     processes = [start_train(cache_ws, model, cache_env(cache_ws)) for model in ("a", "b")]
-    assert [finish(p, timeout=300).code for p in processes] == [0, 0]
+    results = [finish(p, timeout=300) for p in processes]
+    assert [r.code for r in results] == [0, 0], [r.err[-3000:] for r in results]
     assert (cache_ws / "a" / "params.msgpack").read_bytes() == (cache_ws / "b" / "params.msgpack").read_bytes()
+    written = {entry.name.split("-")[0] for entry in folder.glob("jit_*")}
+    assert set(PROGRAMS) <= written, written
+    third, digest = train(cache_ws)
+    assert hits(third) == sorted(PROGRAMS), third[-3000:]
+    assert digest == sha256((cache_ws / "a" / "params.msgpack").read_bytes())
 
 
 def entry(name: str) -> str:
