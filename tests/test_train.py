@@ -1,6 +1,7 @@
-"""The train task: config checks, outputs, optimizers, determinism, a short run on real MNIST, and the
-pinned params of the benchmark config."""
+"""The train task: config checks, outputs, optimizers, determinism, a short run on real MNIST, the pinned
+params of the benchmark config, and how the bench (.ci/bench.py) reports its runs."""
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -10,7 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MNIST_SPEC, Terminal, create_state, digits_workspace, make_digits, run_task, sha256, write_config
+from conftest import (
+    MNIST_SPEC,
+    ROOT,
+    Terminal,
+    create_state,
+    digits_workspace,
+    make_digits,
+    run_task,
+    sha256,
+    write_config,
+)
 
 import mnist
 
@@ -318,3 +329,35 @@ def test_benchmark_config_gives_the_pinned_params(tmp_path, capsys, real_data):
     moved = "the same bits as" if digest == BENCHMARK_DIGEST else "other bits than"
     pytest.fail(f"other versions ({changed}) train {moved} the pinned ones; re-pin in tests/test_train.py: "
                 f"BENCHMARK_DIGEST = {digest!r}, BENCHMARK_VERSIONS = {installed!r}")
+
+
+def load_bench():
+    """.ci/bench.py as a module (it is a script, in no package)."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / ".ci" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def bench_run(to_99: float) -> dict:
+    """A run as bench.py's train reports it: measure's figures and model.json's."""
+    model = {"backend": "cpu", "device_kind": "cpu", "compile_seconds": to_99 / 10, "time_to_target_seconds": to_99,
+             "images_per_second": 60000 / to_99}
+    return {"epochs": 3, "accuracy": 0.991, "to_99": to_99, "epochs_to_99": 3, "seconds": to_99 + 1, "peak_mb": 900,
+            "compiles": {"train_steps": to_99 / 20}, "lowerings": {"train_steps": to_99 / 40}, "model": model}
+
+
+def test_bench_prints_no_ratio_against_a_missing_reference(tmp_path, capsys):
+    """A reference trainer the bench did not find is named, with where it was looked for, and no ratio
+    is printed against it: not in the table, not in the Flax comparison (printed when it is there)."""
+    bench = load_bench()
+    ours = {"mnist.py cold": bench_run(12.0), "mnist.py warm": bench_run(8.0)}
+    bench.report_speed({**ours, "flax_reference": bench_run(240.0)}, {})
+    assert f"cold {240 / 12:.1f}x, warm {240 / 8:.1f}x" in capsys.readouterr().out
+    missing = tmp_path / "flax_reference.py"
+    bench.report_speed(ours, {"flax_reference": missing})
+    lines = capsys.readouterr().out.splitlines()
+    assert [" ".join(line.split()) for line in lines if line.startswith("flax_reference")] == [
+        f"flax_reference not measured: no reference trainer at {missing}, so no ratio against it"]
+    assert [line for line in lines if "Flax-shaped" in line] == [
+        "Against the Flax-shaped reference: no ratio, it is missing (targets: 22x cold, 30x warm)"]
