@@ -4,7 +4,9 @@ runs at once, and a damaged entry costs a compilation, never a crash or other bi
 import json
 import os
 import stat
+import sys
 
+import conftest
 import pytest
 from conftest import digits_workspace, finish, needs_docker, nox, sha256, start_train
 
@@ -73,10 +75,18 @@ def test_damaged_entries_cost_one_compilation_then_are_replaced(cache_ws):
 
 
 def test_runs_at_once_share_the_cache(cache_ws):
-    """Two cold runs, started together, write the same entries: both finish with the same bits."""
+    """Two cold runs, started together, write their entries into the one cache folder and both finish
+    with the same bits; a third run then loads every program from what they left, to the same bits."""
+    folder = cache_ws / "home" / ".cache" / "mnist-mlcube" / "jax"
     processes = [start_train(cache_ws, model, cache_env(cache_ws)) for model in ("a", "b")]
-    assert [finish(p, timeout=300).code for p in processes] == [0, 0]
+    results = [finish(p, timeout=300) for p in processes]
+    assert [r.code for r in results] == [0, 0], [r.err[-3000:] for r in results]
     assert (cache_ws / "a" / "params.msgpack").read_bytes() == (cache_ws / "b" / "params.msgpack").read_bytes()
+    written = {entry.name.split("-")[0] for entry in folder.glob("jit_*")}
+    assert set(PROGRAMS) <= written, written
+    third, digest = train(cache_ws)
+    assert hits(third) == sorted(PROGRAMS), third[-3000:]
+    assert digest == sha256((cache_ws / "a" / "params.msgpack").read_bytes())
 
 
 def entry(name: str) -> str:
@@ -139,6 +149,27 @@ def test_containers_get_a_folder_beside_the_one_local_runs_use(monkeypatch, tmp_
         if noxfile.compilation_cache_folder():
             assert noxfile.container_cache() == mnist.compilation_cache_folder() + "-containers"
     assert noxfile.compilation_cache_folder() is None and noxfile.container_cache() is None
+
+
+def test_sessions_without_docker_need_no_docker_group(monkeypatch, tmp_path):
+    """On a machine without a docker group (grp.getgrnam raises KeyError), the harness still runs the
+    sessions that need no Docker, such as run-local below, as the caller and as a plain user; only a
+    plain user's session in the docker group is skipped, with the reason."""
+    def no_such_group(name):
+        raise KeyError(f"getgrnam(): name not found: '{name}'")
+
+    commands = []
+    monkeypatch.setattr(conftest.grp, "getgrnam", no_such_group)
+    monkeypatch.setattr(conftest.subprocess, "run", lambda command, **_: commands.append(command))
+    nox("-s", "run-local", "--", "--help")
+    nox("-s", "run-local", "--", "--help", user=tmp_path, docker_group=False)
+    caller, plain = commands
+    assert caller[:2] == [sys.executable, "-m"] and caller[-4:] == ["-s", "run-local", "--", "--help"]
+    assert plain[:4] == ["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups"]
+    assert plain[4] == str(tmp_path / "venv" / "bin" / "python") and plain[-4:] == caller[-4:]
+    with pytest.raises(pytest.skip.Exception, match="no docker group on this machine"):
+        nox("-s", "run-docker", "--", "download", user=tmp_path)
+    assert len(commands) == 2  # nothing run
 
 
 def test_run_local_uses_it(cache_ws):

@@ -2,14 +2,17 @@
 import io
 import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import MNIST_SPEC, npz_bytes, run_task, write_config
+from conftest import MNIST_SPEC, ROOT, make_digits, npz_bytes, run_task, task_args, write_config
 
 import mnist
 
@@ -67,6 +70,45 @@ def test_infer_agrees_with_evaluate(trained, tmp_path, capsys):
     assert (classes == labels).mean() == pytest.approx(summary["test_accuracy"])
     assert all(abs(sum(p["probabilities"]) - 1) < 1e-4 and p["class"] == np.argmax(p["probabilities"])
                for p in predictions)
+
+
+# Runs ARGV and prints its exit status and peak resident memory (KiB). Linux counts into a process's
+# peak that of the process which started it (exec keeps the larger), so a small Python starts infer,
+# not the test's process, which holds JAX and the images.
+PEAK_MEMORY = ("import os, subprocess, sys\n"
+               "process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+               "_, status, usage = os.wait4(process.pid, 0)\n"
+               "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n")
+
+
+def peak_memory_of_infer(ws: Path, images: Path, predictions: Path) -> int:
+    """infer, as its own process, on `images`: its peak resident memory in bytes."""
+    infer = [sys.executable, str(ROOT / "mnist.py"), *task_args("infer", ws, images=images, predictions=predictions)]
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY, *infer], capture_output=True, text=True,
+                            env={**os.environ, "MNIST_COMPILATION_CACHE": "off"}, timeout=600)
+    code, kib = map(int, result.stdout.split())
+    assert code == 0, result.stderr[-3000:]
+    return kib * 1024
+
+
+def test_infer_memory_stays_flat_however_many_images(trained, tmp_path):
+    """infer on a file 30 times the size of one batch (INFER_BATCH images) needs no more memory than on
+    one batch, give or take a margin a quarter of the larger file's size: were it to hold the images,
+    or its predictions, all at once, it would need more than the whole file again."""
+    digits = make_digits()["x_test"]
+    sizes = {"one batch": mnist.INFER_BATCH, "thirty": 30 * mnist.INFER_BATCH}
+    peaks = {}
+    for name, count in sizes.items():
+        path = tmp_path / f"{count}.npy"
+        images = np.lib.format.open_memmap(path, "w+", np.uint8, (count, 28, 28))
+        for first in range(0, count, len(digits)):  # written a piece at a time: this process stays small too
+            images[first:first + len(digits)] = digits[:count - first]
+        images.flush()
+        del images
+        peaks[name] = peak_memory_of_infer(trained, path, tmp_path / f"{count}.json")
+        assert (tmp_path / f"{count}.json").read_text().count('"class"') == count  # a prediction for each
+    file_size = (tmp_path / f"{sizes['thirty']}.npy").stat().st_size
+    assert peaks["thirty"] - peaks["one batch"] < file_size / 4, (peaks, file_size)
 
 
 def test_infer_one_image_from_npy(trained, tmp_path, capsys):

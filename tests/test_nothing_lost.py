@@ -1,7 +1,9 @@
 """Nothing lost, every signal honoured: the classes of defect a kill-and-fuzz sweep found, each tested
 where it lives, then the sweep itself (the chaos test): seeded random SIGKILL and SIGTERM across the
-four tasks, each followed by a rerun to completion. MNIST_CHAOS_KILLS sets how many kills (`nox -s chaos
--- 200` for a long run); MNIST_CHAOS_SEED which ones."""
+four tasks, each followed by a rerun to completion. MNIST_CHAOS_KILLS sets how many tries (12; `nox -s
+chaos -- 200` for a long run), each a signal at a random moment of a task's run, which may come before
+its work starts or after it ends: a quarter at least must land mid-work. MNIST_CHAOS_SEED sets which."""
+import collections
 import gc
 import json
 import linecache
@@ -9,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -227,7 +230,8 @@ FINAL_LINE = {"download": "written ", "train": "written ", "evaluate": "written 
 @pytest.fixture(scope="module")
 def chaos_ws(tmp_path_factory):
     """A workspace trained without interruption (its params are the reference), its data served over
-    HTTP by a server of its own, compiled programs cached, and how long each task takes here."""
+    HTTP by a server of its own, compiled programs cached, and how long each task takes here: its
+    start-up (Python's and JAX's imports, until it logs "started TASK"), then its work."""
     server = Server()
     home = tmp_path_factory.mktemp("chaos")
     ws = source_workspace(home / "ws", npz_bytes(make_digits(2048, 256)), server, train_epochs=3, batch_size=64)
@@ -236,9 +240,11 @@ def chaos_ws(tmp_path_factory):
     for task in (*TASKS, *TASKS):  # the second round's programs come from the cache, as the kills' do
         from_nothing(ws, task)
         started = time.monotonic()
-        result = finish(start_task(task, ws, env=env))
+        process, _ = start_working(ws, task, env)
+        working = time.monotonic()
+        result = finish(process)
         assert result.code == 0, result.err
-        seconds[task] = time.monotonic() - started
+        seconds[task] = (working - started, time.monotonic() - working)
     yield ws, env, (ws / "model" / "params.msgpack").read_bytes(), seconds
     server.httpd.shutdown()
 
@@ -263,16 +269,36 @@ def from_nothing(ws: Path, task: str) -> None:
             (ws / "data" / name).unlink(missing_ok=True)
 
 
-def kill_at_random(ws: Path, env: dict, task: str, signum: int, delay: float) -> tuple[str, Result]:
-    """Start `task`, send `signum` after `delay` seconds unless it has ended; how it ended."""
+def start_working(ws: Path, task: str, env: dict) -> tuple[subprocess.Popen, str]:
+    """Start `task` and return once it has logged "started TASK" (its work begins), with what it has
+    printed so far."""
+    process, printed = start_task(task, ws, env=env), ""
+    for line in process.stdout:
+        printed += line
+        if line.startswith(f"started {task}"):
+            break
+    return process, printed
+
+
+def kill_at_random(ws: Path, env: dict, task: str, signum: int, delay: float,
+                   once_working: bool = False) -> tuple[str, Result]:
+    """Start `task`, send `signum` after `delay` seconds (from its start, or from the start of its work
+    when `once_working`) unless it has ended; how it ended: "mid-work" (stopped by the signal after it
+    logged "started TASK"), "before work" (stopped before that, in Python's or JAX's start), "after work"
+    (it had finished its work) or "ended first" (no signal sent)."""
     from_nothing(ws, task)
-    process = start_task(task, ws, env=env)
+    process, printed = start_working(ws, task, env) if once_working else (start_task(task, ws, env=env), "")
     time.sleep(delay)
     sent = process.poll() is None
     if sent:
         process.send_signal(signum)
     result = finish(process, timeout=300)
-    return ("sent" if sent else "ended first"), result
+    result = result._replace(out=printed + result.out)
+    if not sent:
+        return "ended first", result
+    if result.code not in (128 + signum, -signum):
+        return "after work", result
+    return ("mid-work" if f"started {task}" in result.out else "before work"), result
 
 
 def honoured(signum: int, result, task: str) -> bool:
@@ -304,17 +330,25 @@ def test_sigterm_while_xla_compiles_ends_the_task_not_in_a_crash(tmp_path):
 
 
 def test_chaos_kills_then_reruns_lose_nothing(chaos_ws):
+    """Every other try aims its signal within the task's work (where outputs are half-written), the
+    others anywhere in its run, start-up included (before mnist.py's handlers are in place)."""
     ws, env, params, seconds = chaos_ws
     rng = random.Random(SEED)
-    kills = 0
-    for _ in range(KILLS):
+    outcomes = collections.Counter()
+    for attempt in range(KILLS):
         task, signum = rng.choice(TASKS), rng.choice([signal.SIGKILL, signal.SIGTERM])
-        what, result = kill_at_random(ws, env, task, signum, rng.uniform(0, seconds[task]))
-        kills += what == "sent"
+        start_up, work = seconds[task]
+        if attempt % 2:
+            what, result = kill_at_random(ws, env, task, signum, rng.uniform(0, start_up + work))
+        else:
+            what, result = kill_at_random(ws, env, task, signum, rng.uniform(0, work), once_working=True)
+        outcomes[what] += 1
         assert honoured(signum, result, task) or what == "ended first", (task, signum, result)
         assert "Traceback" not in result.err, result.err
         again = finish(start_task(task, ws, env=env))  # the same bytes as before: nothing after it changes
         assert again.code == 0, (task, again.err)
         check_outputs(ws, params)
-    print(f"chaos: seed {SEED}, {kills} kills in {KILLS} tries: 0 swallowed signals, 0 tracebacks, "
-          "0 corrupted outputs, 0 leftovers, 0 mismatches")
+    print(f"chaos: seed {SEED}, {KILLS} tries: {outcomes['mid-work']} kills mid-work, {outcomes['before work']} "
+          f"before it, {outcomes['after work']} after it, {outcomes['ended first']} ended first; 0 swallowed "
+          "signals, 0 tracebacks, 0 corrupted outputs, 0 leftovers, 0 mismatches")
+    assert outcomes["mid-work"] >= KILLS / 4, f"too few kills landed mid-work to test anything: {dict(outcomes)}"

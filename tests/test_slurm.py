@@ -103,7 +103,8 @@ def test_download_then_train_on_two_processes_as_a_local_run_does(tmp_path, slur
     assert abs(summary["test_accuracy"] - one_process["test_accuracy"]) <= 0.005 and summary["epochs_run"] == 2
     assert sorted(p.name for p in (ws / "slurm").glob("*.sbatch")) == ["download.sbatch", "train.sbatch"]
     assert "#SBATCH --ntasks=2" in (ws / "slurm" / "train.sbatch").read_text()
-    assert len(list((ws / "logs").glob("mnist_train.log"))) == 1  # process 0 alone writes
+    train_logs = [p.read_text().splitlines() for p in (ws / "logs").glob("*train*.log*")]  # process 0 alone writes:
+    assert len(train_logs) == 1 and train_logs[0] and all("[process 0/2] " in line for line in train_logs[0])
     assert queue(slurm) == []
     evaluated = run_slurm("evaluate", f"--workspace={ws}", env=slurm)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:]
