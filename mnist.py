@@ -2295,8 +2295,9 @@ class OneLine(logging.Formatter):
 
 def compilation_cache_folder() -> str | None:
     """Where compiled programs are kept between runs: $MNIST_COMPILATION_CACHE, None for "off", by
-    default the user's cache folder. (noxfile.py runs this very definition, and mounts a folder
-    beside it into containers: never this one, whose programs local runs load and run.)"""
+    default the user's cache folder. (noxfile.py holds a copy of this rule, which tests/test_cache.py
+    keeps in step, and mounts a folder beside this one into containers: never this one, whose
+    programs local runs load and run.)"""
     setting = os.environ.get(CACHE_VARIABLE, "")
     if setting == "off":
         return None

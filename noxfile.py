@@ -53,7 +53,8 @@ ROOT = Path(__file__).resolve().parent  # the cube's folder: mlcube.yaml, mnist.
 CUBE = yaml.safe_load((ROOT / "mlcube.yaml").read_text())  # the tasks, their parameters, the image, the platform
 IMAGE = CUBE["docker"]["image"]  # the image every container runner runs
 SHARED = ROOT.parent / "shared"  # the benchmark's real MNIST and reference anchors, beside the clone
-TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython"]  # the tests' virtualenv
+# the tests' virtualenv; scikit-learn for the small real data set and the linear model it is held against
+TEST_DEPS = ["-r", "requirements.txt", "pytest", "hypothesis", "nox", "docker", "spython", "scikit-learn"]
 MLCUBE = ["mlcube==0.0.9", "mlcube-docker==0.0.9", "mlcube-singularity==0.0.9"]  # MLCube's CLI and local runners
 # Their cluster runners, in a virtualenv of their own: kfp 1.8 pins PyYAML 5, which builds on Python 3.11
 # only with Cython 2 and no build isolation, and its requests-toolbelt imports what urllib3 2 removed.
