@@ -241,3 +241,23 @@ def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, capsys, side):
     (pictures / CLASSES[0] / "bomb.png").write_bytes(data)
     ws = workspace(tmp_path / "ws", "pictures", **({} if side == 40000 else {"size": 2000}))
     refused(ws, capsys, "bomb.png", "decompression bomb")
+
+
+@pytest.mark.parametrize("form, mode, grey", [
+    ("tiff", "L", True), ("tiff", "I;16", True), ("tiff", "CMYK", False), ("webp", "RGB", False),
+    ("png", "I;16", True), ("png", "LA", True), ("gif", "P", False), ("jpeg", "L", True),
+])
+def test_every_format_and_mode_becomes_8_bit_grey_or_rgb(form, mode, grey):
+    """TIFF, WebP and the rest, in grey, 16-bit, CMYK, alpha or palette: 8-bit grey (H×W) or RGB
+    (H×W×3) of the same picture: its brightest rows stay brightest."""
+    base = picture(1, "L", size=(8, 8))
+    image = {"I;16": lambda: Image.fromarray(np.asarray(base, np.uint16) * 257),
+             "CMYK": lambda: base.convert("RGB").convert("CMYK"),
+             "P": lambda: Image.merge("RGB", (base, base.point(lambda v: v // 2), base)).quantize(16)}.get(
+        mode, lambda: base.convert(mode))()
+    buffer = io.BytesIO()
+    image.save(buffer, format=form.upper(), **({"lossless": True} if form == "webp" else {}))
+    pixels = mnist.decode_image(buffer.getvalue(), None, 1 << 20, "test")
+    assert pixels.dtype == np.uint8 and pixels.shape == ((8, 8) if grey else (8, 8, 3))
+    rows = pixels.reshape(8, -1).mean(1)
+    assert set(np.argsort(rows)[-2:]) == {2, 3}
