@@ -273,7 +273,8 @@ def update_pins(session: nox.Session) -> None:
 def run_k8s(session: nox.Session) -> None:
     """Run tasks as Kubernetes Jobs: `nox -s run-k8s -- train --pvc=NAME [--processes=N] [--dry-run]`."""
     session.install("nox", "pyyaml", "kubernetes", "kubernetes-validate", "docker")  # docker: pinned_image
-    session.run("python", str(ROOT / "noxfile.py"), "run-k8s", *session.posargs)  # where the client is
+    # where the client is; its messages on stderr, apart from the manifests that --dry-run prints for kubectl
+    session.run("python", str(ROOT / "noxfile.py"), "run-k8s", *session.posargs, stderr=None)
 
 
 @nox.session(name="run-kubeflow")
