@@ -168,6 +168,9 @@ def run_docker(session: nox.Session, opts: Options) -> None:
 @runner("push", lambda args, name: push_args(args, name), python=False)  # defined below
 def push(session: nox.Session, opts: Options) -> None:
     """Push the Docker image, built first if missing or stale: `nox -s push -- NAME[:TAG]` prints NAME@sha256:..."""
+    if opts.dry_run:
+        print(shlex.join(["docker", "push", opts.image]))
+        return
     pushed = docker_push(fresh_image(session, DOCKER, opts), opts.image)
     session.log(f"pushed {opts.image}; run-k8s and run-kubeflow --image={opts.image} name it by its digest")
     print(pushed)

@@ -116,3 +116,8 @@ def test_push_takes_the_tag_of_mlcube_yamls_image_by_default():
     opts = noxfile.push_args(["registry.example:5000/mnist-jax", "--build-arg", "BASE_IMAGE=b"], "push")
     assert opts.image == "registry.example:5000/mnist-jax:" + noxfile.IMAGE.rsplit(":", 1)[1]
     assert opts.build_args == {"BASE_IMAGE": "b"}
+
+
+def test_push_dry_run_pushes_nothing():
+    result = nox("-s", "push", "--", "registry.example:5000/mnist-jax:1", "--dry-run")
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "docker push registry.example:5000/mnist-jax:1"
