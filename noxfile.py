@@ -60,13 +60,22 @@ MLCUBE = ["mlcube==0.0.9", "mlcube-docker==0.0.9", "mlcube-singularity==0.0.9"] 
 # only with Cython 2 and no build isolation, and its requests-toolbelt imports what urllib3 2 removed.
 MLCUBE_CLUSTER = ["mlcube==0.0.9", "mlcube-k8s==0.0.9", "mlcube-kubeflow==0.0.9", "urllib3<2"]
 
-CONTAINERS = ("configure-docker", "run-docker", "configure-singularity", "run-singularity")  # they build images
+CONTAINERS = ("configure-docker", "run-docker", "configure-singularity", "run-singularity", "push")  # they build images
+CLUSTERS = ("run-k8s", "run-kubeflow")  # their containers pull the image from a registry
 LIMITED = ("run-docker", "run-singularity", "run-k8s")  # the runners that limit memory and processors
 # sbatch options that run-slurm sets itself, each with the runner's option that sets it (None: none does)
 SBATCH_OWN = {"output": None, "error": None, "job-name": None, "ntasks": "--processes", "nodes": "--nodes",
               "partition": "--partition", "time": "--time", "account": "--account", "gpus": "--gpus", "wait": None,
               "parsable": None, "chdir": None, "wrap": None}
 
+# An image reference as the cluster runners write it into manifests, NAME[:TAG] or NAME@sha256:DIGEST, by the
+# grammar of Docker's distribution/reference: an optional registry host[:port]/, lower-case path components.
+IMAGE_REFERENCE = re.compile(r"""
+    (?P<name>(?:([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*
+                              (?::[0-9]+)?)/)?
+             [a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)
+    (?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})|@(?P<digest>sha256:[0-9a-f]{64}))?""", re.VERBOSE)
+K8S_NAME = r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"  # a Secret's name, say
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a control character: in a path, it ends a line or a field
 SYSTEM_ONLY = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
 SYSTEM_FOLDERS = (*SYSTEM_ONLY, "/opt", "/root", "/run", "/srv", "/var")  # and those that may hold the user's
@@ -111,9 +120,10 @@ class UsageError(Exception):
     """A mistake in a runner's arguments or environment: reported as one line."""
 
 
-def runner(name: str, **settings):
-    """A runner's nox session: `--help` prints the options, and a UsageError anywhere in it ends the
-    session with its one line (the one place where they become session.error)."""
+def runner(name: str, parse: Callable[[list[str], str], Options] | None = None, **settings):
+    """A runner's nox session, its arguments read by `parse` (parse_args by default): `--help` prints the
+    options, and a UsageError anywhere in it ends the session with its one line (the one place where they
+    become session.error)."""
     def decorate(function):
         @nox.session(name=name, **settings)
         @functools.wraps(function)
@@ -122,7 +132,7 @@ def runner(name: str, **settings):
                 print(usage())
                 return
             try:
-                function(session, parse_args(session.posargs, name))
+                function(session, (parse or parse_args)(session.posargs, name))
             except UsageError as e:
                 session.error(str(e))
         return session
@@ -153,6 +163,17 @@ def configure_docker(session: nox.Session, opts: Options) -> None:
 def run_docker(session: nox.Session, opts: Options) -> None:
     """Run tasks in the Docker image, building it first if missing or stale: `nox -s run-docker -- train`."""
     run_in(session, DOCKER, opts)
+
+
+@runner("push", lambda args, name: push_args(args, name), python=False)  # defined below
+def push(session: nox.Session, opts: Options) -> None:
+    """Push the Docker image, built first if missing or stale: `nox -s push -- NAME[:TAG]` prints NAME@sha256:..."""
+    if opts.dry_run:
+        print(shlex.join(["docker", "push", opts.image]))
+        return
+    pushed = docker_push(fresh_image(session, DOCKER, opts), opts.image)
+    session.log(f"pushed {opts.image}; run-k8s and run-kubeflow --image={opts.image} name it by its digest")
+    print(pushed)
 
 
 @runner("configure-singularity", python=False)
@@ -254,8 +275,9 @@ def update_pins(session: nox.Session) -> None:
 @nox.session(name="run-k8s")
 def run_k8s(session: nox.Session) -> None:
     """Run tasks as Kubernetes Jobs: `nox -s run-k8s -- train --pvc=NAME [--processes=N] [--dry-run]`."""
-    session.install("nox", "pyyaml", "kubernetes", "kubernetes-validate")
-    session.run("python", str(ROOT / "noxfile.py"), "run-k8s", *session.posargs)  # where the client is
+    session.install("nox", "pyyaml", "kubernetes", "kubernetes-validate", "docker")  # docker: pinned_image
+    # where the client is; its messages on stderr, apart from the manifests that --dry-run prints for kubectl
+    session.run("python", str(ROOT / "noxfile.py"), "run-k8s", *session.posargs, stderr=None)
 
 
 @nox.session(name="run-kubeflow")
@@ -291,6 +313,8 @@ class Options:
     container: str | None = None
     venv: Path | None = None
     sbatch: list[str] = dataclasses.field(default_factory=list)
+    image: str | None = None
+    pull_secrets: list[str] = dataclasses.field(default_factory=list)
 
 
 class Mount(NamedTuple):
@@ -347,6 +371,15 @@ def matching(pattern: str, example: str) -> Callable[[str], str]:
             raise UsageError(f"expects {example}, got {value!r}")
         return value
     return check
+
+
+def image_reference(value: str) -> str:
+    """An image reference, NAME[:TAG] or NAME@sha256:DIGEST (IMAGE_REFERENCE), for a manifest's image
+    field: nothing else gets into one."""
+    if not IMAGE_REFERENCE.fullmatch(value):
+        raise UsageError(f"expects an image reference such as registry.example:5000/mnist-jax:0.0.1 or "
+                         f"NAME@sha256:DIGEST (lower-case path, no spaces), got {value!r}")
+    return value
 
 
 def sbatch_option(value: str) -> str:
@@ -410,6 +443,10 @@ OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PA
                    lambda value: Path(value).resolve(), ("run-slurm",)),
     "sbatch": Option("=OPTION  run-slurm: another sbatch option, e.g. --sbatch=--mem=8G (repeatable)", "sbatch",
                      sbatch_option, ("run-slurm",)),
+    "image": Option("=NAME[:TAG|@sha256:DIGEST]  run-k8s, run-kubeflow: the image the cluster pulls (default: "
+                    "mlcube.yaml's)", "image", image_reference, CLUSTERS),
+    "pull-secret": Option("=NAME  run-k8s: a Secret the pods pull the image with (repeatable)", "pull_secrets",
+                          matching(K8S_NAME, "a Kubernetes name such as regcred"), ("run-k8s",)),
     "dry-run": Option("  print what each task would run, and run nothing", "dry_run", None),
 }
 
@@ -460,6 +497,22 @@ def joined(args: list[str]) -> list[str]:
             arg = f"{arg}={rest.pop(0)}"
         out.append(arg)
     return out
+
+
+def push_args(args: list[str], runner: str) -> Options:
+    """push's arguments: the reference to push to, NAME[:TAG] (by default the tag of mlcube.yaml's image),
+    as Options.image, and the options (--build-arg) for a build."""
+    names = [arg for arg in joined(args) if not arg.startswith("-")]
+    if len(names) != 1:
+        raise UsageError("name the image to push, once: nox -s push -- registry.example:5000/mnist-jax[:TAG]")
+    match = IMAGE_REFERENCE.fullmatch(names[0])
+    if not match:
+        raise UsageError(f"push takes an image reference, NAME[:TAG] (lower-case path, no spaces), not {names[0]!r}")
+    if match["digest"]:
+        raise UsageError(f"push takes NAME[:TAG], not a digest, which the registry gives: {names[0]!r}")
+    opts = parse_args([arg for arg in joined(args) if arg != names[0]], runner)
+    opts.image = f"{match['name']}:{match['tag'] or IMAGE_REFERENCE.fullmatch(IMAGE)['tag'] or 'latest'}"
+    return opts
 
 
 def set_option(opts: Options, name: str, option: Option, value: str) -> None:
@@ -819,6 +872,75 @@ def docker_execute(client, run: Run, opts: Options) -> int:
         container.remove(force=True)
 
 
+def registry_of(name: str) -> str:
+    """The registry an image's name points at, as Docker reads it: its first component when that holds a
+    '.' or ':', is localhost or is not lower case; else Docker Hub."""
+    first, slash, _ = name.partition("/")
+    return first if slash and ({".", ":"} & set(first) or first == "localhost" or first != first.lower()) \
+        else "docker.io"
+
+
+def docker_push(client, reference: str) -> str:
+    """The cube's image tagged as `reference` (NAME:TAG) and pushed, its progress streamed: by digest,
+    NAME@sha256:..., from the push's answer (else the image's RepoDigests)."""
+    import docker
+
+    name, tag = reference.rsplit(":", 1)
+    client.images.get(IMAGE).tag(name, tag)
+    failed = f"docker push of {reference} to {registry_of(name)} failed"
+    digest, shown = None, {}
+    try:
+        for chunk in client.api.push(name, tag=tag, stream=True, decode=True):
+            if "error" in chunk:
+                raise UsageError(f"{failed}: {chunk['error'].strip()}")
+            digest = (chunk.get("aux") or {}).get("Digest", digest)
+            layer, status = chunk.get("id"), chunk.get("status")
+            if status and shown.get(layer) != status:  # each layer's steps, not every byte's
+                shown[layer] = status
+                print(f"{layer}: {status}" if layer else status, flush=True)
+    except docker.errors.APIError as e:
+        raise UsageError(f"{failed}: {e.explanation or e}") from None
+    pushed = f"{name}@{digest}" if digest else repo_digest(client, reference)
+    if not pushed:
+        raise UsageError(f"{failed}: the registry gave no digest")
+    return pushed
+
+
+def repo_digest(client, reference: str) -> str | None:
+    """NAME@sha256:... for the local image `reference` (NAME[:TAG]) names, where its RepoDigests hold a
+    digest for NAME's repository (this machine pushed or pulled it there); else None."""
+    import docker
+
+    name = IMAGE_REFERENCE.fullmatch(reference)["name"]
+    try:
+        image = client.images.get(reference)
+    except docker.errors.ImageNotFound:
+        return None
+    return next((entry for entry in image.attrs.get("RepoDigests") or [] if entry.partition("@")[0] == name), None)
+
+
+def image_of(opts: Options) -> str:
+    """The image a cluster runner's containers run: --image, else mlcube.yaml's."""
+    return opts.image or IMAGE
+
+
+def pinned_image(opts: Options, runner: str) -> str:
+    """image_of(opts) as the cluster runners write it: a tag that --image names is replaced by the digest
+    this machine pushed it as (repo_digest), said in one line on stderr; anything else as it is."""
+    reference = image_of(opts)
+    if opts.image is None or IMAGE_REFERENCE.fullmatch(reference)["digest"]:
+        return reference
+    try:
+        client = docker_client()
+    except UsageError:
+        return reference  # no Docker here: the tag is all that is known
+    pinned = repo_digest(client, reference)
+    if pinned:
+        print(f"{runner}: {reference} is {pinned}, which this machine pushed: the manifests name that",
+              file=sys.stderr)
+    return pinned or reference
+
+
 DOCKER = Runtime(connect=docker_client, source_files=lambda opts: docker_sources(), built_from=docker_built_from,
                  build=docker_build, command=docker_command, execute=docker_execute)
 
@@ -1110,12 +1232,12 @@ def k8s_container(run: Run, opts: Options, job: str, processes: int) -> dict:
     mounts = [{"name": "workspace", "mountPath": mount.target, "readOnly": mount.read_only,
                **({"subPath": sub_path} if sub_path else {})} for sub_path, mount in k8s_on_claim(run, opts).items()]
     mounts += [{"name": "cache", "mountPath": CACHE_TARGET}, {"name": "tmp", "mountPath": "/tmp"}]
-    env = task_variables(opts, IMAGE, K8S_CACHE)
+    env = task_variables(opts, image_of(opts), K8S_CACHE)
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"{job}-0.{job}:{COORDINATOR_PORT}", JAX_NUM_PROCESSES=str(processes))
     index = {"name": "JAX_PROCESS_ID", "valueFrom": {"fieldRef": {
         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
-    return {"name": run.task, "image": IMAGE, "args": [run.task, *run.container_args],
+    return {"name": run.task, "image": image_of(opts), "args": [run.task, *run.container_args],
             "env": [{"name": k, "value": v} for k, v in env.items()] + ([index] if processes > 1 else []),
             "resources": k8s_resources(opts), "securityContext": k8s_security(), "volumeMounts": mounts}
 
@@ -1123,7 +1245,8 @@ def k8s_container(run: Run, opts: Options, job: str, processes: int) -> dict:
 def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
     """The pod template: the task's container (k8s_container) with no service account token (it talks to
     no API), its folders on the claim made first by an init container. A cluster has no caller for
-    LEAST_PRIVILEGE's user: its pods run as K8S_USER, never root, with /tmp in memory."""
+    LEAST_PRIVILEGE's user: its pods run as K8S_USER, never root, with /tmp in memory. Every container
+    runs image_of(opts), pulled with the --pull-secret Secrets."""
     folders = sorted(os.path.join("/workspace", sub_path) for sub_path in k8s_on_claim(run, opts))
     return {
         "metadata": {"labels": {"app": "mnist", "mnist/task": run.task}},
@@ -1131,9 +1254,10 @@ def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,
             **({"subdomain": job} if processes > 1 else {}),
+            **({"imagePullSecrets": [{"name": name} for name in opts.pull_secrets]} if opts.pull_secrets else {}),
             "securityContext": {"runAsNonRoot": True, "runAsUser": K8S_USER, "runAsGroup": K8S_USER,
                                 "fsGroup": K8S_USER, "seccompProfile": {"type": "RuntimeDefault"}},
-            "initContainers": [{"name": "folders", "image": IMAGE, "securityContext": k8s_security(),
+            "initContainers": [{"name": "folders", "image": image_of(opts), "securityContext": k8s_security(),
                                 "command": ["python3", "-c", "import os, sys; [os.makedirs(f, exist_ok=True) "
                                             "for f in sys.argv[1:]]", *folders],
                                 "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]}],
@@ -1197,8 +1321,11 @@ def k8s_job_name(task: str) -> str:
 
 def k8s_main(opts: Options) -> int:
     """run-k8s inside its virtualenv, where the Kubernetes client is: print the manifests for
-    --dry-run, else apply them task by task, streaming each pod's log, and delete what was made."""
-    plans = [k8s_manifests(resolve(task, opts), opts, k8s_job_name(task)) for task in require_tasks(opts)]
+    --dry-run, else apply them task by task, streaming each pod's log, and delete what was made. The
+    image is named by digest where this machine pushed it (pinned_image)."""
+    require_tasks(opts)
+    opts = dataclasses.replace(opts, image=pinned_image(opts, "run-k8s"))
+    plans = [k8s_manifests(resolve(task, opts), opts, k8s_job_name(task)) for task in opts.tasks]
     manifests = ([k8s_claim(opts)] if opts.create_pvc else []) + [m for plan in plans for m in plan]
     for manifest in manifests:
         k8s_validate(manifest)
@@ -1300,7 +1427,7 @@ with open(outputs["outputFile"], "w") as f:
 KFP_WRAPPER = ('executor_input="$0"; status="$1"; shift; python3 /mlcube/mnist.py "$@" && '
                f'python3 -c \'{KFP_REPORT}\' "$executor_input" && echo 0 > "$status"')
 
-def kfp_component(task: str):
+def kfp_component(task: str, image: str):
     """A task as a container component, from mlcube.yaml. It also writes `status`, only when the task
     succeeded: kfp.local counts a container that was gone before it was asked for its exit code as a
     success, and the runner checks `status` instead."""
@@ -1313,7 +1440,7 @@ def kfp_component(task: str):
             "inputs": [{"name": name, "type": "Artifact"} for name, (_, output) in params.items() if not output],
             "outputs": [*({"name": name, "type": "Artifact"} for name, (_, output) in params.items() if output),
                         {"name": "status", "type": "String"}],
-            "implementation": {"container": {"image": IMAGE, "command": [
+            "implementation": {"container": {"image": image, "command": [
                 "sh", "-c", KFP_WRAPPER, {"executorInput": None}, {"outputPath": "status"}, task, *args]}}}
     return components.load_component_from_text(yaml.safe_dump(spec))
 
@@ -1357,7 +1484,7 @@ def kfp_pipeline(opts: Options):
                 if name not in produced:
                     produced[name] = dsl.importer(artifact_uri=imported[name], artifact_class=dsl.Artifact).output
                 inputs[name] = produced[name]
-            step = kfp_component(task)(**inputs)
+            step = kfp_component(task, image_of(opts))(**inputs)
             produced.update({name: step.outputs[name] for name, (_, output) in parameters(task).items() if output})
 
     return pipeline
@@ -1369,6 +1496,7 @@ def kfp_main(opts: Options) -> int:
     require_tasks(opts)  # a usage error first, before the SDK's import
     from kfp import compiler
 
+    opts = dataclasses.replace(opts, image=pinned_image(opts, "run-kubeflow"))
     package = opts.workspace / f"{PIPELINE_NAME}-pipeline.yaml"
     opts.workspace.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(kfp_pipeline(opts), str(package))

@@ -248,3 +248,47 @@ def test_indexed_job_pods_train_together(tmp_path):
     for index in range(2):  # each pod kept its compiled programs in its own cache, none on the claim
         assert any((tmp_path / f"pod{index}" / "cache" / "jax").iterdir())
     assert sorted(os.listdir(workspace)) == ["data", "logs", "model", "train.yaml"]
+
+
+def images(docs: list[dict]) -> set[str]:
+    """The image of every container in the Jobs' pods, init containers too."""
+    pods = [doc["spec"]["template"]["spec"] for doc in docs if doc["kind"] == "Job"]
+    return {container["image"] for pod in pods for container in pod["containers"] + pod["initContainers"]}
+
+
+def test_every_container_runs_the_image_given():
+    """--image replaces mlcube.yaml's in every container, the init containers' too, and in the variable
+    that the outputs record; without it, mlcube.yaml's."""
+    given = "registry.example:5000/team/mnist-jax@sha256:" + "0" * 64
+    docs = manifests("download", "train", "--processes=2", f"--image={given}")
+    assert images(docs) == {given}
+    assert {"name": "MNIST_IMAGE", "value": given} in jobs("train", f"--image={given}")[0][
+        "spec"]["template"]["spec"]["containers"][0]["env"]
+    assert images(manifests("train")) == {noxfile.IMAGE}
+
+
+def test_pull_secrets_go_to_every_pod(faults):
+    docs = manifests("download", "train", "--pull-secret=regcred", "--pull-secret", "team.registry")
+    for job in (doc for doc in docs if doc["kind"] == "Job"):
+        assert job["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "team.registry"}]
+    assert faults(docs) == [""] * len(docs)
+    assert "imagePullSecrets" not in jobs("train")[0]["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("option", [
+    "--image=Mnist-Jax", "--image=mnist jax", "--image=mnist-jax:", "--image=mnist-jax:-1",
+    "--image=mnist-jax@sha256:12", "--image=mnist-jax:1@sha256:" + "0" * 64, "--image=mnist-jax\nkind: Pod",
+    "--image=-mnist", "--image=a//b",
+    "--image=a/b;rm", "--pull-secret=Regcred", "--pull-secret=reg_cred", "--pull-secret=" + "a" * 254,
+])
+def test_a_bad_image_or_secret_is_refused_in_one_line(option):
+    """Each lands in a manifest, as written: anything but a valid reference or name is refused."""
+    with pytest.raises(noxfile.UsageError) as refused:
+        noxfile.parse_args(["train", option], "run-k8s")
+    assert "\n" not in str(refused.value) and str(refused.value).startswith(option.split("=")[0] + " expects ")
+
+
+def test_only_the_cluster_runners_take_an_image():
+    with pytest.raises(noxfile.UsageError, match="--image is an option of run-k8s and run-kubeflow, not of run-docker"):
+        noxfile.parse_args(["train", "--image=mnist-jax:1"], "run-docker")
+    assert noxfile.parse_args(["train", "--image=mnist-jax:1"], "run-kubeflow").image == "mnist-jax:1"

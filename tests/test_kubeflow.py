@@ -81,6 +81,17 @@ def test_compiled_pipeline_loads_back_with_the_sdk(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["mnist-pipeline.yaml"]
 
 
+def test_the_component_runs_the_image_given(tmp_path):
+    """--image, here by digest (used as it is), is the image of every step."""
+    given = "registry.example:5000/team/mnist-jax@sha256:" + "0" * 64
+    result = nox("-s", "run-kubeflow", "--", "download", "train", f"--workspace={tmp_path}", f"--image={given}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    loaded = subprocess.run([str(ROOT / ".nox" / "run-kubeflow" / "bin" / "python"), "-c", LOAD_BACK,
+                             str(tmp_path / "mnist-pipeline.yaml")], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout)["images"] == [given]
+
+
 @needs_docker
 def test_local_run_on_docker_end_to_end(tmp_path, real_data, image):
     ws = real_workspace(tmp_path, real_data)
