@@ -165,20 +165,35 @@ def spec_of(arrays: dict[str, np.ndarray]) -> Spec:
 
 def architecture(spec: Spec) -> str:
     """CNN as model.json records it, which evaluate and infer check before they load parameters: each
-    layer's kind and width (and a convolution's kernel), read off the parameters CNN makes for `spec`
-    (their shapes alone: nothing runs), so that it follows any change to the class."""
-    params = jax.eval_shape(lambda: init_params(jax.random.key(0), spec))
-    layers = []
-    for name in layer_names(params):
-        kernel = params[name]["kernel"].shape
-        layers.append(f"conv{kernel[3]}/{kernel[0]}x{kernel[1]}/s2" if name.startswith("Conv") else f"dense{kernel[1]}")
-    return f"CNN({', '.join(layers)})"
+    layer, in the order CNN calls it, by its kind and width (and a convolution's kernel), read off the
+    parameters CNN makes for `spec` (their shapes alone: nothing runs), so that it follows any change
+    to the class."""
+    called = []
+
+    def record(next_fun, args, kwargs, context):  # each layer as CNN calls it
+        if context.method_name == "__call__" and context.module.name is not None:
+            called.append(context.module.name)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        params = jax.eval_shape(lambda: init_params(jax.random.key(0), spec))
+    return f"CNN({', '.join(describe_layer(name, params.get(name, {})) for name in called)})"
 
 
-def layer_names(params) -> list[str]:
-    """The layers of CNN's parameters in the order CNN calls them: Flax names them Conv_0, Conv_1, ...
-    and Dense_0, Dense_1, ... by their order of creation, convolutions first in CNN."""
-    return sorted(params, key=lambda name: (not name.startswith("Conv"), int(name.rpartition("_")[2])))
+def describe_layer(name: str, params: dict) -> str:
+    """A layer as architecture names it: a convolution's filters, kernel and stride, a dense layer's
+    width, any other by its kind (a LayerNorm: layernorm)."""
+    kernel = params.get("kernel")
+    if kernel is None:
+        return name.rpartition("_")[0].lower()
+    if name.startswith("Conv"):
+        return f"conv{kernel.shape[3]}/{kernel.shape[0]}x{kernel.shape[1]}/s2"
+    return f"dense{kernel.shape[1]}"
+
+
+def output_layer(params) -> str:
+    """The name of CNN's output layer: its last dense layer, as Flax numbers them (Dense_0, Dense_1, ...)."""
+    return max((name for name in params if name.startswith("Dense_")), key=lambda name: int(name.rpartition("_")[2]))
 
 
 class Conv(nn.Module):
@@ -207,7 +222,7 @@ class Conv(nn.Module):
 
 def predict(params, images: jax.Array, pixel_max: int) -> jax.Array:
     """Logits, one row per image, a column per class: as many as CNN's last layer has."""
-    return CNN(params[layer_names(params)[-1]]["bias"].shape[-1], pixel_max).apply({"params": params}, images)
+    return CNN(params[output_layer(params)]["bias"].shape[-1], pixel_max).apply({"params": params}, images)
 
 
 def predict_all(params, images: jax.Array, pixel_max: int) -> jax.Array:
@@ -728,7 +743,7 @@ def write_model(run: TrainRun, n: int, state: TrainState, history: list[EpochMet
                  f"{last.elapsed_seconds:.2f} s")
     write_atomically(os.path.join(run.model_dir, "params.msgpack"), serialization.to_bytes(state.average))
     steps = n // config.batch_size * len(history)
-    if steps < FEW_STEPS:
+    if steps < FEW_STEPS and not reached:
         log.info(f"trained {steps} steps in all, few for a network to settle: more epochs, or a smaller "
                  "batch_size, give it more")
     images_per_epoch = n // config.batch_size * config.batch_size  # the last partial batch is dropped
@@ -1049,12 +1064,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def image_file_names(path: str) -> list[str]:
-    """The image files infer classifies: a folder's (all its files but litter, in sorted order, by their
-    paths within it), or the one file's name."""
+    """The image files infer classifies: a folder's (its files named as images, IMAGE_SUFFIXES, in the
+    order walk_files gives, by their paths within it), or the one file's name."""
     if not os.path.isdir(path):
         return [os.path.basename(path)]
     try:
-        names = [name for name, _ in walk_files(path)]
+        names = [name for name, _ in walk_files(path) if name.lower().endswith(IMAGE_SUFFIXES)]
     except OSError as e:
         raise CubeError(os_fault(e)) from None
     if not names:
@@ -1073,21 +1088,26 @@ def image_file_batches(path: str, names: list[str], batch: int, image_shape: tup
             file = os.path.join(folder, *name.split("/"))
             with reading(file, "a readable image file"), open_regular(file) as f:
                 data = f.read(MAX_DATA_BYTES + 1)
+            if len(data) > MAX_DATA_BYTES:
+                raise CubeError(f"{file}: larger than the {MAX_DATA_BYTES} bytes an image file may have")
             pixels = decode_image(data, image_shape[:2], MAX_DATA_BYTES, file)
             images.append(in_channels(pixels, image_shape))
         yield np.stack(images)
 
 
 def in_channels(pixels: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
-    """Decoded pixels, grey (H×W) or colour (H×W×3), as the model takes them: grey to colour by
-    repeating it, colour to grey by its luma (Pillow's "L"), as a grey model was never shown colour."""
+    """Decoded pixels, grey (H×W) or colour (H×W×3), in the channels of `image_shape`: grey to colour
+    by repeating it, colour to grey by its luma (Pillow's "L"), as a grey model was never shown colour;
+    H×W×1 is grey. A model of other channels (4, say) takes no image file."""
     from PIL import Image
 
-    if len(image_shape) == 3 and pixels.ndim == 2:
-        return np.repeat(pixels[..., None], image_shape[2], axis=2)
-    if len(image_shape) == 2 and pixels.ndim == 3:
-        return np.asarray(Image.fromarray(pixels).convert("L"))
-    return pixels
+    channels = image_shape[2] if len(image_shape) == 3 else None
+    if channels not in (None, 1, 3):
+        raise CubeError(f"the model takes images of {channels} channels; image files give grey or RGB alone")
+    if channels == 3:
+        return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
+    grey = np.asarray(Image.fromarray(pixels).convert("L")) if pixels.ndim == 3 else pixels
+    return grey if channels is None else grey[..., None]
 
 
 def npz_member(stack: contextlib.ExitStack, f, path: str):
@@ -1326,7 +1346,7 @@ def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> 
         return
     splits = split_by_class(files, images.test_fraction, images.source.uri)
     names = sorted(splits["train"])
-    arrays = decode_images(files, splits, names, images, size_limit(images.source)[0])
+    arrays = decode_images(files, splits, names, images, contents_limit(images))
     buffer = io.BytesIO()
     np.savez(buffer, **check_data(arrays, images.source.uri))
     write_atomically(final, buffer.getvalue())
@@ -1342,7 +1362,7 @@ def read_image_files(images: ImageSet, final: str, log: logging.Logger) -> tuple
     """Every file of the set but the OS's litter, by its name within the folder or archive, and the
     SHA-256 that identifies them: an archive's own (verified against data.yaml's hash), or for a folder
     one over its files' names and bytes (checked against data.yaml's hash where it gives one)."""
-    limit = size_limit(images.source)[0]
+    limit = contents_limit(images)
     if images.folder:
         files = read_tree(images.source.uri, limit)
         digest = digest_of_files(files)
@@ -1356,6 +1376,16 @@ def read_image_files(images: ImageSet, final: str, log: logging.Logger) -> tuple
         out.flush()
         files = read_archive(tmp, images.source.uri, limit)
     return files, images.source.sha256
+
+
+def contents_limit(images: ImageSet) -> int:
+    """The most bytes the set's files, and then its decoded pixels, may take: a folder's size: or
+    MAX_DATA_BYTES; an archive's size: is its own exact size, so its contents may take sixteen times
+    that (images compress), MAX_DATA_BYTES at least and MAX_DECLARED_BYTES at most."""
+    declared = images.source.size
+    if images.folder or declared is None:
+        return size_limit(images.source)[0]
+    return min(max(16 * declared, MAX_DATA_BYTES), MAX_DECLARED_BYTES)
 
 
 def digest_of_files(files: dict[str, bytes]) -> str:
@@ -1385,7 +1415,8 @@ def split_by_class(files: dict[str, bytes], test_fraction: float, where: str) ->
     splits, within = {name: {} for name in SPLITS}, {}  # within: each file's path inside its class folder
     for name, parts in sorted(paths.items()):
         if len(parts) < 2 + split:
-            raise CubeError(f"{where}: {name} lies outside any class folder; expected {layout}")
+            raise CubeError(f"{where}: {shorten(name, 120, quoted=False)} lies outside any class folder; "
+                            f"expected {layout}")
         splits[parts[0] if split else "train"].setdefault(parts[split], []).append(name)
         within[name] = "/".join(parts[1 + split:])
     if len(splits["train"]) < 2:
@@ -1434,7 +1465,7 @@ def decode_images(files: dict[str, bytes], splits: dict, names: list[str], image
         members = [(member, k) for k, name in enumerate(names) for member in splits[split].get(name, [])]
         stack = [decoded[member] for member, _ in members]
         if colour:
-            stack = [np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image for image in stack]
+            stack = [in_channels(image, (*image.shape[:2], 3)) for image in stack]
         arrays[f"x_{split}"] = np.stack(stack)
         arrays[f"y_{split}"] = np.array([k for _, k in members], np.uint8 if len(names) <= 256 else np.int32)
     return arrays
@@ -1745,12 +1776,16 @@ def read_tree(root: str, limit: int) -> dict[str, bytes]:
 
 
 def walk_files(root: str):
-    """The files under the folder `root` but litter (is_litter), in sorted order, each as its path
-    within `root` (with "/" between folders) and its path; MAX_FILES entries at most. Links to folders
-    are not followed."""
+    """The files under the folder `root` but litter (is_litter), folder by folder, each in sorted
+    order, as their paths within `root` (with "/" between folders) and their paths; MAX_FILES entries
+    at most. A link to a folder is refused in one line: it would lead out of the set, or be skipped."""
     seen = 0
     for folder, folders, names in os.walk(root, onerror=raise_error):
         folders[:] = sorted(name for name in folders if not is_litter(name))
+        linked = [name for name in folders if os.path.islink(os.path.join(folder, name))]
+        if linked:
+            raise CubeError(f"{os.path.join(folder, linked[0])}: a link to a folder, which is not followed; "
+                            "put the folder itself there")
         seen += len(folders) + len(names)
         if seen > MAX_FILES:
             raise CubeError(f"{root}: holds more than {MAX_FILES} files and folders")
@@ -1795,7 +1830,12 @@ def read_zip(f, budget: FileBudget) -> None:
 
 
 def read_tar(f, budget: FileBudget) -> None:
-    with tarfile.open(fileobj=f, mode="r:*") as archive:
+    """A tar archive's members, read as a stream of at most twice the budget's bytes (headers
+    included): tarfile reads a long name's whole declared size before any member is seen."""
+    gzipped = f.read(2) == b"\x1f\x8b"
+    f.seek(0)
+    stream = CappedReader(gzip.GzipFile(fileobj=f) if gzipped else f, 2 * budget.limit + (1 << 20), budget.where)
+    with tarfile.open(fileobj=stream, mode="r|") as archive:
         for info in archive:
             budget.count(info.size if info.isfile() else 0)
             name = member_name(info.name, budget.where)
@@ -1804,6 +1844,21 @@ def read_tar(f, budget: FileBudget) -> None:
                                 "of images holds files and folders alone")
             if name and info.isfile():
                 budget.add(name, archive.extractfile(info), info.size)
+
+
+class CappedReader:
+    """A stream read through, which ends the task in one line once more than `cap` bytes came out."""
+
+    def __init__(self, stream, cap: int, where: str):
+        self.stream, self.left, self.where = stream, cap, where
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(self.left + 1 if size < 0 else min(size, self.left + 1))
+        self.left -= len(data)
+        if self.left < 0:
+            raise CubeError(f"{self.where}: unpacks to more than the data set may hold; a tar bomb, or set "
+                            "size: in the data config if it is this large")
+        return data
 
 
 def member_name(name: str, where: str) -> str:
@@ -2325,7 +2380,8 @@ def use_compilation_cache() -> None:
 def trusted_cache(folder: str) -> bool:
     """Whether compiled programs may be loaded from `folder`: made if missing (private), tagged as the
     cube's (CACHE_TAG) while it holds nothing but JAX's entries, and it must be a folder of this user's
-    that no other user may write. Otherwise one line says why, and the task compiles without a cache."""
+    that no other user may write; it is then made private, whatever the entries' own modes. Otherwise
+    one line says why, and the task compiles without a cache."""
     try:
         if not os.path.isdir(folder):
             os.makedirs(folder, mode=0o700)
@@ -2334,6 +2390,8 @@ def trusted_cache(folder: str) -> bool:
         if hasattr(os, "geteuid") and (info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
             raise CubeError(f"{folder} is writable by another user, and what it holds runs as code; use a folder "
                             f"of your own (chmod go-w, or set {CACHE_VARIABLE})")
+        if hasattr(os, "geteuid") and info.st_mode & 0o077:  # JAX writes its entries as the umask says
+            os.chmod(folder, 0o700)
         names = os.listdir(folder)
         if CACHE_TAG not in names and all(map(CACHE_ENTRY.fullmatch, names)):  # nothing in it but JAX's
             write_atomically(os.path.join(folder, CACHE_TAG), CACHE_TAG_TEXT)

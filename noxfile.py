@@ -78,7 +78,8 @@ IMAGE_REFERENCE = re.compile(r"""
 K8S_NAME = r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"  # a Secret's name, say
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a control character: in a path, it ends a line or a field
 SYSTEM_ONLY = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
-SYSTEM_FOLDERS = (*SYSTEM_ONLY, "/opt", "/root", "/run", "/srv", "/var")  # and those that may hold the user's
+# SYSTEM_ONLY, and the folders that hold other users' files or the user's own
+SYSTEM_FOLDERS = (*SYSTEM_ONLY, "/media", "/mnt", "/opt", "/root", "/run", "/srv", "/tmp", "/var")
 
 SOURCES_LABEL = "org.mlcommons.mnist.sources"  # the Docker image's label of its sources (see `sources`), as JSON
 CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off", as mnist.py reads it
@@ -557,10 +558,12 @@ def mount_fault(host: str, mount: Mount) -> str | None:
     of SYSTEM_ONLY. Symbolic links are followed, as the runtimes follow them."""
     if CONTROL.search(host) or {":", ","} & set(os.path.splitdrive(host)[1]):
         return "it holds a control character, ':' or ',', which the runtimes read as separators"
-    real = os.path.realpath(host)
-    named = {os.path.realpath(os.path.expanduser("~")): "your home folder", os.path.realpath(os.sep): "the root folder"}
+    real, home = os.path.realpath(host), os.path.realpath(os.path.expanduser("~"))
+    named = {home: "your home folder", os.path.realpath(os.sep): "the root folder"}
     if real in named or real in SYSTEM_FOLDERS:
         return f"it is {named.get(real, 'a system folder')}"
+    if home.startswith(real + os.sep):
+        return "it holds your home folder"
     inside = [folder for folder in SYSTEM_ONLY if real.startswith(folder + os.sep)]
     if inside and not mount.read_only:
         return f"it is in the system folder {inside[0]}, where a task may not write"
@@ -765,7 +768,7 @@ def container_cache() -> str | None:
     with -containers added (None for "off"). Never that folder itself: its programs are native code
     that local runs load and run, and a container must not be able to plant any there."""
     cache = compilation_cache_folder()
-    return os.path.normpath(cache) + "-containers" if cache else None
+    return os.path.abspath(cache) + "-containers" if cache else None
 
 
 def container_mounts(run: Run) -> dict[str, Mount]:
@@ -1023,11 +1026,14 @@ def singularity_options(run: Run, opts: Options) -> list[str]:
     that /tmp, not tmp_mib) and PID and IPC namespaces of its own, --no-home keeps the caller's home
     out, and --net --network=none takes the network from a task the policy gives none."""
     net = network(run, opts)
+    variables = task_env(run, opts, singularity_image_id(opts))
+    split = [key for key, value in variables.items() if "," in value]
+    if split:  # Apptainer's --env reads NAME=A,NAME2=B as two variables
+        raise UsageError(f"--env={split[0]}=...: Singularity would split its value at ','; give it without one")
     return ["--containall", "--no-home",
             *(["--net", f"--network={net}"] if net and net != "host" else []),
             *limit_options(opts),
-            *(option for key, value in task_env(run, opts, singularity_image_id(opts)).items()
-              for option in ("--env", f"{key}={value}"))]
+            *(option for key, value in variables.items() for option in ("--env", f"{key}={value}"))]
 
 
 def singularity_image_id(opts: Options) -> str:
@@ -1382,11 +1388,15 @@ def k8s_apply(opts: Options, plans: list[list[dict]]) -> int:
 
 def k8s_delete(apis: dict, manifests: list[dict]) -> None:
     """Delete what a task's manifests made, the Job first (its pods go with it), its NetworkPolicy
-    and Service after."""
+    and Service after; one that was never made (its creation failed) is passed over."""
     for manifest in reversed(manifests):
         name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
         extra = {"propagation_policy": "Background"} if manifest["kind"] == "Job" else {}
-        getattr(apis[manifest["kind"]], K8S_DELETE[manifest["kind"]])(name, namespace, **extra)
+        try:
+            getattr(apis[manifest["kind"]], K8S_DELETE[manifest["kind"]])(name, namespace, **extra)
+        except Exception as e:  # the client's ApiException: 404 for what does not exist
+            if getattr(e, "status", None) != 404:
+                raise
 
 
 def k8s_follow(core, batch, watch, job: str, namespace: str) -> int:

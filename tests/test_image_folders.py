@@ -261,3 +261,59 @@ def test_every_format_and_mode_becomes_8_bit_grey_or_rgb(form, mode, grey):
     assert pixels.dtype == np.uint8 and pixels.shape == ((8, 8) if grey else (8, 8, 3))
     rows = pixels.reshape(8, -1).mean(1)
     assert set(np.argsort(rows)[-2:]) == {2, 3}
+
+
+def test_a_tar_whose_headers_unpack_without_end_is_refused(tmp_path, capsys, monkeypatch):
+    """tarfile reads a long name's whole declared size before any member: the stream it reads is capped
+    (at twice what the set may hold: 2 MiB here)."""
+    monkeypatch.setattr(mnist, "MAX_DATA_BYTES", 1 << 20)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.GNU_FORMAT) as archive:
+        info = tarfile.TarInfo("x" * (3 << 20))
+        info.size = 3
+        archive.addfile(info, io.BytesIO(b"abc"))
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "bomb.tgz").write_bytes(buffer.getvalue())
+    ws = workspace(tmp_path / "ws", "bomb.tgz", hash=sha256(buffer.getvalue()), size=len(buffer.getvalue()))
+    refused(ws, capsys, "bomb.tgz", "unpacks to more than the data set may hold")
+
+
+def test_an_archives_size_bounds_the_archive_not_its_decoded_images(tmp_path, capsys):
+    """size: is the archive's exact size; its images may decode to far more (they compress)."""
+    write_classes(tmp_path / "pictures", 6, (("png", "RGB"),), size=(32, 32))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted((tmp_path / "pictures").rglob("*.png")):
+            archive.write(path, path.relative_to(tmp_path).as_posix())
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "pictures.zip").write_bytes(buffer.getvalue())
+    ws = workspace(tmp_path / "ws", "pictures.zip", hash=sha256(buffer.getvalue()), size=len(buffer.getvalue()))
+    assert 18 * 32 * 32 * 3 > len(buffer.getvalue())  # the decoded pixels outweigh the archive
+    result = run_task("download", ws, capsys)
+    assert result.code == 0, result.err
+
+
+def test_a_link_to_a_class_folder_is_refused_not_skipped(tmp_path, capsys):
+    write_classes(tmp_path / "store", 4)
+    (tmp_path / "ws" / "pictures").mkdir(parents=True)
+    for name in CLASSES[:2]:
+        (tmp_path / "store" / name).rename(tmp_path / "ws" / "pictures" / name)
+    (tmp_path / "ws" / "pictures" / CLASSES[2]).symlink_to(tmp_path / "store" / CLASSES[2])
+    ws = workspace(tmp_path / "ws", "pictures")
+    refused(ws, capsys, f"{CLASSES[2]}: a link to a folder, which is not followed")
+
+
+def test_image_files_meet_a_model_of_one_channel_and_refuse_one_of_four():
+    colour = np.zeros((8, 8, 3), np.uint8)
+    assert mnist.in_channels(colour, (8, 8, 1)).shape == (8, 8, 1)
+    assert mnist.in_channels(colour[..., 0], (8, 8, 3)).shape == (8, 8, 3)
+    with pytest.raises(mnist.CubeError, match="takes images of 4 channels"):
+        mnist.in_channels(colour, (8, 8, 4))
+
+
+def test_infer_reads_a_folders_images_alone(tmp_path):
+    """Its own predictions file, or notes, in the folder are not images to classify."""
+    write_classes(tmp_path, 1)
+    (tmp_path / "predictions.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("my notes")
+    assert mnist.image_file_names(str(tmp_path)) == [f"{name}/00.png" for name in CLASSES]

@@ -186,3 +186,12 @@ def test_the_image_runs_as_a_plain_user_by_default(image):
     ran = subprocess.run(["docker", "run", "--rm", "--entrypoint=id", image], capture_output=True, text=True)
     assert ran.stdout.split()[:2] == [f"uid={noxfile.K8S_USER}", f"gid={noxfile.K8S_USER}"], ran.stderr
     assert noxfile.CUBE["docker"]["cpu_args"] == "--user=0:0"
+
+
+def test_a_compilation_cache_folder_is_made_private_whatever_its_entries_modes(tmp_path):
+    """Under a umask of 002 JAX writes its entries group-writable: the folder itself is made 0700, so
+    no one else reaches them."""
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    assert mnist.trusted_cache(str(folder)) and stat.S_IMODE(folder.stat().st_mode) == 0o700

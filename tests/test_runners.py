@@ -211,11 +211,13 @@ CONTAINER_RUNNERS = {
     (["train", "--data_dir=/x,/etc"], "'/x,/etc' into a container: it holds a control character, ':' or ','"),
     (["train", "--data_dir=/x:/etc"], "'/x:/etc' into a container: it holds a control character, ':' or ','"),
     (["train", "--data_dir=/x\n/etc"], "'/x\\n/etc' into a container: it holds a control character"),
+    (["train", "--data_dir=/tmp"], "'/tmp' into a container: it is a system folder"),
+    (["train", "--log_dir=~/.."], "into a container: it holds your home folder"),
 ])
 def test_a_mount_wider_than_the_task_needs_is_refused(runner, args, fault, tmp_path, monkeypatch):
     """What an attacker would hand a runner, a path or a folder linked elsewhere: every container
     runner refuses it in one line, before anything runs or is written."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HOME", str(tmp_path.parent / f"{tmp_path.name}-home"))  # beside the workspace, not in it
     (tmp_path / "link").symlink_to("/etc")
     opts = noxfile.parse_args([*args, f"--workspace={tmp_path}"])
     with pytest.raises(noxfile.UsageError) as refused:
@@ -493,3 +495,18 @@ def test_requirements_pin_what_the_suite_runs():
     pins = dict(line.split("==") for line in lines)
     assert len(pins) == len(lines) and {"jax", "flax", "optax"} <= set(pins)
     assert pins == {name: version(name) for name in pins}
+
+
+def test_a_relative_cache_variable_names_a_folder_not_a_docker_volume(tmp_path, monkeypatch):
+    """Docker reads a --volume source without a slash as a named volume: the containers' cache folder
+    is absolute, whatever the variable says."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(noxfile.CACHE_VARIABLE, "mycache")
+    assert noxfile.container_cache() == str(tmp_path / "mycache") + "-containers"
+
+
+def test_a_comma_in_a_variable_is_refused_under_singularity(tmp_path):
+    """Apptainer's --env reads A=x,B=y as two variables: a value with a comma is refused in one line."""
+    opts = noxfile.parse_args(["train", "--env=A=x,B=y", f"--workspace={tmp_path}"], "run-singularity")
+    with pytest.raises(noxfile.UsageError, match="Singularity would split its value at ','"):
+        noxfile.singularity_command(noxfile.resolve("train", opts), opts)

@@ -365,3 +365,18 @@ def test_bench_prints_no_ratio_against_a_missing_reference(tmp_path, capsys):
         f"flax_reference not measured: no reference trainer at {missing}, so no ratio against it"]
     assert [line for line in lines if "Flax-shaped" in line] == [
         "Against the Flax-shaped reference: no ratio, it is missing (targets: 22x cold, 30x warm)"]
+
+
+def test_architecture_describes_a_layer_without_a_kernel(monkeypatch):
+    class Normed(mnist.nn.Module):
+        classes: int
+        pixel_max: int
+
+        @mnist.nn.compact
+        def __call__(self, images):
+            x = mnist.nn.relu(mnist.Conv(16, 4)(images.astype(jnp.float32)[..., None] / self.pixel_max))
+            x = mnist.nn.LayerNorm()(x.reshape(x.shape[0], -1))
+            return mnist.nn.Dense(self.classes)(x)
+
+    monkeypatch.setattr(mnist, "CNN", Normed)
+    assert mnist.architecture(MNIST_SPEC) == "CNN(conv16/4x4/s2, layernorm, dense10)"
