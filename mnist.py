@@ -1245,9 +1245,8 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
     record_path = os.path.join(data_dir, RECORD_NAME)
     record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()},
               "class_names": names}
-    expected = expected_npz_digest(sources, record, record_path)
-    if expected and os.path.exists(final) and sha256_of(final, MAX_DECLARED_BYTES) == expected:
-        log.info(f"skipped: {final} is already present and matches its SHA-256")
+    expected = sources[NPZ_NAME].sha256 if NPZ_NAME in sources else recorded_npz_digest(record_path, record["sources"])
+    if npz_in_place(final, expected, log):
         complete = {**record, NPZ_NAME: expected, "bytes": os.path.getsize(final)}
         if read_record(record_path) != complete:  # a run killed before writing it
             write_atomically(record_path, to_json(complete))
@@ -1268,12 +1267,20 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
     log.info(f"written {final} (SHA-256 {record[NPZ_NAME]})")
 
 
-def expected_npz_digest(sources: dict[str, Source], record: dict, record_path: str) -> str | None:
-    """The SHA-256 that data_dir/mnist.npz has when it was made from these sources."""
-    if NPZ_NAME in sources:
-        return sources[NPZ_NAME].sha256
+def recorded_npz_digest(record_path: str, sources: dict) -> str | None:
+    """The SHA-256 that download.json records for an npz made from `sources` (as it records them);
+    None when it records other sources, or nothing."""
     previous = read_record(record_path)
-    return previous.get(NPZ_NAME) if previous.get("sources") == record["sources"] else None
+    return previous.get(NPZ_NAME) if previous.get("sources") == sources else None
+
+
+def npz_in_place(final: str, expected: str | None, log: logging.Logger) -> bool:
+    """Whether data_dir's npz is already the one whose SHA-256 is `expected`: then nothing is fetched
+    or made again, and the log says so."""
+    if expected and os.path.exists(final) and sha256_of(final, MAX_DECLARED_BYTES) == expected:
+        log.info(f"skipped: {final} is already present and matches its SHA-256")
+        return True
+    return False
 
 
 def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) -> bytes:
@@ -1339,10 +1346,7 @@ def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> 
     files, digest = read_image_files(images, final, log)
     source = {"uri": images.source.uri, "sha256": digest, "test_fraction": images.test_fraction,
               "image_size": list(images.image_size) if images.image_size else None}
-    previous = read_record(record_path)
-    expected = previous.get(NPZ_NAME) if previous.get("sources") == {"images": source} else None
-    if expected and os.path.exists(final) and sha256_of(final, MAX_DECLARED_BYTES) == expected:
-        log.info(f"skipped: {final} is already present and matches its SHA-256")
+    if npz_in_place(final, recorded_npz_digest(record_path, {"images": source}), log):
         return
     splits = split_by_class(files, images.test_fraction, images.source.uri)
     names = sorted(splits["train"])
