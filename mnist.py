@@ -1740,13 +1740,16 @@ def is_litter(name: str) -> bool:
     return name.startswith(".") or name.lower() in LITTER
 
 
+@dataclasses.dataclass
 class FileBudget:
     """Files read into memory, by name, at most MAX_FILES entries seen and `limit` bytes in all."""
+    where: str
+    limit: int
+    files: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    seen: int = 0
+    bytes: int = 0
 
-    def __init__(self, where: str, limit: int):
-        self.where, self.limit, self.files, self.seen, self.bytes = where, limit, {}, 0, 0
-
-    def count(self, size: int = 0) -> None:
+    def enter(self, size: int = 0) -> None:
         """One more entry, which declares `size` bytes: a CubeError past either bound."""
         self.seen += 1
         if self.seen > MAX_FILES:
@@ -1759,8 +1762,8 @@ class FileBudget:
             raise CubeError(f"{self.where}: its files hold more than {self.limit} bytes, the most a data set "
                             "may have (set size: in the data config if it is larger)")
 
-    def add(self, name: str, f, declared: int = 0) -> None:
-        """The file `name`, read from `f`; its bytes beyond what count() took for it are counted too."""
+    def take(self, name: str, f, declared: int = 0) -> None:
+        """The file `name`, read from `f`; its bytes beyond what enter() took for it are counted too."""
         data = f.read(self.limit - self.bytes + declared + 1)
         self.charge(len(data) - declared)
         self.files[name] = data
@@ -1773,7 +1776,7 @@ def read_tree(root: str, limit: int) -> dict[str, bytes]:
     try:
         for name, path in walk_files(root):
             with open_regular(path) as f:
-                budget.add(name, f)
+                budget.take(name, f)
     except OSError as e:
         raise CubeError(os_fault(e)) from None
     return budget.files
@@ -1823,14 +1826,14 @@ def read_archive(path: str, where: str, limit: int) -> dict[str, bytes]:
 def read_zip(f, budget: FileBudget) -> None:
     with zipfile.ZipFile(f) as archive:
         for info in archive.infolist():
-            budget.count(info.file_size)
+            budget.enter(info.file_size)
             name = member_name(info.filename, budget.where)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise CubeError(f"{budget.where}: member {shorten(info.filename)} is a symbolic link; an archive "
                                 "of images holds files and folders alone")
             if name and not info.is_dir():
                 with archive.open(info) as member:
-                    budget.add(name, member, info.file_size)
+                    budget.take(name, member, info.file_size)
 
 
 def read_tar(f, budget: FileBudget) -> None:
@@ -1841,28 +1844,33 @@ def read_tar(f, budget: FileBudget) -> None:
     stream = CappedReader(gzip.GzipFile(fileobj=f) if gzipped else f, 2 * budget.limit + (1 << 20), budget.where)
     with tarfile.open(fileobj=stream, mode="r|") as archive:
         for info in archive:
-            budget.count(info.size if info.isfile() else 0)
+            budget.enter(info.size if info.isfile() else 0)
             name = member_name(info.name, budget.where)
             if not (info.isfile() or info.isdir()):
                 raise CubeError(f"{budget.where}: member {shorten(info.name)} is a link or a device; an archive "
                                 "of images holds files and folders alone")
             if name and info.isfile():
-                budget.add(name, archive.extractfile(info), info.size)
+                budget.take(name, archive.extractfile(info), info.size)
 
 
-class CappedReader:
-    """A stream read through, which ends the task in one line once more than `cap` bytes came out."""
+@dataclasses.dataclass
+class CappedReader(io.RawIOBase):
+    """A stream read through, which ends the task in one line once more than `left` bytes came out."""
+    stream: Any
+    left: int
+    where: str
 
-    def __init__(self, stream, cap: int, where: str):
-        self.stream, self.left, self.where = stream, cap, where
+    def readable(self) -> bool:
+        return True
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(self.left + 1 if size < 0 else min(size, self.left + 1))
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(min(len(buffer), self.left + 1))
         self.left -= len(data)
         if self.left < 0:
             raise CubeError(f"{self.where}: unpacks to more than the data set may hold; a tar bomb, or set "
                             "size: in the data config if it is this large")
-        return data
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def member_name(name: str, where: str) -> str:
@@ -2176,7 +2184,7 @@ def stream(source, out, total: int | None, uri: str, limit: int, why: str) -> tu
             raise CubeError(f"{uri}: stopped after {limit} bytes, {why}; check the uri")
         write_staged(out, chunk)
         sha.update(chunk)
-        progress.update(size)
+        progress.show(size)
         check_rate(uri, size, time.monotonic() - started)
     return sha.hexdigest(), size
 
@@ -2190,13 +2198,15 @@ def check_rate(uri: str, size: int, seconds: float) -> None:
 
 
 # Not tqdm: into a log it writes every redraw, where this writes a line at each quarter.
+@dataclasses.dataclass
 class Progress:
     """A live bar on a terminal; a line at each quarter otherwise, so CI logs stay short."""
+    label: str
+    total: int | None
+    tty: bool = dataclasses.field(default_factory=lambda: sys.stderr.isatty())
+    shown: int = 0
 
-    def __init__(self, label: str, total: int | None):
-        self.label, self.total, self.tty, self.shown = label, total, sys.stderr.isatty(), 0
-
-    def update(self, done: int) -> None:
+    def show(self, done: int) -> None:
         if not self.total:
             return
         if self.tty:
