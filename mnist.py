@@ -113,7 +113,7 @@ def path_argument(value: str) -> str:
     return value
 
 
-if __name__ == "__main__":  # --help and a mistyped command answer now, not after JAX's seconds of import
+if __name__ == "__main__":  # --help and a mistyped command answer here, before JAX is imported
     parse_args(sys.argv[1:])
 
 
@@ -237,12 +237,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 #           y_train, batches, offsets,        steps run as one scan
 #           first)
 #   score  (params, x_test, y_test)        -> loss, accuracy, predicted classes    score
-# Every array a program takes or returns is replicated on all devices; inside `steps` each device
-# gathers and learns from its own slice of every batch. Static, bound with functools.partial (a change
-# means another program): the data set's size, the batch size, `count` and the mesh. An epoch
-# (train_epoch) is its plan (plan_epoch: NumPy on the host, the batches and offsets that `steps`
-# takes) and steps // count calls of `steps`; run_epochs then scores the parameter average with
-# `score`, and evaluate scores the saved one with the same function.
+# Every array a program takes or returns is replicated on all devices. Static, bound with functools.partial
+# (a change means another program): the data set's size, the batch size, `count` and the mesh. An epoch
+# (train_epoch) is its plan (plan_epoch) and steps // count calls of `steps`, then `score` of the average.
 
 # name: (Optax optimizer taking a learning-rate schedule, its peak learning rate at batch size 128),
 # each rate tuned on MNIST so that none diverges at batch 512, where it doubles.
@@ -330,9 +327,8 @@ def shift(images: jax.Array, offsets: jax.Array) -> jax.Array:
 
 def plan_epoch(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """An epoch's batches of image indices, and each image's offsets for shift, from (seed, epoch) alone.
-    All its randomness is drawn here by NumPy, so that a step draws none and XLA compiles no generator;
-    runs repeat exactly, every process draws the same, and the last partial batch (a different one each
-    epoch) is dropped."""
+    Drawn here by NumPy, so that a step draws nothing and XLA compiles no generator; runs repeat exactly,
+    every process draws the same, and the last partial batch (a different one each epoch) is dropped."""
     rng = np.random.default_rng([seed, epoch])
     steps = n // batch_size
     batches = rng.permutation(n)[:steps * batch_size].reshape(steps, batch_size)
@@ -399,11 +395,10 @@ def compile_programs(config: TrainConfig, data: dict, mesh: Mesh, spec: Spec) ->
 
 
 def compile_program(program: jax.stages.Lowered, name: str) -> jax.stages.Compiled:
-    """The program compiled by XLA with the options that suit it.
+    """The program compiled by XLA with the options that suit it (the README's "How it trains" has figures).
     On the CPU, the older loop emitters and LLVM's level 1 of 3, which suit programs compiled at each run's
-    start: the matrix products, most of the work, come from a library that LLVM does not compile. On a GPU,
-    kernel autotuning for the training steps alone, which run thousands of times. The initial state, made
-    once, is not optimised on any backend (the README's "How it trains" has the figures)."""
+    start: the matrix products, most of the work, come from a library LLVM does not compile. On a GPU,
+    kernel autotuning for the training steps alone, which run thousands of times; init is not optimised."""
     options = {}
     if jax.default_backend() == "cpu":
         options = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
@@ -425,8 +420,8 @@ def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 # ------------------------------- train: its config, its data, its epochs, its checkpoint, its model
-# Calls queued on the devices at most: enough to keep them busy, and a stop waits for no more (an
-# unbounded queue of programs with collectives can deadlock XLA's CPU backend).
+# Calls queued on the devices at most: enough to keep them busy; a stop waits for no more, and XLA's CPU
+# backend, whose devices share the host's cores, never holds a long queue of programs with collectives.
 MAX_IN_FLIGHT = 2
 FEW_STEPS = 500  # a run of fewer optimizer steps says so when it ends
 
@@ -2158,9 +2153,8 @@ class Progress:
 
 # -------------------------------- signals: a kill loses at most an epoch, a signal is never ignored
 class Stopped(BaseException):
-    """A signal (SIGINT, SIGTERM) stopped the task: it unwinds, leaving no temporary file behind.
-    A BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for a fault of a
-    file being read. Its exit status is 128 + the signal."""
+    """A signal (SIGINT, SIGTERM) stopped the task: it unwinds, leaving no temporary file; exit 128 + signal.
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for a file's fault."""
 
     def __init__(self, signum: int, message: str = ""):
         super().__init__(message or {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}[signum])
@@ -2248,8 +2242,7 @@ CACHE_TAG_TEXT = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
 
 def join_cluster() -> tuple[int, int]:
     """Start JAX's distributed runtime when a launcher runs several processes; (process index, count).
-    Explicitly through JAX_COORDINATOR_ADDRESS (process 0's host:port), JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID, or under Slurm's srun or Open MPI's mpirun, which JAX recognises itself."""
+    By JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or Slurm's srun or Open MPI's mpirun."""
     env = os.environ
     if "JAX_COORDINATOR_ADDRESS" in env:
         try:
@@ -2265,8 +2258,7 @@ def join_cluster() -> tuple[int, int]:
 
 def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) -> logging.Logger:
     """The task's logger: lines to stdout (warnings and errors to stderr) and to log_dir/mnist_TASK.log.
-    The file's lines have timestamps; in a run of several processes each line names its process, and
-    process 0 alone keeps the file."""
+    The file adds timestamps; with several processes each line names its process; process 0 keeps the file."""
     log = logging.getLogger(f"mnist.{task}")
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -2311,7 +2303,7 @@ def use_compilation_cache() -> None:
     JAX keys each entry by program, JAX version and device; the entries are native code this process runs."""
     warnings.showwarning = show_warning
     folder = compilation_cache_folder()
-    if folder is None or jax.config.jax_compilation_cache_dir:  # JAX's own variable was set: it rules
+    if folder is None or jax.config.jax_compilation_cache_dir:  # JAX's own variable is set: it rules
         return
     if not trusted_cache(folder):
         return
@@ -2455,9 +2447,9 @@ def outcome(args: argparse.Namespace, log: logging.Logger) -> int:
 if __name__ == "__main__":
     status = main()
     if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-        # A signal that landed inside JAX (its tracing, XLA's compiling, its runtime's start) can leave
-        # it in a state that Python's teardown then crashes on (SIGABRT or SIGSEGV). The stopped task
-        # has removed its temporary files and closed its logs, so the process leaves without it.
+        # A signal that lands inside JAX (its tracing, XLA's compiling, its runtime's start) can leave it
+        # in a state that Python's teardown crashes on (SIGABRT or SIGSEGV). The stopped task has removed
+        # its temporary files and closed its logs, so the process leaves without that teardown.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
