@@ -353,8 +353,8 @@ MAX_STEPS_PER_CALL = 64  # see steps_per_call
 
 def steps_per_call(steps: int) -> int:
     """The steps one compiled call runs: the largest divisor of an epoch's up to MAX_STEPS_PER_CALL.
-    One program then fits every epoch; a call saves the host a dispatch a step, which bounds a small
-    network on a GPU; between calls the loop shows progress and can stop."""
+    One program then fits every epoch; a call of many steps spares the host a dispatch a step (which bounds
+    a small network on a GPU); between calls the loop shows progress and can stop."""
     return max(k for k in range(1, MAX_STEPS_PER_CALL + 1) if steps % k == 0)
 
 
@@ -1778,7 +1778,7 @@ def read_zip(f, budget: FileBudget) -> None:
 
 
 def read_tar(f, budget: FileBudget) -> None:
-    """Read a tar archive's members into `budget`, through a stream capped at twice its bytes.
+    """Read a tar archive's members into `budget`, through a stream capped at twice its limit.
     The cap holds headers too: tarfile reads a long name's whole declared size before any member."""
     gzipped = f.read(2) == b"\x1f\x8b"
     f.seek(0)
@@ -1851,8 +1851,8 @@ def write_atomically(path: str, data: bytes) -> None:
 
 @contextlib.contextmanager
 def staged(path: str):
-    """A temporary file beside `path` (so a rename is atomic), open for writing; gone at the end unless moved.
-    A killed run's is removed by the next task that writes in the folder (remove_abandoned_parts)."""
+    """A temporary file beside `path`, open for writing; removed at the block's end unless moved there.
+    Beside it, so that the rename is atomic; a killed run's is removed by the next task writing there."""
     out = open_part(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     try:
         with out:
@@ -2288,8 +2288,8 @@ class OneLine(logging.Formatter):
 
 def compilation_cache_folder() -> str | None:
     """The folder of compiled programs kept between runs: $MNIST_COMPILATION_CACHE, or None for "off".
-    By default, in the user's cache folder. noxfile.py holds a copy of this rule (tests/test_cache.py
-    keeps them in step) and mounts a folder beside it into containers: never this one, which runs here."""
+    By default, in the user's cache folder. noxfile.py holds a copy of this rule (tests/test_cache.py keeps
+    them in step) and mounts a folder beside it into containers: never this one, whose programs run here."""
     setting = os.environ.get(CACHE_VARIABLE, "")
     if setting == "off":
         return None
