@@ -648,10 +648,13 @@ def sources(runtime: Runtime, opts: Options) -> dict:
 
 def why_rebuild(recorded: dict | None, wanted: dict) -> str | None:
     """Why the image in place does not fit the sources, or None when it does. Build arguments count
-    when given: an image built with --build-arg=JAX_EXTRA=cuda12 serves later runs that name none."""
+    when given: an image built with --build-arg=JAX_EXTRA=cuda12 serves later runs that name none. An
+    image that records no sources was built by another tool (`mlcube configure` sets no label)."""
     if recorded is None:
         return "there is no image yet"
-    files = recorded.get("files", {})
+    if not recorded.get("files"):
+        return "the image in place records no sources (built by another tool, such as mlcube configure)"
+    files = recorded["files"]
     changed = sorted(name for name in {*files, *wanted["files"]} if files.get(name) != wanted["files"].get(name))
     args = sorted(name for name, value in wanted["build_args"].items()
                   if recorded.get("build_args", {}).get(name) != value)
