@@ -1,8 +1,8 @@
 """run-k8s up to the cluster, which cannot run here: its manifests against the Kubernetes OpenAPI schemas
 (kubernetes-validate, strict, in the session's own virtualenv: a runner-only dependency), the session's
---dry-run, and the multi-host
-wiring acted out by local processes, as the Indexed Job's pods would run it. The calls to a cluster
-(create, stream the log, delete) are not exercised: no STAND-IN here pretends to be one."""
+--dry-run, and, acted out by local processes (a STAND-IN for the pods, a folder for the claim), the
+multi-host wiring of the Indexed Job's pods and a run from an empty claim, init containers first. The
+calls to a cluster (create, stream the log, delete) are not exercised: no stand-in here pretends to be one."""
 import base64
 import json
 import os
