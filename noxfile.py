@@ -1313,10 +1313,12 @@ def k8s_sent(run: Run, opts: Options) -> dict[str, str]:
 def k8s_named_data(data_config: str) -> list[str]:
     """The local files that data.yaml names by a path relative to it (its uri, or its files' uris), a
     folder's files included: on the claim they lie beside it as here. A path of this machine is refused."""
+    if os.path.getsize(data_config) > K8S_CONFIG_BYTES:
+        return []  # too big to send: k8s_config_map refuses it
     try:
         config = yaml.safe_load(Path(data_config).read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UsageError(f"{data_config}: not a YAML file ({e})") from None
+        raise UsageError(f"{data_config}: not a YAML file ({' '.join(str(e).split())})") from None
     files = config.get("files") if isinstance(config, dict) else None
     entries = [config, *(files.values() if isinstance(files, dict) else [])]
     paths = []
@@ -1345,8 +1347,8 @@ def k8s_keys(sent: dict[str, str]) -> dict[str, str]:
 def k8s_config_map(sent: dict[str, str], meta: dict) -> dict:
     """The ConfigMap of the files sent to a task's claim (k8s_sent): text as data, exactly as it is here,
     the rest as binaryData. More than a ConfigMap holds is refused in one line that says what to do."""
-    contents = {key: Path(sent[path]).read_bytes() for path, key in k8s_keys(sent).items()}
-    size = sum(len(key) + len(content) for key, content in contents.items())
+    keys = k8s_keys(sent)
+    size = sum(len(key) + os.path.getsize(sent[path]) for path, key in keys.items())
     if size > K8S_CONFIG_BYTES:
         path, host = max(sent.items(), key=lambda item: os.path.getsize(item[1]))
         raise UsageError(f"the files run-k8s sends to the claim come to {size:,} bytes, more than the "
@@ -1354,7 +1356,8 @@ def k8s_config_map(sent: dict[str, str], meta: dict) -> dict:
                          f"{path} yourself (kubectl cp, through a pod that mounts it) and run from a --workspace "
                          "without it, or serve it over https:// and name that URL in data.yaml")
     data, binary = {}, {}
-    for key, content in contents.items():
+    for path, key in keys.items():
+        content = Path(sent[path]).read_bytes()
         try:
             data[key] = content.decode("utf-8")
         except UnicodeDecodeError:

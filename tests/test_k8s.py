@@ -6,9 +6,11 @@ calls to a cluster (create, stream the log, delete) are not exercised: no stand-
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -365,6 +367,22 @@ def test_more_than_a_configmap_holds_is_refused_in_one_line(tmp_path):
     assert "more than the 1,048,576 a ConfigMap holds" in message
 
 
+def test_a_file_too_big_to_send_is_refused_unread(tmp_path):
+    """The refusal comes from the files' sizes: a 64 MiB npz (sparse) and a 64 MiB data.yaml are not
+    read into memory to learn that they do not fit."""
+    workspace = source_workspace(tmp_path / "ws", b"npz")
+    os.truncate(workspace / "mnist.npz", 64 * 1024 * 1024)
+    tracemalloc.start()
+    with pytest.raises(noxfile.UsageError, match="a ConfigMap holds"):
+        manifests("download", workspace=workspace)
+    os.truncate(workspace / "data.yaml", 64 * 1024 * 1024)
+    with pytest.raises(noxfile.UsageError, match="a ConfigMap holds"):
+        manifests("download", workspace=workspace)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024
+
+
 @pytest.mark.parametrize("uri", ["file:///srv/mnist.npz", "/srv/mnist.npz", "C:/data/mnist.npz"])
 def test_a_path_of_this_machine_in_data_yaml_is_refused(tmp_path, uri):
     (tmp_path / "data.yaml").write_text(f"uri: {uri}\nhash: {'0' * 64}\n")
@@ -400,3 +418,27 @@ def test_an_empty_claim_runs_download_train_evaluate_as_the_pods_would(tmp_path)
     assert sorted(os.listdir(claim)) == ["data", "data.yaml", "logs", "mnist.npz", "model", "train.yaml"]
     assert (claim / "train.yaml").read_bytes() == (workspace / "train.yaml").read_bytes()
     assert json.loads((claim / "logs" / "evaluate_metrics.json").read_text())["test_accuracy"] > 0.5
+
+
+def test_a_folder_that_data_yaml_names_goes_file_by_file_to_the_same_paths(tmp_path):
+    """An image set's folder: each file under its own key (in the characters a key may hold), placed
+    back at its path by the pod's items."""
+    files = {"images/cat/1.png": b"\x89PNG cat", "images/dog x/2.png": b"\x89PNG dog", "images/.hidden": b"x"}
+    for path, content in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(content)
+    (tmp_path / "data.yaml").write_text("uri: images\n")
+    docs = manifests("download", workspace=tmp_path)
+    [sent] = config_maps(docs).values()
+    assert sent == {"data.yaml": b"uri: images\n", **files}
+    [config_map] = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    keys = [*config_map["data"], *config_map.get("binaryData", {})]
+    assert all(re.fullmatch(r"[-._a-zA-Z0-9]+", key) and not key.startswith("..") for key in keys)
+
+
+def test_a_data_yaml_that_is_not_yaml_is_refused_in_one_line(tmp_path):
+    (tmp_path / "data.yaml").write_text("uri: [mnist.npz\nhash: 0\n")
+    with pytest.raises(noxfile.UsageError) as refused:
+        manifests("download", workspace=tmp_path)
+    assert str(refused.value).startswith(f"{tmp_path / 'data.yaml'}: not a YAML file (")
+    assert "\n" not in str(refused.value)
