@@ -1354,7 +1354,7 @@ def k8s_config_map(sent: dict[str, str], meta: dict) -> dict:
         raise UsageError(f"the files run-k8s sends to the claim come to {size:,} bytes, more than the "
                          f"{K8S_CONFIG_BYTES:,} a ConfigMap holds; the largest is {host}: put it on the claim at "
                          f"{path} yourself (kubectl cp, through a pod that mounts it) and run from a --workspace "
-                         "without it, or serve it over https:// and name that URL in data.yaml")
+                         "without it, or, for data that data.yaml names, serve it over https:// and name that URL")
     data, binary = {}, {}
     for path, key in keys.items():
         content = Path(sent[path]).read_bytes()
