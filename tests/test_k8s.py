@@ -318,7 +318,7 @@ def config_maps(docs: list[dict]) -> dict[str, dict]:
     return files
 
 
-def test_session_dry_run_prints_the_configs_it_sends_to_the_claim(tmp_path, faults):
+def test_session_dry_run_sends_the_configs_to_the_claim_in_schema_valid_manifests(tmp_path, faults):
     """The README's run from an empty claim, printed: each task's Job comes after a ConfigMap holding,
     byte for byte, the workspace's files it reads (download data.yaml, train train.yaml), which its pod
     mounts read-only in the init container that copies them onto the claim; every manifest passes the
@@ -390,7 +390,7 @@ def test_a_path_of_this_machine_in_data_yaml_is_refused(tmp_path, uri):
         manifests("download", workspace=tmp_path)
 
 
-def test_an_empty_claim_runs_download_train_evaluate_as_the_pods_would(tmp_path):
+def test_standin_pods_run_download_train_evaluate_from_an_empty_claim(tmp_path):
     """STAND-IN for a cluster: each Job's init containers and task, in turn, as local processes on a
     folder laid out as its pods see the claim. The copy command runs as written, from a folder holding
     configs/ (the ConfigMap's files, as the pod's volume places them) and workspace/ (the claim, empty at
