@@ -18,6 +18,7 @@ MLCube contract:
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -89,7 +91,17 @@ K8S_USER = 10001  # any uid but root's: the pods run as it, and the claim is mad
 COORDINATOR_PORT = 8476  # where pod 0 of a training of several pods serves JAX's coordinator
 K8S_CACHE = f"{CACHE_TARGET}/jax"  # in the pod's emptyDir, which anyone may write: a folder mnist.py makes its user's
 K8S_DELETE = {"Job": "delete_namespaced_job", "Service": "delete_namespaced_service",
-              "NetworkPolicy": "delete_namespaced_network_policy"}  # each kind's call on its API in k8s_apply
+              "NetworkPolicy": "delete_namespaced_network_policy",
+              "ConfigMap": "delete_namespaced_config_map"}  # each kind's call on its API in k8s_apply
+K8S_CONFIG_BYTES = 1024 * 1024  # what one ConfigMap holds, its keys and values together
+# The init container's copy of the ConfigMap's files (at configs/) onto the claim (at workspace/), from /:
+# each written beside its place, then renamed into it, so no half-written file stands at a config's path.
+K8S_COPY = """import os, shutil, sys
+for path in sys.argv[1:]:
+    claim = os.path.join("workspace", path)
+    os.makedirs(os.path.dirname(claim), exist_ok=True)
+    shutil.copyfile(os.path.join("configs", path), claim + ".part")
+    os.replace(claim + ".part", claim)"""
 PIPELINE_NAME = "mnist"  # the Kubeflow pipeline's name, and the start of its package's and runs' names
 
 ONLINE_TASKS = frozenset({"download"})  # the task that fetches data; the others run with no network at all
@@ -636,10 +648,13 @@ def sources(runtime: Runtime, opts: Options) -> dict:
 
 def why_rebuild(recorded: dict | None, wanted: dict) -> str | None:
     """Why the image in place does not fit the sources, or None when it does. Build arguments count
-    when given: an image built with --build-arg=JAX_EXTRA=cuda12 serves later runs that name none."""
+    when given: an image built with --build-arg=JAX_EXTRA=cuda12 serves later runs that name none. An
+    image that records no sources was built by another tool (`mlcube configure` sets no label)."""
     if recorded is None:
         return "there is no image yet"
-    files = recorded.get("files", {})
+    if not recorded.get("files"):
+        return "the image in place records no sources (built by another tool, such as mlcube configure)"
+    files = recorded["files"]
     changed = sorted(name for name in {*files, *wanted["files"]} if files.get(name) != wanted["files"].get(name))
     args = sorted(name for name, value in wanted["build_args"].items()
                   if recorded.get("build_args", {}).get(name) != value)
@@ -1248,9 +1263,10 @@ def k8s_container(run: Run, opts: Options, job: str, processes: int) -> dict:
             "resources": k8s_resources(opts), "securityContext": k8s_security(), "volumeMounts": mounts}
 
 
-def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
+def k8s_pod(run: Run, opts: Options, job: str, processes: int, sent: dict[str, str]) -> dict:
     """The pod template: the task's container (k8s_container) with no service account token (it talks to
-    no API), its folders on the claim made first by an init container. A cluster has no caller for
+    no API), its folders on the claim made first by an init container, and the files `sent` (k8s_sent)
+    copied there from the Job's ConfigMap by another (k8s_copy). A cluster has no caller for
     LEAST_PRIVILEGE's user: its pods run as K8S_USER, never root, with /tmp in memory. Every container
     runs image_of(opts), pulled with the --pull-secret Secrets."""
     folders = sorted(os.path.join("/workspace", sub_path) for sub_path in k8s_on_claim(run, opts))
@@ -1266,13 +1282,99 @@ def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
             "initContainers": [{"name": "folders", "image": image_of(opts), "securityContext": k8s_security(),
                                 "command": ["python3", "-c", "import os, sys; [os.makedirs(f, exist_ok=True) "
                                             "for f in sys.argv[1:]]", *folders],
-                                "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]}],
+                                "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]},
+                               *k8s_copy(sent, opts)],
             "containers": [k8s_container(run, opts, job, processes)],
             "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": opts.pvc}},
                         {"name": "cache", "emptyDir": {"sizeLimit": "256Mi"}},
-                        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": f"{LEAST_PRIVILEGE.tmp_mib}Mi"}}],
+                        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": f"{LEAST_PRIVILEGE.tmp_mib}Mi"}},
+                        *([{"name": "configs", "configMap": {"name": job, "items": [
+                            {"key": key, "path": path} for path, key in k8s_keys(sent).items()]}}] if sent else [])],
         },
     }
+
+
+def k8s_sent(run: Run, opts: Options) -> dict[str, str]:
+    """The files of this workspace that the task reads, by their paths on the claim, which may not hold
+    them yet: its input files that no earlier task writes and the local data that data.yaml names. A
+    file this workspace lacks is not sent: the task reads the claim's own."""
+    earlier = opts.tasks[:opts.tasks.index(run.task)]
+    written = [path for task in earlier for name, path in host_paths(resolve(task, opts)).items()
+               if parameters(task)[name][1]]
+    files = []
+    for name, path in host_paths(run).items():
+        spec, output = parameters(run.task)[name]
+        if output or spec["type"] != "file" or any(os.path.commonpath([path, out]) == out for out in written):
+            continue
+        files += [path, *(k8s_named_data(path) if name == "data_config" and os.path.isfile(path) else [])]
+    return {claim_path(path, opts): path for path in files if os.path.isfile(path)}
+
+
+def k8s_named_data(data_config: str) -> list[str]:
+    """The local files that data.yaml names by a path relative to it (its uri, or its files' uris), a
+    folder's files included: on the claim they lie beside it as here. A path of this machine is refused."""
+    if os.path.getsize(data_config) > K8S_CONFIG_BYTES:
+        return []  # too big to send: k8s_config_map refuses it
+    try:
+        config = yaml.safe_load(Path(data_config).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UsageError(f"{data_config}: not a YAML file ({' '.join(str(e).split())})") from None
+    files = config.get("files") if isinstance(config, dict) else None
+    entries = [config, *(files.values() if isinstance(files, dict) else [])]
+    paths = []
+    for uri in (entry["uri"] for entry in entries if isinstance(entry, dict) and isinstance(entry.get("uri"), str)):
+        scheme = urllib.parse.urlsplit(uri).scheme
+        if scheme in ("http", "https"):
+            continue
+        if scheme or os.path.isabs(uri):
+            raise UsageError(f"{data_config}: uri {uri!r} is a path of this machine, which a pod cannot open: name "
+                             "the data relative to data.yaml (it goes to the claim beside it) or by an https:// URL")
+        path = Path(data_config).parent / uri
+        paths += sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [str(path)]
+    return paths
+
+
+def k8s_keys(sent: dict[str, str]) -> dict[str, str]:
+    """Each sent file's key in the ConfigMap, by its path on the claim: the path in the characters a key
+    may hold, numbered where two paths would share one."""
+    keys = {}
+    for path in sorted(sent):
+        key = re.sub(r"[^-._a-zA-Z0-9]|^\.", "_", path)
+        keys[path] = f"{len(keys)}-{key}" if key in keys.values() else key
+    return keys
+
+
+def k8s_config_map(sent: dict[str, str], meta: dict) -> dict:
+    """The ConfigMap of the files sent to a task's claim (k8s_sent): text as data, exactly as it is here,
+    the rest as binaryData. More than a ConfigMap holds is refused in one line that says what to do."""
+    keys = k8s_keys(sent)
+    size = sum(len(key) + os.path.getsize(sent[path]) for path, key in keys.items())
+    if size > K8S_CONFIG_BYTES:
+        path, host = max(sent.items(), key=lambda item: os.path.getsize(item[1]))
+        raise UsageError(f"the files run-k8s sends to the claim come to {size:,} bytes, more than the "
+                         f"{K8S_CONFIG_BYTES:,} a ConfigMap holds; the largest is {host}: put it on the claim at "
+                         f"{path} yourself (kubectl cp, through a pod that mounts it) and run from a --workspace "
+                         "without it, or, for data that data.yaml names, serve it over https:// and name that URL")
+    data, binary = {}, {}
+    for path, key in keys.items():
+        content = Path(sent[path]).read_bytes()
+        try:
+            data[key] = content.decode("utf-8")
+        except UnicodeDecodeError:
+            binary[key] = base64.b64encode(content).decode("ascii")
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "immutable": True,
+            **({"data": data} if data else {}), **({"binaryData": binary} if binary else {})}
+
+
+def k8s_copy(sent: dict[str, str], opts: Options) -> list[dict]:
+    """The init container that copies the sent files from the Job's ConfigMap (mounted read-only) onto the
+    claim, before the task starts; none when nothing is sent."""
+    if not sent:
+        return []
+    return [{"name": "configs", "image": image_of(opts), "securityContext": k8s_security(), "workingDir": "/",
+             "command": ["python3", "-c", K8S_COPY, *sorted(sent)],
+             "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"},
+                              {"name": "configs", "mountPath": "/configs", "readOnly": True}]}]
 
 
 def k8s_network_policy(run: Run, meta: dict, processes: int) -> dict:
@@ -1294,16 +1396,17 @@ def k8s_network_policy(run: Run, meta: dict, processes: int) -> dict:
 
 
 def k8s_manifests(run: Run, opts: Options, job: str) -> list[dict]:
-    """The Job for one task, last, after its NetworkPolicy and, for a training of several pods, the
-    headless Service that names them."""
+    """The Job for one task, last, after its NetworkPolicy, the ConfigMap of the files it is sent (when
+    there are any) and, for a training of several pods, the headless Service that names them."""
     if opts.processes > 1 and "train" not in opts.tasks:
         raise UsageError(f"--processes applies to train only, not {', '.join(opts.tasks)}")
     processes = opts.processes if run.task == "train" else 1
     meta = {"name": job, "namespace": opts.namespace, "labels": {"app": "mnist", "mnist/task": run.task}}
-    spec = {"backoffLimit": 0, "template": k8s_pod(run, opts, job, processes)}
+    sent = k8s_sent(run, opts)
+    spec = {"backoffLimit": 0, "template": k8s_pod(run, opts, job, processes, sent)}
     if processes > 1:
         spec.update(completionMode="Indexed", completions=processes, parallelism=processes)
-    manifests = [k8s_network_policy(run, meta, processes),
+    manifests = [*([k8s_config_map(sent, meta)] if sent else []), k8s_network_policy(run, meta, processes),
                  {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}]
     if processes > 1:
         manifests.insert(0, {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {
@@ -1336,9 +1439,18 @@ def k8s_main(opts: Options) -> int:
     for manifest in manifests:
         k8s_validate(manifest)
     if opts.dry_run:
-        print(yaml.safe_dump_all(manifests, sort_keys=False), end="")
+        print(yaml.dump_all(manifests, Dumper=Manifests, sort_keys=False), end="")
         return 0
     return k8s_apply(opts, plans)
+
+
+class Manifests(yaml.SafeDumper):
+    """YAML as people write manifests: a text of several lines (a ConfigMap's file, a script) as a block
+    of lines (|) where YAML lets it be one with the same characters, else as a quoted string."""
+
+
+Manifests.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
 
 
 def k8s_validate(manifest: dict) -> None:
@@ -1367,7 +1479,7 @@ def k8s_apply(opts: Options, plans: list[list[dict]]) -> int:
     except config.ConfigException as e:
         raise UsageError(f"no Kubernetes cluster to talk to ({e})") from None
     api, core, batch = client.ApiClient(), client.CoreV1Api(), client.BatchV1Api()
-    apis = {"Job": batch, "Service": core, "NetworkPolicy": client.NetworkingV1Api()}
+    apis = {"Job": batch, "Service": core, "ConfigMap": core, "NetworkPolicy": client.NetworkingV1Api()}
     if opts.create_pvc:
         with contextlib.suppress(utils.FailToCreateError):  # it exists: use it
             utils.create_from_dict(api, k8s_claim(opts))
