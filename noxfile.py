@@ -66,7 +66,8 @@ LIMITED = ("run-docker", "run-singularity", "run-k8s")  # the runners that limit
 # sbatch options that run-slurm sets itself, each with the runner's option that sets it (None: none does)
 SBATCH_OWN = {"output": None, "error": None, "job-name": None, "ntasks": "--processes", "nodes": "--nodes",
               "partition": "--partition", "time": "--time", "account": "--account", "gpus": "--gpus", "wait": None,
-              "parsable": None, "chdir": None, "wrap": None}
+              "parsable": None, "chdir": None, "wrap": None, "cpus-per-task": "--cpus-per-task",
+              "gpus-per-task": "--gpus-per-task"}
 
 # An image reference as the cluster runners write it into manifests, NAME[:TAG] or NAME@sha256:DIGEST, by the
 # grammar of Docker's distribution/reference: an optional registry host[:port]/, lower-case path components.
@@ -314,6 +315,9 @@ class Options:
     container: str | None = None
     venv: Path | None = None
     sbatch: list[str] = dataclasses.field(default_factory=list)
+    setup: list[str] = dataclasses.field(default_factory=list)
+    cpus_per_task: str | None = None
+    gpus_per_task: str | None = None
     image: str | None = None
     pull_secrets: list[str] = dataclasses.field(default_factory=list)
 
@@ -396,6 +400,15 @@ def sbatch_option(value: str) -> str:
     return value
 
 
+def setup_line(value: str) -> str:
+    """A shell line of the user's own for the batch script, written there as it is: one line, so no
+    newline or other control character in it can add another line or end the script's."""
+    if not value.strip() or CONTROL.search(value):
+        raise UsageError(f"expects one shell line such as 'module load cuda/12' (no newline or other control "
+                         f"character), got {value!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     """A runner option: its help line, the Options field it sets, how its value is read (None: a flag,
@@ -444,6 +457,12 @@ OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PA
                    lambda value: Path(value).resolve(), ("run-slurm",)),
     "sbatch": Option("=OPTION  run-slurm: another sbatch option, e.g. --sbatch=--mem=8G (repeatable)", "sbatch",
                      sbatch_option, ("run-slurm",)),
+    "setup": Option("=LINE  run-slurm: a shell line the batch script runs before the task, e.g. "
+                    "--setup='module load cuda/12' (repeatable)", "setup", setup_line, ("run-slurm",)),
+    "cpus-per-task": Option("=N  run-slurm: the processors of each Slurm task", "cpus_per_task",
+                            matching(r"[1-9][0-9]*", "a number of processors such as 4"), ("run-slurm",)),
+    "gpus-per-task": Option("=N  run-slurm: the GPUs of each of train's Slurm tasks", "gpus_per_task",
+                            matching(r"[1-9][0-9]*", "a number of GPUs such as 1"), ("run-slurm",)),
     "image": Option("=NAME[:TAG|@sha256:DIGEST]  run-k8s, run-kubeflow: the image the cluster pulls (default: "
                     "mlcube.yaml's)", "image", image_reference, CLUSTERS),
     "pull-secret": Option("=NAME  run-k8s: a Secret the pods pull the image with (repeatable)", "pull_secrets",
@@ -1068,6 +1087,18 @@ SINGULARITY = Runtime(connect=singularity_client, source_files=singularity_sourc
 # Each task is a batch job: a script kept in workspace/slurm/ (a run is described by its folder),
 # submitted with sbatch, its output followed until it ends. `train --processes=N` is N Slurm tasks,
 # one JAX process each, which srun starts and JAX's own Slurm detection connects: no launcher of ours.
+PARALLEL_TASKS = frozenset({"train"})  # the tasks that run as several processes (slurm_job)
+
+
+def slurm_job(run: Run, opts: Options) -> Options:
+    """The options the task's job runs with, by the one rule of resources per task kind: a task of
+    PARALLEL_TASKS takes --processes, --nodes, --gpus and --gpus-per-task; any other task is one
+    process, so one Slurm task on one node with none of them (mlcube.yaml's accelerator_count holds)."""
+    if run.task in PARALLEL_TASKS:
+        return opts
+    return dataclasses.replace(opts, processes=1, nodes="1", gpus=None, gpus_per_task=None)
+
+
 def slurm_folder(opts: Options) -> Path:
     return opts.workspace / "slurm"
 
@@ -1090,31 +1121,39 @@ def slurm_directives(run: Run, opts: Options) -> dict[str, Any]:
     output = f"{slurm_path(slurm_folder(opts))}/{run.task}-%j.out"
     if re.search(r"\s", output):
         raise UsageError(f"run-slurm writes its output's path into a #SBATCH line, which a space would end: {output!r}")
-    return {"job-name": f"mnist-{run.task}", "output": output, "ntasks": opts.processes if run.task == "train" else 1,
-            "nodes": opts.nodes, "partition": opts.partition, "time": opts.time, "account": opts.account, "gpus": gpus}
+    return {"job-name": f"mnist-{run.task}", "output": output, "ntasks": opts.processes, "nodes": opts.nodes,
+            "cpus-per-task": opts.cpus_per_task, "gpus-per-task": opts.gpus_per_task, "partition": opts.partition,
+            "time": opts.time, "account": opts.account, "gpus": gpus}
 
 
 def slurm_script(run: Run, opts: Options, python: Path) -> str:
-    """The batch script of a task: Slurm's directives, the task's variables, then srun of mnist.py in
-    the virtualenv at `python`, or of the cube's image with run-singularity's binds and confinement.
-    Every path in it passes slurm_path; every variable's value is quoted."""
-    directives = slurm_directives(run, opts)
+    """The batch script of a task: Slurm's directives for its kind (slurm_job), the user's --setup
+    lines, the task's variables, then srun of mnist.py in the virtualenv at `python`, or of the cube's
+    image with run-singularity's binds and confinement. Every path in it passes slurm_path; every
+    variable's value is quoted; a setup line is one line (setup_line), run before `set -u` as site
+    scripts may read unset variables."""
+    job = slurm_job(run, opts)
+    directives = slurm_directives(run, job)
+    # --gpus-per-task alone gives the task GPUs as --gpus does: --nv, and no JAX_PLATFORMS=cpu
+    job = dataclasses.replace(job, gpus=gpus_wanted(job) or job.gpus_per_task)
     paths = [python, ROOT / "mnist.py", *host_paths(run).values(), *(container_mounts(run) if opts.container else ())]
     for path in paths:
         slurm_path(path)
     if opts.container:
-        command = [opts.container, *singularity_command(run, opts)[1:]]
+        command = [opts.container, *singularity_command(run, job)[1:]]
         variables = {}  # singularity_command hands them to the container
     else:
         command = [str(python), str(ROOT / "mnist.py"), run.task, *run.host_args]
-        variables = {**platform_variables(opts), **opts.env}
+        variables = {**platform_variables(job), **opts.env}
     again = shlex.join(["sbatch", f"{slurm_folder(opts) / run.task}.sbatch"])
     return "\n".join([
         "#!/bin/bash",
         *(f"#SBATCH --{name}={value}" for name, value in directives.items() if value),
         *(f"#SBATCH {option}" for option in opts.sbatch),
         f"# Written by `nox -s run-slurm` from mlcube.yaml; `{again}` runs it again.",
-        "set -euo pipefail",
+        "set -eo pipefail",
+        *opts.setup,
+        "set -u",
         *(f"export {name}={shlex.quote(value)}" for name, value in variables.items()),
         "srun " + shlex.join(command), ""])
 
