@@ -198,7 +198,9 @@ def run_slurm(session: nox.Session, opts: Options) -> None:
     """Run tasks as Slurm batch jobs: `nox -s run-slurm -- train --processes=2 [--container=apptainer]`."""
     if not (opts.dry_run or opts.container or opts.venv):
         session.install("-r", "requirements.txt")
-    if opts.container and not opts.dry_run:
+    if opts.container and opts.dry_run:
+        print(slurm_image_plan(opts))
+    elif opts.container:
         fresh_image(session, SINGULARITY, opts)  # built or rebuilt here, on the login node
     python = (opts.venv or Path(session.virtualenv.location)) / "bin" / "python"
     run_tasks(session, opts, lambda run, opts: slurm_script(run, opts, python),
@@ -1019,18 +1021,26 @@ def singularity_built_from(client, opts: Options) -> dict | None:
         return {}
 
 
-def singularity_build(client, opts: Options, sources: dict) -> None:
-    """Build the image from Singularity.recipe without root (--fakeroot), or from the Docker image."""
-    image = singularity_image(opts)
-    image.parent.mkdir(parents=True, exist_ok=True)
+def singularity_build_command(opts: Options) -> list[str]:
+    """The `singularity build` command line: from Singularity.recipe without root (--fakeroot), or from
+    the Docker image."""
     recipe = f"docker-daemon://{IMAGE}" if opts.from_docker else str(ROOT / "Singularity.recipe")
+    return ["singularity", "build", "--force", *([] if opts.from_docker else ["--fakeroot"]),
+            str(singularity_image(opts)), recipe]
+
+
+def singularity_build(client, opts: Options, sources: dict) -> None:
+    """Run singularity_build_command through spython, streaming its output, and record the sources."""
+    from spython.utils import stream_command
+
+    command = singularity_build_command(opts)
+    singularity_image(opts).parent.mkdir(parents=True, exist_ok=True)
+    print(shlex.join(command), flush=True)
     try:
-        _, output = client.build(recipe=recipe, image=str(image), sudo=False, force=True, stream=True,
-                                 options=[] if opts.from_docker else ["--fakeroot"])
-        for line in output:
+        for line in stream_command(command):
             print(line, end="", flush=True)
     except subprocess.CalledProcessError as e:
-        raise UsageError(f"singularity build of {image} from {recipe} failed with exit code {e.returncode}") from None
+        raise UsageError(f"{shlex.join(command)} failed with exit code {e.returncode}") from None
     singularity_record(opts).write_text(json.dumps(sources))
 
 
@@ -1101,6 +1111,15 @@ def slurm_job(run: Run, opts: Options) -> Options:
 
 def slurm_folder(opts: Options) -> Path:
     return opts.workspace / "slurm"
+
+
+def slurm_image_plan(opts: Options) -> str:
+    """What --container runs first, here on the login node, as --dry-run prints it: the image's build
+    command line (fresh_image's, for the reason it gives), or that the image is up to date."""
+    reason = why_rebuild(singularity_built_from(None, opts), sources(SINGULARITY, opts))
+    if reason is None:
+        return f"# {singularity_image(opts)} is up to date: nothing to build"
+    return f"# building the image first: {reason}\n{shlex.join(singularity_build_command(opts))}"
 
 
 def slurm_path(path: Path | str) -> str:

@@ -320,3 +320,32 @@ def test_standin_container_route_runs_the_image_with_run_singularitys_confinemen
     assert json.loads((ws / "model" / "model.json").read_text())["epochs_run"] == 1
     assert Path(ws / ".image").is_dir()
 
+
+def test_standin_dry_run_shows_the_image_build_then_every_script_in_full(tmp_path, slurm):
+    """The container route's --dry-run, with the Singularity STAND-IN (tests/standin/singularity) on PATH:
+    the image's build command, the very one a build then runs, and each task's script as run-slurm
+    writes it; once the image is built, no build. Slurm is real: sbatch takes each script."""
+    log = tmp_path / "standin.log"
+    log.touch()
+    env = {**slurm, "PATH": f"{ROOT / 'tests' / 'standin'}:{os.environ['PATH']}", "STANDIN_LOG": str(log)}
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()))
+    options = [f"--workspace={ws}", "--container=singularity", "--setup=ulimit -c 0", "--cpus-per-task=1"]
+    planned = run_slurm("download", "train", *options, "--dry-run", env=env)
+    assert planned.returncode == 0, planned.stderr
+    first, build = planned.stdout.split("\n")[:2]
+    assert first == "# building the image first: there is no image yet" and not (ws / ".image").exists()
+    assert nox("-s", "configure-singularity", "--", f"--workspace={ws}", env=env).returncode == 0
+    [built] = [json.loads(line) for line in log.read_text().splitlines() if '"build"' in line]
+    assert shlex.split(build) == built
+    planned = run_slurm("download", "train", *options, "--dry-run", env=env).stdout
+    assert planned.startswith(f"# {ws / '.image' / noxfile.CUBE['singularity']['image']} is up to date")
+    scripts = ["#!/bin/bash" + text for text in planned.split("#!/bin/bash")[1:]]
+    assert [script.count("\nulimit -c 0\n") for script in scripts] == [1, 1]
+    for task, script in zip(["download", "train"], scripts, strict=True):
+        (tmp_path / f"{task}.sbatch").write_text(script)
+        accepted = subprocess.run(["sbatch", "--test-only", tmp_path / f"{task}.sbatch"], capture_output=True,
+                                  text=True, env={**os.environ, **env})
+        assert accepted.returncode == 0, accepted.stderr
+    ran = run_slurm("download", *options, env=env)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert (ws / "slurm" / "download.sbatch").read_text() + "\n" == scripts[0]
