@@ -68,7 +68,8 @@ LIMITED = ("run-docker", "run-singularity", "run-k8s")  # the runners that limit
 # sbatch options that run-slurm sets itself, each with the runner's option that sets it (None: none does)
 SBATCH_OWN = {"output": None, "error": None, "job-name": None, "ntasks": "--processes", "nodes": "--nodes",
               "partition": "--partition", "time": "--time", "account": "--account", "gpus": "--gpus", "wait": None,
-              "parsable": None, "chdir": None, "wrap": None}
+              "parsable": None, "chdir": None, "wrap": None, "cpus-per-task": "--cpus-per-task",
+              "gpus-per-task": "--gpus-per-task"}
 
 # An image reference as the cluster runners write it into manifests, NAME[:TAG] or NAME@sha256:DIGEST, by the
 # grammar of Docker's distribution/reference: an optional registry host[:port]/, lower-case path components.
@@ -209,7 +210,9 @@ def run_slurm(session: nox.Session, opts: Options) -> None:
     """Run tasks as Slurm batch jobs: `nox -s run-slurm -- train --processes=2 [--container=apptainer]`."""
     if not (opts.dry_run or opts.container or opts.venv):
         session.install("-r", "requirements.txt")
-    if opts.container and not opts.dry_run:
+    if opts.container and opts.dry_run:
+        print(slurm_image_plan(opts))
+    elif opts.container:
         fresh_image(session, SINGULARITY, opts)  # built or rebuilt here, on the login node
     python = (opts.venv or Path(session.virtualenv.location)) / "bin" / "python"
     run_tasks(session, opts, lambda run, opts: slurm_script(run, opts, python),
@@ -326,6 +329,9 @@ class Options:
     container: str | None = None
     venv: Path | None = None
     sbatch: list[str] = dataclasses.field(default_factory=list)
+    setup: list[str] = dataclasses.field(default_factory=list)
+    cpus_per_task: str | None = None
+    gpus_per_task: str | None = None
     image: str | None = None
     pull_secrets: list[str] = dataclasses.field(default_factory=list)
 
@@ -408,6 +414,15 @@ def sbatch_option(value: str) -> str:
     return value
 
 
+def setup_line(value: str) -> str:
+    """A shell line of the user's own for the batch script, written there as it is: one line, so no
+    newline or other control character in it can add another line or end the script's."""
+    if not value.strip() or CONTROL.search(value):
+        raise UsageError(f"expects one shell line such as 'module load cuda/12' (no newline or other control "
+                         f"character), got {value!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     """A runner option: its help line, the Options field it sets, how its value is read (None: a flag,
@@ -456,6 +471,12 @@ OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PA
                    lambda value: Path(value).resolve(), ("run-slurm",)),
     "sbatch": Option("=OPTION  run-slurm: another sbatch option, e.g. --sbatch=--mem=8G (repeatable)", "sbatch",
                      sbatch_option, ("run-slurm",)),
+    "setup": Option("=LINE  run-slurm: a shell line the batch script runs before the task, e.g. "
+                    "--setup='module load cuda/12' (repeatable)", "setup", setup_line, ("run-slurm",)),
+    "cpus-per-task": Option("=N  run-slurm: the processors of each Slurm task", "cpus_per_task",
+                            matching(r"[1-9][0-9]*", "a number of processors such as 4"), ("run-slurm",)),
+    "gpus-per-task": Option("=N  run-slurm: the GPUs of each of train's Slurm tasks", "gpus_per_task",
+                            matching(r"[1-9][0-9]*", "a number of GPUs such as 1"), ("run-slurm",)),
     "image": Option("=NAME[:TAG|@sha256:DIGEST]  run-k8s, run-kubeflow: the image the cluster pulls (default: "
                     "mlcube.yaml's)", "image", image_reference, CLUSTERS),
     "pull-secret": Option("=NAME  run-k8s: a Secret the pods pull the image with (repeatable)", "pull_secrets",
@@ -1015,18 +1036,26 @@ def singularity_built_from(client, opts: Options) -> dict | None:
         return {}
 
 
-def singularity_build(client, opts: Options, sources: dict) -> None:
-    """Build the image from Singularity.recipe without root (--fakeroot), or from the Docker image."""
-    image = singularity_image(opts)
-    image.parent.mkdir(parents=True, exist_ok=True)
+def singularity_build_command(opts: Options) -> list[str]:
+    """The `singularity build` command line: from Singularity.recipe without root (--fakeroot), or from
+    the Docker image."""
     recipe = f"docker-daemon://{IMAGE}" if opts.from_docker else str(ROOT / "Singularity.recipe")
+    return ["singularity", "build", "--force", *([] if opts.from_docker else ["--fakeroot"]),
+            str(singularity_image(opts)), recipe]
+
+
+def singularity_build(client, opts: Options, sources: dict) -> None:
+    """Run singularity_build_command through spython, streaming its output, and record the sources."""
+    from spython.utils import stream_command
+
+    command = singularity_build_command(opts)
+    singularity_image(opts).parent.mkdir(parents=True, exist_ok=True)
+    print(shlex.join(command), flush=True)
     try:
-        _, output = client.build(recipe=recipe, image=str(image), sudo=False, force=True, stream=True,
-                                 options=[] if opts.from_docker else ["--fakeroot"])
-        for line in output:
+        for line in stream_command(command):
             print(line, end="", flush=True)
     except subprocess.CalledProcessError as e:
-        raise UsageError(f"singularity build of {image} from {recipe} failed with exit code {e.returncode}") from None
+        raise UsageError(f"{shlex.join(command)} failed with exit code {e.returncode}") from None
     singularity_record(opts).write_text(json.dumps(sources))
 
 
@@ -1083,8 +1112,29 @@ SINGULARITY = Runtime(connect=singularity_client, source_files=singularity_sourc
 # Each task is a batch job: a script kept in workspace/slurm/ (a run is described by its folder),
 # submitted with sbatch, its output followed until it ends. `train --processes=N` is N Slurm tasks,
 # one JAX process each, which srun starts and JAX's own Slurm detection connects: no launcher of ours.
+PARALLEL_TASKS = frozenset({"train"})  # the tasks that run as several processes (slurm_job)
+
+
+def slurm_job(run: Run, opts: Options) -> Options:
+    """The options the task's job runs with, by the one rule of resources per task kind: a task of
+    PARALLEL_TASKS takes --processes, --nodes, --gpus and --gpus-per-task; any other task is one
+    process, so one Slurm task on one node with none of them (mlcube.yaml's accelerator_count holds)."""
+    if run.task in PARALLEL_TASKS:
+        return opts
+    return dataclasses.replace(opts, processes=1, nodes="1", gpus=None, gpus_per_task=None)
+
+
 def slurm_folder(opts: Options) -> Path:
     return opts.workspace / "slurm"
+
+
+def slurm_image_plan(opts: Options) -> str:
+    """What --container runs first, here on the login node, as --dry-run prints it: the image's build
+    command line (fresh_image's, for the reason it gives), or that the image is up to date."""
+    reason = why_rebuild(singularity_built_from(None, opts), sources(SINGULARITY, opts))
+    if reason is None:
+        return f"# {singularity_image(opts)} is up to date: nothing to build"
+    return f"# building the image first: {reason}\n{shlex.join(singularity_build_command(opts))}"
 
 
 def slurm_path(path: Path | str) -> str:
@@ -1105,31 +1155,39 @@ def slurm_directives(run: Run, opts: Options) -> dict[str, Any]:
     output = f"{slurm_path(slurm_folder(opts))}/{run.task}-%j.out"
     if re.search(r"\s", output):
         raise UsageError(f"run-slurm writes its output's path into a #SBATCH line, which a space would end: {output!r}")
-    return {"job-name": f"mnist-{run.task}", "output": output, "ntasks": opts.processes if run.task == "train" else 1,
-            "nodes": opts.nodes, "partition": opts.partition, "time": opts.time, "account": opts.account, "gpus": gpus}
+    return {"job-name": f"mnist-{run.task}", "output": output, "ntasks": opts.processes, "nodes": opts.nodes,
+            "cpus-per-task": opts.cpus_per_task, "gpus-per-task": opts.gpus_per_task, "partition": opts.partition,
+            "time": opts.time, "account": opts.account, "gpus": gpus}
 
 
 def slurm_script(run: Run, opts: Options, python: Path) -> str:
-    """The batch script of a task: Slurm's directives, the task's variables, then srun of mnist.py in
-    the virtualenv at `python`, or of the cube's image with run-singularity's binds and confinement.
-    Every path in it passes slurm_path; every variable's value is quoted."""
-    directives = slurm_directives(run, opts)
+    """The batch script of a task: Slurm's directives for its kind (slurm_job), the user's --setup
+    lines, the task's variables, then srun of mnist.py in the virtualenv at `python`, or of the cube's
+    image with run-singularity's binds and confinement. Every path in it passes slurm_path; every
+    variable's value is quoted; a setup line is one line (setup_line), run before `set -u` as site
+    scripts may read unset variables."""
+    job = slurm_job(run, opts)
+    directives = slurm_directives(run, job)
+    # --gpus-per-task alone gives the task GPUs as --gpus does: --nv, and no JAX_PLATFORMS=cpu
+    job = dataclasses.replace(job, gpus=gpus_wanted(job) or job.gpus_per_task)
     paths = [python, ROOT / "mnist.py", *host_paths(run).values(), *(container_mounts(run) if opts.container else ())]
     for path in paths:
         slurm_path(path)
     if opts.container:
-        command = [opts.container, *singularity_command(run, opts)[1:]]
+        command = [opts.container, *singularity_command(run, job)[1:]]
         variables = {}  # singularity_command hands them to the container
     else:
         command = [str(python), str(ROOT / "mnist.py"), run.task, *run.host_args]
-        variables = {**platform_variables(opts), **opts.env}
+        variables = {**platform_variables(job), **opts.env}
     again = shlex.join(["sbatch", f"{slurm_folder(opts) / run.task}.sbatch"])
     return "\n".join([
         "#!/bin/bash",
         *(f"#SBATCH --{name}={value}" for name, value in directives.items() if value),
         *(f"#SBATCH {option}" for option in opts.sbatch),
         f"# Written by `nox -s run-slurm` from mlcube.yaml; `{again}` runs it again.",
-        "set -euo pipefail",
+        "set -eo pipefail",
+        *opts.setup,
+        "set -u",
         *(f"export {name}={shlex.quote(value)}" for name, value in variables.items()),
         "srun " + shlex.join(command), ""])
 
