@@ -11,10 +11,14 @@ import mnist
 CONFIG = {"optimizer": "adam", "train_epochs": 4, "batch_size": 32, "seed": 5}
 
 
+def slow_workspace(folder):
+    """Enough learnable data for an epoch to last about a second, so a signal lands mid-epoch."""
+    return digits_workspace(folder, 8192, 256, **CONFIG)
+
+
 @pytest.fixture
 def slow_ws(tmp_path):
-    """Enough learnable data for an epoch to last about a second, so a signal lands mid-epoch."""
-    return digits_workspace(tmp_path, 8192, 256, **CONFIG)
+    return slow_workspace(tmp_path)
 
 
 def start_and_signal(ws, model, signum, after_epochs):
@@ -32,12 +36,15 @@ def start_and_signal(ws, model, signum, after_epochs):
     return finish(process, timeout=120)
 
 
-@pytest.fixture
-def uninterrupted(slow_ws):
-    result = finish(start_train(slow_ws, "whole"))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The params and model.json of a run of slow_ws's data and config that nothing stopped, made once
+    for every test that compares a stopped and resumed run with it."""
+    ws = slow_workspace(tmp_path_factory.mktemp("uninterrupted"))
+    result = finish(start_train(ws, "whole"))
     assert result.code == 0, result.err
-    assert not (slow_ws / "whole" / mnist.CHECKPOINT_NAME).exists()
-    whole = slow_ws / "whole"
+    assert not (ws / "whole" / mnist.CHECKPOINT_NAME).exists()
+    whole = ws / "whole"
     return (whole / "params.msgpack").read_bytes(), json.loads((whole / "model.json").read_text())
 
 

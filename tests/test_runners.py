@@ -311,12 +311,13 @@ def containers():
 
 
 @needs_docker
-def test_run_docker_download_and_train_real_mnist(tmp_path, server, real_data, image, plain_user):
-    """download with the host's network (the test's server is on its loopback), then the other tasks
-    with none: they train, write every output as the caller, and record the image they ran in."""
-    body = (real_data / "mnist.npz").read_bytes()
+def test_run_docker_download_and_train_real_mnist(tmp_path, server, real_sample, image, plain_user):
+    """download of real digits (real_sample) with the host's network (the test's server is on its
+    loopback), then the other tasks with none: they train, write every output as the caller, and
+    record the image they ran in."""
+    body = real_sample
     home = plain_user or tmp_path
-    ws = source_workspace(home / "work" / "ws", body, server, batch_size=512)
+    ws = source_workspace(home / "work" / "ws", body, server, batch_size=64)
     if plain_user:
         chown(home / "work", 4321)
     owner = (4321, 4321) if plain_user else (os.getuid(), os.getgid())
