@@ -62,9 +62,9 @@ def test_a_missing_import_is_one_line(tmp_path):
     assert f"run-kubeflow: error: the pipeline imports {tmp_path / 'data'}, which does not exist" in result.stdout
 
 
-def real_workspace(tmp_path, real_data, digest=None):
-    """The real mnist.npz beside data.yaml (the offline route), and one short epoch."""
-    return source_workspace(tmp_path / "ws", (real_data / "mnist.npz").read_bytes(), digest=digest, batch_size=512)
+def real_workspace(tmp_path, real_sample, digest=None):
+    """A sample of the real MNIST beside data.yaml (the offline route), and one short epoch."""
+    return source_workspace(tmp_path / "ws", real_sample, digest=digest)
 
 
 def test_compiled_pipeline_loads_back_with_the_sdk(tmp_path):
@@ -93,8 +93,8 @@ def test_the_component_runs_the_image_given(tmp_path):
 
 
 @needs_docker
-def test_local_run_on_docker_end_to_end(tmp_path, real_data, image):
-    ws = real_workspace(tmp_path, real_data)
+def test_local_run_on_docker_end_to_end(tmp_path, real_sample, image):
+    ws = real_workspace(tmp_path, real_sample)
     before = os.listdir(ws)
     result = nox("-s", "run-kubeflow", "--", "download", "train", "evaluate", f"--workspace={ws}", "--local")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -110,8 +110,8 @@ def test_local_run_on_docker_end_to_end(tmp_path, real_data, image):
 
 
 @needs_docker
-def test_a_failed_step_fails_the_run(tmp_path, real_data, image):
-    ws = real_workspace(tmp_path, real_data, digest="c" * 64)
+def test_a_failed_step_fails_the_run(tmp_path, real_sample, image):
+    ws = real_workspace(tmp_path, real_sample, digest="c" * 64)
     result = nox("-s", "run-kubeflow", "--", "download", "train", f"--workspace={ws}", "--local")
     assert result.returncode == 1
     assert "SHA-256 mismatch" in result.stdout and "run-kubeflow: task download failed" in result.stdout + result.stderr
