@@ -4,6 +4,7 @@
     python mnist.py train --train_config=PATH --data_dir=PATH --model_dir=PATH --log_dir=PATH
     python mnist.py evaluate --data_dir=PATH --model_dir=PATH --log_dir=PATH
     python mnist.py infer --model_dir=PATH --images=PATH --predictions=PATH
+    python mnist.py sweep --sweep_config=PATH --data_dir=PATH --sweep_dir=PATH --log_dir=PATH
 
 Each task reads and writes only the paths it is given, so the same command runs on a laptop, in
 Docker or under Singularity, where MLCube mounts each path into the container.
@@ -93,6 +94,11 @@ COMMANDS = {
                    "or one), or image files (a folder of them, or one)", "file", False),
         "predictions": ("JSON file that receives each image's class and probabilities; an existing file "
                         "there is replaced only if infer wrote it", "file", True)}),
+    "sweep": ("Train many settings as one Optuna study, chosen on a validation split; any number of workers.", {
+        "data_dir": ("folder holding mnist.npz", "directory", False),
+        "sweep_config": ("sweep.yaml: trials, validation_fraction, train.yaml's keys fixed or searched", "file", False),
+        "sweep_dir": ("folder of the study, shared by its workers: trials.csv, best.yaml, pictures", "directory", True),
+        "log_dir": ("folder that receives mnist_sweep.log", "directory", True)}),
 }
 
 
@@ -485,6 +491,7 @@ class TrainRun(NamedTuple):
     model_dir: str
     log_dir: str
     writes: bool
+    on_epoch: Callable[[EpochMetrics], None] | None = None  # a sweep's trial reports each epoch to Optuna
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,9 +514,14 @@ MAX_STEPS = 2**31 - 1  # of a run: the optimizer's step counter is an int32
 
 def read_train_config(path: str) -> TrainConfig:
     """The training settings, or a CubeError naming the key and what it must be."""
+    return train_config(read_yaml(path), path)
+
+
+def train_config(data: object, path: str) -> TrainConfig:
+    """train.yaml's settings as read from `path` (a sweep's each trial's too), checked and resolved."""
     fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
     required = [name for name, field in fields.items() if field.default is dataclasses.MISSING]
-    config = check_keys(read_yaml(path), required, [name for name in fields if name not in required], path)
+    config = check_keys(data, required, [name for name in fields if name not in required], path)
     for key, value in config.items():
         accepted, kind = TYPES[fields[key].type.removesuffix(" | None")]
         if isinstance(value, bool) or not isinstance(value, accepted):
@@ -650,6 +662,8 @@ def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainS
                                  b"".join(to_json(dataclasses.asdict(m), indent=None) + b"\n" for m in history))
                 save_checkpoint(checkpoint, run.identity, state, history)
             log.info(history[-1].describe(config.train_epochs))
+            if run.on_epoch:
+                run.on_epoch(history[-1])
         stop_if_signalled(f"stopped after epoch {len(history)}; run the same command again to finish")
     return state, history, compile_seconds
 
@@ -982,6 +996,253 @@ def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int, names: l
         shown = f"the {len(mistakes)} most confident of {total}" if len(mistakes) < total else f"all {total}"
         figure.suptitle(f"{shown} mistakes: true → predicted (probability)")
     return draw
+
+
+# ------------------------------------ sweep: many trainings as one Optuna study, shared by its workers
+# sweep_dir holds the study (Optuna's journal, which many processes on a shared file system may append
+# to), one lock file for claiming trials, and a part file (open_part) per running trial, whose OS lock
+# says its worker lives: a trial whose lock is free is a dead worker's, marked FAIL and queued again.
+VALIDATION_SEED = 0  # the split of the training images into a training part and a validation part
+MAX_TRIALS = 10_000
+JOURNAL_NAME = "journal.log"
+PLOTS = ("optimization_history", "slice", "param_importances")  # Optuna's plot_NAME, saved as NAME.png
+
+
+def sweep(args: argparse.Namespace, log: logging.Logger) -> None:
+    import optuna  # here alone, so that no other task waits for its import
+
+    config = read_sweep_config(args.sweep_config)
+    arrays, _, _ = load_data_dir(args.data_dir)
+    parts = validation_split(arrays, config["validation_fraction"], args.sweep_config)
+    for settings in corners(config["train"]):
+        check_fits(train_config(settings, f"{args.sweep_config}: train"), len(parts["x_train"]),
+                   jax.device_count(), f"{args.sweep_config}: train")
+    os.makedirs(args.sweep_dir, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs one line a trial itself
+    claims = WaitingLock(os.path.join(args.sweep_dir, LOCK_NAME))
+    journal = optuna.storages.journal.JournalFileBackend(
+        os.path.join(args.sweep_dir, JOURNAL_NAME), WaitingLock(os.path.join(args.sweep_dir, ".journal.lock")))
+    with claims:
+        study = optuna.create_study(study_name="sweep", storage=optuna.storages.JournalStorage(journal),
+                                    direction="maximize", pruner=optuna.pruners.MedianPruner(), load_if_exists=True)
+    log.info(f"read {args.sweep_config}: {config['trials']} trials, training on {len(parts['x_train'])} images, "
+             f"choosing on {len(parts['x_test'])} held out of them")
+    while claimed := claim_trial(study, config["trials"], claims, args.sweep_dir, log):
+        trial, held = claimed
+        try:
+            run_trial(study, trial, config["train"], parts, spec_of(arrays), claims, args.sweep_dir, log)
+        finally:
+            held.close()
+            os.unlink(held.name)
+    with claims:
+        if finished(study, config["trials"]) and not os.path.exists(os.path.join(args.sweep_dir, "sweep.json")):
+            finish(study, config["train"], {**parts, "x_test": arrays["x_test"], "y_test": arrays["y_test"]},
+                   spec_of(arrays), args.sweep_dir, log)
+
+
+def read_sweep_config(path: str) -> dict:
+    """sweep.yaml, checked: every trial it can make is a train.yaml that train accepts."""
+    config = check_keys(read_yaml(path), ["trials", "train"], ["validation_fraction"], path)
+    trials, fraction = config["trials"], config.setdefault("validation_fraction", 0.1)
+    if isinstance(trials, bool) or not isinstance(trials, int) or not 0 < trials <= MAX_TRIALS:
+        raise CubeError(f"{path}: trials must be an integer in 1..{MAX_TRIALS}, got {shorten(trials)}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise CubeError(f"{path}: validation_fraction must be a number between 0 and 1, got {shorten(fraction)}")
+    fields = [field.name for field in dataclasses.fields(TrainConfig)]
+    for key, value in check_keys(config["train"], [], fields, f"{path}: train").items():
+        where = f"{path}: train: {key}"
+        if isinstance(value, list) and (not value or any(isinstance(v, (list, dict)) for v in value)):
+            raise CubeError(f"{where}: a list is a choice of one value or more, got {shorten(value)}")
+        if isinstance(value, dict):
+            check_keys(value, ["low", "high"], ["log"], where)
+            low, high, log = value["low"], value["high"], value.get("log", False)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
+                raise CubeError(f"{where}: low and high must be numbers, low below high, got {low!r} and {high!r}")
+            if not isinstance(log, bool) or log and low <= 0:
+                raise CubeError(f"{where}: log must be true or false, and true only for a positive low")
+    for settings in corners(config["train"]):
+        train_config(settings, f"{path}: train")
+    return config
+
+
+def corners(train: dict) -> list[dict]:
+    """Trials' settings that between them take every choice and both ends of every range."""
+    def ends(value):
+        return value if isinstance(value, list) else [value["low"], value["high"]] if isinstance(value, dict) \
+            else [value]
+    first = {key: ends(value)[0] for key, value in train.items()}
+    return [first] + [{**first, key: end} for key, value in train.items() for end in ends(value)[1:]]
+
+
+def validation_split(arrays: dict, fraction: float, where: str) -> dict:
+    """The training images in two, the same on every run: x_train, y_train, the part trials train on;
+    x_test, y_test, the validation part, which run_epochs scores each epoch. The test images are in neither."""
+    n = len(arrays["x_train"])
+    held = max(1, round(n * fraction))
+    if held >= n:
+        raise CubeError(f"{where}: validation_fraction {fraction} leaves none of the {n} training images to train on")
+    order = np.random.default_rng(VALIDATION_SEED).permutation(n)
+    train, validation = np.sort(order[held:]), np.sort(order[:held])
+    return {"x_train": arrays["x_train"][train], "y_train": arrays["y_train"][train],
+            "x_test": arrays["x_train"][validation], "y_test": arrays["y_train"][validation]}
+
+
+class WaitingLock:
+    """An OS lock on the file at `path`, waited for, which dies with its process: a `with` block, and
+    Optuna's journal lock (acquire, release)."""
+
+    def __init__(self, path: str):
+        self.path, self.fd = path, None
+
+    def acquire(self) -> bool:
+        self.fd = open_lock_file(self.path, shared=False)
+        while True:
+            try:
+                lock(self.fd, shared=False)
+                return True
+            except (BlockingIOError, PermissionError):
+                time.sleep(0.01)
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def finished(study, trials: int, running: int = 0) -> bool:
+    """Whether the study's COMPLETE and PRUNED trials, with `running` ones, make `trials`."""
+    states = [trial.state.name for trial in study.get_trials(deepcopy=False)]
+    return states.count("COMPLETE") + states.count("PRUNED") + running >= trials
+
+
+def claim_trial(study, trials: int, claims: WaitingLock, sweep_dir: str, log: logging.Logger):
+    """A new trial and the part file whose lock marks it this worker's; None when none is left to start.
+    A running trial whose lock no process holds is marked FAIL, and its parameters are queued again."""
+    from optuna.trial import TrialState
+    with claims:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for trial in running:
+            name = os.path.basename(trial.user_attrs.get("lock", ""))
+            try:
+                if PART.fullmatch(name):
+                    remove_unheld(os.path.join(sweep_dir, name))
+            except (BlockingIOError, PermissionError):
+                continue
+            except FileNotFoundError:
+                pass
+            study.tell(trial.number, state=TrialState.FAIL)
+            study.enqueue_trial(trial.params)
+            running.remove(trial)
+            log.info(f"trial {trial.number}: its worker is gone; marked FAIL, its parameters queued again")
+        if finished(study, trials, len(running)):
+            return None
+        trial = study.ask()
+        held = open_part(sweep_dir, f"trial-{trial.number}")
+        trial.set_user_attr("lock", os.path.basename(held.name))
+        return trial, held
+
+
+def run_trial(study, trial, train: dict, parts: dict, spec: Spec, claims: WaitingLock, sweep_dir: str,
+              log: logging.Logger) -> None:
+    """Train one trial's settings as train does, scored on the validation part each epoch and pruned
+    when it trails; then tell the study, and write the results."""
+    import optuna
+    fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
+    settings = {key: trial.suggest_categorical(key, value) if isinstance(value, list) else
+                (trial.suggest_int if fields[key] == "int" else trial.suggest_float)(key, **value)
+                if isinstance(value, dict) else value for key, value in train.items()}
+
+    def report(metrics: EpochMetrics) -> None:
+        trial.report(metrics.test_accuracy, metrics.epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned
+    try:
+        history = train_part(train_config(settings, "sweep"), parts, spec, sweep_dir, trial.number, log, report)
+        state, value = optuna.trial.TrialState.COMPLETE, history[-1].test_accuracy
+    except optuna.TrialPruned:
+        state, value = optuna.trial.TrialState.PRUNED, None
+    with claims:
+        study.tell(trial, value, state=state)
+        write_results(study, train, sweep_dir)
+    accuracies = study.get_trials(deepcopy=False)[trial.number].intermediate_values.values()
+    log.info(f"trial {trial.number}: {state.name}, validation accuracy by epoch "
+             f"{', '.join(f'{a:.4f}' for a in accuracies)}; {trial.params}")
+
+
+def train_part(config: TrainConfig, arrays: dict, spec: Spec, sweep_dir: str, number: int, log: logging.Logger,
+               on_epoch=None) -> list[EpochMetrics]:
+    """The epochs of a run as train's, on `arrays`, writing nothing; its epoch lines are kept out of the log."""
+    quiet = log.getChild("trial")
+    quiet.setLevel(logging.WARNING)
+    run = TrainRun(config, spec, {"sweep_trial": number}, sweep_dir, sweep_dir, False, on_epoch)
+    return run_epochs(run, arrays, quiet)[1]
+
+
+def write_results(study, train: dict, sweep_dir: str, comment: str = "") -> None:
+    """trials.csv, a row a trial, and best.yaml, the best finished trial's settings as a train.yaml."""
+    import csv
+    trials = study.get_trials(deepcopy=False)
+    names = [key for key, value in train.items() if isinstance(value, (list, dict))]
+    epochs = max(max(trial.intermediate_values, default=0) for trial in trials)
+    table = io.StringIO()
+    rows = csv.writer(table, lineterminator="\n")
+    rows.writerow(["number", "state", *names, *(f"validation_accuracy_{e}" for e in range(1, epochs + 1)),
+                   "validation_accuracy", "seconds"])
+    for trial in trials:
+        accuracies = [trial.intermediate_values.get(e) for e in range(1, epochs + 1)]
+        seconds = trial.duration.total_seconds() if trial.duration else None
+        rows.writerow([trial.number, trial.state.name, *(trial.params.get(name) for name in names),
+                       *("" if a is None else f"{a:.4f}" for a in [*accuracies, trial.value]),
+                       "" if seconds is None else f"{seconds:.1f}"])
+    write_atomically(os.path.join(sweep_dir, "trials.csv"), table.getvalue().encode())
+    if any(trial.state.name == "COMPLETE" for trial in trials):
+        best = study.best_trial
+        settings = {key: best.params.get(key, value) for key, value in train.items()}
+        write_atomically(os.path.join(sweep_dir, "best.yaml"), (
+            f"# trial {best.number} of {sweep_dir}: validation accuracy {best.value:.4f}{comment}\n"
+            + yaml.safe_dump(settings, sort_keys=False)).encode())
+
+
+def finish(study, train: dict, arrays: dict, spec: Spec, sweep_dir: str, log: logging.Logger) -> None:
+    """Once the study is done: the best trial's test accuracy, measured once (its run again, scored on the
+    test images: the same parameters, as training is deterministic); best.yaml and sweep.json say it; the plots."""
+    best = study.best_trial
+    settings = {key: best.params.get(key, value) for key, value in train.items()}
+    test_accuracy = train_part(train_config(settings, "best.yaml"), arrays, spec, sweep_dir, best.number, log)[-1]
+    summary = {"best_trial": best.number, "settings": settings, "validation_accuracy": best.value,
+               "test_accuracy": test_accuracy.test_accuracy, "trials": len(study.get_trials(deepcopy=False))}
+    write_results(study, train, sweep_dir, f"; test accuracy {test_accuracy.test_accuracy:.4f}, measured once, "
+                  "after the sweep chose it")
+    write_atomically(os.path.join(sweep_dir, "sweep.json"), to_json(summary))
+    log.info(f"best: trial {best.number}, validation accuracy {best.value:.4f}, "
+             f"test accuracy {test_accuracy.test_accuracy:.4f} (measured once); written {sweep_dir}/best.yaml")
+    draw_study(study, sweep_dir, log)
+
+
+def draw_study(study, sweep_dir: str, log: logging.Logger) -> None:
+    """Optuna's own pictures of the study as PNGs: the best accuracy trial by trial, each parameter
+    against validation accuracy, and how much each parameter mattered."""
+    import matplotlib
+    matplotlib.use("Agg")  # files, no display
+    from matplotlib import pyplot
+    from optuna.visualization import matplotlib as plots
+    for name in PLOTS:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                figure = np.ravel(getattr(plots, f"plot_{name}")(study))[0].figure
+        except (ValueError, RuntimeError) as e:
+            log.info(f"no {name}.png: {e}")
+            continue
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        pyplot.close(figure)
+        write_atomically(os.path.join(sweep_dir, f"{name}.png"), buffer.getvalue())
+    log.info(f"written {sweep_dir}/{', '.join(PLOTS)} as PNG")
 
 
 # --------------------------------------------------- infer: any number of images, a batch at a time
@@ -1520,7 +1781,7 @@ def eight_bit(image) -> np.ndarray:
     return np.ascontiguousarray(pixels[..., 0]) if grey else pixels
 
 
-TASKS = {"download": download, "train": train, "evaluate": evaluate, "infer": infer}  # COMMANDS's, run
+TASKS = {"download": download, "train": train, "evaluate": evaluate, "infer": infer, "sweep": sweep}  # COMMANDS's, run
 
 
 # ==================================================================================================
