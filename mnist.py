@@ -999,10 +999,9 @@ def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int, names: l
 
 
 # ------------------------------------ sweep: many trainings as one Optuna study, shared by its workers
-# sweep_dir holds the study (Optuna's journal, which many processes on a shared file system may append
-# to), one lock file for claiming trials, and a part file (open_part) per running trial, whose OS lock
-# says its worker lives: a trial whose lock is free is a dead worker's, marked FAIL and queued again.
-VALIDATION_SEED = 0  # the split of the training images into a training part and a validation part
+# sweep_dir holds the study (Optuna's journal, for many processes on a shared file system), a lock for
+# claiming trials, and a part file (open_part) for each running trial, whose lock says its worker lives.
+VALIDATION_SEED = 0  # splits the training images into the part trials train on and the validation part
 MAX_TRIALS = 10_000
 JOURNAL_NAME = "journal.log"
 PLOTS = ("optimization_history", "slice", "param_importances")  # Optuna's plot_NAME, saved as NAME.png
@@ -1010,15 +1009,13 @@ PLOTS = ("optimization_history", "slice", "param_importances")  # Optuna's plot_
 
 def sweep(args: argparse.Namespace, log: logging.Logger) -> None:
     import optuna  # here alone, so that no other task waits for its import
-
-    config = read_sweep_config(args.sweep_config)
+    config, where = read_sweep_config(args.sweep_config), f"{args.sweep_config}: train"
     arrays, _, _ = load_data_dir(args.data_dir)
-    parts = validation_split(arrays, config["validation_fraction"], args.sweep_config)
+    parts, spec = validation_split(arrays, config["validation_fraction"], args.sweep_config), spec_of(arrays)
     for settings in corners(config["train"]):
-        check_fits(train_config(settings, f"{args.sweep_config}: train"), len(parts["x_train"]),
-                   jax.device_count(), f"{args.sweep_config}: train")
+        check_fits(train_config(settings, where), len(parts["x_train"]), jax.device_count(), where)
     os.makedirs(args.sweep_dir, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs one line a trial itself
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs a line a trial itself
     claims = WaitingLock(os.path.join(args.sweep_dir, LOCK_NAME))
     journal = optuna.storages.journal.JournalFileBackend(
         os.path.join(args.sweep_dir, JOURNAL_NAME), WaitingLock(os.path.join(args.sweep_dir, ".journal.lock")))
@@ -1028,20 +1025,19 @@ def sweep(args: argparse.Namespace, log: logging.Logger) -> None:
     log.info(f"read {args.sweep_config}: {config['trials']} trials, training on {len(parts['x_train'])} images, "
              f"choosing on {len(parts['x_test'])} held out of them")
     while claimed := claim_trial(study, config["trials"], claims, args.sweep_dir, log):
-        trial, held = claimed
         try:
-            run_trial(study, trial, config["train"], parts, spec_of(arrays), claims, args.sweep_dir, log)
-        finally:
-            held.close()
-            os.unlink(held.name)
+            run_trial(study, claimed[0], config["train"], parts, spec, claims, args.sweep_dir, log)
+        finally:  # told or not, the trial is no longer this worker's
+            claimed[1].close()
+            os.unlink(claimed[1].name)
     with claims:
         if finished(study, config["trials"]) and not os.path.exists(os.path.join(args.sweep_dir, "sweep.json")):
-            finish(study, config["train"], {**parts, "x_test": arrays["x_test"], "y_test": arrays["y_test"]},
-                   spec_of(arrays), args.sweep_dir, log)
+            finish(study, config["train"], {**parts, "x_test": arrays["x_test"], "y_test": arrays["y_test"]}, spec,
+                   args.sweep_dir, log)
 
 
 def read_sweep_config(path: str) -> dict:
-    """sweep.yaml, checked: every trial it can make is a train.yaml that train accepts."""
+    """sweep.yaml, checked; every trial it can make is a train.yaml that train accepts."""
     config = check_keys(read_yaml(path), ["trials", "train"], ["validation_fraction"], path)
     trials, fraction = config["trials"], config.setdefault("validation_fraction", 0.1)
     if isinstance(trials, bool) or not isinstance(trials, int) or not 0 < trials <= MAX_TRIALS:
@@ -1054,11 +1050,10 @@ def read_sweep_config(path: str) -> dict:
         if isinstance(value, list) and (not value or any(isinstance(v, (list, dict)) for v in value)):
             raise CubeError(f"{where}: a list is a choice of one value or more, got {shorten(value)}")
         if isinstance(value, dict):
-            check_keys(value, ["low", "high"], ["log"], where)
-            low, high, log = value["low"], value["high"], value.get("log", False)
+            low, high = check_keys(value, ["low", "high"], ["log"], where)["low"], value["high"]
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
                 raise CubeError(f"{where}: low and high must be numbers, low below high, got {low!r} and {high!r}")
-            if not isinstance(log, bool) or log and low <= 0:
+            if value.get("log", False) not in (True, False) or value.get("log") and low <= 0:
                 raise CubeError(f"{where}: log must be true or false, and true only for a positive low")
     for settings in corners(config["train"]):
         train_config(settings, f"{path}: train")
@@ -1067,16 +1062,15 @@ def read_sweep_config(path: str) -> dict:
 
 def corners(train: dict) -> list[dict]:
     """Trials' settings that between them take every choice and both ends of every range."""
-    def ends(value):
-        return value if isinstance(value, list) else [value["low"], value["high"]] if isinstance(value, dict) \
-            else [value]
-    first = {key: ends(value)[0] for key, value in train.items()}
-    return [first] + [{**first, key: end} for key, value in train.items() for end in ends(value)[1:]]
+    ends = {key: value if isinstance(value, list) else [value["low"], value["high"]] if isinstance(value, dict)
+            else [value] for key, value in train.items()}
+    first = {key: values[0] for key, values in ends.items()}
+    return [first] + [{**first, key: end} for key, values in ends.items() for end in values[1:]]
 
 
 def validation_split(arrays: dict, fraction: float, where: str) -> dict:
     """The training images in two, the same on every run: x_train, y_train, the part trials train on;
-    x_test, y_test, the validation part, which run_epochs scores each epoch. The test images are in neither."""
+    x_test, y_test, the validation part, which run_epochs scores each epoch. No test image is in either."""
     n = len(arrays["x_train"])
     held = max(1, round(n * fraction))
     if held >= n:
@@ -1088,56 +1082,48 @@ def validation_split(arrays: dict, fraction: float, where: str) -> dict:
 
 
 class WaitingLock:
-    """An OS lock on the file at `path`, waited for, which dies with its process: a `with` block, and
-    Optuna's journal lock (acquire, release)."""
+    """An OS lock on the file at `path`, waited for, dying with its process: Optuna's journal lock
+    (acquire, release), and the lock that claims trials (a `with` block)."""
 
     def __init__(self, path: str):
-        self.path, self.fd = path, None
+        self.path = path
 
     def acquire(self) -> bool:
         self.fd = open_lock_file(self.path, shared=False)
         while True:
-            try:
+            with contextlib.suppress(BlockingIOError, PermissionError):
                 lock(self.fd, shared=False)
                 return True
-            except (BlockingIOError, PermissionError):
-                time.sleep(0.01)
+            time.sleep(0.01)
 
-    def release(self) -> None:
+    def release(self, *exception) -> None:
         os.close(self.fd)
 
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+    __enter__, __exit__ = acquire, release
 
 
 def finished(study, trials: int, running: int = 0) -> bool:
-    """Whether the study's COMPLETE and PRUNED trials, with `running` ones, make `trials`."""
+    """Whether the study's COMPLETE and PRUNED trials, and `running` ones, make `trials`."""
     states = [trial.state.name for trial in study.get_trials(deepcopy=False)]
     return states.count("COMPLETE") + states.count("PRUNED") + running >= trials
 
 
 def claim_trial(study, trials: int, claims: WaitingLock, sweep_dir: str, log: logging.Logger):
     """A new trial and the part file whose lock marks it this worker's; None when none is left to start.
-    A running trial whose lock no process holds is marked FAIL, and its parameters are queued again."""
+    A running trial whose lock is free is a stopped worker's: marked FAIL, its parameters queued again."""
     from optuna.trial import TrialState
     with claims:
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        for trial in running:
+        for trial in list(running):
             name = os.path.basename(trial.user_attrs.get("lock", ""))
-            try:
+            with contextlib.suppress(BlockingIOError, PermissionError):  # held: its worker lives
                 if PART.fullmatch(name):
-                    remove_unheld(os.path.join(sweep_dir, name))
-            except (BlockingIOError, PermissionError):
-                continue
-            except FileNotFoundError:
-                pass
-            study.tell(trial.number, state=TrialState.FAIL)
-            study.enqueue_trial(trial.params)
-            running.remove(trial)
-            log.info(f"trial {trial.number}: its worker is gone; marked FAIL, its parameters queued again")
+                    with contextlib.suppress(FileNotFoundError):  # removed by a task's clean-up (main)
+                        remove_unheld(os.path.join(sweep_dir, name))
+                study.tell(trial.number, state=TrialState.FAIL)
+                study.enqueue_trial(trial.params)
+                running.remove(trial)
+                log.info(f"trial {trial.number}: its worker is gone; marked FAIL, its parameters queued again")
         if finished(study, trials, len(running)):
             return None
         trial = study.ask()
@@ -1148,8 +1134,8 @@ def claim_trial(study, trials: int, claims: WaitingLock, sweep_dir: str, log: lo
 
 def run_trial(study, trial, train: dict, parts: dict, spec: Spec, claims: WaitingLock, sweep_dir: str,
               log: logging.Logger) -> None:
-    """Train one trial's settings as train does, scored on the validation part each epoch and pruned
-    when it trails; then tell the study, and write the results."""
+    """Train a trial's settings as train does, scored on the validation part each epoch and pruned when
+    it trails; tell the study, and write the results."""
     import optuna
     fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
     settings = {key: trial.suggest_categorical(key, value) if isinstance(value, list) else
@@ -1161,81 +1147,71 @@ def run_trial(study, trial, train: dict, parts: dict, spec: Spec, claims: Waitin
         if trial.should_prune():
             raise optuna.TrialPruned
     try:
-        history = train_part(train_config(settings, "sweep"), parts, spec, sweep_dir, trial.number, log, report)
-        state, value = optuna.trial.TrialState.COMPLETE, history[-1].test_accuracy
+        value = train_part(train_config(settings, "sweep"), parts, spec, sweep_dir, trial.number, log, report)
     except optuna.TrialPruned:
-        state, value = optuna.trial.TrialState.PRUNED, None
+        value = None
     with claims:
-        study.tell(trial, value, state=state)
+        study.tell(trial, value, state=optuna.trial.TrialState.PRUNED if value is None else None)
         write_results(study, train, sweep_dir)
-    accuracies = study.get_trials(deepcopy=False)[trial.number].intermediate_values.values()
-    log.info(f"trial {trial.number}: {state.name}, validation accuracy by epoch "
-             f"{', '.join(f'{a:.4f}' for a in accuracies)}; {trial.params}")
+    done = study.get_trials(deepcopy=False)[trial.number]
+    log.info(f"trial {trial.number}: {done.state.name}, validation accuracy by epoch "
+             f"{', '.join(f'{a:.4f}' for a in done.intermediate_values.values())}; {trial.params}")
 
 
 def train_part(config: TrainConfig, arrays: dict, spec: Spec, sweep_dir: str, number: int, log: logging.Logger,
-               on_epoch=None) -> list[EpochMetrics]:
-    """The epochs of a run as train's, on `arrays`, writing nothing; its epoch lines are kept out of the log."""
+               on_epoch=None) -> float:
+    """The last epoch's test_accuracy of a run as train's, on `arrays`; it writes nothing, logs no epoch."""
     quiet = log.getChild("trial")
     quiet.setLevel(logging.WARNING)
     run = TrainRun(config, spec, {"sweep_trial": number}, sweep_dir, sweep_dir, False, on_epoch)
-    return run_epochs(run, arrays, quiet)[1]
+    return run_epochs(run, arrays, quiet)[1][-1].test_accuracy
 
 
 def write_results(study, train: dict, sweep_dir: str, comment: str = "") -> None:
-    """trials.csv, a row a trial, and best.yaml, the best finished trial's settings as a train.yaml."""
+    """trials.csv, a row a trial, and best.yaml, the best trial's settings as a train.yaml."""
     import csv
-    trials = study.get_trials(deepcopy=False)
+    trials, table = study.get_trials(deepcopy=False), io.StringIO()
     names = [key for key, value in train.items() if isinstance(value, (list, dict))]
-    epochs = max(max(trial.intermediate_values, default=0) for trial in trials)
-    table = io.StringIO()
+    epochs = range(1, max(max(trial.intermediate_values, default=0) for trial in trials) + 1)
     rows = csv.writer(table, lineterminator="\n")
-    rows.writerow(["number", "state", *names, *(f"validation_accuracy_{e}" for e in range(1, epochs + 1)),
-                   "validation_accuracy", "seconds"])
-    for trial in trials:
-        accuracies = [trial.intermediate_values.get(e) for e in range(1, epochs + 1)]
-        seconds = trial.duration.total_seconds() if trial.duration else None
-        rows.writerow([trial.number, trial.state.name, *(trial.params.get(name) for name in names),
-                       *("" if a is None else f"{a:.4f}" for a in [*accuracies, trial.value]),
-                       "" if seconds is None else f"{seconds:.1f}"])
+    rows.writerow(["number", "state", *names, *(f"validation_accuracy_{e}" for e in epochs), "validation_accuracy",
+                   "seconds"])
+    for t in trials:
+        accuracies = [t.intermediate_values.get(e) for e in epochs] + [t.value]
+        rows.writerow([t.number, t.state.name, *(t.params.get(name) for name in names),
+                       *("" if a is None else f"{a:.4f}" for a in accuracies),
+                       f"{t.duration.total_seconds():.1f}" if t.duration else ""])
     write_atomically(os.path.join(sweep_dir, "trials.csv"), table.getvalue().encode())
     if any(trial.state.name == "COMPLETE" for trial in trials):
         best = study.best_trial
-        settings = {key: best.params.get(key, value) for key, value in train.items()}
         write_atomically(os.path.join(sweep_dir, "best.yaml"), (
             f"# trial {best.number} of {sweep_dir}: validation accuracy {best.value:.4f}{comment}\n"
-            + yaml.safe_dump(settings, sort_keys=False)).encode())
+            + yaml.safe_dump({key: best.params.get(key, value) for key, value in train.items()}, sort_keys=False)
+        ).encode())
 
 
 def finish(study, train: dict, arrays: dict, spec: Spec, sweep_dir: str, log: logging.Logger) -> None:
-    """Once the study is done: the best trial's test accuracy, measured once (its run again, scored on the
-    test images: the same parameters, as training is deterministic); best.yaml and sweep.json say it; the plots."""
+    """The best trial's test accuracy, measured once: its run again (training is deterministic), scored
+    on the test images; written to best.yaml and sweep.json. Then the pictures."""
     best = study.best_trial
     settings = {key: best.params.get(key, value) for key, value in train.items()}
-    test_accuracy = train_part(train_config(settings, "best.yaml"), arrays, spec, sweep_dir, best.number, log)[-1]
-    summary = {"best_trial": best.number, "settings": settings, "validation_accuracy": best.value,
-               "test_accuracy": test_accuracy.test_accuracy, "trials": len(study.get_trials(deepcopy=False))}
-    write_results(study, train, sweep_dir, f"; test accuracy {test_accuracy.test_accuracy:.4f}, measured once, "
-                  "after the sweep chose it")
-    write_atomically(os.path.join(sweep_dir, "sweep.json"), to_json(summary))
-    log.info(f"best: trial {best.number}, validation accuracy {best.value:.4f}, "
-             f"test accuracy {test_accuracy.test_accuracy:.4f} (measured once); written {sweep_dir}/best.yaml")
-    draw_study(study, sweep_dir, log)
-
-
-def draw_study(study, sweep_dir: str, log: logging.Logger) -> None:
-    """Optuna's own pictures of the study as PNGs: the best accuracy trial by trial, each parameter
-    against validation accuracy, and how much each parameter mattered."""
+    test_accuracy = train_part(train_config(settings, "best.yaml"), arrays, spec, sweep_dir, best.number, log)
+    write_results(study, train, sweep_dir, f"; test accuracy {test_accuracy:.4f}, measured once, after the "
+                  "sweep chose it")
+    write_atomically(os.path.join(sweep_dir, "sweep.json"), to_json({
+        "best_trial": best.number, "settings": settings, "validation_accuracy": best.value,
+        "test_accuracy": test_accuracy, "trials": len(study.get_trials(deepcopy=False))}))
+    log.info(f"best: trial {best.number}, validation accuracy {best.value:.4f}, test accuracy {test_accuracy:.4f} "
+             f"(measured once); written {sweep_dir}/best.yaml")
     import matplotlib
     matplotlib.use("Agg")  # files, no display
     from matplotlib import pyplot
     from optuna.visualization import matplotlib as plots
     for name in PLOTS:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            with warnings.catch_warnings(action="ignore"):  # Optuna calls its matplotlib plots experimental
                 figure = np.ravel(getattr(plots, f"plot_{name}")(study))[0].figure
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError) as e:  # importances, say, of too few trials
             log.info(f"no {name}.png: {e}")
             continue
         buffer = io.BytesIO()

@@ -150,8 +150,13 @@ def run_local(session: nox.Session, opts: Options) -> None:
     def command(run: Run, opts: Options) -> list[str]:
         return [python, str(ROOT / "mnist.py"), run.task, *run.host_args]
 
-    run_tasks(session, opts, command,
-              lambda run, opts: subprocess.call(command(run, opts), env={**os.environ, **opts.env}))
+    def execute(run: Run, opts: Options) -> int:
+        """The task's exit code; a sweep's --workers run at once, and the first failure's code."""
+        workers = [subprocess.Popen(command(run, opts), env={**os.environ, **opts.env})
+                   for _ in range(opts.workers if run.task == "sweep" else 1)]
+        return next((code for code in [worker.wait() for worker in workers] if code), 0)
+
+    run_tasks(session, opts, command, execute)
 
 
 @runner("configure-docker", python=False)
@@ -305,6 +310,7 @@ class Options:
     create_pvc: bool = False
     namespace: str = "default"
     processes: int = 1
+    workers: int = 1
     local: bool = False
     host: str | None = None
     nodes: str | None = None
@@ -426,6 +432,8 @@ OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PA
     "namespace": Option("=NAME  run-k8s: where the Jobs go", "namespace", runners=("run-k8s",)),
     "processes": Option("=N  run-k8s, run-slurm: train across N processes (pods, Slurm tasks)", "processes",
                         number_of_processes, ("run-k8s", "run-slurm")),
+    "workers": Option("=N  run-local: run the sweep task as N processes sharing its sweep_dir", "workers",
+                      number_of_processes, ("run-local",)),
     "local": Option("  run-kubeflow: run the pipeline here, on Docker", "local", None, ("run-kubeflow",)),
     "host": Option("=URL  run-kubeflow: submit the pipeline to Kubeflow at URL", "host", runners=("run-kubeflow",)),
     "nodes": Option("=N  run-slurm: spread the processes over N nodes", "nodes",
