@@ -1185,7 +1185,7 @@ def write_results(study, train: dict, sweep_dir: str, comment: str = "") -> None
     if any(trial.state.name == "COMPLETE" for trial in trials):
         best = study.best_trial
         write_atomically(os.path.join(sweep_dir, "best.yaml"), (
-            f"# trial {best.number} of {sweep_dir}: validation accuracy {best.value:.4f}{comment}\n"
+            f"# trial {best.number} of the sweep: validation accuracy {best.value:.4f}{comment}\n"
             + yaml.safe_dump({key: best.params.get(key, value) for key, value in train.items()}, sort_keys=False)
         ).encode())
 
@@ -1210,7 +1210,7 @@ def finish(study, train: dict, arrays: dict, spec: Spec, sweep_dir: str, log: lo
     for name in PLOTS:
         try:
             with warnings.catch_warnings(action="ignore"):  # Optuna calls its matplotlib plots experimental
-                figure = np.ravel(getattr(plots, f"plot_{name}")(study))[0].figure
+                figure = np.ravel(getattr(plots, f"plot_{name}")(study, target_name="validation accuracy"))[0].figure
         except (ValueError, RuntimeError) as e:  # importances, say, of too few trials
             log.info(f"no {name}.png: {e}")
             continue

@@ -432,8 +432,8 @@ OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PA
     "namespace": Option("=NAME  run-k8s: where the Jobs go", "namespace", runners=("run-k8s",)),
     "processes": Option("=N  run-k8s, run-slurm: train across N processes (pods, Slurm tasks)", "processes",
                         number_of_processes, ("run-k8s", "run-slurm")),
-    "workers": Option("=N  run-local: run the sweep task as N processes sharing its sweep_dir", "workers",
-                      number_of_processes, ("run-local",)),
+    "workers": Option("=N  run-local, run-slurm: the sweep task as N processes sharing its sweep_dir (run-slurm: "
+                      "a job array)", "workers", number_of_processes, ("run-local", "run-slurm")),
     "local": Option("  run-kubeflow: run the pipeline here, on Docker", "local", None, ("run-kubeflow",)),
     "host": Option("=URL  run-kubeflow: submit the pipeline to Kubeflow at URL", "host", runners=("run-kubeflow",)),
     "nodes": Option("=N  run-slurm: spread the processes over N nodes", "nodes",
@@ -1095,11 +1095,13 @@ def slurm_directives(run: Run, opts: Options) -> dict[str, Any]:
     gpus = gpus_wanted(opts)
     if gpus and not gpus.isdigit():
         raise UsageError(f"run-slurm takes --gpus=N, a number of GPUs, not {gpus!r}")
-    output = f"{slurm_path(slurm_folder(opts))}/{run.task}-%j.out"
+    array = run.task == "sweep" and opts.workers > 1  # a job array, one task a worker, appending to one output
+    output = f"{slurm_path(slurm_folder(opts))}/{run.task}-{'%A' if array else '%j'}.out"
     if re.search(r"\s", output):
         raise UsageError(f"run-slurm writes its output's path into a #SBATCH line, which a space would end: {output!r}")
     return {"job-name": f"mnist-{run.task}", "output": output, "ntasks": opts.processes if run.task == "train" else 1,
-            "nodes": opts.nodes, "partition": opts.partition, "time": opts.time, "account": opts.account, "gpus": gpus}
+            "nodes": opts.nodes, "partition": opts.partition, "time": opts.time, "account": opts.account, "gpus": gpus,
+            "array": array and f"0-{opts.workers - 1}", "open-mode": array and "append"}
 
 
 def slurm_script(run: Run, opts: Options, python: Path) -> str:

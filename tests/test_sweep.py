@@ -15,6 +15,7 @@ import optuna
 import pytest
 import yaml
 from conftest import ROOT, finish, nox, start_mnist, write_config
+from test_slurm import slurm  # noqa: F401 (the real one-node Slurm, a fixture)
 
 import mnist
 
@@ -196,3 +197,15 @@ def test_run_local_workers_share_one_sweep(real_data, tmp_path):
     assert result.stdout.count("started sweep") == 2
     assert sorted(trained_by(result.stdout)) == [0, 1, 2]
     assert (ws / "sweep" / "best.yaml").is_file()
+
+
+def test_slurm_array_of_two_workers_shares_one_sweep(real_data, tmp_path, slurm):  # noqa: F811
+    """`nox -s run-slurm -- sweep --workers=2` on a real Slurm: a job array of two tasks, one worker each,
+    their lines appended to one output that the session prints."""
+    ws = sweep_workspace(tmp_path / "ws", real_data, {**SWEEP, "trials": 3})
+    result = nox("-s", "run-slurm", "--", "sweep", "--workers=2", f"--workspace={ws}", env=slurm)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "#SBATCH --array=0-1" in (ws / "slurm" / "sweep.sbatch").read_text()
+    assert result.stdout.count("started sweep") == 2
+    assert sorted(trained_by(result.stdout)) == [0, 1, 2]
+    assert len(study_of(ws).trials) == 3 and (ws / "sweep" / "best.yaml").is_file()
