@@ -432,8 +432,9 @@ OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PA
     "namespace": Option("=NAME  run-k8s: where the Jobs go", "namespace", runners=("run-k8s",)),
     "processes": Option("=N  run-k8s, run-slurm: train across N processes (pods, Slurm tasks)", "processes",
                         number_of_processes, ("run-k8s", "run-slurm")),
-    "workers": Option("=N  run-local, run-slurm: the sweep task as N processes sharing its sweep_dir (run-slurm: "
-                      "a job array)", "workers", number_of_processes, ("run-local", "run-slurm")),
+    "workers": Option("=N  run-local, run-slurm, run-k8s: the sweep task as N processes sharing its sweep_dir "
+                      "(a job array, an Indexed Job)", "workers", number_of_processes,
+                      ("run-local", "run-slurm", "run-k8s")),
     "local": Option("  run-kubeflow: run the pipeline here, on Docker", "local", None, ("run-kubeflow",)),
     "host": Option("=URL  run-kubeflow: submit the pipeline to Kubeflow at URL", "host", runners=("run-kubeflow",)),
     "nodes": Option("=N  run-slurm: spread the processes over N nodes", "nodes",
@@ -1313,6 +1314,8 @@ def k8s_manifests(run: Run, opts: Options, job: str) -> list[dict]:
     spec = {"backoffLimit": 0, "template": k8s_pod(run, opts, job, processes)}
     if processes > 1:
         spec.update(completionMode="Indexed", completions=processes, parallelism=processes)
+    if run.task == "sweep" and opts.workers > 1:  # independent pods, one worker each, on the claim's sweep_dir
+        spec.update(completionMode="Indexed", completions=opts.workers, parallelism=opts.workers)
     manifests = [k8s_network_policy(run, meta, processes),
                  {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}]
     if processes > 1:
@@ -1327,7 +1330,7 @@ def k8s_claim(opts: Options) -> dict:
     size = quantity((CUBE.get("platform") or {}).get("host_disk_space") or "2GB")
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {"name": opts.pvc, "namespace": opts.namespace, "labels": {"app": "mnist"}},
-            "spec": {"accessModes": ["ReadWriteMany" if opts.processes > 1 else "ReadWriteOnce"],
+            "spec": {"accessModes": ["ReadWriteMany" if max(opts.processes, opts.workers) > 1 else "ReadWriteOnce"],
                      "resources": {"requests": {"storage": size}}}}
 
 

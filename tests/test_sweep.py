@@ -15,6 +15,7 @@ import optuna
 import pytest
 import yaml
 from conftest import ROOT, finish, nox, start_mnist, write_config
+from test_k8s import faults, manifests  # noqa: F401 (the Kubernetes schemas, a fixture)
 from test_slurm import slurm  # noqa: F401 (the real one-node Slurm, a fixture)
 
 import mnist
@@ -209,3 +210,17 @@ def test_slurm_array_of_two_workers_shares_one_sweep(real_data, tmp_path, slurm)
     assert result.stdout.count("started sweep") == 2
     assert sorted(trained_by(result.stdout)) == [0, 1, 2]
     assert len(study_of(ws).trials) == 3 and (ws / "sweep" / "best.yaml").is_file()
+
+
+def test_k8s_sweep_is_an_indexed_job_of_independent_workers_valid_kubernetes(faults):  # noqa: F811
+    """run-k8s -- sweep --workers=3 up to the cluster, which cannot run here (a schema check, STAND-IN for a
+    cluster): one Indexed Job of 3 pods at once on a ReadWriteMany claim, with no network and no coordinator."""
+    docs = manifests("sweep", "--workers=3", "--create-pvc")
+    claim, policy, job = docs
+    assert faults(docs) == ["", "", ""]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert {key: job["spec"][key] for key in ("completionMode", "completions", "parallelism")} == {
+        "completionMode": "Indexed", "completions": 3, "parallelism": 3}
+    assert policy["spec"]["ingress"] == [] and policy["spec"]["egress"] == []
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert not {"JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID"} & {v["name"] for v in container["env"]}
