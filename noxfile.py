@@ -251,7 +251,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Time to 99 % beside the references (`-- speed`), accuracy (`-- accuracy`), Conv against nn.Conv (`-- conv`)."""
+    """Time to 99 % beside the references (`-- speed`), accuracy (`-- accuracy`), Conv against nn.Conv (`-- conv`),
+    sweeps: trials a minute with 1 and 2 workers, and what pruning saves (`-- sweep`)."""
     data = Path(os.environ.get("MNIST_DATA_DIR", SHARED / "data" / "mnist"))
     if not (data / "mnist.npz").is_file():
         session.error(f"no {data / 'mnist.npz'}: set MNIST_DATA_DIR to a folder holding the real MNIST")
