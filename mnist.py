@@ -1037,7 +1037,7 @@ def sweep(args: argparse.Namespace, log: logging.Logger) -> None:
 
 
 def read_sweep_config(path: str) -> dict:
-    """sweep.yaml, checked; every trial it can make is a train.yaml that train accepts."""
+    """sweep.yaml, its shape checked; sweep then checks every trial it can make as a train.yaml (corners)."""
     config = check_keys(read_yaml(path), ["trials", "train"], ["validation_fraction"], path)
     trials, fraction = config["trials"], config.setdefault("validation_fraction", 0.1)
     if isinstance(trials, bool) or not isinstance(trials, int) or not 0 < trials <= MAX_TRIALS:
@@ -1055,8 +1055,6 @@ def read_sweep_config(path: str) -> dict:
                 raise CubeError(f"{where}: low and high must be numbers, low below high, got {low!r} and {high!r}")
             if value.get("log", False) not in (True, False) or value.get("log") and low <= 0:
                 raise CubeError(f"{where}: log must be true or false, and true only for a positive low")
-    for settings in corners(config["train"]):
-        train_config(settings, f"{path}: train")
     return config
 
 
@@ -1081,12 +1079,11 @@ def validation_split(arrays: dict, fraction: float, where: str) -> dict:
             "x_test": arrays["x_train"][validation], "y_test": arrays["y_train"][validation]}
 
 
+@dataclasses.dataclass
 class WaitingLock:
     """An OS lock on the file at `path`, waited for, dying with its process: Optuna's journal lock
     (acquire, release), and the lock that claims trials (a `with` block)."""
-
-    def __init__(self, path: str):
-        self.path = path
+    path: str
 
     def acquire(self) -> bool:
         self.fd = open_lock_file(self.path, shared=False)
