@@ -14,7 +14,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from conftest import ROOT, finish, nox, start_mnist, write_config
+from conftest import ROOT, finish, needs_docker, nox, start_mnist, write_config
 from test_k8s import faults, manifests  # noqa: F401 (the Kubernetes schemas, a fixture)
 from test_slurm import slurm  # noqa: F401 (the real one-node Slurm, a fixture)
 
@@ -224,3 +224,13 @@ def test_k8s_sweep_is_an_indexed_job_of_independent_workers_valid_kubernetes(fau
     assert policy["spec"]["ingress"] == [] and policy["spec"]["egress"] == []
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert not {"JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID"} & {v["name"] for v in container["env"]}
+
+
+@needs_docker
+def test_run_docker_sweep_in_the_image(real_data, tmp_path, image):
+    """`nox -s run-docker -- sweep`: the image carries Optuna, and the sweep writes as the caller."""
+    ws = sweep_workspace(tmp_path / "ws", real_data, {**SWEEP, "trials": 2})
+    result = nox("-s", "run-docker", "--", "sweep", f"--workspace={ws}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(trained_by(result.stdout)) == [0, 1]
+    assert (ws / "sweep" / "best.yaml").stat().st_uid == os.getuid()
