@@ -1134,10 +1134,7 @@ def run_trial(study, trial, train: dict, parts: dict, spec: Spec, claims: Waitin
     """Train a trial's settings as train does, scored on the validation part each epoch and pruned when
     it trails; tell the study, and write the results."""
     import optuna
-    fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
-    settings = {key: trial.suggest_categorical(key, value) if isinstance(value, list) else
-                (trial.suggest_int if fields[key] == "int" else trial.suggest_float)(key, **value)
-                if isinstance(value, dict) else value for key, value in train.items()}
+    settings = {key: suggest(trial, key, value) for key, value in train.items()}
 
     def report(metrics: EpochMetrics) -> None:
         trial.report(metrics.test_accuracy, metrics.epoch)
@@ -1153,6 +1150,21 @@ def run_trial(study, trial, train: dict, parts: dict, spec: Spec, claims: Waitin
     done = study.get_trials(deepcopy=False)[trial.number]
     log.info(f"trial {trial.number}: {done.state.name}, validation accuracy by epoch "
              f"{', '.join(f'{a:.4f}' for a in done.intermediate_values.values())}; {trial.params}")
+
+
+def suggest(trial, key: str, value):
+    """The trial's value of one of sweep.yaml's train keys: a list's choice, a range's draw, or the value."""
+    if isinstance(value, list):
+        return trial.suggest_categorical(key, value)
+    if isinstance(value, dict):
+        whole = {field.name: field.type for field in dataclasses.fields(TrainConfig)}[key] == "int"
+        return (trial.suggest_int if whole else trial.suggest_float)(key, **value)
+    return value
+
+
+def settings_of(trial, train: dict) -> dict:
+    """A finished trial's settings as a train.yaml: sweep.yaml's fixed values and the trial's choices."""
+    return {key: trial.params.get(key, value) for key, value in train.items()}
 
 
 def train_part(config: TrainConfig, arrays: dict, spec: Spec, sweep_dir: str, number: int, log: logging.Logger,
@@ -1183,15 +1195,14 @@ def write_results(study, train: dict, sweep_dir: str, comment: str = "") -> None
         best = study.best_trial
         write_atomically(os.path.join(sweep_dir, "best.yaml"), (
             f"# trial {best.number} of the sweep: validation accuracy {best.value:.4f}{comment}\n"
-            + yaml.safe_dump({key: best.params.get(key, value) for key, value in train.items()}, sort_keys=False)
+            + yaml.safe_dump(settings_of(best, train), sort_keys=False)
         ).encode())
 
 
 def finish(study, train: dict, arrays: dict, spec: Spec, sweep_dir: str, log: logging.Logger) -> None:
     """The best trial's test accuracy, measured once: its run again (training is deterministic), scored
     on the test images; written to best.yaml and sweep.json. Then the pictures."""
-    best = study.best_trial
-    settings = {key: best.params.get(key, value) for key, value in train.items()}
+    best, settings = study.best_trial, settings_of(study.best_trial, train)
     test_accuracy = train_part(train_config(settings, "best.yaml"), arrays, spec, sweep_dir, best.number, log)
     write_results(study, train, sweep_dir, f"; test accuracy {test_accuracy:.4f}, measured once, after the "
                   "sweep chose it")
