@@ -119,7 +119,7 @@ def path_argument(value: str) -> str:
     return value
 
 
-if __name__ == "__main__":  # --help and a mistyped command answer now, not after JAX's seconds of import
+if __name__ == "__main__":  # --help and a mistyped command answer here, before JAX is imported
     parse_args(sys.argv[1:])
 
 
@@ -138,8 +138,8 @@ SCORE_BATCH = 1000  # images that evaluation and inference score at once
 
 
 class CNN(nn.Module):
-    """Two stride-2 convolutions and a dense layer. Strides instead of pooling: XLA's CPU backend
-    runs the gradient of pooling slowly, and a strided convolution learns its own downsampling."""
+    """The network: two stride-2 convolutions and a dense layer of 128, then one logit per class.
+    Strides, not pooling: they learn their own downsampling, and need no select-and-scatter gradient."""
     classes: int  # the data's: MNIST's 10 digits
     pixel_max: int  # the training images' brightest value (MNIST's 255), which becomes 1
 
@@ -155,25 +155,21 @@ class CNN(nn.Module):
 
 
 class Spec(NamedTuple):
-    """What the network is built for, taken from the data: each image's shape (rows, columns, and
-    channels for colour), the number of classes, and the training images' brightest value, which
-    scales every input (a set of 0..16 pixels is not one of dim 0..255 pixels). model.json records it."""
+    """What the network is built for, read off the data (spec_of); model.json records it.
+    pixel_max, the training images' brightest value, scales every input (0..16 pixels are not 0..255)."""
     image_shape: tuple[int, ...]
     classes: int
     pixel_max: int
 
 
 def spec_of(arrays: dict[str, np.ndarray]) -> Spec:
-    """The Spec of checked arrays (check_data): their images' shape, their labels' count, and their
-    training images' brightest value (1 at least)."""
+    """The Spec of checked arrays: image shape, class count and brightest training pixel (1 at least)."""
     return Spec(arrays["x_train"].shape[1:], int(arrays["y_train"].max()) + 1, max(int(arrays["x_train"].max()), 1))
 
 
 def architecture(spec: Spec) -> str:
-    """CNN as model.json records it, which evaluate and infer check before they load parameters: each
-    layer, in the order CNN calls it, by its kind and width (and a convolution's kernel), read off the
-    parameters CNN makes for `spec` (their shapes alone: nothing runs), so that it follows any change
-    to the class."""
+    """CNN as model.json names it: each layer in the order CNN calls it, read off its params' shapes.
+    evaluate and infer compare it before they load parameters. Nothing runs; it follows any change to CNN."""
     called = []
 
     def record(next_fun, args, kwargs, context):  # each layer as CNN calls it
@@ -187,8 +183,7 @@ def architecture(spec: Spec) -> str:
 
 
 def describe_layer(name: str, params: dict) -> str:
-    """A layer as architecture names it: a convolution's filters, kernel and stride, a dense layer's
-    width, any other by its kind (a LayerNorm: layernorm)."""
+    """A layer as architecture names it: conv16/4x4/s2 (filters, kernel, stride), dense128, or its kind."""
     kernel = params.get("kernel")
     if kernel is None:
         return name.rpartition("_")[0].lower()
@@ -203,10 +198,9 @@ def output_layer(params) -> str:
 
 
 class Conv(nn.Module):
-    """nn.Conv(features, (size, size), strides=2) with its SAME padding and parameters, computed as
-    one matrix product over the image's patches: XLA's CPU backend runs this and its gradient faster
-    than nn.Conv's convolution (the README's "How it trains" has the figures), and it needs no
-    convolution kernels on any backend."""
+    """nn.Conv(features, (size, size), strides=2), its padding and parameters, as one matrix product.
+    Over the image's patches, so that XLA's CPU backend runs it and its gradient as calls of its
+    matrix-product library, and no backend needs a convolution kernel (the README's "How it trains")."""
     features: int
     size: int
 
@@ -232,8 +226,7 @@ def predict(params, images: jax.Array, pixel_max: int) -> jax.Array:
 
 
 def predict_all(params, images: jax.Array, pixel_max: int) -> jax.Array:
-    """predict for any number of images, SCORE_BATCH at a time, so that memory stays bounded (all
-    60,000 training images at once take gigabytes)."""
+    """predict for any number of images, SCORE_BATCH at a time, so that memory stays bounded."""
     return jax.lax.map(lambda image: predict(params, image[None], pixel_max)[0], images, batch_size=SCORE_BATCH)
 
 
@@ -250,12 +243,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 #           y_train, batches, offsets,        steps run as one scan
 #           first)
 #   score  (params, x_test, y_test)        -> loss, accuracy, predicted classes    score
-# Every array a program takes or returns is replicated on all devices; inside `steps` each device
-# gathers and learns from its own slice of every batch. Static, bound with functools.partial (a change
-# means another program): the data set's size, the batch size, `count` and the mesh. An epoch
-# (train_epoch) is its plan (plan_epoch: NumPy on the host, the batches and offsets that `steps`
-# takes) and steps // count calls of `steps`; run_epochs then scores the parameter average with
-# `score`, and evaluate scores the saved one with the same function.
+# Every array a program takes or returns is replicated on all devices. Static, bound with functools.partial
+# (a change means another program): the data set's size, the batch size, `count` and the mesh. An epoch
+# (train_epoch) is its plan (plan_epoch) and steps // count calls of `steps`, then `score` of the average.
 
 # name: (Optax optimizer taking a learning-rate schedule, its peak learning rate at batch size 128),
 # each rate tuned on MNIST so that none diverges at batch 512, where it doubles.
@@ -276,11 +266,9 @@ AVERAGE_DECAY = 0.99  # of the parameter average that is evaluated and saved; se
 
 
 class TrainState(train_state.TrainState):
-    """Flax's train state plus a moving average of the parameters, which the run evaluates and
-    saves: it averages out the noise of the last steps, so a run reaches a given accuracy sooner.
-    Its decay grows to AVERAGE_DECAY over the first steps ((1 + step) / (10 + step), as TensorFlow's
-    ExponentialMovingAverage does with num_updates), so that even a short run's average holds next
-    to nothing of the random initial parameters."""
+    """Flax's train state plus a moving average of the parameters, which the run evaluates and saves.
+    The average smooths out the last steps' noise. Its decay grows to AVERAGE_DECAY as (1 + step) /
+    (10 + step), as in TensorFlow's ExponentialMovingAverage, so a short run's keeps little of the start."""
     average: Any
 
     def apply_gradients(self, *, grads, **kwargs) -> "TrainState":
@@ -290,9 +278,8 @@ class TrainState(train_state.TrainState):
 
 
 def state_initializer(config: TrainConfig, total_steps: int, spec: Spec) -> Callable[[int], TrainState]:
-    """The function of the seed that makes a run's first state: parameters from an RBG key, the
-    optimizer with its schedule. RBG rather than the default Threefry: XLA compiles its generator
-    faster, and RBG's parameters are the ones the README's figures and the pinned digest come from."""
+    """The function of the seed that makes a run's first state: parameters and the scheduled optimizer.
+    Its key is RBG, not the default Threefry: the pinned params digest and README's figures come from it."""
     make, _ = OPTIMIZERS[config.optimizer]
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, total_steps // 20, total_steps)
@@ -310,11 +297,9 @@ def init_params(key: jax.Array, spec: Spec):
 
 
 def train_steps(state, loss_sum, images, labels, batches, offsets, first, count: int, pixel_max: int, split=None):
-    """`count` optimizer steps on batches[first:first + count] (image indices), each image shifted by
-    its offsets, as one loop that XLA compiles once (on the CPU as fast as unrolled steps, because Conv
-    is a matrix product; a loop of nn.Conv steps is not). With `split`, each device
-    gathers and learns from its own slice of every batch (data parallelism); XLA sums the gradients
-    across devices, and the replicated state stays in step."""
+    """`count` optimizer steps on batches[first:first + count], shifted by their offsets, as one scan.
+    With `split`, each device learns from its own slice of every batch (data parallelism); XLA sums the
+    gradients across devices, and the replicated state stays in step."""
     grad_fn = jax.value_and_grad(lambda params, images, labels: cross_entropy(predict(params, images, pixel_max),
                                                                               labels))
 
@@ -336,8 +321,7 @@ MIN_SHIFT_SIDE = 16  # images shorter or narrower are not shifted: a pixel is to
 
 
 def shift(images: jax.Array, offsets: jax.Array) -> jax.Array:
-    """Move each image by offsets - 1 pixels (offsets in 0..2, rows and columns): a cheap
-    augmentation that lifts test accuracy."""
+    """Each image moved by offsets - 1 pixels (offsets 0..2): an augmentation that lifts test accuracy."""
     channels = [(0, 0)] * (images.ndim - 3)  # a colour image's channels move together
     padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), *channels))
 
@@ -348,11 +332,9 @@ def shift(images: jax.Array, offsets: jax.Array) -> jax.Array:
 
 
 def plan_epoch(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """An epoch's batches of image indices, and each image's offsets for shift: all of its
-    randomness, drawn at once, so that a step draws none (fewer kernels a step on a GPU), and by
-    NumPy, which draws it in milliseconds where XLA would first compile a program for a second. The
-    last partial batch is dropped, a different one each epoch.
-    Derived from (seed, epoch) alone, so runs repeat exactly and every process draws the same."""
+    """An epoch's batches of image indices, and each image's offsets for shift, from (seed, epoch) alone.
+    Drawn here by NumPy, so that a step draws nothing and XLA compiles no generator; runs repeat exactly,
+    every process draws the same, and the last partial batch (a different one each epoch) is dropped."""
     rng = np.random.default_rng([seed, epoch])
     steps = n // batch_size
     batches = rng.permutation(n)[:steps * batch_size].reshape(steps, batch_size)
@@ -360,16 +342,14 @@ def plan_epoch(seed: int, epoch: int, n: int, batch_size: int) -> tuple[np.ndarr
 
 
 def score(params, images: jax.Array, labels: jax.Array, pixel_max: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Mean loss, accuracy and each image's predicted class. train and the evaluate task both run
-    this one function, so the figures they report are the same bits."""
+    """Mean loss, accuracy and each image's predicted class: train and evaluate both report these bits."""
     logits = predict_all(params, images, pixel_max)
     predicted = logits.argmax(-1)
     return cross_entropy(logits, labels), (predicted == labels).mean(), predicted
 
 
 def default_learning_rate(optimizer: str, batch_size: int) -> float:
-    """The optimizer's peak rate, scaled by the square root of batch_size / 128: smaller batches
-    give noisier gradients, which want smaller steps."""
+    """The optimizer's peak rate times sqrt(batch_size / 128): noisier small batches want smaller steps."""
     return OPTIMIZERS[optimizer][1] * (batch_size / 128) ** 0.5
 
 
@@ -378,10 +358,9 @@ MAX_STEPS_PER_CALL = 64  # see steps_per_call
 
 
 def steps_per_call(steps: int) -> int:
-    """How many steps one compiled call runs: the largest divisor of an epoch's steps up to
-    MAX_STEPS_PER_CALL, so that one program fits every epoch. Fewer, longer calls save the host a
-    dispatch per step, which is what bounds a small network on a GPU; between calls the loop shows
-    progress and can stop."""
+    """The steps one compiled call runs: the largest divisor of an epoch's up to MAX_STEPS_PER_CALL.
+    One program then fits every epoch; a call of many steps spares the host a dispatch a step (which bounds
+    a small network on a GPU); between calls the loop shows progress and can stop."""
     return max(k for k in range(1, MAX_STEPS_PER_CALL + 1) if steps % k == 0)
 
 
@@ -395,11 +374,9 @@ class Programs(NamedTuple):
 
 
 def compile_programs(config: TrainConfig, data: dict, mesh: Mesh, spec: Spec) -> Programs:
-    """Compile the three programs of a run before it starts, all at once: each is lowered from the
-    shapes of its arguments (the state's from init's outputs, the batches' from a plan), and
-    XLA compiles outside Python's lock, so the slowest program sets the time. The arguments that
-    shape a program (the data set's size, the batch size, the steps per call, the mesh) are bound
-    with functools.partial; what remains are the arrays and numbers each call passes."""
+    """The three programs of a run (init, steps, score), compiled at once before its first step.
+    Each is lowered from its arguments' shapes (the state's from init's outputs, the batches' from a
+    plan) and compiled in a thread of its own: XLA compiles outside Python's lock."""
     replicated = NamedSharding(mesh, PartitionSpec())
     n, batch_size = len(data["x_train"]), config.batch_size
     steps = n // batch_size  # an epoch's
@@ -424,12 +401,10 @@ def compile_programs(config: TrainConfig, data: dict, mesh: Mesh, spec: Spec) ->
 
 
 def compile_program(program: jax.stages.Lowered, name: str) -> jax.stages.Compiled:
-    """XLA with the options that suit the program. On the CPU, XLA's older loop emitters and LLVM's
-    lighter optimisation (level 1 of 3) compile much faster for epochs about as fast: their matrix
-    products come from libraries that LLVM does not compile. On a GPU, XLA times several kernels for
-    each matrix product and keeps the fastest: worth it for the training steps, which run thousands
-    of times, and only compile time for the rest. The initial state, made once, is not worth
-    optimising on any backend."""
+    """The program compiled by XLA with the options that suit it (the README's "How it trains" has figures).
+    On the CPU, the older loop emitters and LLVM's level 1 of 3, which suit programs compiled at each run's
+    start: the matrix products, most of the work, come from a library LLVM does not compile. On a GPU,
+    kernel autotuning for the training steps alone, which run thousands of times; init is not optimised."""
     options = {}
     if jax.default_backend() == "cpu":
         options = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
@@ -441,9 +416,7 @@ def compile_program(program: jax.stages.Lowered, name: str) -> jax.stages.Compil
 
 
 def compile_scoring(function: Callable, spec: Spec, *args) -> jax.stages.Compiled:
-    """score or class_probabilities for the model of `spec`, compiled for the shapes of `args` as train
-    compiles its scoring (compile_program): evaluate reports train's very bits, and evaluate and infer
-    compile sooner."""
+    """score or class_probabilities compiled as train compiles score, so evaluate reports train's bits."""
     return compile_program(jax.jit(functools.partial(function, pixel_max=spec.pixel_max)).lower(*args), "score")
 
 
@@ -453,8 +426,8 @@ def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 # ------------------------------- train: its config, its data, its epochs, its checkpoint, its model
-# Calls queued on the devices at most: enough to keep them busy, and a stop waits for no more (an
-# unbounded queue of programs with collectives can deadlock XLA's CPU backend).
+# Calls queued on the devices at most: enough to keep them busy; a stop waits for no more, and XLA's CPU
+# backend, whose devices share the host's cores, never holds a long queue of programs with collectives.
 MAX_IN_FLIGHT = 2
 FEW_STEPS = 500  # a run of fewer optimizer steps says so when it ends
 
@@ -496,8 +469,7 @@ class TrainRun(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """train.yaml, checked and with every optional key resolved; model.json and the checkpoint record
-    it as JSON (dataclasses.asdict). Keys without a default are required."""
+    """train.yaml, checked, with every optional key resolved; keys without a default are required."""
     optimizer: str  # a key of OPTIMIZERS
     train_epochs: int
     batch_size: int
@@ -556,9 +528,8 @@ def check_fits(config: TrainConfig, n: int, devices: int, path: str) -> None:
 
 
 def load_data_dir(data_dir: str) -> tuple[dict[str, np.ndarray], str, list[str] | None]:
-    """data_dir/mnist.npz, bounded by MAX_DATA_BYTES, or by its size as download recorded it: a data
-    set that data.yaml declares (its size:) may be larger; and its classes' names, if data.yaml gave
-    them (one a class)."""
+    """data_dir's arrays, their npz's SHA-256, and the class names data.yaml gave (or None).
+    The npz is read up to MAX_DATA_BYTES, or up to the larger size: that download recorded."""
     record_path = os.path.join(data_dir, RECORD_NAME)
     record = read_record(record_path)
     recorded = record.get("bytes")
@@ -585,17 +556,16 @@ def read_record(path: str) -> dict:
 
 
 def load_mnist(path: str, where: str | None = None, limit: int | None = None) -> tuple[dict[str, np.ndarray], str]:
-    """The four arrays of an image data set from an npz of at most `limit` bytes (MAX_DATA_BYTES by
-    default), checked (check_data), and the file's SHA-256. Messages name `where` (default: the path)."""
+    """An npz's four arrays, checked, and its SHA-256: at most `limit` bytes; messages name `where`."""
     where = where or path
     arrays, digest = read_npz(path, ARRAYS, limit or MAX_DATA_BYTES, where)
     return check_data(arrays, where), digest
 
 
 def check_data(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-    """Arrays of an image classification data set: uint8 images N×H×W (grey) or N×H×W×C (colour, C = 3
-    or more; C = 1 is grey too), one shape for train and test; integer labels 0..K-1, K ≥ 2, each class
-    among the training labels (a gap means a mislabelled set)."""
+    """The arrays, if they make an image classification data set; a CubeError naming the fault if not.
+    Images: uint8 N×H×W (grey) or N×H×W×C (C = 1 is grey, or 3 or more), one shape in train and test.
+    Labels: integers 0..K-1, K ≥ 2, each class among the training labels (a gap means a mislabelled set)."""
     shape = arrays["x_train"].shape[1:]
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -685,8 +655,8 @@ class EpochMetrics:
 
 
 def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, epoch: int):
-    """One epoch of the compiled programs: the state after it, and its summed training loss (on the
-    device). The host queues at most MAX_IN_FLIGHT calls ahead, and stops between two of them."""
+    """One epoch's calls of `steps`: the state after it and its summed training loss (on the device).
+    The host queues at most MAX_IN_FLIGHT calls ahead, and stops between two of them."""
     plan = plan_epoch(seed, epoch, len(data["x_train"]), programs.batch_size)
     batches, offsets = (global_array(a, data["x_train"].sharding) for a in plan)  # replicated, as the data
     loss_sum = jnp.zeros(())
@@ -717,8 +687,8 @@ CHECKPOINT_NAME = "checkpoint.msgpack"  # in model_dir while a run is incomplete
 
 
 def save_checkpoint(path: str, identity: dict, state: TrainState, history: list[EpochMetrics]) -> None:
-    """Parameters and their average, optimizer state and step count, and the epochs so far. The PRNG
-    keys need no saving: each epoch's are derived from the seed and the epoch's number."""
+    """Write the checkpoint: the state (parameters, average, optimizer, step) and the epochs so far.
+    PRNG keys need no saving: an epoch's come from the seed and its number (plan_epoch)."""
     record = {"state": serialization.to_state_dict(state), "run": json.dumps(identity),
               "history": json.dumps([dataclasses.asdict(metrics) for metrics in history])}
     write_atomically(path, serialization.msgpack_serialize(record))
@@ -779,16 +749,15 @@ def write_model(run: TrainRun, n: int, state: TrainState, history: list[EpochMet
 
 
 def provenance() -> dict:
-    """Which image ran the task, as outputs record it: its ID, which only the runner that started it
-    knows (MNIST_IMAGE; our runners set it, MLCube's do not), and the SHA-256 of each file it was built
-    from, which its build recorded (see image_sources), so that under any runner the outputs name the
-    code that made them. Both None outside an image."""
+    """The image that ran the task, as outputs record it: its ID and the SHA-256 of each of its sources.
+    The ID is MNIST_IMAGE, which our runners set and MLCube's do not; the digests, which its build
+    recorded, name the code under any runner. Both None outside an image."""
     return {"image": os.environ.get("MNIST_IMAGE") or None, "image_sources": image_sources()}
 
 
 def image_sources() -> dict[str, str] | None:
-    """The image's record of its sources (`sha256sum` lines, at the path MNIST_IMAGE_SOURCES names), as
-    {file: SHA-256}: the fingerprint the runners' rebuild check compares. None without a readable one."""
+    """The image's sources as {file: SHA-256}, from the sha256sum lines at MNIST_IMAGE_SOURCES, or None.
+    The runners' rebuild check compares this fingerprint."""
     path = os.environ.get("MNIST_IMAGE_SOURCES")
     if not path:
         return None
@@ -802,8 +771,8 @@ def image_sources() -> dict[str, str] | None:
 
 
 def save_plot(path: str, draw, log: logging.Logger) -> None:
-    """Draw a figure with `draw(figure)` and write it as a PNG, when matplotlib is there. A bare Figure,
-    not pyplot: no display, no global state, and a faster import."""
+    """Draw a figure with `draw(figure)` and write it as a PNG, when matplotlib is installed.
+    A bare Figure, not pyplot: no display and no global state."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -872,9 +841,8 @@ def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
 
 
 def load_model(model_dir: str) -> tuple[dict, Spec, dict]:
-    """The parameters and model.json that train wrote, checked against this file's CNN for the data
-    model.json names (its Spec). Both are read under the folder's lock, shared, so that they come
-    from one run even while another replaces them."""
+    """The parameters, Spec and model.json that train wrote, checked against this file's CNN.
+    Both are read under model_dir's shared lock, so they come from one run while another replaces them."""
     summary_path = os.path.join(model_dir, MODEL_FILES[0])
     params_path = os.path.join(model_dir, MODEL_FILES[1])
     try:
@@ -939,9 +907,8 @@ def check_fits_model(spec: Spec, data: Spec, where: str) -> None:
 
 def most_confident_mistakes(wrong: np.ndarray, confidence: np.ndarray, labels: np.ndarray,
                             predicted: np.ndarray) -> list[dict]:
-    """The misclassified images (`wrong`, their indices; `confidence`, the probability the model gave
-    each wrong answer), the most confident first, MISTAKES_SHOWN at most: each one's index in the test
-    set, true class, predicted class and that probability."""
+    """The MISTAKES_SHOWN most confident mistakes: each one's index, classes true and predicted, probability.
+    `wrong` holds the misclassified images' indices, `confidence` the probability of each wrong answer."""
     order = np.argsort(-confidence, kind="stable")[:MISTAKES_SHOWN]
     return [{"index": int(wrong[k]), "true": int(labels[wrong[k]]), "predicted": int(predicted[wrong[k]]),
              "probability": round(float(confidence[k]), 4)} for k in order]
@@ -953,8 +920,7 @@ def class_probabilities(params, images: jax.Array, pixel_max: int) -> jax.Array:
 
 
 def draw_confusion(confusion: np.ndarray, names: list[str]):
-    """The confusion matrix with its counts; the diagonal holds the correct answers. Its picture grows
-    with the classes, and labels every class by its name up to 50, every few above."""
+    """The confusion matrix, sized to its classes: counts up to COUNTS_SHOWN of them, 50 names at most."""
     def draw(figure) -> None:
         classes = len(confusion)
         figure.set_size_inches(max(9, classes / 4), max(4, classes / 4))
@@ -976,8 +942,7 @@ COUNTS_SHOWN = 20  # classes up to which the confusion matrix writes its counts;
 
 
 def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int, names: list[str]):
-    """A grid of the mistakes listed, each captioned true → predicted (probability), by the classes'
-    `names`; or, with none, a note saying so."""
+    """The mistakes listed as a grid, each captioned true → predicted (probability); or a note of none."""
     def draw(figure) -> None:
         if not mistakes:
             figure.text(0.5, 0.5, "no mistakes: every test image is classified correctly", ha="center", fontsize=14)
@@ -1258,8 +1223,7 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
 
 
 def check_replaceable(path: str, inputs: list[str]) -> None:
-    """infer replaces only what it wrote: never one of its inputs, nor any other file already at `path`
-    that is not an earlier predictions file."""
+    """Refuse a `path` infer may not replace: one of its inputs, or a file other than earlier predictions."""
     if not os.path.lexists(path):
         return
     for given in inputs:
@@ -1276,9 +1240,8 @@ def check_replaceable(path: str, inputs: list[str]) -> None:
 
 @contextlib.contextmanager
 def image_batches(path: str, batch: int, image_shape: tuple[int, ...]):
-    """The number of uint8 images of `image_shape` in a .npy, an .npz (its one array, or x_test) or an
-    IDX file (gzipped or not), an iterator over them, `batch` at a time: no more is ever in memory, and
-    None; or, for image files (image_file_batches), their names."""
+    """The images at `path`: their count, an iterator over them `batch` at a time, and image files' names.
+    A .npy, an .npz (its one array, or x_test) or an IDX file (gzipped or not) gives no names: None."""
     if os.path.isdir(path) or path.lower().endswith(IMAGE_SUFFIXES):
         names = image_file_names(path)
         yield len(names), image_file_batches(path, names, batch, image_shape), names
@@ -1309,8 +1272,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def image_file_names(path: str) -> list[str]:
-    """The image files infer classifies: a folder's (its files named as images, IMAGE_SUFFIXES, in the
-    order walk_files gives, by their paths within it), or the one file's name."""
+    """The image files infer classifies: a folder's (IMAGE_SUFFIXES, in walk_files' order), or the one."""
     if not os.path.isdir(path):
         return [os.path.basename(path)]
     try:
@@ -1323,9 +1285,8 @@ def image_file_names(path: str) -> list[str]:
 
 
 def image_file_batches(path: str, names: list[str], batch: int, image_shape: tuple[int, ...]):
-    """The image files `names` (in the folder `path`, or the file `path` itself) decoded as download
-    decodes an image set's (decode_image) and stretched to the model's size as download's image_size
-    stretches them, grey or colour as the model was trained, `batch` at a time."""
+    """The image files `names`, decoded and resized as download does them, `batch` at a time.
+    They lie in the folder `path`, or are `path` itself; in_channels gives them the model's channels."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     for first in range(0, len(names), batch):
         images = []
@@ -1341,9 +1302,9 @@ def image_file_batches(path: str, names: list[str], batch: int, image_shape: tup
 
 
 def in_channels(pixels: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
-    """Decoded pixels, grey (H×W) or colour (H×W×3), in the channels of `image_shape`: grey to colour
-    by repeating it, colour to grey by its luma (Pillow's "L"), as a grey model was never shown colour;
-    H×W×1 is grey. A model of other channels (4, say) takes no image file."""
+    """Decoded pixels, grey (H×W) or colour (H×W×3), in the channels of `image_shape`.
+    Grey becomes colour by repeating it; colour becomes grey by its luma (Pillow's "L"), as a grey model
+    has never seen colour. H×W×1 is grey; a model of other channels (4, say) takes no image file."""
     from PIL import Image
 
     channels = image_shape[2] if len(image_shape) == 3 else None
@@ -1405,9 +1366,7 @@ def download(args: argparse.Namespace, log: logging.Logger) -> None:
 
 
 def read_data_config(path: str, config: dict | None = None) -> tuple[dict[str, Source], list[str] | None]:
-    """Each source file's name and its Source, from either form of `data.yaml` (`config`, when it is
-    read already), and the classes' names where it gives them (`classes:`, a list: class k is the k-th
-    name)."""
+    """Each source file's name and Source from data.yaml (either form), and its `classes:` names or None."""
     config = read_yaml(path) if config is None else config
     base = os.path.dirname(os.path.abspath(path))
     if "files" not in config:
@@ -1432,8 +1391,7 @@ def class_names(config: dict, path: str) -> list[str] | None:
 
 
 def read_source(entry: dict, base: str, where: str) -> Source:
-    """The Source an entry of data.yaml names; its sha256 is "" where the entry may and does give no hash
-    (a folder of images, which check_keys allowed)."""
+    """The Source an entry of data.yaml names; its sha256 is "" where the entry gives no hash (a folder)."""
     size = entry.get("size")
     digest = str(entry.get("hash", "")).strip().lower().removeprefix("sha256:")
     if "hash" in entry and not re.fullmatch(r"[0-9a-f]{64}", digest):
@@ -1446,8 +1404,7 @@ def read_source(entry: dict, base: str, where: str) -> Source:
 
 
 def resolve_uri(uri: str, base: str, where: str) -> str:
-    """A data.yaml uri as the task opens it: an http(s) URL, or a local path (a plain path is relative to
-    `base`, data.yaml's folder)."""
+    """A data.yaml uri as the task opens it: an http(s) URL, or a local path (relative to `base`)."""
     if len(uri) > MAX_URI_CHARS:
         raise CubeError(f"{where}: uri longer than {MAX_URI_CHARS} characters: {shorten(uri)}")
     if WINDOWS_PATH.match(uri):  # C:\data, C:/data or \\server\share: a path, not a URL of scheme "c"
@@ -1473,8 +1430,7 @@ def resolve_uri(uri: str, base: str, where: str) -> str:
 
 
 def ascii_uri(uri: str, parts: urllib.parse.SplitResult, where: str) -> str:
-    """An http(s) uri as a server takes it: other characters than ASCII's printable ones in its path
-    and query percent-encoded as UTF-8, as browsers send them; a host name must be ASCII already."""
+    """An http(s) uri as servers take it: non-ASCII characters percent-encoded as UTF-8, as browsers do."""
     if not parts.netloc.isascii():
         raise CubeError(f"{where}: the host in {shorten(uri)} is not ASCII; write it in its ASCII form (xn--...)")
     return urllib.parse.quote(uri, safe="".join(map(chr, range(33, 127))))
@@ -1513,15 +1469,13 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
 
 
 def recorded_npz_digest(record_path: str, sources: dict) -> str | None:
-    """The SHA-256 that download.json records for an npz made from `sources` (as it records them);
-    None when it records other sources, or nothing."""
+    """The SHA-256 that download.json records for an npz made from `sources`; None otherwise."""
     previous = read_record(record_path)
     return previous.get(NPZ_NAME) if previous.get("sources") == sources else None
 
 
 def npz_in_place(final: str, expected: str | None, log: logging.Logger) -> bool:
-    """Whether data_dir's npz is already the one whose SHA-256 is `expected`: then nothing is fetched
-    or made again, and the log says so."""
+    """Whether data_dir's npz is already the one whose SHA-256 is `expected` (the log then says so)."""
     if expected and os.path.exists(final) and sha256_of(final, MAX_DECLARED_BYTES) == expected:
         log.info(f"skipped: {final} is already present and matches its SHA-256")
         return True
@@ -1551,8 +1505,7 @@ DEFAULT_TEST_FRACTION = 0.2  # of each class, held out as the test set when the 
 
 
 class ImageSet(NamedTuple):
-    """Where the images are (an archive's Source has its hash; a folder's may have none: ""), whether
-    it is a folder, and data.yaml's test_fraction and image_size."""
+    """An image set that data.yaml names: its Source, whether a folder, test_fraction and image_size."""
     source: Source
     folder: bool
     test_fraction: float
@@ -1585,8 +1538,7 @@ MAX_IMAGE_SIDE = 1 << 14  # pixels of an image_size's height or width
 
 
 def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> None:
-    """Read the image set's files (an archive fetched and verified first), and unless data_dir holds
-    the npz made from these same files and settings, decode them and write it, with download.json."""
+    """Write the image set's npz and download.json in data_dir, unless the same npz is there already."""
     final, record_path = os.path.join(data_dir, NPZ_NAME), os.path.join(data_dir, RECORD_NAME)
     files, digest = read_image_files(images, final, log)
     source = {"uri": images.source.uri, "sha256": digest, "test_fraction": images.test_fraction,
@@ -1608,9 +1560,9 @@ def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> 
 
 
 def read_image_files(images: ImageSet, final: str, log: logging.Logger) -> tuple[dict[str, bytes], str]:
-    """Every file of the set but the OS's litter, by its name within the folder or archive, and the
-    SHA-256 that identifies them: an archive's own (verified against data.yaml's hash), or for a folder
-    one over its files' names and bytes (checked against data.yaml's hash where it gives one)."""
+    """The set's files but the OS's litter, by name within the folder or archive, and their SHA-256.
+    An archive's digest is its own, verified against data.yaml's hash; a folder's covers its files'
+    names and bytes (digest_of_files), checked against data.yaml's hash where it gives one."""
     limit = contents_limit(images)
     if images.folder:
         files = read_tree(images.source.uri, limit)
@@ -1628,9 +1580,9 @@ def read_image_files(images: ImageSet, final: str, log: logging.Logger) -> tuple
 
 
 def contents_limit(images: ImageSet) -> int:
-    """The most bytes the set's files, and then its decoded pixels, may take: a folder's size: or
-    MAX_DATA_BYTES; an archive's size: is its own exact size, so its contents may take sixteen times
-    that (images compress), MAX_DATA_BYTES at least and MAX_DECLARED_BYTES at most."""
+    """The most bytes the set's files, and then their decoded pixels, may take.
+    A folder's size:, or MAX_DATA_BYTES; an archive's size: is its own, and images compress, so sixteen
+    times that, within MAX_DATA_BYTES..MAX_DECLARED_BYTES."""
     declared = images.source.size
     if images.folder or declared is None:
         return size_limit(images.source)[0]
@@ -1638,8 +1590,7 @@ def contents_limit(images: ImageSet) -> int:
 
 
 def digest_of_files(files: dict[str, bytes]) -> str:
-    """One SHA-256 over files' sorted names and their bytes, each with its length: the same files give
-    the same digest on every machine, and no two sets of files one digest."""
+    """One SHA-256 of files' sorted names and bytes, each length-prefixed so that no two sets share one."""
     sha = hashlib.sha256()
     for name in sorted(files):
         for part in (name.encode(), files[name]):
@@ -1648,9 +1599,8 @@ def digest_of_files(files: dict[str, bytes]) -> str:
 
 
 def split_by_class(files: dict[str, bytes], test_fraction: float, where: str) -> dict[str, dict[str, list[str]]]:
-    """The file names of each split (train, test) and class. One top folder around the set is looked
-    through. A set without train/ and test/ is <class>/... alone, and test_fraction of each class is
-    held out (held_out)."""
+    """The file names of each split (train, test) and class, through one top folder around the set.
+    A set without train/ and test/ is <class>/... alone, and held_out makes its test split."""
     paths = {name: name.split("/") for name in files}
     tops = {parts[0] for parts in paths.values()}
     if len(tops) == 1 and all(len(parts) > 2 for parts in paths.values()) and not tops & set(SPLITS):
@@ -1678,9 +1628,9 @@ def split_by_class(files: dict[str, bytes], test_fraction: float, where: str) ->
 
 def held_out(classes: dict[str, list[str]], test_fraction: float, within: dict[str, str],
              where: str) -> dict[str, dict[str, list[str]]]:
-    """test_fraction of each class's files (rounded; at least one, and one left to train on) as the
-    test set: those first when ordered by the SHA-256 of their paths `within` the class folder, so that
-    the same files are held out on every machine, whatever folder or archive holds the set."""
+    """Each class's train and test files: test_fraction of them (rounded; one at least, one left) held out.
+    Those held out come first by the SHA-256 of their paths `within` the class folder: the same files
+    on every machine, whatever folder or archive holds the set."""
     splits = {name: {} for name in SPLITS}
     for name, members in classes.items():
         if len(members) < 2:
@@ -1694,8 +1644,8 @@ def held_out(classes: dict[str, list[str]], test_fraction: float, within: dict[s
 
 def decode_images(files: dict[str, bytes], splits: dict, names: list[str], images: ImageSet,
                   limit: int) -> dict[str, np.ndarray]:
-    """The four arrays of the npz: each split's images, decoded (decode_image) and of one size (or
-    resized to image_size), in colour if any is; its labels, class k being the k-th of the sorted names."""
+    """The npz's four arrays: each split's images, decoded to one size, and their classes' indices.
+    In colour if any image is; class k is the k-th of the sorted names."""
     decoded, budget = {}, limit
     for split in SPLITS:
         for name in names:
@@ -1724,11 +1674,10 @@ RESIZING = "bilinear stretch"  # how decode_image brings an image to another siz
 
 
 def decode_image(data: bytes, size: tuple[int, int] | None, budget: int, where: str) -> np.ndarray:
-    """One image file as 8-bit grey (H×W) or colour (H×W×3) pixels (see eight_bit), resized to `size`
-    ([height, width]) when one is given, by stretching with bilinear resampling, as Keras's
-    image_dataset_from_directory does: the whole image is kept, which a crop could cut the object out
-    of. A file that declares more pixels than `budget` bytes hold, or more than Pillow deems safe (a
-    decompression bomb), is refused before it is decoded."""
+    """One image file as 8-bit grey (H×W) or colour (H×W×3) pixels, resized to `size` if given.
+    Resizing stretches the whole image bilinearly, as Keras's image_dataset_from_directory does: a crop
+    could cut the object out. A file declaring more pixels than `budget` bytes hold, or more than Pillow
+    deems safe (a decompression bomb), is refused before it is decoded."""
     from PIL import Image  # here alone: the other tasks, and --help, start without it
 
     try:
@@ -1752,9 +1701,8 @@ def decode_image(data: bytes, size: tuple[int, int] | None, budget: int, where: 
 
 
 def eight_bit(image) -> np.ndarray:
-    """A Pillow image's first frame as 8-bit pixels: grey (1, L, LA, 16-bit) stays grey, alpha is
-    dropped (as Keras's loader drops it), a palette whose colours are all grey is grey, and every other
-    mode (RGB, RGBA, P, CMYK, YCbCr) becomes RGB."""
+    """A Pillow image's first frame as 8-bit pixels: grey stays grey, every other mode becomes RGB.
+    Alpha is dropped (as Keras's loader drops it), and a palette of greys alone is grey."""
     mode = image.mode
     if mode == "I" or mode.startswith("I;16"):  # 16-bit grey (PNG, TIFF) to 8-bit
         return np.clip(np.asarray(image, np.float64) / 257, 0, 255).round().astype(np.uint8)
@@ -1792,8 +1740,7 @@ MAX_CONFIG_BYTES = 64 << 10  # a config is a few lines; this bounds what the YAM
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """Safe YAML without aliases: a few hundred bytes of nested aliases expand to gigabytes when a
-    value is printed or walked, and a config needs none."""
+    """Safe YAML without aliases, which no config needs: a few nested ones expand to gigabytes."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -1836,8 +1783,7 @@ def read_yaml(path: str) -> dict:
 
 
 def check_keys(data: object, required: list[str], optional: list[str], where: str) -> dict:
-    """`data` as a mapping with every required key and no unknown one; a misspelt key is named with
-    the known key it is nearest to (so `train_epoch` is not reported as a missing train_epochs)."""
+    """`data`, if a mapping with every required key and no unknown one (a misspelt key names the nearest)."""
     if not isinstance(data, dict):
         raise CubeError(f"{where}: expected a mapping with keys {', '.join(required)}")
     known = required + optional
@@ -1875,8 +1821,7 @@ NO_WAIT = getattr(os, "O_NONBLOCK", 0)  # a FIFO opens at once, to be refused, i
 
 
 def open_regular(path: str, where: str | None = None):
-    """`path` opened for binary reading if it is a regular file. Devices and FIFOs are refused before a
-    byte is read: /dev/zero never ends, and opening a FIFO waits for a writer."""
+    """`path` opened for binary reading; a device or FIFO (endless, or waiting for a writer) is refused."""
     fd = os.open(path, os.O_RDONLY | NO_WAIT)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -1898,9 +1843,9 @@ def reading(where: str, what: str, missing: str = "no such file"):
 
 
 def read_npz(path: str, names: tuple[str, ...], limit: int, where: str) -> tuple[dict[str, np.ndarray], str]:
-    """The arrays `names` of an npz, and the file's SHA-256, from one read of it: pickles refused, at
-    most `limit` bytes, unpacked too, and no header that declares more than its array holds. Memory:
-    the file and its arrays, so about twice `limit` at most."""
+    """The arrays `names` of an npz and its SHA-256, from one read of at most `limit` bytes.
+    Pickles are refused, and so are arrays that unpack past `limit` or declare more than they hold:
+    memory stays within about twice `limit`."""
     with reading(where, "a readable .npz"):
         with open_regular(path, where) as f:
             blob = f.read(limit + 1)
@@ -1964,8 +1909,7 @@ def read_idx(path: str, where: str) -> np.ndarray:
 
 
 def read_idx_header(f, where: str) -> tuple[int, ...]:
-    """The sizes in an IDX header: two zero bytes, type code 0x08 (unsigned byte), the rank, then
-    big-endian int32 sizes."""
+    """The sizes in an IDX header: 0, 0, type 0x08 (unsigned byte), the rank, then big-endian int32s."""
     head = f.read(4)
     rank = head[3] if len(head) == 4 and head[:3] == b"\0\0\x08" else 0
     sizes = f.read(4 * rank)
@@ -1985,13 +1929,16 @@ def is_litter(name: str) -> bool:
     return name.startswith(".") or name.lower() in LITTER
 
 
+@dataclasses.dataclass
 class FileBudget:
     """Files read into memory, by name, at most MAX_FILES entries seen and `limit` bytes in all."""
+    where: str
+    limit: int
+    files: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    seen: int = 0
+    bytes: int = 0
 
-    def __init__(self, where: str, limit: int):
-        self.where, self.limit, self.files, self.seen, self.bytes = where, limit, {}, 0, 0
-
-    def count(self, size: int = 0) -> None:
+    def enter(self, size: int = 0) -> None:
         """One more entry, which declares `size` bytes: a CubeError past either bound."""
         self.seen += 1
         if self.seen > MAX_FILES:
@@ -2004,30 +1951,28 @@ class FileBudget:
             raise CubeError(f"{self.where}: its files hold more than {self.limit} bytes, the most a data set "
                             "may have (set size: in the data config if it is larger)")
 
-    def add(self, name: str, f, declared: int = 0) -> None:
-        """The file `name`, read from `f`; its bytes beyond what count() took for it are counted too."""
+    def take(self, name: str, f, declared: int = 0) -> None:
+        """The file `name`, read from `f`; its bytes beyond what enter() took for it are counted too."""
         data = f.read(self.limit - self.bytes + declared + 1)
         self.charge(len(data) - declared)
         self.files[name] = data
 
 
 def read_tree(root: str, limit: int) -> dict[str, bytes]:
-    """Every regular file under the folder `root` but litter (see walk_files), by its path within it,
-    read in memory, `limit` bytes at most in all."""
+    """Every file under the folder `root` but litter, by its path within it, `limit` bytes at most in all."""
     budget = FileBudget(root, limit)
     try:
         for name, path in walk_files(root):
             with open_regular(path) as f:
-                budget.add(name, f)
+                budget.take(name, f)
     except OSError as e:
         raise CubeError(os_fault(e)) from None
     return budget.files
 
 
 def walk_files(root: str):
-    """The files under the folder `root` but litter (is_litter), folder by folder, each in sorted
-    order, as their paths within `root` (with "/" between folders) and their paths; MAX_FILES entries
-    at most. A link to a folder is refused in one line: it would lead out of the set, or be skipped."""
+    """The files under `root` but litter, each folder sorted: (its path within `root`, "/"-separated, path).
+    MAX_FILES entries at most; a link to a folder is refused, neither followed out of the set nor skipped."""
     seen = 0
     for folder, folders, names in os.walk(root, onerror=raise_error):
         folders[:] = sorted(name for name in folders if not is_litter(name))
@@ -2049,9 +1994,8 @@ def raise_error(e: OSError) -> None:
 
 
 def read_archive(path: str, where: str, limit: int) -> dict[str, bytes]:
-    """Every file in a zip or tar archive (gzipped or not) but litter, by its name, read in memory:
-    nothing is extracted. A member named outside the archive's folder (absolute, or with ..), or one
-    that is a link or a device, is refused."""
+    """Every file in a zip or tar archive (gzipped or not) but litter, by name, read in memory, unextracted.
+    A member named outside the archive's folder (absolute, or with ..), a link or a device is refused."""
     budget = FileBudget(where, limit)
     try:
         with open_regular(path, where) as f:
@@ -2068,51 +2012,56 @@ def read_archive(path: str, where: str, limit: int) -> dict[str, bytes]:
 def read_zip(f, budget: FileBudget) -> None:
     with zipfile.ZipFile(f) as archive:
         for info in archive.infolist():
-            budget.count(info.file_size)
+            budget.enter(info.file_size)
             name = member_name(info.filename, budget.where)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise CubeError(f"{budget.where}: member {shorten(info.filename)} is a symbolic link; an archive "
                                 "of images holds files and folders alone")
             if name and not info.is_dir():
                 with archive.open(info) as member:
-                    budget.add(name, member, info.file_size)
+                    budget.take(name, member, info.file_size)
 
 
 def read_tar(f, budget: FileBudget) -> None:
-    """A tar archive's members, read as a stream of at most twice the budget's bytes (headers
-    included): tarfile reads a long name's whole declared size before any member is seen."""
+    """Read a tar archive's members into `budget`, through a stream capped at twice its limit.
+    The cap holds headers too: tarfile reads a long name's whole declared size before any member."""
     gzipped = f.read(2) == b"\x1f\x8b"
     f.seek(0)
     stream = CappedReader(gzip.GzipFile(fileobj=f) if gzipped else f, 2 * budget.limit + (1 << 20), budget.where)
     with tarfile.open(fileobj=stream, mode="r|") as archive:
         for info in archive:
-            budget.count(info.size if info.isfile() else 0)
+            budget.enter(info.size if info.isfile() else 0)
             name = member_name(info.name, budget.where)
             if not (info.isfile() or info.isdir()):
                 raise CubeError(f"{budget.where}: member {shorten(info.name)} is a link or a device; an archive "
                                 "of images holds files and folders alone")
             if name and info.isfile():
-                budget.add(name, archive.extractfile(info), info.size)
+                budget.take(name, archive.extractfile(info), info.size)
 
 
-class CappedReader:
-    """A stream read through, which ends the task in one line once more than `cap` bytes came out."""
+@dataclasses.dataclass
+class CappedReader(io.RawIOBase):
+    """A stream read through, which ends the task in one line once more than `left` bytes came out."""
+    stream: Any
+    left: int
+    where: str
 
-    def __init__(self, stream, cap: int, where: str):
-        self.stream, self.left, self.where = stream, cap, where
+    def readable(self) -> bool:
+        return True
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(self.left + 1 if size < 0 else min(size, self.left + 1))
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(min(len(buffer), self.left + 1))
         self.left -= len(data)
         if self.left < 0:
             raise CubeError(f"{self.where}: unpacks to more than the data set may hold; a tar bomb, or set "
                             "size: in the data config if it is this large")
-        return data
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def member_name(name: str, where: str) -> str:
-    """An archive member's name as a path within the archive's folder ("a/b"); "" for litter (is_litter
-    of any part). Absolute names and .. are refused: they would lead outside if it were extracted."""
+    """An archive member's name as a path within its folder ("a/b"), or "" for litter.
+    Absolute names and .. are refused: extracted, they would lead outside."""
     parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
     if name.startswith(("/", "\\")) or WINDOWS_DRIVE.match(name) or ".." in parts:
         raise CubeError(f"{where}: member {shorten(name)} is named outside the archive's folder (absolute, "
@@ -2124,8 +2073,8 @@ WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
 
 
 def open_for_appending(path: str):
-    """`path` opened to append text, created if missing, as a regular file and never through a
-    symbolic link: a link planted at a log's path would have the task write where it points."""
+    """`path` opened to append text, created if missing, as a regular file and never through a link.
+    A link planted at a log's path would have the task write where it points."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -2147,9 +2096,8 @@ def write_atomically(path: str, data: bytes) -> None:
 
 @contextlib.contextmanager
 def staged(path: str):
-    """A new temporary file beside `path` (so that a rename is atomic), with the umask's permissions,
-    open for writing; removed when the block ends unless move_into_place() put it at `path`. A run
-    killed before that leaves it behind, and the next task that writes in the folder removes it (main)."""
+    """A temporary file beside `path`, open for writing; removed at the block's end unless moved there.
+    Beside it, so that the rename is atomic; a killed run's is removed by the next task writing there."""
     out = open_part(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     try:
         with out:
@@ -2160,10 +2108,9 @@ def staged(path: str):
 
 
 def open_part(folder: str, name: str):
-    """A new temporary file for `name` in `folder`, named as only this cube names them (PART) and
-    locked by this process for as long as it is open: a lock, unlike a process ID, says whether its
-    maker is alive from any host or container that shares the folder. A file that another run's
-    clean-up removed, or another process locked, before this one could is left for a new name."""
+    """A new temporary file for `name` in `folder`, named as PART and locked while it is open.
+    The lock, unlike a process ID, tells any host or container sharing the folder that its maker lives;
+    a file another run's clean-up removed, or another process locked, first is left for a new name."""
     for _ in range(PART_ATTEMPTS):
         out = open(os.path.join(folder, f".{name}.mnist-{os.getpid()}-{os.urandom(4).hex()}.part"), "xb")
         try:
@@ -2224,8 +2171,7 @@ def os_fault(e: OSError, path: str | None = None) -> str:
 
 
 def remove_abandoned_parts(folder: str) -> None:
-    """Remove the temporary files that killed runs left in `folder`: this cube's by their name (PART),
-    and only those no live process holds. A user's own files are never touched."""
+    """Remove the temporary files that killed runs left in `folder`: ours (PART) that no process holds."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -2236,8 +2182,7 @@ def remove_abandoned_parts(folder: str) -> None:
 
 
 def remove_unheld(path: str) -> None:
-    """Remove `path` unless a live process holds it: its lock says so, or, on Windows, the system
-    itself, which refuses to remove a file another process has open."""
+    """Remove `path` unless a live process holds it, as its lock (or, on Windows, the system) tells."""
     if fcntl is None:
         os.unlink(path)
         return
@@ -2250,9 +2195,9 @@ def remove_unheld(path: str) -> None:
 
 
 def lock(fd: int, shared: bool) -> None:
-    """An OS lock on the open file `fd`, which dies with its process, taken at once or not at all:
-    BlockingIOError or PermissionError when another process holds it. Windows locks are exclusive
-    only, so readers take turns there; with neither kind of lock (a stand-in test), none."""
+    """An OS lock on the open file `fd`, which dies with its process, taken at once or not at all.
+    Another holder raises BlockingIOError or PermissionError. Windows locks are exclusive, so readers
+    take turns there; with neither kind (a stand-in test), none."""
     if fcntl:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     elif msvcrt:
@@ -2263,11 +2208,9 @@ def lock(fd: int, shared: bool) -> None:
 # get their folders read-only; and a temporary file's own lock is what says its maker lives.
 @contextlib.contextmanager
 def folder_lock(folder: str, shared: bool = False):
-    """One writer at a time in `folder` (download's data_dir, train's model_dir), and no reader while
-    it writes (evaluate and infer read model_dir `shared`), so that no one sees two runs' files mixed:
-    an OS lock, which dies with its process (kill -9 too) and holds across containers that mount the
-    folder, on a file in it that only its owner may open (LOCK_NAME, 0600): a lock on the folder
-    itself, or on a file others may read, could be taken by any local user to stop every run."""
+    """One writer at a time in `folder`, and no reader while it writes: no one sees two runs' files mixed.
+    An OS lock (it dies with its process, kill -9 too, and holds across containers) on LOCK_NAME, which
+    only its owner may open: one on the folder, or on a file others read, lets any user stop every run."""
     fd = open_lock_file(os.path.join(folder, LOCK_NAME), shared)
     try:
         if fd is not None:
@@ -2283,9 +2226,8 @@ def folder_lock(folder: str, shared: bool = False):
 
 
 def open_lock_file(path: str, shared: bool) -> int | None:
-    """The lock file at `path`, made if missing, never through a symbolic link. A reader that may
-    neither make nor open it (a read-only mount no writer has used, another user's folder) reads
-    without a lock: None."""
+    """The lock file at `path`, made if missing, never through a link; None to a reader that cannot open it.
+    A read-only mount no writer has used, or another user's folder: the reader reads without a lock."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o600)
     except OSError as e:
@@ -2304,8 +2246,7 @@ def open_lock_file(path: str, shared: bool) -> int | None:
 
 
 def sha256_of(path: str, limit: int) -> str | None:
-    """The SHA-256 of the regular file at `path`; None if it is not one (a device, a FIFO), or is
-    larger than `limit` bytes."""
+    """The SHA-256 of the regular file at `path`; None if it is not one, or is larger than `limit` bytes."""
     sha, size = hashlib.sha256(), 0
     try:
         f = open_regular(path)
@@ -2329,8 +2270,7 @@ CHUNK = 1 << 20
 
 
 class Source(NamedTuple):
-    """One file to fetch: where from, the SHA-256 it must have, and the most bytes it may have (its
-    exact size where data.yaml gives one)."""
+    """One file to fetch: where from, the SHA-256 it must have, and its size from data.yaml (or None)."""
     uri: str
     sha256: str
     size: int | None
@@ -2393,8 +2333,8 @@ def fetch_http(source: Source, out, log: logging.Logger) -> tuple[str, int]:
 
 
 class CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    """Redirects to http(s) alone (urllib would also follow one to ftp://), and never from https to
-    http, where anyone on the way could change what is fetched before its digest is checked."""
+    """A redirect handler that follows http(s) alone, and never from https down to http.
+    urllib would follow ftp:// too, and on http anyone on the way could change what is fetched."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         old, new = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
@@ -2408,8 +2348,8 @@ OPENER = urllib.request.build_opener(CheckedRedirects)
 
 
 def stream(source, out, total: int | None, uri: str, limit: int, why: str) -> tuple[str, int]:
-    """Copy `source` to the staged file `out` in chunks, returning the SHA-256 and size of what was
-    copied; a CubeError as soon as it passes `limit` bytes (`why` says where the limit comes from)."""
+    """Copy `source` into the staged file `out` by chunks: the SHA-256 and size of what was copied.
+    A CubeError once it passes `limit` bytes (`why` says where the limit comes from)."""
     out.seek(0)
     out.truncate()
     sha, size = hashlib.sha256(), 0
@@ -2421,27 +2361,28 @@ def stream(source, out, total: int | None, uri: str, limit: int, why: str) -> tu
             raise CubeError(f"{uri}: stopped after {limit} bytes, {why}; check the uri")
         write_staged(out, chunk)
         sha.update(chunk)
-        progress.update(size)
+        progress.show(size)
         check_rate(uri, size, time.monotonic() - started)
     return sha.hexdigest(), size
 
 
 def check_rate(uri: str, size: int, seconds: float) -> None:
-    """Each read may wait HTTP_TIMEOUT; the whole transfer must also average MIN_RATE once it has run
-    that long, so that a server that trickles a byte at a time cannot hold a task for ever."""
+    """Refuse a transfer averaging under MIN_RATE after HTTP_TIMEOUT: a trickle holds no task for ever."""
     if seconds > HTTP_TIMEOUT and size < MIN_RATE * seconds:
         raise CubeError(f"{uri}: slower than {MIN_RATE / 1000:g} kB/s on average ({size} bytes in {seconds:.0f} s); "
                         "check the network, or point uri at a local copy")
 
 
 # Not tqdm: into a log it writes every redraw, where this writes a line at each quarter.
+@dataclasses.dataclass
 class Progress:
     """A live bar on a terminal; a line at each quarter otherwise, so CI logs stay short."""
+    label: str
+    total: int | None
+    tty: bool = dataclasses.field(default_factory=lambda: sys.stderr.isatty())
+    shown: int = 0
 
-    def __init__(self, label: str, total: int | None):
-        self.label, self.total, self.tty, self.shown = label, total, sys.stderr.isatty(), 0
-
-    def update(self, done: int) -> None:
+    def show(self, done: int) -> None:
         if not self.total:
             return
         if self.tty:
@@ -2457,10 +2398,8 @@ class Progress:
 
 # -------------------------------- signals: a kill loses at most an epoch, a signal is never ignored
 class Stopped(BaseException):
-    """A signal stopped the task: SIGINT or SIGTERM at a safe point of training, or anywhere else
-    (`docker stop`, `timeout`, Ctrl-C), unwinding so that no temporary file is left behind. A
-    BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for a fault of the
-    file being read. Exit status 128 + the signal."""
+    """A signal (SIGINT, SIGTERM) stopped the task: it unwinds, leaving no temporary file; exit 128 + signal.
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for a file's fault."""
 
     def __init__(self, signum: int, message: str = ""):
         super().__init__(message or {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}[signum])
@@ -2471,10 +2410,9 @@ signals_received: list[int] = []  # this task's SIGINTs and SIGTERMs, which stop
 
 
 def stop_if_signalled(message: str = "") -> None:
-    """Stop (Stopped) if the task has received a signal. Training only records them (recording_signals)
-    and asks between two calls; every task asks again when it is done, for a signal whose exception
-    was dropped: by Python in a callback (redelivered, see redeliver_signals, unless the task ended
-    first), or by JAX in a bare `except:` (around reading a compiled program's layouts, say)."""
+    """Raise Stopped if the task has received a signal: training asks between calls, every task at its end.
+    At the end for a signal whose exception was dropped, by Python in a callback (redeliver_signals,
+    unless the task ended first) or by JAX in a bare `except:` (around a compiled program's layouts)."""
     if signals_received:
         raise Stopped(signals_received[-1], message)
 
@@ -2490,9 +2428,8 @@ def record_signal(signum, frame) -> None:
 
 @contextlib.contextmanager
 def unwinding_signals():
-    """Within the block, SIGINT and SIGTERM stop the task where it is (Stopped), removing temporary
-    files, and none is lost (see stop_if_signalled). Only within it: before, nothing needs that, and
-    SIGTERM's default, ending the process (but for a container's process 1, which it leaves alone),
+    """Within the block, SIGINT and SIGTERM stop the task where it is (Stopped), and none is lost.
+    Only within it: before, SIGTERM's default (ending the process, but for a container's process 1)
     also ends a wait for a cluster's other processes, where a Python handler would wait for JAX."""
     signals_received.clear()
     unraisable_hook, sys.unraisablehook = sys.unraisablehook, redeliver_signals
@@ -2505,8 +2442,8 @@ def unwinding_signals():
 
 @contextlib.contextmanager
 def handling_signals(handler):
-    """Within the block, `handler` takes SIGINT and SIGTERM, but for one the process ignores (a
-    shell's background job ignores SIGINT, and so must its tasks)."""
+    """Within the block, `handler` takes SIGINT and SIGTERM, but not one the process ignores.
+    A shell's background job ignores SIGINT, and so must its tasks."""
     heard = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, handler) for s in heard}
     try:
@@ -2522,10 +2459,9 @@ def stop_task(signum, frame) -> None:
 
 
 def redeliver_signals(unraisable) -> None:
-    """Python drops an exception raised in a callback it calls for its effects (a garbage collector's:
-    JAX has one), printing "Exception ignored in". A signal whose exception is dropped there is sent
-    again a moment later, from another thread, so that it stops the task where the exception reaches
-    main. (Sent at once, its handler would run inside this hook, and be dropped again.)"""
+    """Send again a signal whose Stopped Python dropped in a callback (printing "Exception ignored in").
+    Such a callback is a garbage collector's, say (JAX has one). Sent from another thread a moment later,
+    it stops the task where the exception reaches main; sent at once, it would be dropped again."""
     if not isinstance(unraisable.exc_value, Stopped):
         sys.__unraisablehook__(unraisable)
         return
@@ -2550,9 +2486,8 @@ CACHE_TAG_TEXT = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
 
 
 def join_cluster() -> tuple[int, int]:
-    """Start JAX's distributed runtime when a launcher runs several processes: explicitly, through
-    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID, or under
-    Slurm's srun or Open MPI's mpirun, which JAX recognises itself. Returns (process index, count)."""
+    """Start JAX's distributed runtime when a launcher runs several processes; (process index, count).
+    By JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or Slurm's srun or Open MPI's mpirun."""
     env = os.environ
     if "JAX_COORDINATOR_ADDRESS" in env:
         try:
@@ -2567,9 +2502,8 @@ def join_cluster() -> tuple[int, int]:
 
 
 def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) -> logging.Logger:
-    """Events go as plain lines to stdout (or to stderr for warnings and errors) and, for a task
-    with a log_dir, to log_dir/mnist_TASK.log with timestamps. In a run of several processes each
-    line names its process, and only process 0 keeps the log file."""
+    """The task's logger: lines to stdout (warnings and errors to stderr) and to log_dir/mnist_TASK.log.
+    The file adds timestamps; with several processes each line names its process; process 0 keeps the file."""
     log = logging.getLogger(f"mnist.{task}")
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -2588,8 +2522,8 @@ def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) 
 
 
 class OneLine(logging.Formatter):
-    """Each event on one line of its own: a line break or another control character in a value from a
-    config or a server (a uri holding "\\nINFO ...") is written escaped, so it cannot forge a line."""
+    """A formatter that keeps each event on one line: control characters in values are written escaped.
+    So a value from a config or a server (a uri holding "\\nINFO ...") cannot forge a line."""
 
     CONTROLS = {code: f"\\x{code:02x}" for code in [*range(9), *range(11, 32), 127]} | {10: "\\n"}
 
@@ -2598,10 +2532,9 @@ class OneLine(logging.Formatter):
 
 
 def compilation_cache_folder() -> str | None:
-    """Where compiled programs are kept between runs: $MNIST_COMPILATION_CACHE, None for "off", by
-    default the user's cache folder. (noxfile.py holds a copy of this rule, which tests/test_cache.py
-    keeps in step, and mounts a folder beside this one into containers: never this one, whose
-    programs local runs load and run.)"""
+    """The folder of compiled programs kept between runs: $MNIST_COMPILATION_CACHE, or None for "off".
+    By default, in the user's cache folder. noxfile.py holds a copy of this rule (tests/test_cache.py keeps
+    them in step) and mounts a folder beside it into containers: never this one, whose programs run here."""
     setting = os.environ.get(CACHE_VARIABLE, "")
     if setting == "off":
         return None
@@ -2610,14 +2543,12 @@ def compilation_cache_folder() -> str | None:
 
 
 def use_compilation_cache() -> None:
-    """Keep compiled programs between runs, so that a rerun loads them instead of compiling, in
-    compilation_cache_folder, at most MAX_CACHE_BYTES of them (prune_cache). JAX keys each entry by
-    program, JAX version and device; a damaged or foreign entry only costs a compilation (and is
-    replaced: see show_warning). The entries are native code that this process runs, so a folder
-    that anyone but its user may write is not used (trusted_cache)."""
+    """Have JAX keep compiled programs between runs, in compilation_cache_folder, if trusted_cache allows.
+    A rerun loads them instead of compiling; prune_cache bounds them, show_warning replaces damaged ones.
+    JAX keys each entry by program, JAX version and device; the entries are native code this process runs."""
     warnings.showwarning = show_warning
     folder = compilation_cache_folder()
-    if folder is None or jax.config.jax_compilation_cache_dir:  # JAX's own variable was set: it rules
+    if folder is None or jax.config.jax_compilation_cache_dir:  # JAX's own variable is set: it rules
         return
     if not trusted_cache(folder):
         return
@@ -2627,10 +2558,9 @@ def use_compilation_cache() -> None:
 
 
 def trusted_cache(folder: str) -> bool:
-    """Whether compiled programs may be loaded from `folder`: made if missing (private), tagged as the
-    cube's (CACHE_TAG) while it holds nothing but JAX's entries, and it must be a folder of this user's
-    that no other user may write; it is then made private, whatever the entries' own modes. Otherwise
-    one line says why, and the task compiles without a cache."""
+    """Whether compiled programs may be loaded from `folder`: this user's, and no other user may write it.
+    It is made if missing, tagged as the cube's (CACHE_TAG) while it holds nothing but JAX's entries, and
+    made private; otherwise one line says why, and the task compiles without a cache."""
     try:
         if not os.path.isdir(folder):
             os.makedirs(folder, mode=0o700)
@@ -2652,9 +2582,9 @@ def trusted_cache(folder: str) -> bool:
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Python's way of showing a warning, but for a damaged entry in the compilation cache (a run
-    killed while JAX wrote it, which it does in place): JAX warns, compiles, and never replaces it,
-    as it writes new keys only. So the program's entries go, and the next run writes them afresh."""
+    """Python's warning display, which also removes a damaged compilation cache entry that JAX warns of.
+    JAX writes an entry in place (a killed run leaves it damaged) and never replaces one, as it writes
+    new keys only; removed, the next run writes it afresh."""
     damaged = re.match(r"Error reading persistent compilation cache entry for '([^']+)'", str(message))
     folder = jax.config.jax_compilation_cache_dir
     if damaged and folder:
@@ -2667,12 +2597,10 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 def prune_cache(folder: str) -> None:
-    """Keep the cache under MAX_CACHE_BYTES, dropping the entries written longest ago: only files JAX
-    names as its entries (CACHE_ENTRY), and only in a folder the cube made (CACHE_TAG), so that a
-    variable pointed at a folder of the user's deletes nothing of theirs. Not JAX's own limit
-    (jax_compilation_cache_max_size, with the filelock package): in our containers it fails every
-    write, because its eviction asks each entry's owner's name (through etils), and a --user uid has
-    none in the image (getpwuid: uid not found)."""
+    """Drop the cache's entries written longest ago until it holds MAX_CACHE_BYTES at most.
+    Only files JAX names as its entries (CACHE_ENTRY), in a folder the cube made (CACHE_TAG): a variable
+    pointed at a user's folder deletes nothing of theirs. Not JAX's own limit: its eviction looks up each
+    entry's owner by name (getpwuid, through etils), and so fails every write of a --user uid without one."""
     try:
         with open_regular(os.path.join(folder, CACHE_TAG)) as f:
             if f.read(len(CACHE_TAG_TEXT)) != CACHE_TAG_TEXT:
@@ -2698,10 +2626,9 @@ def written_folders(args: argparse.Namespace) -> list[str]:
 
 
 def run_as_output_owner(args: argparse.Namespace) -> None:
-    """In the image (MNIST_RUN_AS_OUTPUT_OWNER is set there), a task started as root becomes the owner
-    of the folder that receives its first output. MLCube's runner starts containers with no --user and
-    makes that folder as its caller, so the caller owns, rewrites and deletes what the task writes.
-    Our runners pass --user, and a root caller owns the folder already: nothing changes then."""
+    """In the image, a task started as root becomes the owner of the folder receiving its first output.
+    MLCube's runner starts containers without --user and makes that folder as its caller, who then owns
+    what the task writes. Our runners pass --user, and a root caller owns the folder: nothing changes."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0 or not os.environ.get("MNIST_RUN_AS_OUTPUT_OWNER"):
         return
     folder = written_folders(args)[0]
@@ -2765,9 +2692,9 @@ def outcome(args: argparse.Namespace, log: logging.Logger) -> int:
 if __name__ == "__main__":
     status = main()
     if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-        # A signal that landed inside JAX (its tracing, XLA's compiling, its runtime's start) can leave
-        # it in a state that Python's teardown then crashes on (SIGABRT or SIGSEGV). The stopped task
-        # has removed its temporary files and closed its logs, so the process leaves without it.
+        # A signal that lands inside JAX (its tracing, XLA's compiling, its runtime's start) can leave it
+        # in a state that Python's teardown crashes on (SIGABRT or SIGSEGV). The stopped task has removed
+        # its temporary files and closed its logs, so the process leaves without that teardown.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

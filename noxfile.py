@@ -18,6 +18,7 @@ MLCube contract:
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -66,7 +68,8 @@ LIMITED = ("run-docker", "run-singularity", "run-k8s")  # the runners that limit
 # sbatch options that run-slurm sets itself, each with the runner's option that sets it (None: none does)
 SBATCH_OWN = {"output": None, "error": None, "job-name": None, "ntasks": "--processes", "nodes": "--nodes",
               "partition": "--partition", "time": "--time", "account": "--account", "gpus": "--gpus", "wait": None,
-              "parsable": None, "chdir": None, "wrap": None}
+              "parsable": None, "chdir": None, "wrap": None, "cpus-per-task": "--cpus-per-task",
+              "gpus-per-task": "--gpus-per-task"}
 
 # An image reference as the cluster runners write it into manifests, NAME[:TAG] or NAME@sha256:DIGEST, by the
 # grammar of Docker's distribution/reference: an optional registry host[:port]/, lower-case path components.
@@ -89,7 +92,17 @@ K8S_USER = 10001  # any uid but root's: the pods run as it, and the claim is mad
 COORDINATOR_PORT = 8476  # where pod 0 of a training of several pods serves JAX's coordinator
 K8S_CACHE = f"{CACHE_TARGET}/jax"  # in the pod's emptyDir, which anyone may write: a folder mnist.py makes its user's
 K8S_DELETE = {"Job": "delete_namespaced_job", "Service": "delete_namespaced_service",
-              "NetworkPolicy": "delete_namespaced_network_policy"}  # each kind's call on its API in k8s_apply
+              "NetworkPolicy": "delete_namespaced_network_policy",
+              "ConfigMap": "delete_namespaced_config_map"}  # each kind's call on its API in k8s_apply
+K8S_CONFIG_BYTES = 1024 * 1024  # what one ConfigMap holds, its keys and values together
+# The init container's copy of the ConfigMap's files (at configs/) onto the claim (at workspace/), from /:
+# each written beside its place, then renamed into it, so no half-written file stands at a config's path.
+K8S_COPY = """import os, shutil, sys
+for path in sys.argv[1:]:
+    claim = os.path.join("workspace", path)
+    os.makedirs(os.path.dirname(claim), exist_ok=True)
+    shutil.copyfile(os.path.join("configs", path), claim + ".part")
+    os.replace(claim + ".part", claim)"""
 PIPELINE_NAME = "mnist"  # the Kubeflow pipeline's name, and the start of its package's and runs' names
 
 ONLINE_TASKS = frozenset({"download"})  # the task that fetches data; the others run with no network at all
@@ -202,7 +215,9 @@ def run_slurm(session: nox.Session, opts: Options) -> None:
     """Run tasks as Slurm batch jobs: `nox -s run-slurm -- train --processes=2 [--container=apptainer]`."""
     if not (opts.dry_run or opts.container or opts.venv):
         session.install("-r", "requirements.txt")
-    if opts.container and not opts.dry_run:
+    if opts.container and opts.dry_run:
+        print(slurm_image_plan(opts))
+    elif opts.container:
         fresh_image(session, SINGULARITY, opts)  # built or rebuilt here, on the login node
     python = (opts.venv or Path(session.virtualenv.location)) / "bin" / "python"
     run_tasks(session, opts, lambda run, opts: slurm_script(run, opts, python),
@@ -321,6 +336,9 @@ class Options:
     container: str | None = None
     venv: Path | None = None
     sbatch: list[str] = dataclasses.field(default_factory=list)
+    setup: list[str] = dataclasses.field(default_factory=list)
+    cpus_per_task: str | None = None
+    gpus_per_task: str | None = None
     image: str | None = None
     pull_secrets: list[str] = dataclasses.field(default_factory=list)
 
@@ -403,6 +421,15 @@ def sbatch_option(value: str) -> str:
     return value
 
 
+def setup_line(value: str) -> str:
+    """A shell line of the user's own for the batch script, written there as it is: one line, so no
+    newline or other control character in it can add another line or end the script's."""
+    if not value.strip() or CONTROL.search(value):
+        raise UsageError(f"expects one shell line such as 'module load cuda/12' (no newline or other control "
+                         f"character), got {value!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     """A runner option: its help line, the Options field it sets, how its value is read (None: a flag,
@@ -454,6 +481,12 @@ OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PA
                    lambda value: Path(value).resolve(), ("run-slurm",)),
     "sbatch": Option("=OPTION  run-slurm: another sbatch option, e.g. --sbatch=--mem=8G (repeatable)", "sbatch",
                      sbatch_option, ("run-slurm",)),
+    "setup": Option("=LINE  run-slurm: a shell line the batch script runs before the task, e.g. "
+                    "--setup='module load cuda/12' (repeatable)", "setup", setup_line, ("run-slurm",)),
+    "cpus-per-task": Option("=N  run-slurm: the processors of each Slurm task", "cpus_per_task",
+                            matching(r"[1-9][0-9]*", "a number of processors such as 4"), ("run-slurm",)),
+    "gpus-per-task": Option("=N  run-slurm: the GPUs of each of train's Slurm tasks", "gpus_per_task",
+                            matching(r"[1-9][0-9]*", "a number of GPUs such as 1"), ("run-slurm",)),
     "image": Option("=NAME[:TAG|@sha256:DIGEST]  run-k8s, run-kubeflow: the image the cluster pulls (default: "
                     "mlcube.yaml's)", "image", image_reference, CLUSTERS),
     "pull-secret": Option("=NAME  run-k8s: a Secret the pods pull the image with (repeatable)", "pull_secrets",
@@ -646,10 +679,13 @@ def sources(runtime: Runtime, opts: Options) -> dict:
 
 def why_rebuild(recorded: dict | None, wanted: dict) -> str | None:
     """Why the image in place does not fit the sources, or None when it does. Build arguments count
-    when given: an image built with --build-arg=JAX_EXTRA=cuda12 serves later runs that name none."""
+    when given: an image built with --build-arg=JAX_EXTRA=cuda12 serves later runs that name none. An
+    image that records no sources was built by another tool (`mlcube configure` sets no label)."""
     if recorded is None:
         return "there is no image yet"
-    files = recorded.get("files", {})
+    if not recorded.get("files"):
+        return "the image in place records no sources (built by another tool, such as mlcube configure)"
+    files = recorded["files"]
     changed = sorted(name for name in {*files, *wanted["files"]} if files.get(name) != wanted["files"].get(name))
     args = sorted(name for name, value in wanted["build_args"].items()
                   if recorded.get("build_args", {}).get(name) != value)
@@ -1010,18 +1046,26 @@ def singularity_built_from(client, opts: Options) -> dict | None:
         return {}
 
 
-def singularity_build(client, opts: Options, sources: dict) -> None:
-    """Build the image from Singularity.recipe without root (--fakeroot), or from the Docker image."""
-    image = singularity_image(opts)
-    image.parent.mkdir(parents=True, exist_ok=True)
+def singularity_build_command(opts: Options) -> list[str]:
+    """The `singularity build` command line: from Singularity.recipe without root (--fakeroot), or from
+    the Docker image."""
     recipe = f"docker-daemon://{IMAGE}" if opts.from_docker else str(ROOT / "Singularity.recipe")
+    return ["singularity", "build", "--force", *([] if opts.from_docker else ["--fakeroot"]),
+            str(singularity_image(opts)), recipe]
+
+
+def singularity_build(client, opts: Options, sources: dict) -> None:
+    """Run singularity_build_command through spython, streaming its output, and record the sources."""
+    from spython.utils import stream_command
+
+    command = singularity_build_command(opts)
+    singularity_image(opts).parent.mkdir(parents=True, exist_ok=True)
+    print(shlex.join(command), flush=True)
     try:
-        _, output = client.build(recipe=recipe, image=str(image), sudo=False, force=True, stream=True,
-                                 options=[] if opts.from_docker else ["--fakeroot"])
-        for line in output:
+        for line in stream_command(command):
             print(line, end="", flush=True)
     except subprocess.CalledProcessError as e:
-        raise UsageError(f"singularity build of {image} from {recipe} failed with exit code {e.returncode}") from None
+        raise UsageError(f"{shlex.join(command)} failed with exit code {e.returncode}") from None
     singularity_record(opts).write_text(json.dumps(sources))
 
 
@@ -1078,8 +1122,29 @@ SINGULARITY = Runtime(connect=singularity_client, source_files=singularity_sourc
 # Each task is a batch job: a script kept in workspace/slurm/ (a run is described by its folder),
 # submitted with sbatch, its output followed until it ends. `train --processes=N` is N Slurm tasks,
 # one JAX process each, which srun starts and JAX's own Slurm detection connects: no launcher of ours.
+PARALLEL_TASKS = frozenset({"train"})  # the tasks that run as several processes (slurm_job)
+
+
+def slurm_job(run: Run, opts: Options) -> Options:
+    """The options the task's job runs with, by the one rule of resources per task kind: a task of
+    PARALLEL_TASKS takes --processes, --nodes, --gpus and --gpus-per-task; any other task is one
+    process, so one Slurm task on one node with none of them (mlcube.yaml's accelerator_count holds)."""
+    if run.task in PARALLEL_TASKS:
+        return opts
+    return dataclasses.replace(opts, processes=1, nodes="1", gpus=None, gpus_per_task=None)
+
+
 def slurm_folder(opts: Options) -> Path:
     return opts.workspace / "slurm"
+
+
+def slurm_image_plan(opts: Options) -> str:
+    """What --container runs first, here on the login node, as --dry-run prints it: the image's build
+    command line (fresh_image's, for the reason it gives), or that the image is up to date."""
+    reason = why_rebuild(singularity_built_from(None, opts), sources(SINGULARITY, opts))
+    if reason is None:
+        return f"# {singularity_image(opts)} is up to date: nothing to build"
+    return f"# building the image first: {reason}\n{shlex.join(singularity_build_command(opts))}"
 
 
 def slurm_path(path: Path | str) -> str:
@@ -1101,32 +1166,40 @@ def slurm_directives(run: Run, opts: Options) -> dict[str, Any]:
     output = f"{slurm_path(slurm_folder(opts))}/{run.task}-{'%A' if array else '%j'}.out"
     if re.search(r"\s", output):
         raise UsageError(f"run-slurm writes its output's path into a #SBATCH line, which a space would end: {output!r}")
-    return {"job-name": f"mnist-{run.task}", "output": output, "ntasks": opts.processes if run.task == "train" else 1,
-            "nodes": opts.nodes, "partition": opts.partition, "time": opts.time, "account": opts.account, "gpus": gpus,
+    return {"job-name": f"mnist-{run.task}", "output": output, "ntasks": opts.processes, "nodes": opts.nodes,
+            "cpus-per-task": opts.cpus_per_task, "gpus-per-task": opts.gpus_per_task, "partition": opts.partition,
+            "time": opts.time, "account": opts.account, "gpus": gpus,
             "array": array and f"0-{opts.workers - 1}", "open-mode": array and "append"}
 
 
 def slurm_script(run: Run, opts: Options, python: Path) -> str:
-    """The batch script of a task: Slurm's directives, the task's variables, then srun of mnist.py in
-    the virtualenv at `python`, or of the cube's image with run-singularity's binds and confinement.
-    Every path in it passes slurm_path; every variable's value is quoted."""
-    directives = slurm_directives(run, opts)
+    """The batch script of a task: Slurm's directives for its kind (slurm_job), the user's --setup
+    lines, the task's variables, then srun of mnist.py in the virtualenv at `python`, or of the cube's
+    image with run-singularity's binds and confinement. Every path in it passes slurm_path; every
+    variable's value is quoted; a setup line is one line (setup_line), run before `set -u` as site
+    scripts may read unset variables."""
+    job = slurm_job(run, opts)
+    directives = slurm_directives(run, job)
+    # --gpus-per-task alone gives the task GPUs as --gpus does: --nv, and no JAX_PLATFORMS=cpu
+    job = dataclasses.replace(job, gpus=gpus_wanted(job) or job.gpus_per_task)
     paths = [python, ROOT / "mnist.py", *host_paths(run).values(), *(container_mounts(run) if opts.container else ())]
     for path in paths:
         slurm_path(path)
     if opts.container:
-        command = [opts.container, *singularity_command(run, opts)[1:]]
+        command = [opts.container, *singularity_command(run, job)[1:]]
         variables = {}  # singularity_command hands them to the container
     else:
         command = [str(python), str(ROOT / "mnist.py"), run.task, *run.host_args]
-        variables = {**platform_variables(opts), **opts.env}
+        variables = {**platform_variables(job), **opts.env}
     again = shlex.join(["sbatch", f"{slurm_folder(opts) / run.task}.sbatch"])
     return "\n".join([
         "#!/bin/bash",
         *(f"#SBATCH --{name}={value}" for name, value in directives.items() if value),
         *(f"#SBATCH {option}" for option in opts.sbatch),
         f"# Written by `nox -s run-slurm` from mlcube.yaml; `{again}` runs it again.",
-        "set -euo pipefail",
+        "set -eo pipefail",
+        *opts.setup,
+        "set -u",
         *(f"export {name}={shlex.quote(value)}" for name, value in variables.items()),
         "srun " + shlex.join(command), ""])
 
@@ -1260,9 +1333,10 @@ def k8s_container(run: Run, opts: Options, job: str, processes: int) -> dict:
             "resources": k8s_resources(opts), "securityContext": k8s_security(), "volumeMounts": mounts}
 
 
-def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
+def k8s_pod(run: Run, opts: Options, job: str, processes: int, sent: dict[str, str]) -> dict:
     """The pod template: the task's container (k8s_container) with no service account token (it talks to
-    no API), its folders on the claim made first by an init container. A cluster has no caller for
+    no API), its folders on the claim made first by an init container, and the files `sent` (k8s_sent)
+    copied there from the Job's ConfigMap by another (k8s_copy). A cluster has no caller for
     LEAST_PRIVILEGE's user: its pods run as K8S_USER, never root, with /tmp in memory. Every container
     runs image_of(opts), pulled with the --pull-secret Secrets."""
     folders = sorted(os.path.join("/workspace", sub_path) for sub_path in k8s_on_claim(run, opts))
@@ -1278,13 +1352,99 @@ def k8s_pod(run: Run, opts: Options, job: str, processes: int) -> dict:
             "initContainers": [{"name": "folders", "image": image_of(opts), "securityContext": k8s_security(),
                                 "command": ["python3", "-c", "import os, sys; [os.makedirs(f, exist_ok=True) "
                                             "for f in sys.argv[1:]]", *folders],
-                                "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]}],
+                                "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]},
+                               *k8s_copy(sent, opts)],
             "containers": [k8s_container(run, opts, job, processes)],
             "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": opts.pvc}},
                         {"name": "cache", "emptyDir": {"sizeLimit": "256Mi"}},
-                        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": f"{LEAST_PRIVILEGE.tmp_mib}Mi"}}],
+                        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": f"{LEAST_PRIVILEGE.tmp_mib}Mi"}},
+                        *([{"name": "configs", "configMap": {"name": job, "items": [
+                            {"key": key, "path": path} for path, key in k8s_keys(sent).items()]}}] if sent else [])],
         },
     }
+
+
+def k8s_sent(run: Run, opts: Options) -> dict[str, str]:
+    """The files of this workspace that the task reads, by their paths on the claim, which may not hold
+    them yet: its input files that no earlier task writes and the local data that data.yaml names. A
+    file this workspace lacks is not sent: the task reads the claim's own."""
+    earlier = opts.tasks[:opts.tasks.index(run.task)]
+    written = [path for task in earlier for name, path in host_paths(resolve(task, opts)).items()
+               if parameters(task)[name][1]]
+    files = []
+    for name, path in host_paths(run).items():
+        spec, output = parameters(run.task)[name]
+        if output or spec["type"] != "file" or any(os.path.commonpath([path, out]) == out for out in written):
+            continue
+        files += [path, *(k8s_named_data(path) if name == "data_config" and os.path.isfile(path) else [])]
+    return {claim_path(path, opts): path for path in files if os.path.isfile(path)}
+
+
+def k8s_named_data(data_config: str) -> list[str]:
+    """The local files that data.yaml names by a path relative to it (its uri, or its files' uris), a
+    folder's files included: on the claim they lie beside it as here. A path of this machine is refused."""
+    if os.path.getsize(data_config) > K8S_CONFIG_BYTES:
+        return []  # too big to send: k8s_config_map refuses it
+    try:
+        config = yaml.safe_load(Path(data_config).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UsageError(f"{data_config}: not a YAML file ({' '.join(str(e).split())})") from None
+    files = config.get("files") if isinstance(config, dict) else None
+    entries = [config, *(files.values() if isinstance(files, dict) else [])]
+    paths = []
+    for uri in (entry["uri"] for entry in entries if isinstance(entry, dict) and isinstance(entry.get("uri"), str)):
+        scheme = urllib.parse.urlsplit(uri).scheme
+        if scheme in ("http", "https"):
+            continue
+        if scheme or os.path.isabs(uri):
+            raise UsageError(f"{data_config}: uri {uri!r} is a path of this machine, which a pod cannot open: name "
+                             "the data relative to data.yaml (it goes to the claim beside it) or by an https:// URL")
+        path = Path(data_config).parent / uri
+        paths += sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [str(path)]
+    return paths
+
+
+def k8s_keys(sent: dict[str, str]) -> dict[str, str]:
+    """Each sent file's key in the ConfigMap, by its path on the claim: the path in the characters a key
+    may hold, numbered where two paths would share one."""
+    keys = {}
+    for path in sorted(sent):
+        key = re.sub(r"[^-._a-zA-Z0-9]|^\.", "_", path)
+        keys[path] = f"{len(keys)}-{key}" if key in keys.values() else key
+    return keys
+
+
+def k8s_config_map(sent: dict[str, str], meta: dict) -> dict:
+    """The ConfigMap of the files sent to a task's claim (k8s_sent): text as data, exactly as it is here,
+    the rest as binaryData. More than a ConfigMap holds is refused in one line that says what to do."""
+    keys = k8s_keys(sent)
+    size = sum(len(key) + os.path.getsize(sent[path]) for path, key in keys.items())
+    if size > K8S_CONFIG_BYTES:
+        path, host = max(sent.items(), key=lambda item: os.path.getsize(item[1]))
+        raise UsageError(f"the files run-k8s sends to the claim come to {size:,} bytes, more than the "
+                         f"{K8S_CONFIG_BYTES:,} a ConfigMap holds; the largest is {host}: put it on the claim at "
+                         f"{path} yourself (kubectl cp, through a pod that mounts it) and run from a --workspace "
+                         "without it, or, for data that data.yaml names, serve it over https:// and name that URL")
+    data, binary = {}, {}
+    for path, key in keys.items():
+        content = Path(sent[path]).read_bytes()
+        try:
+            data[key] = content.decode("utf-8")
+        except UnicodeDecodeError:
+            binary[key] = base64.b64encode(content).decode("ascii")
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "immutable": True,
+            **({"data": data} if data else {}), **({"binaryData": binary} if binary else {})}
+
+
+def k8s_copy(sent: dict[str, str], opts: Options) -> list[dict]:
+    """The init container that copies the sent files from the Job's ConfigMap (mounted read-only) onto the
+    claim, before the task starts; none when nothing is sent."""
+    if not sent:
+        return []
+    return [{"name": "configs", "image": image_of(opts), "securityContext": k8s_security(), "workingDir": "/",
+             "command": ["python3", "-c", K8S_COPY, *sorted(sent)],
+             "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"},
+                              {"name": "configs", "mountPath": "/configs", "readOnly": True}]}]
 
 
 def k8s_network_policy(run: Run, meta: dict, processes: int) -> dict:
@@ -1306,18 +1466,19 @@ def k8s_network_policy(run: Run, meta: dict, processes: int) -> dict:
 
 
 def k8s_manifests(run: Run, opts: Options, job: str) -> list[dict]:
-    """The Job for one task, last, after its NetworkPolicy and, for a training of several pods, the
-    headless Service that names them."""
+    """The Job for one task, last, after its NetworkPolicy, the ConfigMap of the files it is sent (when
+    there are any) and, for a training of several pods, the headless Service that names them."""
     if opts.processes > 1 and "train" not in opts.tasks:
         raise UsageError(f"--processes applies to train only, not {', '.join(opts.tasks)}")
     processes = opts.processes if run.task == "train" else 1
     meta = {"name": job, "namespace": opts.namespace, "labels": {"app": "mnist", "mnist/task": run.task}}
-    spec = {"backoffLimit": 0, "template": k8s_pod(run, opts, job, processes)}
+    sent = k8s_sent(run, opts)
+    spec = {"backoffLimit": 0, "template": k8s_pod(run, opts, job, processes, sent)}
     if processes > 1:
         spec.update(completionMode="Indexed", completions=processes, parallelism=processes)
     if run.task == "sweep" and opts.workers > 1:  # independent pods, one worker each, on the claim's sweep_dir
         spec.update(completionMode="Indexed", completions=opts.workers, parallelism=opts.workers)
-    manifests = [k8s_network_policy(run, meta, processes),
+    manifests = [*([k8s_config_map(sent, meta)] if sent else []), k8s_network_policy(run, meta, processes),
                  {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}]
     if processes > 1:
         manifests.insert(0, {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {
@@ -1350,9 +1511,18 @@ def k8s_main(opts: Options) -> int:
     for manifest in manifests:
         k8s_validate(manifest)
     if opts.dry_run:
-        print(yaml.safe_dump_all(manifests, sort_keys=False), end="")
+        print(yaml.dump_all(manifests, Dumper=Manifests, sort_keys=False), end="")
         return 0
     return k8s_apply(opts, plans)
+
+
+class Manifests(yaml.SafeDumper):
+    """YAML as people write manifests: a text of several lines (a ConfigMap's file, a script) as a block
+    of lines (|) where YAML lets it be one with the same characters, else as a quoted string."""
+
+
+Manifests.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
 
 
 def k8s_validate(manifest: dict) -> None:
@@ -1381,7 +1551,7 @@ def k8s_apply(opts: Options, plans: list[list[dict]]) -> int:
     except config.ConfigException as e:
         raise UsageError(f"no Kubernetes cluster to talk to ({e})") from None
     api, core, batch = client.ApiClient(), client.CoreV1Api(), client.BatchV1Api()
-    apis = {"Job": batch, "Service": core, "NetworkPolicy": client.NetworkingV1Api()}
+    apis = {"Job": batch, "Service": core, "ConfigMap": core, "NetworkPolicy": client.NetworkingV1Api()}
     if opts.create_pvc:
         with contextlib.suppress(utils.FailToCreateError):  # it exists: use it
             utils.create_from_dict(api, k8s_claim(opts))

@@ -1,17 +1,21 @@
 """run-k8s up to the cluster, which cannot run here: its manifests against the Kubernetes OpenAPI schemas
 (kubernetes-validate, strict, in the session's own virtualenv: a runner-only dependency), the session's
---dry-run, and the multi-host
-wiring acted out by local processes, as the Indexed Job's pods would run it. The calls to a cluster
-(create, stream the log, delete) are not exercised: no STAND-IN here pretends to be one."""
+--dry-run, and, acted out by local processes (a STAND-IN for the pods, a folder for the claim), the
+multi-host wiring of the Indexed Job's pods and a run from an empty claim, init containers first. The
+calls to a cluster (create, stream the log, delete) are not exercised: no stand-in here pretends to be one."""
+import base64
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, digits_workspace, free_port, nox
+from conftest import ROOT, digits_workspace, free_port, make_digits, nox, npz_bytes, source_workspace
 
 import noxfile
 
@@ -140,20 +144,22 @@ def test_each_job_has_a_network_policy_that_lets_only_its_task_through(args, ing
     assert policy["spec"]["ingress"] == with_own(ingress, own) and policy["spec"]["egress"] == with_own(egress, own)
 
 
-def test_apply_deletes_what_it_made_the_job_first():
+def test_apply_deletes_what_it_made_the_job_first(tmp_path):
     """k8s_apply's clean-up, with a recorder in the API clients' place (no cluster here): the Job,
-    then its NetworkPolicy and its Service, each by its own call."""
+    then its NetworkPolicy, its ConfigMap and its Service, each by its own call."""
     calls = []
 
     class Recorder:
         def __getattr__(self, call):
             return lambda *args, **kwargs: calls.append((call, args, kwargs))
 
-    made = manifests("train", "--processes=2", "--namespace=ml")
-    noxfile.k8s_delete({"Job": Recorder(), "Service": Recorder(), "NetworkPolicy": Recorder()}, made)
+    shutil.copy(ROOT / "workspace" / "train.yaml", tmp_path)
+    made = manifests("train", "--processes=2", "--namespace=ml", workspace=tmp_path)
+    noxfile.k8s_delete({kind: Recorder() for kind in ("Job", "Service", "NetworkPolicy", "ConfigMap")}, made)
     name = made[-1]["metadata"]["name"]
     assert calls == [("delete_namespaced_job", (name, "ml"), {"propagation_policy": "Background"}),
                      ("delete_namespaced_network_policy", (name, "ml"), {}),
+                     ("delete_namespaced_config_map", (name, "ml"), {}),
                      ("delete_namespaced_service", (name, "ml"), {})]
 
 
@@ -188,11 +194,11 @@ def test_session_dry_run_prints_manifests_for_kubectl(tmp_path):
     assert bad.returncode == 1 and "run-k8s: error: --processes applies to train only" in bad.stdout + bad.stderr
 
 
-def pod_command(job: dict, index: int, workspace: Path, port: int) -> tuple[list[str], dict]:
-    """What pod `index` of the Indexed Job runs, on this machine: its mounts of the claim as folders of
-    `workspace`, its emptyDir volumes as folders of its own (pod<index>/<volume> beside `workspace`),
-    anyone's to write as Kubernetes makes them, pod 0's DNS name as 127.0.0.1, the completion index
-    that Kubernetes annotates."""
+def pod_command(job: dict, index: int, workspace: Path, port: int | None = None) -> tuple[list[str], dict]:
+    """What pod `index` of a Job runs, on this machine: its mounts of the claim as folders of `workspace`,
+    its emptyDir volumes as folders of its own (pod<index>/<volume> beside `workspace`), anyone's to
+    write as Kubernetes makes them; for an Indexed Job, pod 0's DNS name as 127.0.0.1:`port`, the
+    completion index that Kubernetes annotates."""
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
     claim = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
@@ -218,9 +224,10 @@ def pod_command(job: dict, index: int, workspace: Path, port: int) -> tuple[list
             env[variable["name"]] = str(index)
         else:
             env[variable["name"]] = local(variable["value"])
-    host, _, _ = env["JAX_COORDINATOR_ADDRESS"].rpartition(":")
-    assert host == f"{job['metadata']['name']}-0.{job['spec']['template']['spec']['subdomain']}"
-    env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{port}"
+    if port is not None:
+        host, _, _ = env["JAX_COORDINATOR_ADDRESS"].rpartition(":")
+        assert host == f"{job['metadata']['name']}-0.{job['spec']['template']['spec']['subdomain']}"
+        env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{port}"
     return [sys.executable, str(ROOT / "mnist.py"), *map(local, container["args"])], env
 
 
@@ -292,3 +299,146 @@ def test_only_the_cluster_runners_take_an_image():
     with pytest.raises(noxfile.UsageError, match="--image is an option of run-k8s and run-kubeflow, not of run-docker"):
         noxfile.parse_args(["train", "--image=mnist-jax:1"], "run-docker")
     assert noxfile.parse_args(["train", "--image=mnist-jax:1"], "run-kubeflow").image == "mnist-jax:1"
+
+
+# ------------------------------------------------------- the workspace's configs, sent to an empty claim
+def config_maps(docs: list[dict]) -> dict[str, dict]:
+    """Each ConfigMap's files by their paths on the claim, as the pod that mounts it sees them: the
+    bytes of its data (text) or binaryData, placed by the pod's items."""
+    maps = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "ConfigMap"}
+    files = {}
+    for job in (doc for doc in docs if doc["kind"] == "Job"):
+        for volume in job["spec"]["template"]["spec"]["volumes"]:
+            if "configMap" in volume:
+                config_map = maps[volume["configMap"]["name"]]
+                contents = {**{key: text.encode() for key, text in config_map.get("data", {}).items()},
+                            **{key: base64.b64decode(data) for key, data in config_map.get("binaryData", {}).items()}}
+                files[job["metadata"]["name"]] = {item["path"]: contents[item["key"]]
+                                                  for item in volume["configMap"]["items"]}
+    return files
+
+
+def test_session_dry_run_sends_the_configs_to_the_claim_in_schema_valid_manifests(tmp_path, faults):
+    """The README's run from an empty claim, printed: each task's Job comes after a ConfigMap holding,
+    byte for byte, the workspace's files it reads (download data.yaml, train train.yaml), which its pod
+    mounts read-only in the init container that copies them onto the claim; every manifest passes the
+    Kubernetes schemas (kubernetes-validate: a schema check, no cluster)."""
+    for name in ("data.yaml", "train.yaml"):
+        shutil.copy(ROOT / "workspace" / name, tmp_path / name)
+    result = nox("-s", "run-k8s", "--", "download", "train", "--create-pvc", f"--workspace={tmp_path}", "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    docs = list(yaml.safe_load_all(result.stdout))
+    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", "ConfigMap", "NetworkPolicy", "Job", "ConfigMap",
+                                         "NetworkPolicy", "Job"]
+    download, train = (doc["metadata"]["name"] for doc in docs if doc["kind"] == "Job")
+    assert config_maps(docs) == {download: {"data.yaml": (tmp_path / "data.yaml").read_bytes()},
+                                 train: {"train.yaml": (tmp_path / "train.yaml").read_bytes()}}
+    assert "data.yaml: |\n    # Where the download task" in result.stdout  # a block of lines, as people write it
+    for job in (doc for doc in docs if doc["kind"] == "Job"):
+        pod = job["spec"]["template"]["spec"]
+        [copy] = [c for c in pod["initContainers"] if c["name"] == "configs"]
+        assert {"name": "configs", "mountPath": "/configs", "readOnly": True} in copy["volumeMounts"]
+        assert copy["securityContext"] == pod["containers"][0]["securityContext"]
+        assert not any(m["name"] == "configs" for m in pod["containers"][0]["volumeMounts"])
+    assert faults(docs) == [""] * len(docs)
+
+
+def test_the_data_that_data_yaml_names_goes_beside_it_as_binary_data(tmp_path):
+    """The offline route: an npz beside data.yaml, sent as binaryData with it, to the same place on the
+    claim; a task after download reads what download wrote, and is sent nothing of it."""
+    body = npz_bytes(make_digits(64, 16))
+    workspace = source_workspace(tmp_path / "ws", body)
+    docs = manifests("download", "infer", workspace=workspace)
+    download, infer = (doc for doc in docs if doc["kind"] == "Job")
+    files = config_maps(docs)
+    assert files == {download["metadata"]["name"]: {"data.yaml": (workspace / "data.yaml").read_bytes(),
+                                                    "mnist.npz": body}}
+    assert [doc["kind"] for doc in docs].count("ConfigMap") == 1
+    assert [c["name"] for c in infer["spec"]["template"]["spec"]["initContainers"]] == ["folders"]
+
+
+def test_more_than_a_configmap_holds_is_refused_in_one_line(tmp_path):
+    workspace = source_workspace(tmp_path / "ws", os.urandom(1024 * 1024))
+    with pytest.raises(noxfile.UsageError) as refused:
+        manifests("download", workspace=workspace)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"the largest is {workspace / 'mnist.npz'}: put it on the claim at mnist.npz yourself" in message
+    assert "more than the 1,048,576 a ConfigMap holds" in message
+
+
+def test_a_file_too_big_to_send_is_refused_unread(tmp_path):
+    """The refusal comes from the files' sizes: a 64 MiB npz (sparse) and a 64 MiB data.yaml are not
+    read into memory to learn that they do not fit."""
+    workspace = source_workspace(tmp_path / "ws", b"npz")
+    os.truncate(workspace / "mnist.npz", 64 * 1024 * 1024)
+    tracemalloc.start()
+    with pytest.raises(noxfile.UsageError, match="a ConfigMap holds"):
+        manifests("download", workspace=workspace)
+    os.truncate(workspace / "data.yaml", 64 * 1024 * 1024)
+    with pytest.raises(noxfile.UsageError, match="a ConfigMap holds"):
+        manifests("download", workspace=workspace)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize("uri", ["file:///srv/mnist.npz", "/srv/mnist.npz", "C:/data/mnist.npz"])
+def test_a_path_of_this_machine_in_data_yaml_is_refused(tmp_path, uri):
+    (tmp_path / "data.yaml").write_text(f"uri: {uri}\nhash: {'0' * 64}\n")
+    with pytest.raises(noxfile.UsageError, match=f"data.yaml: uri '{uri}' is a path of this machine"):
+        manifests("download", workspace=tmp_path)
+
+
+def test_standin_pods_run_download_train_evaluate_from_an_empty_claim(tmp_path):
+    """STAND-IN for a cluster: each Job's init containers and task, in turn, as local processes on a
+    folder laid out as its pods see the claim. The copy command runs as written, from a folder holding
+    configs/ (the ConfigMap's files, as the pod's volume places them) and workspace/ (the claim, empty at
+    first); then mnist.py runs the task's arguments against the claim. The configs reach the claim, and
+    the three tasks succeed on it."""
+    workspace = source_workspace(tmp_path / "ws", npz_bytes(make_digits(512, 128)))
+    claim = tmp_path / "claim"
+    claim.mkdir()
+    docs = manifests("download", "train", "evaluate", workspace=workspace)
+    sent = config_maps(docs)
+    for index, job in enumerate(doc for doc in docs if doc["kind"] == "Job"):
+        pod, root = job["spec"]["template"]["spec"], tmp_path / f"root{index}"
+        (root / "configs").mkdir(parents=True)
+        (root / "workspace").symlink_to(claim)
+        for path, content in sent.get(job["metadata"]["name"], {}).items():
+            (root / "configs" / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / "configs" / path).write_bytes(content)
+        for init in pod["initContainers"]:
+            command = [arg.replace("/workspace", str(root / "workspace")) for arg in init["command"]]
+            subprocess.run(command, cwd=root / init.get("workingDir", "/").lstrip("/"), check=True)
+        command, env = pod_command(job, index, claim)
+        task = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+        assert task.returncode == 0, task.stderr[-2000:]
+    assert sorted(os.listdir(claim)) == ["data", "data.yaml", "logs", "mnist.npz", "model", "train.yaml"]
+    assert (claim / "train.yaml").read_bytes() == (workspace / "train.yaml").read_bytes()
+    assert json.loads((claim / "logs" / "evaluate_metrics.json").read_text())["test_accuracy"] > 0.5
+
+
+def test_a_folder_that_data_yaml_names_goes_file_by_file_to_the_same_paths(tmp_path):
+    """An image set's folder: each file under its own key (in the characters a key may hold), placed
+    back at its path by the pod's items."""
+    files = {"images/cat/1.png": b"\x89PNG cat", "images/dog x/2.png": b"\x89PNG dog", "images/.hidden": b"x"}
+    for path, content in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(content)
+    (tmp_path / "data.yaml").write_text("uri: images\n")
+    docs = manifests("download", workspace=tmp_path)
+    [sent] = config_maps(docs).values()
+    assert sent == {"data.yaml": b"uri: images\n", **files}
+    [config_map] = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    keys = [*config_map["data"], *config_map.get("binaryData", {})]
+    assert all(re.fullmatch(r"[-._a-zA-Z0-9]+", key) and not key.startswith("..") for key in keys)
+
+
+def test_a_data_yaml_that_is_not_yaml_is_refused_in_one_line(tmp_path):
+    (tmp_path / "data.yaml").write_text("uri: [mnist.npz\nhash: 0\n")
+    with pytest.raises(noxfile.UsageError) as refused:
+        manifests("download", workspace=tmp_path)
+    assert str(refused.value).startswith(f"{tmp_path / 'data.yaml'}: not a YAML file (")
+    assert "\n" not in str(refused.value)

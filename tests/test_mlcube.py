@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,6 +129,30 @@ def test_mlcube_run_replaces_a_stranger_image_of_the_cube_name(image, tmp_path):
         restore_image()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "started download" in result.stdout and (ws / "data" / "mnist.npz").is_file()
+
+
+@needs_docker
+def test_run_docker_after_mlcube_configure_says_the_image_records_no_sources(image, tmp_path):
+    """`mlcube configure` builds the image without our sources label: run-docker says that, and
+    rebuilds, rather than naming files as changed that did not change. A copy of the cube under an image
+    name of its own, so that the other tests' image stays ours."""
+    cube = cube_copy(tmp_path / "cube")
+    tag = f"mnist-configured-{os.getpid()}:0.0.1"
+    (cube / "mlcube.yaml").write_text((ROOT / "mlcube.yaml").read_text().replace(f"image: {IMAGE}", f"image: {tag}"))
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()))
+    try:
+        configured = mlcube("configure", f"--mlcube={cube}", "--platform=docker", home=tmp_path)
+        assert configured.returncode == 0, configured.stdout[-3000:] + configured.stderr[-3000:]
+        before = exited_containers()
+        result = subprocess.run([sys.executable, "-m", "nox", "-f", str(cube / "noxfile.py"), "-s", "run-docker",
+                                 "--", "download", f"--workspace={ws}"], capture_output=True, text=True, timeout=1200)
+        remove_containers(exited_containers() - before)
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ("building the image: the image in place records no sources (built by another tool, such as mlcube "
+            "configure)") in result.stderr
+    assert "changed since it was built" not in result.stderr
 
 
 def test_standin_mlcube_configure_singularity_builds_the_recipe(tmp_path):

@@ -87,11 +87,18 @@ def fresh_copy(tmp_path, real_data) -> Path:
 def run_as_written(copy: Path, text: str, tmp_path, venv: str = "") -> subprocess.CompletedProcess:
     """The commands of a README section, as a user with a new home types them in the copy, with the
     quick start's virtualenv active when `venv` names one (its bin folder)."""
-    script = "\n".join(["set -euo pipefail", *(f"echo '>>> {c}'\n{c}" for c in commands(text))])
+    return run_commands(copy, commands(text), tmp_path, venv)
+
+
+def run_commands(copy: Path, lines: list[str], tmp_path, venv: str = "") -> subprocess.CompletedProcess:
+    """Shell command lines, run as run_as_written runs a section's. pip keeps its cache where this
+    suite's does: a cache of downloads, which changes nothing that is installed."""
+    script = "\n".join(["set -euo pipefail", *(f"echo '>>> {c}'\n{c}" for c in lines)])
     before = exited_containers()
     result = subprocess.run(["bash", "-c", script], cwd=copy, capture_output=True, text=True, timeout=1800,
                             env={"PATH": f"{venv}:/usr/local/bin:/usr/bin:/bin".lstrip(":"), "HOME": str(tmp_path),
-                                 "MNIST_COMPILATION_CACHE": str(tmp_path / "cache")})
+                                 "MNIST_COMPILATION_CACHE": str(tmp_path / "cache"),
+                                 "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))})
     remove_containers(exited_containers() - before)  # what `mlcube run` left
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
@@ -136,3 +143,18 @@ def test_quick_start_runs_as_written(tmp_path, real_data, image):
         assert set(files) <= {p.name for p in (copy / "workspace" / folder).iterdir()}
     assert "singularity run --bind" in result.stdout  # the dry runs print what they would run
     assert "kind: Job" in result.stdout
+
+
+def test_the_two_opening_commands_need_nothing_but_python(tmp_path, real_data):
+    """The README's first two commands, as written, in a fresh copy with no virtualenv of ours active:
+    the first sets up, downloads (the offline route, standing in for the internet), trains and
+    evaluates; the second sets up the tests' virtualenv and passes, with one quick test selected (the
+    whole suite is this suite)."""
+    run, test = commands(README[:README.index("\n## ")])
+    assert test.endswith("nox -s tests") and run.endswith("nox -s run-local -- download train evaluate")
+    copy = fresh_copy(tmp_path, real_data)
+    result = run_commands(copy, [run, f"{test} -- tests/test_readme.py::test_annotated_mlcube_yaml_is_the_file"],
+                          tmp_path)
+    metrics = json.loads((copy / "workspace" / "logs" / "evaluate_metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.98 and (copy / "workspace" / "model" / "params.msgpack").is_file()
+    assert "1 passed" in result.stdout

@@ -4,6 +4,7 @@ processes, evaluate, a failing task, Ctrl-C, --dry-run and usage errors; the App
 binary, through the Singularity STAND-IN (tests/standin/singularity), named so."""
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -88,6 +89,15 @@ def run_slurm(*args, env):
     return nox("-s", "run-slurm", "--", *args, env=env)
 
 
+def job_record(ws: Path, task: str, env) -> dict[str, str]:
+    """What Slurm holds of the task's last job (`scontrol show job`), KEY=VALUE by key; the job's ID read
+    from the name of its output file, TASK-JOBID.out."""
+    [output] = (ws / "slurm").glob(f"{task}-*.out")
+    shown = subprocess.run(["scontrol", "show", "job", "-o", output.stem.split("-")[-1]], capture_output=True,
+                           text=True, env={**os.environ, **env}, check=True).stdout
+    return dict(field.split("=", 1) for field in shown.split() if "=" in field)
+
+
 def test_download_then_train_on_two_processes_as_a_local_run_does(tmp_path, slurm):
     ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits(2048, 256)), train_epochs=2, batch_size=64)
     result = run_slurm("download", "train", "--processes=2", f"--workspace={ws}", env=slurm)
@@ -109,6 +119,44 @@ def test_download_then_train_on_two_processes_as_a_local_run_does(tmp_path, slur
     evaluated = run_slurm("evaluate", f"--workspace={ws}", env=slurm)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:]
     assert json.loads((ws / "logs" / "evaluate_metrics.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_setup_lines_run_in_the_job_before_the_task(tmp_path, slurm):
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()))
+    marker = tmp_path / "set up"
+    result = run_slurm("download", f"--workspace={ws}", '--setup=echo "setup in job $SLURM_JOB_ID"',
+                       f"--setup=touch {shlex.quote(str(marker))}", env=slurm)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job = job_record(ws, "download", slurm)["JobId"]
+    assert marker.exists() and result.stdout.index(f"setup in job {job}\n") < result.stdout.index("started download")
+    assert (ws / "data" / "mnist.npz").is_file()
+    failed = run_slurm("download", f"--workspace={ws}", "--setup=false", env=slurm)
+    assert failed.returncode == 1 and "started download" not in failed.stdout, failed.stdout[-3000:]
+
+
+def test_cpus_per_task_reaches_the_job(tmp_path, slurm):
+    if os.cpu_count() < 2:
+        pytest.skip("the one-node cluster has one processor: 2 per task could not be given")
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()))
+    result = run_slurm("download", f"--workspace={ws}", "--cpus-per-task=2",
+                       '--setup=echo "cpus per task: $SLURM_CPUS_PER_TASK"', env=slurm)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "cpus per task: 2\n" in result.stdout and job_record(ws, "download", slurm)["CPUs/Task"] == "2"
+
+
+def test_download_is_one_task_on_one_node_whatever_train_asks_for(tmp_path, slurm):
+    """train's --processes, --nodes and --gpus are train's: download's job has one task on one node and no
+    GPU (the one-node cluster has none, so a job that asked for one would be refused)."""
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()))
+    trains = ["--processes=2", "--nodes=1-2", "--gpus=1", "--gpus-per-task=1"]
+    result = run_slurm("download", f"--workspace={ws}", *trains, env=slurm)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job = job_record(ws, "download", slurm)
+    assert (job["NumNodes"], job["NumTasks"], job.get("TresPerJob"), job.get("TresPerTask")) == ("1", "1", None, None)
+    planned = run_slurm("download", "train", f"--workspace={ws}", *trains, "--dry-run", env=slurm).stdout
+    train = planned[planned.index("#SBATCH --job-name=mnist-train"):]
+    for line in ("#SBATCH --ntasks=2", "#SBATCH --nodes=1-2", "#SBATCH --gpus=1", "#SBATCH --gpus-per-task=1"):
+        assert line in train and line not in planned[:len(planned) - len(train)]
 
 
 def test_a_failing_task_ends_the_session_with_its_status_and_line(tmp_path, slurm):
@@ -170,6 +218,13 @@ def test_dry_run_prints_the_script_that_sbatch_accepts(tmp_path, slurm):
     ("--sbatch=--mem=8G --output=/root/.bashrc", "--sbatch expects one option such as --mem=8G"),
     ("--sbatch=-o/root/.bashrc", "--sbatch expects one option such as --mem=8G"),
     ("--data_dir=/data/%u", "run-slurm takes no path with a control character or '%' (a Slurm file name pattern)"),
+    ("--setup=module load cuda\ntouch /tmp/x", "--setup expects one shell line such as 'module load cuda/12' (no "
+                                                "newline or other control character), got 'module load cuda\\ntouch"),
+    ("--setup=true\rtouch /tmp/x", "--setup expects one shell line such as 'module load cuda/12'"),
+    ("--setup= ", "--setup expects one shell line such as 'module load cuda/12'"),
+    ("--cpus-per-task=0", "--cpus-per-task expects a number of processors such as 4, got '0'"),
+    ("--gpus-per-task=all", "--gpus-per-task expects a number of GPUs such as 1, got 'all'"),
+    ("--sbatch=--cpus-per-task=4", "would set --cpus-per-task, which run-slurm sets itself: use its --cpus-per-task"),
 ])
 def test_usage_errors_are_one_line(tmp_path, option, message):
     result = nox("-s", "run-slurm", "--", "train", f"--workspace={tmp_path}", option, "--dry-run")
@@ -191,6 +246,8 @@ exit 0
     ["--time=10\ntouch {marker}"],
     ["--sbatch=--comment=x\ntouch {marker}"],
     ["--workspace={tmp}/ws\ntouch {marker}\n"],
+    ["--setup=true\ntouch {marker}"],
+    ["--setup=true\x00touch {marker}"],
 ])
 def test_an_attackers_value_never_runs_as_a_command(tmp_path, attack):
     """The reviewer's attack: the batch script run-slurm makes of these values, run by bash with a
@@ -262,3 +319,33 @@ def test_standin_container_route_runs_the_image_with_run_singularitys_confinemen
     assert "srun " + dry.stdout.strip() in (ws / "slurm" / "train.sbatch").read_text()
     assert json.loads((ws / "model" / "model.json").read_text())["epochs_run"] == 1
     assert Path(ws / ".image").is_dir()
+
+
+def test_standin_dry_run_shows_the_image_build_then_every_script_in_full(tmp_path, slurm):
+    """The container route's --dry-run, with the Singularity STAND-IN (tests/standin/singularity) on PATH:
+    the image's build command, the very one a build then runs, and each task's script as run-slurm
+    writes it; once the image is built, no build. Slurm is real: sbatch takes each script."""
+    log = tmp_path / "standin.log"
+    log.touch()
+    env = {**slurm, "PATH": f"{ROOT / 'tests' / 'standin'}:{os.environ['PATH']}", "STANDIN_LOG": str(log)}
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()))
+    options = [f"--workspace={ws}", "--container=singularity", "--setup=ulimit -c 0", "--cpus-per-task=1"]
+    planned = run_slurm("download", "train", *options, "--dry-run", env=env)
+    assert planned.returncode == 0, planned.stderr
+    first, build = planned.stdout.split("\n")[:2]
+    assert first == "# building the image first: there is no image yet" and not (ws / ".image").exists()
+    assert nox("-s", "configure-singularity", "--", f"--workspace={ws}", env=env).returncode == 0
+    [built] = [json.loads(line) for line in log.read_text().splitlines() if '"build"' in line]
+    assert shlex.split(build) == built
+    planned = run_slurm("download", "train", *options, "--dry-run", env=env).stdout
+    assert planned.startswith(f"# {ws / '.image' / noxfile.CUBE['singularity']['image']} is up to date")
+    scripts = ["#!/bin/bash" + text for text in planned.split("#!/bin/bash")[1:]]
+    assert [script.count("\nulimit -c 0\n") for script in scripts] == [1, 1]
+    for task, script in zip(["download", "train"], scripts, strict=True):
+        (tmp_path / f"{task}.sbatch").write_text(script)
+        accepted = subprocess.run(["sbatch", "--test-only", tmp_path / f"{task}.sbatch"], capture_output=True,
+                                  text=True, env={**os.environ, **env})
+        assert accepted.returncode == 0, accepted.stderr
+    ran = run_slurm("download", *options, env=env)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert (ws / "slurm" / "download.sbatch").read_text() + "\n" == scripts[0]
