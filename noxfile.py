@@ -526,6 +526,8 @@ def parse_args(args: list[str], runner: str | None = None) -> Options:
         if name not in valid:
             raise UsageError(f"unknown parameter {name!r} for {', '.join(opts.tasks)} "
                              f"(parameters: {', '.join(valid)})")
+    if opts.workers > 1 and "sweep" not in opts.tasks:
+        raise UsageError(f"--workers applies to sweep only, not {', '.join(opts.tasks)}")
     return opts
 
 

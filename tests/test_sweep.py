@@ -19,6 +19,7 @@ from test_k8s import faults, manifests  # noqa: F401 (the Kubernetes schemas, a 
 from test_slurm import slurm  # noqa: F401 (the real one-node Slurm, a fixture)
 
 import mnist
+import noxfile
 
 SWEEP = {"trials": 4, "validation_fraction": 0.1,
          "train": {"optimizer": ["adam", "momentum"], "learning_rate": {"low": 1.0e-3, "high": 1.0e-1, "log": True},
@@ -235,3 +236,10 @@ def test_run_docker_sweep_in_the_image(real_data, tmp_path, image):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(trained_by(result.stdout)) == [0, 1]
     assert (ws / "sweep" / "best.yaml").stat().st_uid == os.getuid()
+
+
+def test_workers_apply_to_sweep_alone():
+    with pytest.raises(noxfile.UsageError, match="--workers applies to sweep only, not train"):
+        noxfile.parse_args(["train", "--workers=2"], "run-local")
+    with pytest.raises(noxfile.UsageError, match="--workers is an option of run-local and run-slurm and run-k8s"):
+        noxfile.parse_args(["sweep", "--workers=2"], "run-docker")
