@@ -243,3 +243,18 @@ def test_workers_apply_to_sweep_alone():
         noxfile.parse_args(["train", "--workers=2"], "run-local")
     with pytest.raises(noxfile.UsageError, match="--workers is an option of run-local and run-slurm and run-k8s"):
         noxfile.parse_args(["sweep", "--workers=2"], "run-docker")
+
+
+def test_a_trial_is_trains_own_run_repeatable_to_the_bit(two_workers):
+    """The best trial's settings, trained again through train's code path on the same training part,
+    score the same validation accuracy as the trial did: what makes its test accuracy (measured on
+    such a rerun) the trial's own."""
+    ws, _ = two_workers
+    arrays, _, _ = mnist.load_data_dir(str(ws / "data"))
+    parts = mnist.validation_split(arrays, SWEEP["validation_fraction"], "sweep.yaml")
+    chosen = yaml.safe_load((ws / "sweep" / "best.yaml").read_text())
+    config = mnist.train_config(chosen, "best.yaml")
+    log = mnist.open_log(None, "sweep")
+    again = mnist.train_part(config, parts, mnist.spec_of(arrays), str(ws / "sweep"), -1, log)
+    summary = yaml.safe_load((ws / "sweep" / "sweep.json").read_text())
+    assert again == summary["validation_accuracy"]
