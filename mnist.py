@@ -4,6 +4,7 @@
     python mnist.py train --train_config=PATH --data_dir=PATH --model_dir=PATH --log_dir=PATH
     python mnist.py evaluate --data_dir=PATH --model_dir=PATH --log_dir=PATH
     python mnist.py infer --model_dir=PATH --images=PATH --predictions=PATH
+    python mnist.py sweep --sweep_config=PATH --data_dir=PATH --sweep_dir=PATH --log_dir=PATH
 
 Each task reads and writes only the paths it is given, so the same command runs on a laptop, in
 Docker or under Singularity, where MLCube mounts each path into the container.
@@ -93,6 +94,11 @@ COMMANDS = {
                    "or one), or image files (a folder of them, or one)", "file", False),
         "predictions": ("JSON file that receives each image's class and probabilities; an existing file "
                         "there is replaced only if infer wrote it", "file", True)}),
+    "sweep": ("Train many settings as one Optuna study, chosen on a validation split; any number of workers.", {
+        "data_dir": ("folder holding mnist.npz", "directory", False),
+        "sweep_config": ("sweep.yaml: trials, validation_fraction, train.yaml's keys fixed or searched", "file", False),
+        "sweep_dir": ("folder of the study, shared by its workers: trials.csv, best.yaml, pictures", "directory", True),
+        "log_dir": ("folder that receives mnist_sweep.log", "directory", True)}),
 }
 
 
@@ -458,6 +464,7 @@ class TrainRun(NamedTuple):
     model_dir: str
     log_dir: str
     writes: bool
+    on_epoch: Callable[[EpochMetrics], None] | None = None  # a sweep's trial reports each epoch to Optuna
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,9 +486,14 @@ MAX_STEPS = 2**31 - 1  # of a run: the optimizer's step counter is an int32
 
 def read_train_config(path: str) -> TrainConfig:
     """The training settings, or a CubeError naming the key and what it must be."""
+    return train_config(read_yaml(path), path)
+
+
+def train_config(data: object, path: str) -> TrainConfig:
+    """train.yaml's settings as read from `path` (a sweep's each trial's too), checked and resolved."""
     fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
     required = [name for name, field in fields.items() if field.default is dataclasses.MISSING]
-    config = check_keys(read_yaml(path), required, [name for name in fields if name not in required], path)
+    config = check_keys(data, required, [name for name in fields if name not in required], path)
     for key, value in config.items():
         accepted, kind = TYPES[fields[key].type.removesuffix(" | None")]
         if isinstance(value, bool) or not isinstance(value, accepted):
@@ -620,6 +632,8 @@ def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainS
                                  b"".join(to_json(dataclasses.asdict(m), indent=None) + b"\n" for m in history))
                 save_checkpoint(checkpoint, run.identity, state, history)
             log.info(history[-1].describe(config.train_epochs))
+            if run.on_epoch:
+                run.on_epoch(history[-1])
         stop_if_signalled(f"stopped after epoch {len(history)}; run the same command again to finish")
     return state, history, compile_seconds
 
@@ -947,6 +961,237 @@ def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int, names: l
         shown = f"the {len(mistakes)} most confident of {total}" if len(mistakes) < total else f"all {total}"
         figure.suptitle(f"{shown} mistakes: true → predicted (probability)")
     return draw
+
+
+# ------------------------------------ sweep: many trainings as one Optuna study, shared by its workers
+# sweep_dir holds the study (Optuna's journal, for many processes on a shared file system), a lock for
+# claiming trials, and a part file (open_part) for each running trial, whose lock says its worker lives.
+VALIDATION_SEED = 0  # splits the training images into the part trials train on and the validation part
+MAX_TRIALS = 10_000
+JOURNAL_NAME = "journal.log"
+PLOTS = ("optimization_history", "slice", "param_importances")  # Optuna's plot_NAME, saved as NAME.png
+
+
+def sweep(args: argparse.Namespace, log: logging.Logger) -> None:
+    import optuna  # here alone, so that no other task waits for its import
+    config, where = read_sweep_config(args.sweep_config), f"{args.sweep_config}: train"
+    arrays, _, _ = load_data_dir(args.data_dir)
+    parts, spec = validation_split(arrays, config["validation_fraction"], args.sweep_config), spec_of(arrays)
+    for settings in corners(config["train"]):
+        check_fits(train_config(settings, where), len(parts["x_train"]), jax.device_count(), where)
+    os.makedirs(args.sweep_dir, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs a line a trial itself
+    claims = WaitingLock(os.path.join(args.sweep_dir, LOCK_NAME))
+    journal = optuna.storages.journal.JournalFileBackend(
+        os.path.join(args.sweep_dir, JOURNAL_NAME), WaitingLock(os.path.join(args.sweep_dir, ".journal.lock")))
+    with claims:
+        study = optuna.create_study(study_name="sweep", storage=optuna.storages.JournalStorage(journal),
+                                    direction="maximize", pruner=optuna.pruners.MedianPruner(), load_if_exists=True)
+    log.info(f"read {args.sweep_config}: {config['trials']} trials, training on {len(parts['x_train'])} images, "
+             f"choosing on {len(parts['x_test'])} held out of them")
+    while claimed := claim_trial(study, config["trials"], claims, args.sweep_dir, log):
+        try:
+            run_trial(study, claimed[0], config["train"], parts, spec, claims, args.sweep_dir, log)
+        finally:  # told or not, the trial is no longer this worker's
+            claimed[1].close()
+            os.unlink(claimed[1].name)
+    with claims:
+        if finished(study, config["trials"]) and not os.path.exists(os.path.join(args.sweep_dir, "sweep.json")):
+            finish(study, config["train"], {**parts, "x_test": arrays["x_test"], "y_test": arrays["y_test"]}, spec,
+                   args.sweep_dir, log)
+
+
+def read_sweep_config(path: str) -> dict:
+    """sweep.yaml, its shape checked; sweep then checks every trial it can make as a train.yaml (corners)."""
+    config = check_keys(read_yaml(path), ["trials", "train"], ["validation_fraction"], path)
+    trials, fraction = config["trials"], config.setdefault("validation_fraction", 0.1)
+    if isinstance(trials, bool) or not isinstance(trials, int) or not 0 < trials <= MAX_TRIALS:
+        raise CubeError(f"{path}: trials must be an integer in 1..{MAX_TRIALS}, got {shorten(trials)}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise CubeError(f"{path}: validation_fraction must be a number between 0 and 1, got {shorten(fraction)}")
+    fields = [field.name for field in dataclasses.fields(TrainConfig)]
+    for key, value in check_keys(config["train"], [], fields, f"{path}: train").items():
+        where = f"{path}: train: {key}"
+        if isinstance(value, list) and (not value or any(isinstance(v, (list, dict)) for v in value)):
+            raise CubeError(f"{where}: a list is a choice of one value or more, got {shorten(value)}")
+        if isinstance(value, dict):
+            low, high = check_keys(value, ["low", "high"], ["log"], where)["low"], value["high"]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
+                raise CubeError(f"{where}: low and high must be numbers, low below high, got {low!r} and {high!r}")
+            if value.get("log", False) not in (True, False) or value.get("log") and low <= 0:
+                raise CubeError(f"{where}: log must be true or false, and true only for a positive low")
+    return config
+
+
+def corners(train: dict) -> list[dict]:
+    """Trials' settings that between them take every choice and both ends of every range."""
+    ends = {key: value if isinstance(value, list) else [value["low"], value["high"]] if isinstance(value, dict)
+            else [value] for key, value in train.items()}
+    first = {key: values[0] for key, values in ends.items()}
+    return [first] + [{**first, key: end} for key, values in ends.items() for end in values[1:]]
+
+
+def validation_split(arrays: dict, fraction: float, where: str) -> dict:
+    """The training images in two, the same on every run: x_train, y_train, the part trials train on;
+    x_test, y_test, the validation part, which run_epochs scores each epoch. No test image is in either."""
+    n = len(arrays["x_train"])
+    held = max(1, round(n * fraction))
+    if held >= n:
+        raise CubeError(f"{where}: validation_fraction {fraction} leaves none of the {n} training images to train on")
+    order = np.random.default_rng(VALIDATION_SEED).permutation(n)
+    train, validation = np.sort(order[held:]), np.sort(order[:held])
+    return {"x_train": arrays["x_train"][train], "y_train": arrays["y_train"][train],
+            "x_test": arrays["x_train"][validation], "y_test": arrays["y_train"][validation]}
+
+
+@dataclasses.dataclass
+class WaitingLock:
+    """An OS lock on the file at `path`, waited for, dying with its process: Optuna's journal lock
+    (acquire, release), and the lock that claims trials (a `with` block)."""
+    path: str
+
+    def acquire(self) -> bool:
+        self.fd = open_lock_file(self.path, shared=False)
+        while True:
+            with contextlib.suppress(BlockingIOError, PermissionError):
+                lock(self.fd, shared=False)
+                return True
+            time.sleep(0.01)
+
+    def release(self, *exception) -> None:
+        os.close(self.fd)
+
+    __enter__, __exit__ = acquire, release
+
+
+def finished(study, trials: int, running: int = 0) -> bool:
+    """Whether the study's COMPLETE and PRUNED trials, and `running` ones, make `trials`."""
+    states = [trial.state.name for trial in study.get_trials(deepcopy=False)]
+    return states.count("COMPLETE") + states.count("PRUNED") + running >= trials
+
+
+def claim_trial(study, trials: int, claims: WaitingLock, sweep_dir: str, log: logging.Logger):
+    """A new trial and the part file whose lock marks it this worker's; None when none is left to start.
+    A running trial whose lock is free is a stopped worker's: marked FAIL, its parameters queued again."""
+    from optuna.trial import TrialState
+    with claims:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for trial in list(running):
+            name = os.path.basename(trial.user_attrs.get("lock", ""))
+            with contextlib.suppress(BlockingIOError, PermissionError):  # held: its worker lives
+                if PART.fullmatch(name):
+                    with contextlib.suppress(FileNotFoundError):  # removed by a task's clean-up (main)
+                        remove_unheld(os.path.join(sweep_dir, name))
+                study.tell(trial.number, state=TrialState.FAIL)
+                study.enqueue_trial(trial.params)
+                running.remove(trial)
+                log.info(f"trial {trial.number}: its worker is gone; marked FAIL, its parameters queued again")
+        if finished(study, trials, len(running)):
+            return None
+        trial = study.ask()
+        held = open_part(sweep_dir, f"trial-{trial.number}")
+        trial.set_user_attr("lock", os.path.basename(held.name))
+        return trial, held
+
+
+def run_trial(study, trial, train: dict, parts: dict, spec: Spec, claims: WaitingLock, sweep_dir: str,
+              log: logging.Logger) -> None:
+    """Train a trial's settings as train does, scored on the validation part each epoch and pruned when
+    it trails; tell the study, and write the results."""
+    import optuna
+    settings = {key: suggest(trial, key, value) for key, value in train.items()}
+
+    def report(metrics: EpochMetrics) -> None:
+        trial.report(metrics.test_accuracy, metrics.epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned
+    try:
+        value = train_part(train_config(settings, "sweep"), parts, spec, sweep_dir, trial.number, log, report)
+    except optuna.TrialPruned:
+        value = None
+    with claims:
+        study.tell(trial, value, state=optuna.trial.TrialState.PRUNED if value is None else None)
+        write_results(study, train, sweep_dir)
+    done = study.get_trials(deepcopy=False)[trial.number]
+    log.info(f"trial {trial.number}: {done.state.name}, validation accuracy by epoch "
+             f"{', '.join(f'{a:.4f}' for a in done.intermediate_values.values())}; {trial.params}")
+
+
+def suggest(trial, key: str, value):
+    """The trial's value of one of sweep.yaml's train keys: a list's choice, a range's draw, or the value."""
+    if isinstance(value, list):
+        return trial.suggest_categorical(key, value)
+    if isinstance(value, dict):
+        whole = {field.name: field.type for field in dataclasses.fields(TrainConfig)}[key] == "int"
+        return (trial.suggest_int if whole else trial.suggest_float)(key, **value)
+    return value
+
+
+def settings_of(trial, train: dict) -> dict:
+    """A finished trial's settings as a train.yaml: sweep.yaml's fixed values and the trial's choices."""
+    return {key: trial.params.get(key, value) for key, value in train.items()}
+
+
+def train_part(config: TrainConfig, arrays: dict, spec: Spec, sweep_dir: str, number: int, log: logging.Logger,
+               on_epoch=None) -> float:
+    """The last epoch's test_accuracy of a run as train's, on `arrays`; it writes nothing, logs no epoch."""
+    quiet = log.getChild("trial")
+    quiet.setLevel(logging.WARNING)
+    run = TrainRun(config, spec, {"sweep_trial": number}, sweep_dir, sweep_dir, False, on_epoch)
+    return run_epochs(run, arrays, quiet)[1][-1].test_accuracy
+
+
+def write_results(study, train: dict, sweep_dir: str, comment: str = "") -> None:
+    """trials.csv, a row a trial, and best.yaml, the best trial's settings as a train.yaml."""
+    import csv
+    trials, table = study.get_trials(deepcopy=False), io.StringIO()
+    names = [key for key, value in train.items() if isinstance(value, (list, dict))]
+    epochs = range(1, max(max(trial.intermediate_values, default=0) for trial in trials) + 1)
+    rows = csv.writer(table, lineterminator="\n")
+    rows.writerow(["number", "state", *names, *(f"validation_accuracy_{e}" for e in epochs), "validation_accuracy",
+                   "seconds"])
+    for t in trials:
+        accuracies = [t.intermediate_values.get(e) for e in epochs] + [t.value]
+        rows.writerow([t.number, t.state.name, *(t.params.get(name) for name in names),
+                       *("" if a is None else f"{a:.4f}" for a in accuracies),
+                       f"{t.duration.total_seconds():.1f}" if t.duration else ""])
+    write_atomically(os.path.join(sweep_dir, "trials.csv"), table.getvalue().encode())
+    if any(trial.state.name == "COMPLETE" for trial in trials):
+        best = study.best_trial
+        write_atomically(os.path.join(sweep_dir, "best.yaml"), (
+            f"# trial {best.number} of the sweep: validation accuracy {best.value:.4f}{comment}\n"
+            + yaml.safe_dump(settings_of(best, train), sort_keys=False)
+        ).encode())
+
+
+def finish(study, train: dict, arrays: dict, spec: Spec, sweep_dir: str, log: logging.Logger) -> None:
+    """The best trial's test accuracy, measured once: its run again (training is deterministic), scored
+    on the test images; written to best.yaml and sweep.json. Then the pictures."""
+    best, settings = study.best_trial, settings_of(study.best_trial, train)
+    test_accuracy = train_part(train_config(settings, "best.yaml"), arrays, spec, sweep_dir, best.number, log)
+    write_results(study, train, sweep_dir, f"; test accuracy {test_accuracy:.4f}, measured once, after the "
+                  "sweep chose it")
+    write_atomically(os.path.join(sweep_dir, "sweep.json"), to_json({
+        "best_trial": best.number, "settings": settings, "validation_accuracy": best.value,
+        "test_accuracy": test_accuracy, "trials": len(study.get_trials(deepcopy=False))}))
+    log.info(f"best: trial {best.number}, validation accuracy {best.value:.4f}, test accuracy {test_accuracy:.4f} "
+             f"(measured once); written {sweep_dir}/best.yaml")
+    import matplotlib
+    matplotlib.use("Agg")  # files, no display
+    from matplotlib import pyplot
+    from optuna.visualization import matplotlib as plots
+    for name in PLOTS:
+        try:
+            with warnings.catch_warnings(action="ignore"):  # Optuna calls its matplotlib plots experimental
+                figure = np.ravel(getattr(plots, f"plot_{name}")(study, target_name="validation accuracy"))[0].figure
+        except (ValueError, RuntimeError) as e:  # importances, say, of too few trials
+            log.info(f"no {name}.png: {e}")
+            continue
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        pyplot.close(figure)
+        write_atomically(os.path.join(sweep_dir, f"{name}.png"), buffer.getvalue())
+    log.info(f"written {sweep_dir}/{', '.join(PLOTS)} as PNG")
 
 
 # --------------------------------------------------- infer: any number of images, a batch at a time
@@ -1468,7 +1713,7 @@ def eight_bit(image) -> np.ndarray:
     return np.ascontiguousarray(pixels[..., 0]) if grey else pixels
 
 
-TASKS = {"download": download, "train": train, "evaluate": evaluate, "infer": infer}  # COMMANDS's, run
+TASKS = {"download": download, "train": train, "evaluate": evaluate, "infer": infer, "sweep": sweep}  # COMMANDS's, run
 
 
 # ==================================================================================================

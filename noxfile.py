@@ -163,8 +163,13 @@ def run_local(session: nox.Session, opts: Options) -> None:
     def command(run: Run, opts: Options) -> list[str]:
         return [python, str(ROOT / "mnist.py"), run.task, *run.host_args]
 
-    run_tasks(session, opts, command,
-              lambda run, opts: subprocess.call(command(run, opts), env={**os.environ, **opts.env}))
+    def execute(run: Run, opts: Options) -> int:
+        """The task's exit code; a sweep's --workers run at once, and the first failure's code."""
+        workers = [subprocess.Popen(command(run, opts), env={**os.environ, **opts.env})
+                   for _ in range(opts.workers if run.task == "sweep" else 1)]
+        return next((code for code in [worker.wait() for worker in workers] if code), 0)
+
+    run_tasks(session, opts, command, execute)
 
 
 @runner("configure-docker", python=False)
@@ -261,7 +266,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Time to 99 % beside the references (`-- speed`), accuracy (`-- accuracy`), Conv against nn.Conv (`-- conv`)."""
+    """Time to 99 % beside the references (`-- speed`), accuracy (`-- accuracy`), Conv against nn.Conv (`-- conv`),
+    sweeps: trials a minute with 1 and 2 workers, and what pruning saves (`-- sweep`)."""
     data = Path(os.environ.get("MNIST_DATA_DIR", SHARED / "data" / "mnist"))
     if not (data / "mnist.npz").is_file():
         session.error(f"no {data / 'mnist.npz'}: set MNIST_DATA_DIR to a folder holding the real MNIST")
@@ -320,6 +326,7 @@ class Options:
     create_pvc: bool = False
     namespace: str = "default"
     processes: int = 1
+    workers: int = 1
     local: bool = False
     host: str | None = None
     nodes: str | None = None
@@ -453,6 +460,9 @@ OPTIONS = {  # every runner's options, in the order --help lists them; --NAME=PA
     "namespace": Option("=NAME  run-k8s: where the Jobs go", "namespace", runners=("run-k8s",)),
     "processes": Option("=N  run-k8s, run-slurm: train across N processes (pods, Slurm tasks)", "processes",
                         number_of_processes, ("run-k8s", "run-slurm")),
+    "workers": Option("=N  run-local, run-slurm, run-k8s: the sweep task as N processes sharing its sweep_dir "
+                      "(a job array, an Indexed Job)", "workers", number_of_processes,
+                      ("run-local", "run-slurm", "run-k8s")),
     "local": Option("  run-kubeflow: run the pipeline here, on Docker", "local", None, ("run-kubeflow",)),
     "host": Option("=URL  run-kubeflow: submit the pipeline to Kubeflow at URL", "host", runners=("run-kubeflow",)),
     "nodes": Option("=N  run-slurm: spread the processes over N nodes", "nodes",
@@ -516,6 +526,8 @@ def parse_args(args: list[str], runner: str | None = None) -> Options:
         if name not in valid:
             raise UsageError(f"unknown parameter {name!r} for {', '.join(opts.tasks)} "
                              f"(parameters: {', '.join(valid)})")
+    if opts.workers > 1 and "sweep" not in opts.tasks:
+        raise UsageError(f"--workers applies to sweep only, not {', '.join(opts.tasks)}")
     return opts
 
 
@@ -1152,12 +1164,14 @@ def slurm_directives(run: Run, opts: Options) -> dict[str, Any]:
     gpus = gpus_wanted(opts)
     if gpus and not gpus.isdigit():
         raise UsageError(f"run-slurm takes --gpus=N, a number of GPUs, not {gpus!r}")
-    output = f"{slurm_path(slurm_folder(opts))}/{run.task}-%j.out"
+    array = run.task == "sweep" and opts.workers > 1  # a job array, one task a worker, appending to one output
+    output = f"{slurm_path(slurm_folder(opts))}/{run.task}-{'%A' if array else '%j'}.out"
     if re.search(r"\s", output):
         raise UsageError(f"run-slurm writes its output's path into a #SBATCH line, which a space would end: {output!r}")
     return {"job-name": f"mnist-{run.task}", "output": output, "ntasks": opts.processes, "nodes": opts.nodes,
             "cpus-per-task": opts.cpus_per_task, "gpus-per-task": opts.gpus_per_task, "partition": opts.partition,
-            "time": opts.time, "account": opts.account, "gpus": gpus}
+            "time": opts.time, "account": opts.account, "gpus": gpus,
+            "array": array and f"0-{opts.workers - 1}", "open-mode": array and "append"}
 
 
 def slurm_script(run: Run, opts: Options, python: Path) -> str:
@@ -1464,6 +1478,8 @@ def k8s_manifests(run: Run, opts: Options, job: str) -> list[dict]:
     spec = {"backoffLimit": 0, "template": k8s_pod(run, opts, job, processes, sent)}
     if processes > 1:
         spec.update(completionMode="Indexed", completions=processes, parallelism=processes)
+    if run.task == "sweep" and opts.workers > 1:  # independent pods, one worker each, on the claim's sweep_dir
+        spec.update(completionMode="Indexed", completions=opts.workers, parallelism=opts.workers)
     manifests = [*([k8s_config_map(sent, meta)] if sent else []), k8s_network_policy(run, meta, processes),
                  {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}]
     if processes > 1:
@@ -1478,7 +1494,7 @@ def k8s_claim(opts: Options) -> dict:
     size = quantity((CUBE.get("platform") or {}).get("host_disk_space") or "2GB")
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {"name": opts.pvc, "namespace": opts.namespace, "labels": {"app": "mnist"}},
-            "spec": {"accessModes": ["ReadWriteMany" if opts.processes > 1 else "ReadWriteOnce"],
+            "spec": {"accessModes": ["ReadWriteMany" if max(opts.processes, opts.workers) > 1 else "ReadWriteOnce"],
                      "resources": {"requests": {"storage": size}}}}
 
 

@@ -2,7 +2,7 @@
 """Speed and accuracy figures of mnist.py beside the reference trainers, measured in one run.
 
     python3 .ci/bench.py NPZ [--anchors=DIR] [--references=flax_reference,torch_reference] [--before=MNIST_PY]
-                         [speed] [accuracy] [conv]
+                         [speed] [accuracy] [conv] [sweep]
 
 `nox -s bench` runs it in a virtualenv with mnist.py's requirements; on a GPU machine it runs as it is
 with any Python that has JAX (CUDA build), Flax, Optax and PyYAML: no nox, Docker or network needed.
@@ -12,8 +12,11 @@ with any Python that has JAX (CUDA build), Flax, Optax and PyYAML: no nox, Docke
   accuracy  the default workspace/train.yaml over seeds 0-2
   conv      an epoch of the benchmark config with mnist.py's Conv (a matrix product over patches), then
             with Flax's nn.Conv in its place: what the patch-matrix trick earns here
+  sweep     workspace/sweep.yaml's search, SWEEP_TRIALS trials on the first SWEEP_IMAGES training images:
+            trials per minute with 1 and 2 workers, then 1 worker without pruning: the epochs it saves
 """
 import argparse
+import csv
 import json
 import os
 import re
@@ -154,10 +157,53 @@ def conv(work: Path) -> None:
               f"test accuracy {r['model']['test_accuracy']:.4f}")
 
 
+SWEEP_TRIALS, SWEEP_IMAGES = 12, 5000
+# mnist.py with Optuna's pruner that never prunes in place of the median pruner.
+WITHOUT_PRUNING = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import optuna, mnist\n"
+                   "optuna.pruners.MedianPruner = optuna.pruners.NopPruner\n"
+                   "sys.exit(mnist.main(sys.argv[1:]))")
+
+
+def sweep(work: Path, npz: Path) -> None:
+    import numpy as np
+    real = np.load(npz)
+    (work / "sweep-data").mkdir()
+    np.savez(work / "sweep-data" / "mnist.npz", x_train=real["x_train"][:SWEEP_IMAGES],
+             y_train=real["y_train"][:SWEEP_IMAGES], x_test=real["x_test"], y_test=real["y_test"])
+    config = yaml.safe_load((ROOT / "workspace" / "sweep.yaml").read_text()) | {"trials": SWEEP_TRIALS}
+    (work / "sweep.yaml").write_text(yaml.safe_dump(config))
+    print(f"\nworkspace/sweep.yaml's search, {SWEEP_TRIALS} trials, {SWEEP_IMAGES} training images "
+          f"({config['validation_fraction']} of them for validation), warm compilation cache:")
+    mnist = [str(ROOT / "mnist.py")]
+    run_sweep(work, "warm-up", 1, mnist)  # fills the compilation cache, so that the rows compare
+    for name, workers, program in (("1 worker", 1, mnist), ("2 workers", 2, mnist),
+                                   ("1 worker, no pruning", 1, ["-c", WITHOUT_PRUNING])):
+        seconds, states, epochs = run_sweep(work, name, workers, program)
+        print(f"{name:<22} {60 * SWEEP_TRIALS / seconds:5.2f} trials/min ({seconds:.0f} s), {epochs} epochs "
+              f"trained, {states.count('PRUNED')} of {len(states)} trials pruned")
+
+
+def run_sweep(work: Path, name: str, workers: int, program: list[str]) -> tuple[float, list[str], int]:
+    """Wall seconds of `workers` sweep processes on a fresh sweep_dir, the trials' states, their epochs."""
+    folder = work / name.replace(" ", "-").replace(",", "")
+    command = [sys.executable, *program, "sweep", f"--sweep_config={work / 'sweep.yaml'}",
+               f"--data_dir={work / 'sweep-data'}", f"--sweep_dir={folder}", f"--log_dir={folder}-logs"]
+    env = {**os.environ, "MNIST_COMPILATION_CACHE": str(work / "sweep-cache")}
+    start = time.perf_counter()
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL) for _ in range(workers)]
+    if any(process.wait() for process in processes):
+        sys.exit(f"sweep {name} failed: {shlex.join(command)}")
+    seconds = time.perf_counter() - start
+    with open(folder / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    epochs = sum(1 for row in rows for key, value in row.items() if key.startswith("validation_accuracy_") and value)
+    return seconds, [row["state"] for row in rows], epochs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("npz", type=Path, help="the real MNIST, mnist.npz")
-    parser.add_argument("parts", nargs="*", metavar="speed|accuracy|conv",
+    parser.add_argument("parts", nargs="*", metavar="speed|accuracy|conv|sweep",
                         help="what to measure (default: speed and accuracy)")
     parser.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors",
                         help="folder of the reference trainers")
@@ -166,8 +212,8 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="another mnist.py to time first, cold and warm (speed)")
     args = parser.parse_intermixed_args()  # options and parts in any order
     parts = args.parts or ["speed", "accuracy"]
-    if not set(parts) <= {"speed", "accuracy", "conv"}:
-        parser.error(f"unknown part in {' '.join(parts)} (expected speed, accuracy, conv)")
+    if not set(parts) <= {"speed", "accuracy", "conv", "sweep"}:
+        parser.error(f"unknown part in {' '.join(parts)} (expected speed, accuracy, conv, sweep)")
     work = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
     (work / "data").mkdir()
     (work / "data" / "mnist.npz").symlink_to(args.npz.resolve())
@@ -177,6 +223,8 @@ def main() -> None:
         accuracy(work)
     if "conv" in parts:
         conv(work)
+    if "sweep" in parts:
+        sweep(work, args.npz.resolve())
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def test_mlcube_yaml_and_mnist_py_name_the_same_tasks_and_parameters():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["fit"], "unknown task 'fit' (tasks: download, train, evaluate, infer)"),
+    (["fit"], "unknown task 'fit' (tasks: download, train, evaluate, infer, sweep)"),
     (["train", "--fast"], "unknown option '--fast'"),
     (["train", "--data_config=x"], "unknown parameter 'data_config' for train (parameters: data_dir, log_dir,"),
     (["download", "--env=NOVALUE"], "--env expects NAME=VALUE"),
