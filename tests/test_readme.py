@@ -26,6 +26,8 @@ from conftest import (
     sha256,
 )
 
+import mnist
+
 README = (ROOT / "README.md").read_text()
 
 
@@ -59,6 +61,25 @@ def commands(text: str) -> list[str]:
 def test_annotated_mlcube_yaml_is_the_file():
     [block] = fenced(section("`mlcube.yaml`, annotated"), "yaml")
     assert yaml.safe_load(block) == yaml.safe_load((ROOT / "mlcube.yaml").read_text())
+
+
+def test_the_sweep_yaml_shown_is_the_file_and_a_valid_sweep():
+    [block] = fenced(section("Sweeps: which learning rate?"), "yaml")
+    assert block == (ROOT / "workspace" / "sweep.yaml").read_text()
+    assert mnist.read_sweep_config(str(ROOT / "workspace" / "sweep.yaml"))["trials"] == 24
+
+
+def test_every_config_mlcube_yaml_names_is_tracked_in_the_workspace():
+    """A fresh clone holds each config a task reads from the workspace (a .gitignore that hides one
+    would pass every test that writes its own)."""
+    tracked = subprocess.run(["git", "ls-files", "workspace"], cwd=ROOT, capture_output=True, text=True).stdout
+    if not tracked:
+        pytest.skip("not a git checkout")
+    cube = yaml.safe_load((ROOT / "mlcube.yaml").read_text())
+    configs = {spec["default"] for task in cube["tasks"].values() for spec in task["parameters"]["inputs"].values()
+               if spec["default"].endswith(".yaml")}
+    assert configs == {"data.yaml", "train.yaml", "sweep.yaml"}
+    assert {f"workspace/{name}" for name in configs} <= set(tracked.split())
 
 
 def test_the_quick_start_names_every_runner_beside_mlcube():
