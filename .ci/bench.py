@@ -16,15 +16,19 @@ with any Python that has JAX (CUDA build), Flax, Optax and PyYAML: no nox, Docke
             trials per minute with 1 and 2 workers, then 1 worker without pruning: the epochs it saves
 """
 import argparse
+import contextlib
 import csv
+import datetime
 import json
 import os
+import platform
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -96,22 +100,23 @@ def speed(work: Path, npz: Path, anchors: Path, references: list[str], before: P
 
 
 def report_speed(rows: dict[str, dict], missing: dict[str, Path]) -> None:
-    """The table of speed's runs, each against mnist.py warm, then the Flax-shaped reference's ratios:
-    a reference in `missing` (its name, the path it was looked for at) gets a line saying so, and no
-    ratio is ever printed against it."""
+    """The table of speed's runs, each against mnist.py warm, as Markdown under the machine it ran on (the
+    README's table is this output), then the Flax-shaped reference's ratios: a reference in `missing`
+    (its name, the path it was looked for at) gets a line saying so, and no ratio is ever printed against it."""
     model = rows["mnist.py warm"]["model"]
-    print(f"\nTime to 99 % test accuracy, whole process, on {model['backend']} ({model['device_kind']}); "
-          f"mnist.py with {TARGET_CONFIG}:")
-    print(f"{'system':<16} {'to 99 % (s)':>12} {'epochs':>7} {'run (s)':>8} {'final acc':>10} "
-          f"{'peak MB':>8} {'/ warm':>7}")
+    print(f"\nTime to 99 % test accuracy, whole process, mnist.py with {TARGET_CONFIG}; {machine()}, "
+          f"{model['backend']} ({model['device_kind']}):\n")
+    print("| system | to 99 % (s) | epochs | whole run (s) | final accuracy | peak MB | / mnist.py warm |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     ours = rows["mnist.py warm"]["to_99"]
     for name, r in rows.items():
-        to_99 = f"{r['to_99']:.2f}" if r["to_99"] else f">{r['seconds']:.0f}"
+        to_99 = f"{r['to_99']:.2f}" if r["to_99"] else f"not reached in {r['seconds']:.0f}"
         ratio = (r["to_99"] or r["seconds"]) / ours if ours else float("nan")
-        print(f"{name:<16} {to_99:>12} {r['epochs_to_99'] or '-':>7} {r['seconds']:>8.2f} "
-              f"{r['accuracy']:>10.4f} {r['peak_mb']:>8.0f} {ratio:>6.1f}{'' if r['to_99'] else '+'}")
+        print(f"| {name} | {to_99} | {r['epochs_to_99'] or '-'} | {r['seconds']:.2f} | {100 * r['accuracy']:.2f} % "
+              f"| {r['peak_mb']:.0f} | {ratio:.1f}{'' if r['to_99'] else '+'} |")
     for name, path in missing.items():
-        print(f"{name:<16} not measured: no reference trainer at {path}, so no ratio against it")
+        print(f"| {name} | not measured: no reference trainer at {path}, so no ratio against it | | | | | |")
+    print()
     cold = rows["mnist.py cold"]
     if "flax_reference" in missing:
         print("Against the Flax-shaped reference: no ratio, it is missing (targets: 22x cold, 30x warm)")
@@ -128,6 +133,18 @@ def report_speed(rows: dict[str, dict], missing: dict[str, Path]) -> None:
         print(f"{name}: compiled in {r['model']['compile_seconds']:.2f} s (lowering to MLIR {lowered:.2f} s in "
               f"all; XLA, or loading from the cache, in parallel: {programs}); training to 99 % {reached}, "
               f"{r['model']['images_per_second']:.0f} images/s")
+
+
+def machine() -> str:
+    """The machine the figures come from: its cores, CPU model and whether it has AVX-512 (read from
+    /proc/cpuinfo where there is one), Python's and JAX's versions, and the date."""
+    cpu, vector = platform.machine(), ""
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+        cpu, vector = (model[1] if model else cpu), (" with AVX-512" if " avx512f" in info else " without AVX-512")
+    return (f"{os.cpu_count()}-core {cpu}{vector}, Python {platform.python_version()}, JAX {version('jax')}, "
+            f"{datetime.date.today()}")
 
 
 def accuracy(work: Path) -> None:

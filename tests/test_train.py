@@ -361,10 +361,22 @@ def test_bench_prints_no_ratio_against_a_missing_reference(tmp_path, capsys):
     missing = tmp_path / "flax_reference.py"
     bench.report_speed(ours, {"flax_reference": missing})
     lines = capsys.readouterr().out.splitlines()
-    assert [" ".join(line.split()) for line in lines if line.startswith("flax_reference")] == [
-        f"flax_reference not measured: no reference trainer at {missing}, so no ratio against it"]
+    assert [line for line in lines if "flax_reference" in line] == [
+        f"| flax_reference | not measured: no reference trainer at {missing}, so no ratio against it | | | | | |"]
     assert [line for line in lines if "Flax-shaped" in line] == [
         "Against the Flax-shaped reference: no ratio, it is missing (targets: 22x cold, 30x warm)"]
+
+
+def test_bench_table_is_markdown_under_the_machine_it_ran_on(capsys):
+    """The speed table as the README shows it: a Markdown table, one row a run, under a line that names
+    the machine (cores, CPU, AVX-512 or not, Python, JAX, date)."""
+    bench = load_bench()
+    bench.report_speed({"mnist.py cold": bench_run(12.0), "mnist.py warm": bench_run(8.0)}, {})
+    out = capsys.readouterr().out
+    assert f"{os.cpu_count()}-core " in out and "AVX-512" in out and f"JAX {jax.__version__}" in out
+    rows = [line for line in out.splitlines() if line.startswith("| mnist.py")]
+    assert rows == ["| mnist.py cold | 12.00 | 3 | 13.00 | 99.10 % | 900 | 1.5 |",
+                    "| mnist.py warm | 8.00 | 3 | 9.00 | 99.10 % | 900 | 1.0 |"]
 
 
 def test_architecture_describes_a_layer_without_a_kernel(monkeypatch):
