@@ -580,11 +580,7 @@ def check_data(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarra
                             f"found {y.dtype} {'×'.join(map(str, y.shape))}")
         if y.min() < 0:
             raise CubeError(f"{where}: y_{split} labels must be 0 or more, found {y.min()}")
-    check_classes(arrays["y_train"], arrays["y_test"], where)
-    return arrays
-
-
-def check_classes(y_train: np.ndarray, y_test: np.ndarray, where: str) -> None:
+    y_train, y_test = arrays["y_train"], arrays["y_test"]
     classes = int(y_train.max()) + 1
     if classes < 2:
         raise CubeError(f"{where}: y_train holds one class only; a classifier needs two at least")
@@ -594,6 +590,7 @@ def check_classes(y_train: np.ndarray, y_test: np.ndarray, where: str) -> None:
                         f"{', '.join(map(str, absent[:5]))}{', ...' if len(absent) > 5 else ''} never appear")
     if y_test.max() >= classes:
         raise CubeError(f"{where}: y_test has label {y_test.max()}, which no training image has (0..{classes - 1})")
+    return arrays
 
 
 def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainState, list[EpochMetrics], float]:
@@ -891,7 +888,7 @@ def model_spec(summary: object, path: str) -> Spec:
 
 
 def whole(value: object, low: int, high: int) -> bool:
-    """Whether a value read from JSON is a whole number (not a bool) from `low` to `high`."""
+    """Whether a value read from JSON or YAML is a whole number (not a bool) from `low` to `high`."""
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
@@ -1005,7 +1002,7 @@ def read_sweep_config(path: str) -> dict:
     """sweep.yaml, its shape checked; sweep then checks every trial it can make as a train.yaml (corners)."""
     config = check_keys(read_yaml(path), ["trials", "train"], ["validation_fraction"], path)
     trials, fraction = config["trials"], config.setdefault("validation_fraction", 0.1)
-    if isinstance(trials, bool) or not isinstance(trials, int) or not 0 < trials <= MAX_TRIALS:
+    if not whole(trials, 1, MAX_TRIALS):
         raise CubeError(f"{path}: trials must be an integer in 1..{MAX_TRIALS}, got {shorten(trials)}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise CubeError(f"{path}: validation_fraction must be a number between 0 and 1, got {shorten(fraction)}")
@@ -1397,7 +1394,7 @@ def read_source(entry: dict, base: str, where: str) -> Source:
     if "hash" in entry and not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise CubeError(f"{where}: hash must be a SHA-256 digest (64 hex digits, 'sha256:' prefix "
                         f"optional), got {shorten(entry['hash'])}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_DECLARED_BYTES):
+    if size is not None and not whole(size, 1, MAX_DECLARED_BYTES):
         raise CubeError(f"{where}: size must be the file's size in bytes, 1 to {MAX_DECLARED_BYTES}, "
                         f"got {shorten(size)}")
     return Source(resolve_uri(str(entry["uri"]), base, where), digest, size)
@@ -1421,19 +1418,14 @@ def resolve_uri(uri: str, base: str, where: str) -> str:
         uri = urllib.request.url2pathname(parts.path)
     elif parts.scheme == "":  # a plain path is relative to the config file, as it is in the container
         uri = os.path.join(base, uri)
-    elif parts.scheme in ("http", "https"):
-        uri = ascii_uri(uri, parts, where)
+    elif parts.scheme in ("http", "https"):  # non-ASCII characters percent-encoded as UTF-8, as browsers do
+        if not parts.netloc.isascii():
+            raise CubeError(f"{where}: the host in {shorten(uri)} is not ASCII; write it in its ASCII form (xn--...)")
+        uri = urllib.parse.quote(uri, safe="".join(map(chr, range(33, 127))))
     else:
         raise CubeError(f"{where}: unsupported uri scheme {shorten(parts.scheme + ':')} in {shorten(uri)} "
                         "(expected http://, https://, file:// or a local path)")
     return uri
-
-
-def ascii_uri(uri: str, parts: urllib.parse.SplitResult, where: str) -> str:
-    """An http(s) uri as servers take it: non-ASCII characters percent-encoded as UTF-8, as browsers do."""
-    if not parts.netloc.isascii():
-        raise CubeError(f"{where}: the host in {shorten(uri)} is not ASCII; write it in its ASCII form (xn--...)")
-    return urllib.parse.quote(uri, safe="".join(map(chr, range(33, 127))))
 
 
 MAX_URI_CHARS = 2048
@@ -1527,8 +1519,8 @@ def read_image_config(config: dict, path: str) -> ImageSet | None:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise CubeError(f"{path}: test_fraction must be a number between 0 and 1 (exclusive), got {shorten(fraction)}")
     size = config.get("image_size")
-    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(
-            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_IMAGE_SIDE for n in size)):
+    valid_size = isinstance(size, list) and len(size) == 2 and all(whole(n, 1, MAX_IMAGE_SIDE) for n in size)
+    if size is not None and not valid_size:
         raise CubeError(f"{path}: image_size must be [height, width], each 1 to {MAX_IMAGE_SIDE}, got {shorten(size)}")
     source = read_source(config, os.path.dirname(os.path.abspath(path)), path)
     return ImageSet(source, folder, float(fraction), tuple(size) if size else None)
@@ -1720,8 +1712,6 @@ TASKS = {"download": download, "train": train, "evaluate": evaluate, "infer": in
 # The machinery
 # What knows nothing of MNIST or of learning, and keeps careless hands and bad luck from losing work:
 # each part says what it guards against. It uses no name of the sections above.
-
-
 # ==================================================================================================
 
 
@@ -1822,11 +1812,15 @@ NO_WAIT = getattr(os, "O_NONBLOCK", 0)  # a FIFO opens at once, to be refused, i
 
 def open_regular(path: str, where: str | None = None):
     """`path` opened for binary reading; a device or FIFO (endless, or waiting for a writer) is refused."""
-    fd = os.open(path, os.O_RDONLY | NO_WAIT)
+    return os.fdopen(regular(os.open(path, os.O_RDONLY | NO_WAIT), where or path, "give a file"), "rb")
+
+
+def regular(fd: int, where: str, advice: str) -> int:
+    """The open file `fd`, if a regular file; a device, FIFO or socket is closed, and refused with `advice`."""
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise CubeError(f"{where or path}: not a regular file (a device, FIFO or socket); give a file")
-    return os.fdopen(fd, "rb")
+        raise CubeError(f"{where}: not a regular file (a device, FIFO or socket); {advice}")
+    return fd
 
 
 @contextlib.contextmanager
@@ -2076,10 +2070,7 @@ def open_for_appending(path: str):
     """`path` opened to append text, created if missing, as a regular file and never through a link.
     A link planted at a log's path would have the task write where it points."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CubeError(f"{path}: not a regular file (a device, FIFO or socket); remove it, or choose another folder")
-    return os.fdopen(fd, "a", encoding="utf-8")
+    return os.fdopen(regular(fd, path, "remove it, or choose another folder"), "a", encoding="utf-8")
 
 
 # ------ atomic files and locks: no half-written output, no two runs mixed, no file of yours touched
@@ -2239,10 +2230,7 @@ def open_lock_file(path: str, shared: bool) -> int | None:
             if e.errno in (errno.ENOENT, errno.EACCES):
                 return None
             raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CubeError(f"{path}: not a regular file (a device, FIFO or socket); remove it")
-    return fd
+    return regular(fd, path, "remove it")
 
 
 def sha256_of(path: str, limit: int) -> str | None:
@@ -2473,8 +2461,6 @@ def redeliver_signals(unraisable) -> None:
 # ==================================================================================================
 # The process
 # The cluster a run may join, logs, the compilation cache, and main.
-
-
 # ==================================================================================================
 CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
 SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
