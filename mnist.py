@@ -348,11 +348,6 @@ def score(params, images: jax.Array, labels: jax.Array, pixel_max: int) -> tuple
     return cross_entropy(logits, labels), (predicted == labels).mean(), predicted
 
 
-def default_learning_rate(optimizer: str, batch_size: int) -> float:
-    """The optimizer's peak rate times sqrt(batch_size / 128): noisier small batches want smaller steps."""
-    return OPTIMIZERS[optimizer][1] * (batch_size / 128) ** 0.5
-
-
 # ------------------------------------------------------------------- compiled programs and sharding
 MAX_STEPS_PER_CALL = 64  # see steps_per_call
 
@@ -510,8 +505,9 @@ def train_config(data: object, path: str) -> TrainConfig:
         raise CubeError(f"{path}: seed must lie in 0..{MAX_SEED}, got {shorten(config['seed'])}")
     if not 0 < config.get("target_accuracy", 1) <= 1:
         raise CubeError(f"{path}: target_accuracy must lie in (0, 1], got {shorten(config['target_accuracy'])}")
-    return TrainConfig(**{"learning_rate": default_learning_rate(config["optimizer"], config["batch_size"]),
-                          **config})
+    # The default rate: the optimizer's peak times sqrt(batch_size / 128), as noisier small batches want smaller steps
+    peak_rate = OPTIMIZERS[config["optimizer"]][1] * (config["batch_size"] / 128) ** 0.5
+    return TrainConfig(**{"learning_rate": peak_rate, **config})
 
 
 def check_fits(config: TrainConfig, n: int, devices: int, path: str) -> None:
@@ -666,14 +662,10 @@ def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, ep
         in_flight.append(loss_sum)
         if len(in_flight) > MAX_IN_FLIGHT:
             in_flight.popleft().block_until_ready()
-        show_progress(epoch, first + count, steps)
+        if sys.stderr.isatty():  # a live step counter; nothing in logs, where the epoch lines say enough
+            done = first + count
+            sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
     return state, loss_sum
-
-
-def show_progress(epoch: int, done: int, steps: int) -> None:
-    """A live step counter on a terminal; nothing in logs, where the epoch lines say enough."""
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
 
 
 def reached_target(config: TrainConfig, metrics: EpochMetrics) -> bool:
@@ -2350,15 +2342,11 @@ def stream(source, out, total: int | None, uri: str, limit: int, why: str) -> tu
         write_staged(out, chunk)
         sha.update(chunk)
         progress.show(size)
-        check_rate(uri, size, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        if seconds > HTTP_TIMEOUT and size < MIN_RATE * seconds:  # a trickle holds no task for ever
+            raise CubeError(f"{uri}: slower than {MIN_RATE / 1000:g} kB/s on average ({size} bytes in "
+                            f"{seconds:.0f} s); check the network, or point uri at a local copy")
     return sha.hexdigest(), size
-
-
-def check_rate(uri: str, size: int, seconds: float) -> None:
-    """Refuse a transfer averaging under MIN_RATE after HTTP_TIMEOUT: a trickle holds no task for ever."""
-    if seconds > HTTP_TIMEOUT and size < MIN_RATE * seconds:
-        raise CubeError(f"{uri}: slower than {MIN_RATE / 1000:g} kB/s on average ({size} bytes in {seconds:.0f} s); "
-                        "check the network, or point uri at a local copy")
 
 
 # Not tqdm: into a log it writes every redraw, where this writes a line at each quarter.
