@@ -621,8 +621,8 @@ def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainS
                 epoch, float(loss_sum) / steps, test_loss, test_accuracy, epoch_seconds,
                 (history[-1].elapsed_seconds if history else 0) + epoch_seconds))
             if run.writes:
-                write_atomically(os.path.join(run.log_dir, "train_metrics.jsonl"),
-                                 b"".join(to_json(dataclasses.asdict(m), indent=None) + b"\n" for m in history))
+                write_json(os.path.join(run.log_dir, "train_metrics.jsonl"), [dataclasses.asdict(m) for m in history],
+                           lines=True)
                 save_checkpoint(checkpoint, run.identity, state, history)
             log.info(history[-1].describe(config.train_epochs))
             if run.on_epoch:
@@ -731,7 +731,7 @@ def write_model(run: TrainRun, n: int, state: TrainState, history: list[EpochMet
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
         **provenance(),
     }
-    write_atomically(os.path.join(run.model_dir, "model.json"), to_json(summary))
+    write_json(os.path.join(run.model_dir, "model.json"), summary)
     save_plot(os.path.join(run.log_dir, "training_curves.png"), draw_curves(history), log)
     os.unlink(os.path.join(run.model_dir, CHECKPOINT_NAME))  # the run is complete: a rerun starts afresh
     log.info(f"written {run.model_dir}/params.msgpack and model.json: test_accuracy {last.test_accuracy:.4f}")
@@ -818,7 +818,7 @@ def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
         "mistakes": len(wrong), "mistakes_shown": mistakes,  # as mistakes.png draws them
         "data_sha256": data_sha256, **provenance(),
     }
-    write_atomically(os.path.join(args.log_dir, "evaluate_metrics.json"), to_json(metrics))
+    write_json(os.path.join(args.log_dir, "evaluate_metrics.json"), metrics)
     same = (metrics["test_accuracy"], metrics["test_loss"]) == (summary["test_accuracy"], summary["test_loss"])
     log.info(f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} on "
              f"{len(labels)} images: {'the same as' if same else 'different from'} what train recorded")
@@ -1160,9 +1160,9 @@ def finish(study, train: dict, arrays: dict, spec: Spec, sweep_dir: str, log: lo
     test_accuracy = train_part(train_config(settings, "best.yaml"), arrays, spec, sweep_dir, best.number, log)
     write_results(study, train, sweep_dir, f"; test accuracy {test_accuracy:.4f}, measured once, after the "
                   "sweep chose it")
-    write_atomically(os.path.join(sweep_dir, "sweep.json"), to_json({
+    write_json(os.path.join(sweep_dir, "sweep.json"), {
         "best_trial": best.number, "settings": settings, "validation_accuracy": best.value,
-        "test_accuracy": test_accuracy, "trials": len(study.get_trials(deepcopy=False))}))
+        "test_accuracy": test_accuracy, "trials": len(study.get_trials(deepcopy=False))})
     log.info(f"best: trial {best.number}, validation accuracy {best.value:.4f}, test accuracy {test_accuracy:.4f} "
              f"(measured once); written {sweep_dir}/best.yaml")
     import matplotlib
@@ -1434,7 +1434,7 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
     if npz_in_place(final, expected, log):
         complete = {**record, NPZ_NAME: expected, "bytes": os.path.getsize(final)}
         if read_record(record_path) != complete:  # a run killed before writing it
-            write_atomically(record_path, to_json(complete))
+            write_json(record_path, complete)
         return
     if NPZ_NAME in sources:
         with staged(final) as (out, tmp):
@@ -1448,7 +1448,7 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
         write_atomically(final, data)
         record[NPZ_NAME] = hashlib.sha256(data).hexdigest()
     record["bytes"] = os.path.getsize(final)  # train and evaluate read it as large as this, no larger
-    write_atomically(record_path, to_json(record))
+    write_json(record_path, record)
     log.info(f"written {final} (SHA-256 {record[NPZ_NAME]})")
 
 
@@ -1538,7 +1538,7 @@ def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> 
     record = {"sources": {"images": source}, "class_names": names,
               "class_counts": {name: {split: len(splits[split].get(name, [])) for split in SPLITS} for name in names},
               NPZ_NAME: hashlib.sha256(buffer.getvalue()).hexdigest(), "bytes": os.path.getsize(final)}
-    write_atomically(record_path, to_json(record))
+    write_json(record_path, record)
     log.info(f"written {final} ({len(arrays['x_train'])} training and {len(arrays['x_test'])} test images "
              f"of {len(names)} classes; SHA-256 {record[NPZ_NAME]})")
 
@@ -2075,6 +2075,14 @@ def write_atomically(path: str, data: bytes) -> None:
     with staged(path) as (out, tmp):
         write_staged(out, data)
         move_into_place(out, tmp, path)
+
+
+def write_json(path: str, value: object, lines: bool = False) -> None:
+    """Write `value` as strict JSON (to_json), atomically; with `lines`, a list as JSON Lines, an item a line."""
+    if lines:
+        write_atomically(path, b"".join(to_json(item, indent=None) + b"\n" for item in value))
+    else:
+        write_atomically(path, to_json(value))
 
 
 @contextlib.contextmanager
