@@ -1194,20 +1194,19 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
     params, spec, _ = load_model(args.model_dir)
     os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
     with (image_batches(args.images, INFER_BATCH, spec.image_shape) as (count, batches, names),
-          staged(args.predictions) as (out, tmp)):
+          atomic_writer(args.predictions) as write):
         size = min(INFER_BATCH, count)  # every call the same shape: one program
         classify = compile_scoring(class_probabilities, spec, params,
                                    jax.ShapeDtypeStruct((size, *spec.image_shape), np.uint8))
-        write_staged(out, PREDICTIONS_START + to_json(args.images, None) + b', "predictions": [')
+        write(PREDICTIONS_START + to_json(args.images, None) + b', "predictions": [')
         for i, images in enumerate(batches):
             padded = np.pad(images, ((0, size - len(images)), *[(0, 0)] * len(spec.image_shape)))
             probabilities = np.asarray(classify(params, padded))[:len(images)]
             rows = [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probabilities]
             if names:  # image files: each row names its file
                 rows = [{"file": name, **row} for name, row in zip(names[i * INFER_BATCH:], rows, strict=False)]
-            write_staged(out, (b", " if i else b"") + b", ".join(to_json(row, None) for row in rows))
-        write_staged(out, b"]}")
-        move_into_place(out, tmp, args.predictions)
+            write((b", " if i else b"") + b", ".join(to_json(row, None) for row in rows))
+        write(b"]}")
     log.info(f"classified {count} images from {args.images}; written {args.predictions}")
 
 
@@ -2072,9 +2071,8 @@ PART = re.compile(r"\..+\.mnist-\d+-[0-9a-f]{8}\.part")  # our temporary files: 
 
 
 def write_atomically(path: str, data: bytes) -> None:
-    with staged(path) as (out, tmp):
-        write_staged(out, data)
-        move_into_place(out, tmp, path)
+    with atomic_writer(path) as write:
+        write(data)
 
 
 def write_json(path: str, value: object, lines: bool = False) -> None:
@@ -2083,6 +2081,14 @@ def write_json(path: str, value: object, lines: bool = False) -> None:
         write_atomically(path, b"".join(to_json(item, indent=None) + b"\n" for item in value))
     else:
         write_atomically(path, to_json(value))
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str):
+    """A function that writes bytes to a staged file, which moves to `path` when the block ends without error."""
+    with staged(path) as (out, tmp):
+        yield functools.partial(write_staged, out)
+        move_into_place(out, tmp, path)
 
 
 @contextlib.contextmanager
