@@ -281,8 +281,7 @@ def state_initializer(config: TrainConfig, total_steps: int, spec: Spec) -> Call
     """The function of the seed that makes a run's first state: parameters and the scheduled optimizer.
     Its key is RBG, not the default Threefry: the pinned params digest and README's figures come from it."""
     make, _ = OPTIMIZERS[config.optimizer]
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, total_steps // 20, total_steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, total_steps // 20, total_steps)
     tx = make(schedule)
 
     def init(seed: jax.Array) -> TrainState:
@@ -389,10 +388,8 @@ def compile_programs(config: TrainConfig, data: dict, mesh: Mesh, spec: Spec) ->
         state.average, data["x_test"], data["y_test"])
     lowered = {"init": init, "steps": run_steps, "score": scoring}
     with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
-        compiling = {name: pool.submit(compile_program, program, name)
-                     for name, program in lowered.items()}
-    return Programs(**{name: future.result() for name, future in compiling.items()}, count=count,
-                    batch_size=batch_size)
+        compiling = {name: pool.submit(compile_program, program, name) for name, program in lowered.items()}
+    return Programs(**{name: future.result() for name, future in compiling.items()}, count=count, batch_size=batch_size)
 
 
 def compile_program(program: jax.stages.Lowered, name: str) -> jax.stages.Compiled:
@@ -1335,8 +1332,7 @@ def read_batches(f, count: int, batch: int, where: str, image_shape: tuple[int, 
 NPZ_NAME = "mnist.npz"
 RECORD_NAME = "download.json"  # where the npz came from, and its SHA-256
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
-IDX_FILES = {"train_images": "x_train", "train_labels": "y_train",
-             "test_images": "x_test", "test_labels": "y_test"}
+IDX_FILES = {"train_images": "x_train", "train_labels": "y_train", "test_images": "x_test", "test_labels": "y_test"}
 
 
 def download(args: argparse.Namespace, log: logging.Logger) -> None:
@@ -1423,8 +1419,7 @@ MAX_URI_CHARS = 2048
 WINDOWS_PATH = re.compile(r"[A-Za-z]:[\\/]|\\\\")  # a drive's path, or a UNC path
 
 
-def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_dir: str,
-                     log: logging.Logger) -> None:
+def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_dir: str, log: logging.Logger) -> None:
     final = os.path.join(data_dir, NPZ_NAME)
     record_path = os.path.join(data_dir, RECORD_NAME)
     record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()},
@@ -1436,9 +1431,7 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
             write_json(record_path, complete)
         return
     if NPZ_NAME in sources:
-        with staged(final) as (out, tmp):
-            fetch_source(sources[NPZ_NAME], out, log)
-            out.flush()
+        with fetched(sources[NPZ_NAME], final, log) as (out, tmp):
             load_mnist(tmp, sources[NPZ_NAME].uri, size_limit(sources[NPZ_NAME])[0])
             move_into_place(out, tmp, final)
         record[NPZ_NAME] = sources[NPZ_NAME].sha256
@@ -1469,9 +1462,7 @@ def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) ->
     """Fetch and verify the four IDX files beside `final`, then pack their arrays as the Keras-layout npz."""
     arrays = {}
     for name, key in IDX_FILES.items():
-        with staged(final) as (out, tmp):
-            fetch_source(sources[name], out, log)
-            out.flush()
+        with fetched(sources[name], final, log) as (_, tmp):
             arrays[key] = read_idx(tmp, sources[name].uri)
     buffer = io.BytesIO()
     np.savez(buffer, **check_data(arrays, "the IDX files"))
@@ -1555,9 +1546,7 @@ def read_image_files(images: ImageSet, final: str, log: logging.Logger) -> tuple
                             "(over its files' names and bytes); the folder changed or the hash is wrong")
         log.info(f"read {len(files)} files from {images.source.uri} (SHA-256 {digest})")
         return files, digest
-    with staged(final) as (out, tmp):
-        fetch_source(images.source, out, log)
-        out.flush()
+    with fetched(images.source, final, log) as (_, tmp):
         files = read_archive(tmp, images.source.uri, limit)
     return files, images.source.sha256
 
@@ -2268,6 +2257,15 @@ class Source(NamedTuple):
     uri: str
     sha256: str
     size: int | None
+
+
+@contextlib.contextmanager
+def fetched(source: Source, beside: str, log: logging.Logger):
+    """The source fetched and verified (fetch_source) into a staged file beside `beside`: the file, its path."""
+    with staged(beside) as (out, tmp):
+        fetch_source(source, out, log)
+        out.flush()
+        yield out, tmp
 
 
 def fetch_source(source: Source, out, log: logging.Logger) -> None:
