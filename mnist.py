@@ -1260,7 +1260,7 @@ def image_file_names(path: str) -> list[str]:
     """The image files infer classifies: a folder's (IMAGE_SUFFIXES, in walk_files' order), or the one."""
     if not os.path.isdir(path):
         return [os.path.basename(path)]
-    names = [name for name, _ in walk_files(path) if name.lower().endswith(IMAGE_SUFFIXES)]  # OSError: outcome's one line
+    names = [name for name, _ in walk_files(path) if name.lower().endswith(IMAGE_SUFFIXES)]  # OSError: outcome's line
     if not names:
         raise CubeError(f"{path}: holds no image files")
     return names
