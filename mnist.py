@@ -736,24 +736,16 @@ def write_model(run: TrainRun, n: int, state: TrainState, history: list[EpochMet
 
 def provenance() -> dict:
     """The image that ran the task, as outputs record it: its ID and the SHA-256 of each of its sources.
-    The ID is MNIST_IMAGE, which our runners set and MLCube's do not; the digests, which its build
-    recorded, name the code under any runner. Both None outside an image."""
-    return {"image": os.environ.get("MNIST_IMAGE") or None, "image_sources": image_sources()}
-
-
-def image_sources() -> dict[str, str] | None:
-    """The image's sources as {file: SHA-256}, from the sha256sum lines at MNIST_IMAGE_SOURCES, or None.
-    The runners' rebuild check compares this fingerprint."""
-    path = os.environ.get("MNIST_IMAGE_SOURCES")
-    if not path:
-        return None
-    try:
-        with open_regular(path) as f:
-            lines = f.read(MAX_CONFIG_BYTES).decode().splitlines()
-    except (OSError, UnicodeDecodeError, CubeError):
-        return None
-    pairs = [line.split(None, 1) for line in lines]
-    return {pair[1]: pair[0] for pair in pairs if len(pair) == 2}
+    The ID is MNIST_IMAGE, which our runners set and MLCube's do not; the digests, {file: SHA-256} from
+    the sha256sum lines its build recorded at MNIST_IMAGE_SOURCES, name the code under any runner (the
+    runners' rebuild check compares them). Both None outside an image."""
+    sources, path = None, os.environ.get("MNIST_IMAGE_SOURCES")
+    with contextlib.suppress(OSError, UnicodeDecodeError, CubeError):
+        if path:
+            with open_regular(path) as f:
+                pairs = [line.split(None, 1) for line in f.read(MAX_CONFIG_BYTES).decode().splitlines()]
+            sources = {pair[1]: pair[0] for pair in pairs if len(pair) == 2}
+    return {"image": os.environ.get("MNIST_IMAGE") or None, "image_sources": sources}
 
 
 def save_plot(path: str, draw, log: logging.Logger) -> None:
