@@ -281,8 +281,7 @@ def state_initializer(config: TrainConfig, total_steps: int, spec: Spec) -> Call
     """The function of the seed that makes a run's first state: parameters and the scheduled optimizer.
     Its key is RBG, not the default Threefry: the pinned params digest and README's figures come from it."""
     make, _ = OPTIMIZERS[config.optimizer]
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, total_steps // 20, total_steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, total_steps // 20, total_steps)
     tx = make(schedule)
 
     def init(seed: jax.Array) -> TrainState:
@@ -348,11 +347,6 @@ def score(params, images: jax.Array, labels: jax.Array, pixel_max: int) -> tuple
     return cross_entropy(logits, labels), (predicted == labels).mean(), predicted
 
 
-def default_learning_rate(optimizer: str, batch_size: int) -> float:
-    """The optimizer's peak rate times sqrt(batch_size / 128): noisier small batches want smaller steps."""
-    return OPTIMIZERS[optimizer][1] * (batch_size / 128) ** 0.5
-
-
 # ------------------------------------------------------------------- compiled programs and sharding
 MAX_STEPS_PER_CALL = 64  # see steps_per_call
 
@@ -394,10 +388,8 @@ def compile_programs(config: TrainConfig, data: dict, mesh: Mesh, spec: Spec) ->
         state.average, data["x_test"], data["y_test"])
     lowered = {"init": init, "steps": run_steps, "score": scoring}
     with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
-        compiling = {name: pool.submit(compile_program, program, name)
-                     for name, program in lowered.items()}
-    return Programs(**{name: future.result() for name, future in compiling.items()}, count=count,
-                    batch_size=batch_size)
+        compiling = {name: pool.submit(compile_program, program, name) for name, program in lowered.items()}
+    return Programs(**{name: future.result() for name, future in compiling.items()}, count=count, batch_size=batch_size)
 
 
 def compile_program(program: jax.stages.Lowered, name: str) -> jax.stages.Compiled:
@@ -510,8 +502,9 @@ def train_config(data: object, path: str) -> TrainConfig:
         raise CubeError(f"{path}: seed must lie in 0..{MAX_SEED}, got {shorten(config['seed'])}")
     if not 0 < config.get("target_accuracy", 1) <= 1:
         raise CubeError(f"{path}: target_accuracy must lie in (0, 1], got {shorten(config['target_accuracy'])}")
-    return TrainConfig(**{"learning_rate": default_learning_rate(config["optimizer"], config["batch_size"]),
-                          **config})
+    # The default rate: the optimizer's peak times sqrt(batch_size / 128), as noisier small batches want smaller steps
+    peak_rate = OPTIMIZERS[config["optimizer"]][1] * (config["batch_size"] / 128) ** 0.5
+    return TrainConfig(**{"learning_rate": peak_rate, **config})
 
 
 def check_fits(config: TrainConfig, n: int, devices: int, path: str) -> None:
@@ -580,11 +573,7 @@ def check_data(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarra
                             f"found {y.dtype} {'×'.join(map(str, y.shape))}")
         if y.min() < 0:
             raise CubeError(f"{where}: y_{split} labels must be 0 or more, found {y.min()}")
-    check_classes(arrays["y_train"], arrays["y_test"], where)
-    return arrays
-
-
-def check_classes(y_train: np.ndarray, y_test: np.ndarray, where: str) -> None:
+    y_train, y_test = arrays["y_train"], arrays["y_test"]
     classes = int(y_train.max()) + 1
     if classes < 2:
         raise CubeError(f"{where}: y_train holds one class only; a classifier needs two at least")
@@ -594,6 +583,7 @@ def check_classes(y_train: np.ndarray, y_test: np.ndarray, where: str) -> None:
                         f"{', '.join(map(str, absent[:5]))}{', ...' if len(absent) > 5 else ''} never appear")
     if y_test.max() >= classes:
         raise CubeError(f"{where}: y_test has label {y_test.max()}, which no training image has (0..{classes - 1})")
+    return arrays
 
 
 def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainState, list[EpochMetrics], float]:
@@ -628,8 +618,8 @@ def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainS
                 epoch, float(loss_sum) / steps, test_loss, test_accuracy, epoch_seconds,
                 (history[-1].elapsed_seconds if history else 0) + epoch_seconds))
             if run.writes:
-                write_atomically(os.path.join(run.log_dir, "train_metrics.jsonl"),
-                                 b"".join(to_json(dataclasses.asdict(m), indent=None) + b"\n" for m in history))
+                write_json(os.path.join(run.log_dir, "train_metrics.jsonl"), [dataclasses.asdict(m) for m in history],
+                           lines=True)
                 save_checkpoint(checkpoint, run.identity, state, history)
             log.info(history[-1].describe(config.train_epochs))
             if run.on_epoch:
@@ -669,14 +659,10 @@ def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, ep
         in_flight.append(loss_sum)
         if len(in_flight) > MAX_IN_FLIGHT:
             in_flight.popleft().block_until_ready()
-        show_progress(epoch, first + count, steps)
+        if sys.stderr.isatty():  # a live step counter; nothing in logs, where the epoch lines say enough
+            done = first + count
+            sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
     return state, loss_sum
-
-
-def show_progress(epoch: int, done: int, steps: int) -> None:
-    """A live step counter on a terminal; nothing in logs, where the epoch lines say enough."""
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
 
 
 def reached_target(config: TrainConfig, metrics: EpochMetrics) -> bool:
@@ -742,7 +728,7 @@ def write_model(run: TrainRun, n: int, state: TrainState, history: list[EpochMet
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
         **provenance(),
     }
-    write_atomically(os.path.join(run.model_dir, "model.json"), to_json(summary))
+    write_json(os.path.join(run.model_dir, "model.json"), summary)
     save_plot(os.path.join(run.log_dir, "training_curves.png"), draw_curves(history), log)
     os.unlink(os.path.join(run.model_dir, CHECKPOINT_NAME))  # the run is complete: a rerun starts afresh
     log.info(f"written {run.model_dir}/params.msgpack and model.json: test_accuracy {last.test_accuracy:.4f}")
@@ -750,24 +736,16 @@ def write_model(run: TrainRun, n: int, state: TrainState, history: list[EpochMet
 
 def provenance() -> dict:
     """The image that ran the task, as outputs record it: its ID and the SHA-256 of each of its sources.
-    The ID is MNIST_IMAGE, which our runners set and MLCube's do not; the digests, which its build
-    recorded, name the code under any runner. Both None outside an image."""
-    return {"image": os.environ.get("MNIST_IMAGE") or None, "image_sources": image_sources()}
-
-
-def image_sources() -> dict[str, str] | None:
-    """The image's sources as {file: SHA-256}, from the sha256sum lines at MNIST_IMAGE_SOURCES, or None.
-    The runners' rebuild check compares this fingerprint."""
-    path = os.environ.get("MNIST_IMAGE_SOURCES")
-    if not path:
-        return None
-    try:
-        with open_regular(path) as f:
-            lines = f.read(MAX_CONFIG_BYTES).decode().splitlines()
-    except (OSError, UnicodeDecodeError, CubeError):
-        return None
-    pairs = [line.split(None, 1) for line in lines]
-    return {pair[1]: pair[0] for pair in pairs if len(pair) == 2}
+    The ID is MNIST_IMAGE, which our runners set and MLCube's do not; the digests, {file: SHA-256} from
+    the sha256sum lines its build recorded at MNIST_IMAGE_SOURCES, name the code under any runner (the
+    runners' rebuild check compares them). Both None outside an image."""
+    sources, path = None, os.environ.get("MNIST_IMAGE_SOURCES")
+    with contextlib.suppress(OSError, UnicodeDecodeError, CubeError):
+        if path:
+            with open_regular(path) as f:
+                pairs = [line.split(None, 1) for line in f.read(MAX_CONFIG_BYTES).decode().splitlines()]
+            sources = {pair[1]: pair[0] for pair in pairs if len(pair) == 2}
+    return {"image": os.environ.get("MNIST_IMAGE") or None, "image_sources": sources}
 
 
 def save_plot(path: str, draw, log: logging.Logger) -> None:
@@ -829,7 +807,7 @@ def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
         "mistakes": len(wrong), "mistakes_shown": mistakes,  # as mistakes.png draws them
         "data_sha256": data_sha256, **provenance(),
     }
-    write_atomically(os.path.join(args.log_dir, "evaluate_metrics.json"), to_json(metrics))
+    write_json(os.path.join(args.log_dir, "evaluate_metrics.json"), metrics)
     same = (metrics["test_accuracy"], metrics["test_loss"]) == (summary["test_accuracy"], summary["test_loss"])
     log.info(f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} on "
              f"{len(labels)} images: {'the same as' if same else 'different from'} what train recorded")
@@ -891,7 +869,7 @@ def model_spec(summary: object, path: str) -> Spec:
 
 
 def whole(value: object, low: int, high: int) -> bool:
-    """Whether a value read from JSON is a whole number (not a bool) from `low` to `high`."""
+    """Whether a value read from JSON or YAML is a whole number (not a bool) from `low` to `high`."""
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
@@ -1005,7 +983,7 @@ def read_sweep_config(path: str) -> dict:
     """sweep.yaml, its shape checked; sweep then checks every trial it can make as a train.yaml (corners)."""
     config = check_keys(read_yaml(path), ["trials", "train"], ["validation_fraction"], path)
     trials, fraction = config["trials"], config.setdefault("validation_fraction", 0.1)
-    if isinstance(trials, bool) or not isinstance(trials, int) or not 0 < trials <= MAX_TRIALS:
+    if not whole(trials, 1, MAX_TRIALS):
         raise CubeError(f"{path}: trials must be an integer in 1..{MAX_TRIALS}, got {shorten(trials)}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise CubeError(f"{path}: validation_fraction must be a number between 0 and 1, got {shorten(fraction)}")
@@ -1171,9 +1149,9 @@ def finish(study, train: dict, arrays: dict, spec: Spec, sweep_dir: str, log: lo
     test_accuracy = train_part(train_config(settings, "best.yaml"), arrays, spec, sweep_dir, best.number, log)
     write_results(study, train, sweep_dir, f"; test accuracy {test_accuracy:.4f}, measured once, after the "
                   "sweep chose it")
-    write_atomically(os.path.join(sweep_dir, "sweep.json"), to_json({
+    write_json(os.path.join(sweep_dir, "sweep.json"), {
         "best_trial": best.number, "settings": settings, "validation_accuracy": best.value,
-        "test_accuracy": test_accuracy, "trials": len(study.get_trials(deepcopy=False))}))
+        "test_accuracy": test_accuracy, "trials": len(study.get_trials(deepcopy=False))})
     log.info(f"best: trial {best.number}, validation accuracy {best.value:.4f}, test accuracy {test_accuracy:.4f} "
              f"(measured once); written {sweep_dir}/best.yaml")
     import matplotlib
@@ -1205,20 +1183,19 @@ def infer(args: argparse.Namespace, log: logging.Logger) -> None:
     params, spec, _ = load_model(args.model_dir)
     os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
     with (image_batches(args.images, INFER_BATCH, spec.image_shape) as (count, batches, names),
-          staged(args.predictions) as (out, tmp)):
+          atomic_writer(args.predictions) as write):
         size = min(INFER_BATCH, count)  # every call the same shape: one program
         classify = compile_scoring(class_probabilities, spec, params,
                                    jax.ShapeDtypeStruct((size, *spec.image_shape), np.uint8))
-        write_staged(out, PREDICTIONS_START + to_json(args.images, None) + b', "predictions": [')
+        write(PREDICTIONS_START + to_json(args.images, None) + b', "predictions": [')
         for i, images in enumerate(batches):
             padded = np.pad(images, ((0, size - len(images)), *[(0, 0)] * len(spec.image_shape)))
             probabilities = np.asarray(classify(params, padded))[:len(images)]
             rows = [{"class": int(p.argmax()), "probabilities": [round(float(v), 6) for v in p]} for p in probabilities]
             if names:  # image files: each row names its file
                 rows = [{"file": name, **row} for name, row in zip(names[i * INFER_BATCH:], rows, strict=False)]
-            write_staged(out, (b", " if i else b"") + b", ".join(to_json(row, None) for row in rows))
-        write_staged(out, b"]}")
-        move_into_place(out, tmp, args.predictions)
+            write((b", " if i else b"") + b", ".join(to_json(row, None) for row in rows))
+        write(b"]}")
     log.info(f"classified {count} images from {args.images}; written {args.predictions}")
 
 
@@ -1275,10 +1252,7 @@ def image_file_names(path: str) -> list[str]:
     """The image files infer classifies: a folder's (IMAGE_SUFFIXES, in walk_files' order), or the one."""
     if not os.path.isdir(path):
         return [os.path.basename(path)]
-    try:
-        names = [name for name, _ in walk_files(path) if name.lower().endswith(IMAGE_SUFFIXES)]
-    except OSError as e:
-        raise CubeError(os_fault(e)) from None
+    names = [name for name, _ in walk_files(path) if name.lower().endswith(IMAGE_SUFFIXES)]  # OSError: outcome's line
     if not names:
         raise CubeError(f"{path}: holds no image files")
     return names
@@ -1347,8 +1321,7 @@ def read_batches(f, count: int, batch: int, where: str, image_shape: tuple[int, 
 NPZ_NAME = "mnist.npz"
 RECORD_NAME = "download.json"  # where the npz came from, and its SHA-256
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
-IDX_FILES = {"train_images": "x_train", "train_labels": "y_train",
-             "test_images": "x_test", "test_labels": "y_test"}
+IDX_FILES = {"train_images": "x_train", "train_labels": "y_train", "test_images": "x_test", "test_labels": "y_test"}
 
 
 def download(args: argparse.Namespace, log: logging.Logger) -> None:
@@ -1397,7 +1370,7 @@ def read_source(entry: dict, base: str, where: str) -> Source:
     if "hash" in entry and not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise CubeError(f"{where}: hash must be a SHA-256 digest (64 hex digits, 'sha256:' prefix "
                         f"optional), got {shorten(entry['hash'])}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_DECLARED_BYTES):
+    if size is not None and not whole(size, 1, MAX_DECLARED_BYTES):
         raise CubeError(f"{where}: size must be the file's size in bytes, 1 to {MAX_DECLARED_BYTES}, "
                         f"got {shorten(size)}")
     return Source(resolve_uri(str(entry["uri"]), base, where), digest, size)
@@ -1421,27 +1394,21 @@ def resolve_uri(uri: str, base: str, where: str) -> str:
         uri = urllib.request.url2pathname(parts.path)
     elif parts.scheme == "":  # a plain path is relative to the config file, as it is in the container
         uri = os.path.join(base, uri)
-    elif parts.scheme in ("http", "https"):
-        uri = ascii_uri(uri, parts, where)
+    elif parts.scheme in ("http", "https"):  # non-ASCII characters percent-encoded as UTF-8, as browsers do
+        if not parts.netloc.isascii():
+            raise CubeError(f"{where}: the host in {shorten(uri)} is not ASCII; write it in its ASCII form (xn--...)")
+        uri = urllib.parse.quote(uri, safe="".join(map(chr, range(33, 127))))
     else:
         raise CubeError(f"{where}: unsupported uri scheme {shorten(parts.scheme + ':')} in {shorten(uri)} "
                         "(expected http://, https://, file:// or a local path)")
     return uri
 
 
-def ascii_uri(uri: str, parts: urllib.parse.SplitResult, where: str) -> str:
-    """An http(s) uri as servers take it: non-ASCII characters percent-encoded as UTF-8, as browsers do."""
-    if not parts.netloc.isascii():
-        raise CubeError(f"{where}: the host in {shorten(uri)} is not ASCII; write it in its ASCII form (xn--...)")
-    return urllib.parse.quote(uri, safe="".join(map(chr, range(33, 127))))
-
-
 MAX_URI_CHARS = 2048
 WINDOWS_PATH = re.compile(r"[A-Za-z]:[\\/]|\\\\")  # a drive's path, or a UNC path
 
 
-def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_dir: str,
-                     log: logging.Logger) -> None:
+def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_dir: str, log: logging.Logger) -> None:
     final = os.path.join(data_dir, NPZ_NAME)
     record_path = os.path.join(data_dir, RECORD_NAME)
     record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()},
@@ -1450,12 +1417,10 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
     if npz_in_place(final, expected, log):
         complete = {**record, NPZ_NAME: expected, "bytes": os.path.getsize(final)}
         if read_record(record_path) != complete:  # a run killed before writing it
-            write_atomically(record_path, to_json(complete))
+            write_json(record_path, complete)
         return
     if NPZ_NAME in sources:
-        with staged(final) as (out, tmp):
-            fetch_source(sources[NPZ_NAME], out, log)
-            out.flush()
+        with fetched(sources[NPZ_NAME], final, log) as (out, tmp):
             load_mnist(tmp, sources[NPZ_NAME].uri, size_limit(sources[NPZ_NAME])[0])
             move_into_place(out, tmp, final)
         record[NPZ_NAME] = sources[NPZ_NAME].sha256
@@ -1464,7 +1429,7 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
         write_atomically(final, data)
         record[NPZ_NAME] = hashlib.sha256(data).hexdigest()
     record["bytes"] = os.path.getsize(final)  # train and evaluate read it as large as this, no larger
-    write_atomically(record_path, to_json(record))
+    write_json(record_path, record)
     log.info(f"written {final} (SHA-256 {record[NPZ_NAME]})")
 
 
@@ -1486,9 +1451,7 @@ def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) ->
     """Fetch and verify the four IDX files beside `final`, then pack their arrays as the Keras-layout npz."""
     arrays = {}
     for name, key in IDX_FILES.items():
-        with staged(final) as (out, tmp):
-            fetch_source(sources[name], out, log)
-            out.flush()
+        with fetched(sources[name], final, log) as (_, tmp):
             arrays[key] = read_idx(tmp, sources[name].uri)
     buffer = io.BytesIO()
     np.savez(buffer, **check_data(arrays, "the IDX files"))
@@ -1527,8 +1490,8 @@ def read_image_config(config: dict, path: str) -> ImageSet | None:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise CubeError(f"{path}: test_fraction must be a number between 0 and 1 (exclusive), got {shorten(fraction)}")
     size = config.get("image_size")
-    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(
-            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_IMAGE_SIDE for n in size)):
+    valid_size = isinstance(size, list) and len(size) == 2 and all(whole(n, 1, MAX_IMAGE_SIDE) for n in size)
+    if size is not None and not valid_size:
         raise CubeError(f"{path}: image_size must be [height, width], each 1 to {MAX_IMAGE_SIDE}, got {shorten(size)}")
     source = read_source(config, os.path.dirname(os.path.abspath(path)), path)
     return ImageSet(source, folder, float(fraction), tuple(size) if size else None)
@@ -1554,7 +1517,7 @@ def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> 
     record = {"sources": {"images": source}, "class_names": names,
               "class_counts": {name: {split: len(splits[split].get(name, [])) for split in SPLITS} for name in names},
               NPZ_NAME: hashlib.sha256(buffer.getvalue()).hexdigest(), "bytes": os.path.getsize(final)}
-    write_atomically(record_path, to_json(record))
+    write_json(record_path, record)
     log.info(f"written {final} ({len(arrays['x_train'])} training and {len(arrays['x_test'])} test images "
              f"of {len(names)} classes; SHA-256 {record[NPZ_NAME]})")
 
@@ -1572,9 +1535,7 @@ def read_image_files(images: ImageSet, final: str, log: logging.Logger) -> tuple
                             "(over its files' names and bytes); the folder changed or the hash is wrong")
         log.info(f"read {len(files)} files from {images.source.uri} (SHA-256 {digest})")
         return files, digest
-    with staged(final) as (out, tmp):
-        fetch_source(images.source, out, log)
-        out.flush()
+    with fetched(images.source, final, log) as (_, tmp):
         files = read_archive(tmp, images.source.uri, limit)
     return files, images.source.sha256
 
@@ -1720,8 +1681,6 @@ TASKS = {"download": download, "train": train, "evaluate": evaluate, "infer": in
 # The machinery
 # What knows nothing of MNIST or of learning, and keeps careless hands and bad luck from losing work:
 # each part says what it guards against. It uses no name of the sections above.
-
-
 # ==================================================================================================
 
 
@@ -1822,11 +1781,15 @@ NO_WAIT = getattr(os, "O_NONBLOCK", 0)  # a FIFO opens at once, to be refused, i
 
 def open_regular(path: str, where: str | None = None):
     """`path` opened for binary reading; a device or FIFO (endless, or waiting for a writer) is refused."""
-    fd = os.open(path, os.O_RDONLY | NO_WAIT)
+    return os.fdopen(regular(os.open(path, os.O_RDONLY | NO_WAIT), where or path, "give a file"), "rb")
+
+
+def regular(fd: int, where: str, advice: str) -> int:
+    """The open file `fd`, if a regular file; a device, FIFO or socket is closed, and refused with `advice`."""
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise CubeError(f"{where or path}: not a regular file (a device, FIFO or socket); give a file")
-    return os.fdopen(fd, "rb")
+        raise CubeError(f"{where}: not a regular file (a device, FIFO or socket); {advice}")
+    return fd
 
 
 @contextlib.contextmanager
@@ -2076,10 +2039,7 @@ def open_for_appending(path: str):
     """`path` opened to append text, created if missing, as a regular file and never through a link.
     A link planted at a log's path would have the task write where it points."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CubeError(f"{path}: not a regular file (a device, FIFO or socket); remove it, or choose another folder")
-    return os.fdopen(fd, "a", encoding="utf-8")
+    return os.fdopen(regular(fd, path, "remove it, or choose another folder"), "a", encoding="utf-8")
 
 
 # ------ atomic files and locks: no half-written output, no two runs mixed, no file of yours touched
@@ -2089,8 +2049,23 @@ PART = re.compile(r"\..+\.mnist-\d+-[0-9a-f]{8}\.part")  # our temporary files: 
 
 
 def write_atomically(path: str, data: bytes) -> None:
+    with atomic_writer(path) as write:
+        write(data)
+
+
+def write_json(path: str, value: object, lines: bool = False) -> None:
+    """Write `value` as strict JSON (to_json), atomically; with `lines`, a list as JSON Lines, an item a line."""
+    if lines:
+        write_atomically(path, b"".join(to_json(item, indent=None) + b"\n" for item in value))
+    else:
+        write_atomically(path, to_json(value))
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str):
+    """A function that writes bytes to a staged file, which moves to `path` when the block ends without error."""
     with staged(path) as (out, tmp):
-        write_staged(out, data)
+        yield functools.partial(write_staged, out)
         move_into_place(out, tmp, path)
 
 
@@ -2239,10 +2214,7 @@ def open_lock_file(path: str, shared: bool) -> int | None:
             if e.errno in (errno.ENOENT, errno.EACCES):
                 return None
             raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CubeError(f"{path}: not a regular file (a device, FIFO or socket); remove it")
-    return fd
+    return regular(fd, path, "remove it")
 
 
 def sha256_of(path: str, limit: int) -> str | None:
@@ -2274,6 +2246,15 @@ class Source(NamedTuple):
     uri: str
     sha256: str
     size: int | None
+
+
+@contextlib.contextmanager
+def fetched(source: Source, beside: str, log: logging.Logger):
+    """The source fetched and verified (fetch_source) into a staged file beside `beside`: the file, its path."""
+    with staged(beside) as (out, tmp):
+        fetch_source(source, out, log)
+        out.flush()
+        yield out, tmp
 
 
 def fetch_source(source: Source, out, log: logging.Logger) -> None:
@@ -2362,15 +2343,11 @@ def stream(source, out, total: int | None, uri: str, limit: int, why: str) -> tu
         write_staged(out, chunk)
         sha.update(chunk)
         progress.show(size)
-        check_rate(uri, size, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        if seconds > HTTP_TIMEOUT and size < MIN_RATE * seconds:  # a trickle holds no task for ever
+            raise CubeError(f"{uri}: slower than {MIN_RATE / 1000:g} kB/s on average ({size} bytes in "
+                            f"{seconds:.0f} s); check the network, or point uri at a local copy")
     return sha.hexdigest(), size
-
-
-def check_rate(uri: str, size: int, seconds: float) -> None:
-    """Refuse a transfer averaging under MIN_RATE after HTTP_TIMEOUT: a trickle holds no task for ever."""
-    if seconds > HTTP_TIMEOUT and size < MIN_RATE * seconds:
-        raise CubeError(f"{uri}: slower than {MIN_RATE / 1000:g} kB/s on average ({size} bytes in {seconds:.0f} s); "
-                        "check the network, or point uri at a local copy")
 
 
 # Not tqdm: into a log it writes every redraw, where this writes a line at each quarter.
@@ -2473,8 +2450,6 @@ def redeliver_signals(unraisable) -> None:
 # ==================================================================================================
 # The process
 # The cluster a run may join, logs, the compilation cache, and main.
-
-
 # ==================================================================================================
 CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
 SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
