@@ -868,11 +868,6 @@ def model_spec(summary: object, path: str) -> Spec:
     return spec
 
 
-def whole(value: object, low: int, high: int) -> bool:
-    """Whether a value read from JSON or YAML is a whole number (not a bool) from `low` to `high`."""
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
 def check_fits_model(spec: Spec, data: Spec, where: str) -> None:
     """Data for a model: images of the shape it was trained on, and the classes it knows."""
     if data.image_shape != spec.image_shape:
@@ -1755,6 +1750,11 @@ def check_keys(data: object, required: list[str], optional: list[str], where: st
         if key not in data:
             raise CubeError(f"{where}: missing key '{key}' (expected {', '.join(known)})")
     return data
+
+
+def whole(value: object, low: int, high: int) -> bool:
+    """Whether a value read from JSON or YAML is a whole number (not a bool) from `low` to `high`."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def to_json(value: object, indent: int | None = 2) -> bytes:
