@@ -106,6 +106,8 @@ for path in sys.argv[1:]:
 PIPELINE_NAME = "mnist"  # the Kubeflow pipeline's name, and the start of its package's and runs' names
 
 ONLINE_TASKS = frozenset({"download"})  # the task that fetches data; the others run with no network at all
+PARALLEL_TASKS = frozenset({"train"})  # --processes=N: N processes of one run (JAX's collectives); others, one
+WORKER_TASKS = frozenset({"sweep"})  # --workers=N: N independent processes that share one output folder
 TMPFS_MIB = 256  # the size of /tmp, in memory: HOME in the image, which holds matplotlib's cache
 
 
@@ -166,7 +168,7 @@ def run_local(session: nox.Session, opts: Options) -> None:
     def execute(run: Run, opts: Options) -> int:
         """The task's exit code; a sweep's --workers run at once, and the first failure's code."""
         workers = [subprocess.Popen(command(run, opts), env={**os.environ, **opts.env})
-                   for _ in range(opts.workers if run.task == "sweep" else 1)]
+                   for _ in range(opts.workers if run.task in WORKER_TASKS else 1)]
         return next((code for code in [worker.wait() for worker in workers] if code), 0)
 
     run_tasks(session, opts, command, execute)
@@ -526,8 +528,8 @@ def parse_args(args: list[str], runner: str | None = None) -> Options:
         if name not in valid:
             raise UsageError(f"unknown parameter {name!r} for {', '.join(opts.tasks)} "
                              f"(parameters: {', '.join(valid)})")
-    if opts.workers > 1 and "sweep" not in opts.tasks:
-        raise UsageError(f"--workers applies to sweep only, not {', '.join(opts.tasks)}")
+    if opts.workers > 1 and not WORKER_TASKS & set(opts.tasks):
+        raise UsageError(f"--workers applies to {', '.join(sorted(WORKER_TASKS))} only, not {', '.join(opts.tasks)}")
     return opts
 
 
@@ -1124,7 +1126,6 @@ SINGULARITY = Runtime(connect=singularity_client, source_files=singularity_sourc
 # Each task is a batch job: a script kept in workspace/slurm/ (a run is described by its folder),
 # submitted with sbatch, its output followed until it ends. `train --processes=N` is N Slurm tasks,
 # one JAX process each, which srun starts and JAX's own Slurm detection connects: no launcher of ours.
-PARALLEL_TASKS = frozenset({"train"})  # the tasks that run as several processes (slurm_job)
 
 
 def slurm_job(run: Run, opts: Options) -> Options:
@@ -1164,7 +1165,7 @@ def slurm_directives(run: Run, opts: Options) -> dict[str, Any]:
     gpus = gpus_wanted(opts)
     if gpus and not gpus.isdigit():
         raise UsageError(f"run-slurm takes --gpus=N, a number of GPUs, not {gpus!r}")
-    array = run.task == "sweep" and opts.workers > 1  # a job array, one task a worker, appending to one output
+    array = run.task in WORKER_TASKS and opts.workers > 1  # a job array, one task a worker, appending to one output
     output = f"{slurm_path(slurm_folder(opts))}/{run.task}-{'%A' if array else '%j'}.out"
     if re.search(r"\s", output):
         raise UsageError(f"run-slurm writes its output's path into a #SBATCH line, which a space would end: {output!r}")
@@ -1470,15 +1471,16 @@ def k8s_network_policy(run: Run, meta: dict, processes: int) -> dict:
 def k8s_manifests(run: Run, opts: Options, job: str) -> list[dict]:
     """The Job for one task, last, after its NetworkPolicy, the ConfigMap of the files it is sent (when
     there are any) and, for a training of several pods, the headless Service that names them."""
-    if opts.processes > 1 and "train" not in opts.tasks:
-        raise UsageError(f"--processes applies to train only, not {', '.join(opts.tasks)}")
-    processes = opts.processes if run.task == "train" else 1
+    if opts.processes > 1 and not PARALLEL_TASKS & set(opts.tasks):
+        raise UsageError(f"--processes applies to {', '.join(sorted(PARALLEL_TASKS))} only, "
+                         f"not {', '.join(opts.tasks)}")
+    processes = opts.processes if run.task in PARALLEL_TASKS else 1
     meta = {"name": job, "namespace": opts.namespace, "labels": {"app": "mnist", "mnist/task": run.task}}
     sent = k8s_sent(run, opts)
     spec = {"backoffLimit": 0, "template": k8s_pod(run, opts, job, processes, sent)}
     if processes > 1:
         spec.update(completionMode="Indexed", completions=processes, parallelism=processes)
-    if run.task == "sweep" and opts.workers > 1:  # independent pods, one worker each, on the claim's sweep_dir
+    if run.task in WORKER_TASKS and opts.workers > 1:  # independent pods, one worker each, on the claim's sweep_dir
         spec.update(completionMode="Indexed", completions=opts.workers, parallelism=opts.workers)
     manifests = [*([k8s_config_map(sent, meta)] if sent else []), k8s_network_policy(run, meta, processes),
                  {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}]
