@@ -447,9 +447,9 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
 
 
 class TrainRun(NamedTuple):
-    """One training run: its settings, the data's shape, what makes it this run (a checkpoint of
-    another is refused; model.json records it), where it writes, and whether this process writes
-    (in a run of several processes, process 0 alone does)."""
+    """One training run: its settings, data shape, identity, folders, and whether this process writes.
+    The identity is what model.json records, and a checkpoint of another run is refused; in a run of
+    several processes, process 0 alone writes."""
     config: TrainConfig
     spec: Spec
     identity: dict
@@ -587,8 +587,8 @@ def check_data(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarra
 
 
 def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainState, list[EpochMetrics], float]:
-    """Compile, resume from a checkpoint if there is one, then train epoch by epoch until the last or
-    the target accuracy; the final state, the history (one EpochMetrics per epoch) and the compile seconds."""
+    """The final state, the history (an EpochMetrics an epoch) and the compile seconds of a run.
+    It compiles, resumes from a checkpoint if there is one, then trains to the last epoch or the target."""
     config = run.config
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -630,8 +630,8 @@ def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainS
 
 @dataclasses.dataclass(frozen=True)
 class EpochMetrics:
-    """One epoch of a run: a line of log_dir/train_metrics.jsonl (dataclasses.asdict), and a row of
-    the history the checkpoint keeps, so that a resumed run reports every epoch."""
+    """One epoch of a run: a line of log_dir/train_metrics.jsonl, and a row of the checkpoint's history.
+    The checkpoint keeps the history so that a resumed run reports every epoch."""
     epoch: int
     train_loss: float  # the mean over the epoch's steps
     test_loss: float  # of the parameter average, as every test figure
@@ -1005,8 +1005,9 @@ def corners(train: dict) -> list[dict]:
 
 
 def validation_split(arrays: dict, fraction: float, where: str) -> dict:
-    """The training images in two, the same on every run: x_train, y_train, the part trials train on;
-    x_test, y_test, the validation part, which run_epochs scores each epoch. No test image is in either."""
+    """The training images in two, the same on every run: the trials' training part and validation part.
+    As x_train, y_train and x_test, y_test, so that run_epochs scores the validation part each epoch; no
+    test image is in either."""
     n = len(arrays["x_train"])
     held = max(1, round(n * fraction))
     if held >= n:
@@ -1019,8 +1020,8 @@ def validation_split(arrays: dict, fraction: float, where: str) -> dict:
 
 @dataclasses.dataclass
 class WaitingLock:
-    """An OS lock on the file at `path`, waited for, dying with its process: Optuna's journal lock
-    (acquire, release), and the lock that claims trials (a `with` block)."""
+    """An OS lock on the file at `path`, waited for, that dies with its process.
+    Optuna's journal lock (acquire, release), and the lock that claims trials (a `with` block)."""
     path: str
 
     def acquire(self) -> bool:
@@ -1069,8 +1070,8 @@ def claim_trial(study, trials: int, claims: WaitingLock, sweep_dir: str, log: lo
 
 def run_trial(study, trial, train: dict, parts: dict, spec: Spec, claims: WaitingLock, sweep_dir: str,
               log: logging.Logger) -> None:
-    """Train a trial's settings as train does, scored on the validation part each epoch and pruned when
-    it trails; tell the study, and write the results."""
+    """Train a trial's settings as train does, tell the study the outcome, and write the results.
+    Scored on the validation part each epoch, the trial is pruned when it trails."""
     import optuna
     settings = {key: suggest(trial, key, value) for key, value in train.items()}
 
@@ -1138,8 +1139,8 @@ def write_results(study, train: dict, sweep_dir: str, comment: str = "") -> None
 
 
 def finish(study, train: dict, arrays: dict, spec: Spec, sweep_dir: str, log: logging.Logger) -> None:
-    """The best trial's test accuracy, measured once: its run again (training is deterministic), scored
-    on the test images; written to best.yaml and sweep.json. Then the pictures."""
+    """Measure the best trial's test accuracy once, write it to best.yaml and sweep.json, then the pictures.
+    The measure is the trial's run again (training is deterministic), scored on the test images."""
     best, settings = study.best_trial, settings_of(study.best_trial, train)
     test_accuracy = train_part(train_config(settings, "best.yaml"), arrays, spec, sweep_dir, best.number, log)
     write_results(study, train, sweep_dir, f"; test accuracy {test_accuracy:.4f}, measured once, after the "
@@ -1785,7 +1786,7 @@ def open_regular(path: str, where: str | None = None):
 
 
 def regular(fd: int, where: str, advice: str) -> int:
-    """The open file `fd`, if a regular file; a device, FIFO or socket is closed, and refused with `advice`."""
+    """The open file `fd`, if it is a regular file; a device, FIFO or socket is closed and refused."""
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise CubeError(f"{where}: not a regular file (a device, FIFO or socket); {advice}")
@@ -2054,7 +2055,7 @@ def write_atomically(path: str, data: bytes) -> None:
 
 
 def write_json(path: str, value: object, lines: bool = False) -> None:
-    """Write `value` as strict JSON (to_json), atomically; with `lines`, a list as JSON Lines, an item a line."""
+    """Write `value` as strict JSON (to_json), atomically; with `lines`, a list as JSON Lines."""
     if lines:
         write_atomically(path, b"".join(to_json(item, indent=None) + b"\n" for item in value))
     else:
@@ -2063,7 +2064,7 @@ def write_json(path: str, value: object, lines: bool = False) -> None:
 
 @contextlib.contextmanager
 def atomic_writer(path: str):
-    """A function that writes bytes to a staged file, which moves to `path` when the block ends without error."""
+    """A function that writes bytes to a staged file, put at `path` when the block ends without error."""
     with staged(path) as (out, tmp):
         yield functools.partial(write_staged, out)
         move_into_place(out, tmp, path)
@@ -2250,7 +2251,7 @@ class Source(NamedTuple):
 
 @contextlib.contextmanager
 def fetched(source: Source, beside: str, log: logging.Logger):
-    """The source fetched and verified (fetch_source) into a staged file beside `beside`: the file, its path."""
+    """The staged file beside `beside`, and its path, that the source is fetched and verified into."""
     with staged(beside) as (out, tmp):
         fetch_source(source, out, log)
         out.flush()
