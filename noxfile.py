@@ -29,6 +29,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -96,13 +97,19 @@ K8S_DELETE = {"Job": "delete_namespaced_job", "Service": "delete_namespaced_serv
               "ConfigMap": "delete_namespaced_config_map"}  # each kind's call on its API in k8s_apply
 K8S_CONFIG_BYTES = 1024 * 1024  # what one ConfigMap holds, its keys and values together
 # The init container's copy of the ConfigMap's files (at configs/) onto the claim (at workspace/), from /:
-# each written beside its place, then renamed into it, so no half-written file stands at a config's path.
-K8S_COPY = """import os, shutil, sys
+# each written beside its place under a name of its own, then renamed into it, so no half-written file
+# stands at a config's path, and the pods of an Indexed Job, which copy at once, never share a part.
+K8S_COPY = """import os, shutil, sys, tempfile
+mask = os.umask(0o022)
+os.umask(mask)
 for path in sys.argv[1:]:
-    claim = os.path.join("workspace", path)
-    os.makedirs(os.path.dirname(claim), exist_ok=True)
-    shutil.copyfile(os.path.join("configs", path), claim + ".part")
-    os.replace(claim + ".part", claim)"""
+    folder, name = os.path.split(os.path.join("workspace", path))
+    os.makedirs(folder, exist_ok=True)
+    handle, part = tempfile.mkstemp(dir=folder, prefix="." + name + ".", suffix=".part")
+    os.fchmod(handle, 0o666 & ~mask)
+    with open(handle, "wb") as out, open(os.path.join("configs", path), "rb") as config:
+        shutil.copyfileobj(config, out)
+    os.replace(part, os.path.join(folder, name))"""
 PIPELINE_NAME = "mnist"  # the Kubeflow pipeline's name, and the start of its package's and runs' names
 
 ONLINE_TASKS = frozenset({"download"})  # the task that fetches data; the others run with no network at all
@@ -1129,11 +1136,14 @@ SINGULARITY = Runtime(connect=singularity_client, source_files=singularity_sourc
 
 
 def slurm_job(run: Run, opts: Options) -> Options:
-    """The options the task's job runs with, by the one rule of resources per task kind: a task of
-    PARALLEL_TASKS takes --processes, --nodes, --gpus and --gpus-per-task; any other task is one
-    process, so one Slurm task on one node with none of them (mlcube.yaml's accelerator_count holds)."""
+    """The options the task's job runs with, by the one rule of resources per task kind.
+    A task of PARALLEL_TASKS takes --processes, --nodes, --gpus and --gpus-per-task; one of WORKER_TASKS
+    runs one process a worker (an array task), each with --gpus and --gpus-per-task; any other task is
+    one process, one Slurm task on one node with none of them (mlcube.yaml's accelerator_count holds)."""
     if run.task in PARALLEL_TASKS:
         return opts
+    if run.task in WORKER_TASKS:
+        return dataclasses.replace(opts, processes=1, nodes="1")
     return dataclasses.replace(opts, processes=1, nodes="1", gpus=None, gpus_per_task=None)
 
 
@@ -1379,17 +1389,61 @@ def k8s_sent(run: Run, opts: Options) -> dict[str, str]:
         spec, output = parameters(run.task)[name]
         if output or spec["type"] != "file" or any(os.path.commonpath([path, out]) == out for out in written):
             continue
-        files += [path, *(k8s_named_data(path) if name == "data_config" and os.path.isfile(path) else [])]
-    return {claim_path(path, opts): path for path in files if os.path.isfile(path)}
+        if k8s_entry(path, opts) == "file":
+            files += [path, *(k8s_named_data(path, opts) if name == "data_config" else [])]
+    return {claim_path(path, opts): path for path in files}
 
 
-def k8s_named_data(data_config: str) -> list[str]:
+def k8s_entry(host: str, opts: Options) -> str:
+    """What `host` is, by os.lstat: "file" (a regular file whose real path lies in the workspace),
+    "folder" (likewise), or "" where nothing is there (the task reads the claim's own). A symbolic link,
+    a device, a FIFO or a socket, or a path that a linked folder leads out of the workspace, is refused
+    in one line, unread: mnist.py follows no link either."""
+    try:
+        mode = os.lstat(host).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    fault = ("is a symbolic link" if stat.S_ISLNK(mode) else
+             None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "is not a regular file (a device, FIFO or socket)")
+    real, workspace = os.path.realpath(host), os.path.realpath(opts.workspace)
+    if not fault and os.path.commonpath([real, workspace]) != workspace:
+        fault = f"lies outside the workspace {opts.workspace} by its real path, {real}"
+    if fault:
+        raise UsageError(f"{host} {fault}: run-k8s sends the workspace's regular files only, and follows no link; "
+                         "put the file itself there")
+    return "folder" if stat.S_ISDIR(mode) else "file"
+
+
+def k8s_folder_files(folder: str, opts: Options) -> list[str]:
+    """The files under `folder`, in its subfolders too, each checked by k8s_entry before any is read."""
+    files = []
+    for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
+        kind = k8s_entry(entry.path, opts)
+        files += k8s_folder_files(entry.path, opts) if kind == "folder" else [entry.path] if kind else []
+    return files
+
+
+def k8s_read(host: str) -> bytes:
+    """The bytes of `host`, a regular file (k8s_entry), opened without following a link (O_NOFOLLOW)
+    or waiting on a FIFO: one swapped in since the check is refused in one line."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        with open(os.open(host, flags), "rb") as file:
+            if stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                return file.read()
+    except OSError as e:
+        raise UsageError(f"{host}: {e.strerror}: run-k8s sends regular files only; put the file itself there") from None
+    raise UsageError(f"{host} is not a regular file: run-k8s sends regular files only; put the file itself there")
+
+
+def k8s_named_data(data_config: str, opts: Options) -> list[str]:
     """The local files that data.yaml names by a path relative to it (its uri, or its files' uris), a
-    folder's files included: on the claim they lie beside it as here. A path of this machine is refused."""
+    folder's files included: on the claim they lie beside it as here. A path of this machine is refused,
+    and so is a link or special file (k8s_entry)."""
     if os.path.getsize(data_config) > K8S_CONFIG_BYTES:
         return []  # too big to send: k8s_config_map refuses it
     try:
-        config = yaml.safe_load(Path(data_config).read_text())
+        config = yaml.safe_load(k8s_read(data_config).decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UsageError(f"{data_config}: not a YAML file ({' '.join(str(e).split())})") from None
     files = config.get("files") if isinstance(config, dict) else None
@@ -1402,18 +1456,22 @@ def k8s_named_data(data_config: str) -> list[str]:
         if scheme or os.path.isabs(uri):
             raise UsageError(f"{data_config}: uri {uri!r} is a path of this machine, which a pod cannot open: name "
                              "the data relative to data.yaml (it goes to the claim beside it) or by an https:// URL")
-        path = Path(data_config).parent / uri
-        paths += sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [str(path)]
+        path = os.path.join(os.path.dirname(data_config), uri)
+        kind = k8s_entry(path, opts)
+        paths += k8s_folder_files(path, opts) if kind == "folder" else [path] if kind else []
     return paths
 
 
 def k8s_keys(sent: dict[str, str]) -> dict[str, str]:
     """Each sent file's key in the ConfigMap, by its path on the claim: the path in the characters a key
-    may hold, numbered where two paths would share one."""
-    keys = {}
-    for path in sorted(sent):
-        key = re.sub(r"[^-._a-zA-Z0-9]|^\.", "_", path)
-        keys[path] = f"{len(keys)}-{key}" if key in keys.values() else key
+    may hold, numbered where two paths would share one, and numbered on until the key is free."""
+    keys, used = {}, set()
+    for index, path in enumerate(sorted(sent)):
+        key = name = re.sub(r"[^-._a-zA-Z0-9]|^\.", "_", path)
+        while key in used:
+            key, index = f"{index}-{name}", index + 1
+        keys[path] = key
+        used.add(key)
     return keys
 
 
@@ -1430,7 +1488,7 @@ def k8s_config_map(sent: dict[str, str], meta: dict) -> dict:
                          "without it, or, for data that data.yaml names, serve it over https:// and name that URL")
     data, binary = {}, {}
     for path, key in keys.items():
-        content = Path(sent[path]).read_bytes()
+        content = k8s_read(sent[path])
         try:
             data[key] = content.decode("utf-8")
         except UnicodeDecodeError:

@@ -442,3 +442,101 @@ def test_a_data_yaml_that_is_not_yaml_is_refused_in_one_line(tmp_path):
         manifests("download", workspace=tmp_path)
     assert str(refused.value).startswith(f"{tmp_path / 'data.yaml'}: not a YAML file (")
     assert "\n" not in str(refused.value)
+
+
+# ------------------------------------------------------- what is sent: regular files of the workspace only
+SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- not to be sent"
+
+
+def linked_workspace(tmp_path: Path, layout: str) -> tuple[Path, Path]:
+    """A workspace whose data.yaml names data that reaches a host file outside it (a stand-in for
+    ~/.ssh/id_rsa) through a symbolic link, or names a FIFO; with the path that run-k8s must refuse."""
+    ws, secret = tmp_path / "ws", tmp_path / "id_rsa"
+    secret.write_bytes(SECRET)
+    (ws / "imgs" / "a").mkdir(parents=True)
+    (ws / "imgs" / "a" / "1.png").write_bytes(b"\x89PNG")
+    uri, refused = {"link in folder": ("imgs", ws / "imgs" / "a" / "0.png"),
+                    "folder link in folder": ("imgs", ws / "imgs" / "b"),
+                    "uri is a link": ("key.npz", ws / "key.npz"),
+                    "uri through a linked folder": ("outside/id_rsa", ws / "outside" / "id_rsa"),
+                    "fifo in folder": ("imgs", ws / "imgs" / "a" / "fifo")}[layout]
+    if layout == "folder link in folder":
+        refused.symlink_to(tmp_path)
+    elif layout == "uri through a linked folder":
+        (ws / "outside").symlink_to(tmp_path)
+    elif layout == "fifo in folder":
+        os.mkfifo(refused)
+    else:
+        refused.symlink_to(secret)
+    (ws / "data.yaml").write_text(f"uri: {uri}\n")
+    return ws, refused
+
+
+@pytest.mark.parametrize("layout", ["link in folder", "folder link in folder", "uri is a link",
+                                    "uri through a linked folder", "fifo in folder"])
+def test_a_link_or_special_file_in_the_data_is_refused_in_one_line(tmp_path, layout):
+    """mnist.py follows no link out of the workspace, and neither does what run-k8s sends: the path is
+    named, with what to do, and nothing of what it reaches is read (a FIFO would block the read)."""
+    ws, refused = linked_workspace(tmp_path, layout)
+    with pytest.raises(noxfile.UsageError) as error:
+        manifests("download", workspace=ws)
+    message = str(error.value)
+    assert "\n" not in message and str(refused) in message and "put the file itself there" in message
+    assert SECRET.decode() not in message
+
+
+def test_session_dry_run_prints_nothing_of_a_linked_file(tmp_path):
+    """Through the session: ws/imgs/a/0.png -> id_rsa ends the dry run with one line, before any manifest."""
+    ws, refused = linked_workspace(tmp_path, "link in folder")
+    result = nox("-R", "-s", "run-k8s", "--", "download", "--dry-run", f"--workspace={ws}")
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert SECRET.decode() not in result.stdout + result.stderr
+    assert base64.b64encode(SECRET).decode()[:40] not in result.stdout + result.stderr
+    assert "kind: ConfigMap" not in result.stdout
+    [line] = [line for line in (result.stdout + result.stderr).splitlines() if str(refused) in line]
+    assert "put the file itself there" in line
+
+
+@pytest.mark.parametrize("paths", [["imgs/a b", "imgs/a_b", "2-imgs/a_b"],
+                                   ["imgs/a b", "imgs/a_b", "2-imgs/a_b", "imgs/a.b", "1-imgs/a b", ".x", "_x"]])
+def test_colliding_paths_get_distinct_keys(paths):
+    """'imgs/a b' and 'imgs/a_b' share a key; the number that tells them apart must not make the key of
+    a third path ('2-imgs/a_b'), or one file's bytes would land at two paths."""
+    keys = noxfile.k8s_keys({path: f"/ws/{path}" for path in paths})
+    assert sorted(keys) == sorted(paths)
+    assert len(set(keys.values())) == len(paths)
+    assert all(re.fullmatch(r"[-._a-zA-Z0-9]+", key) and not key.startswith(".") for key in keys.values())
+
+
+def test_colliding_paths_each_come_back_with_their_own_bytes(tmp_path):
+    """Through the ConfigMap and the pod's items: beside data.yaml (the second key), 'imgs/a_b' would
+    be numbered 3, the key of '3-imgs/a_b'."""
+    files = {"imgs/a b": b"space", "imgs/a_b": b"underscore", "3-imgs/a_b": b"numbered"}
+    for path, content in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(content)
+    (tmp_path / "data.yaml").write_text("files:\n  a: {uri: imgs}\n  b: {uri: 3-imgs}\n")
+    [sent] = config_maps(manifests("download", workspace=tmp_path)).values()
+    assert sent == {"data.yaml": (tmp_path / "data.yaml").read_bytes(), **files}
+
+
+def test_the_copy_runs_in_every_pod_of_an_indexed_job_at_once(tmp_path):
+    """sweep --workers=4: the four pods' init containers copy the same ConfigMap onto the shared claim at
+    the same time (STAND-IN: four processes of K8S_COPY on one folder). Each succeeds, and the claim
+    holds each file's bytes, readable as a plain copy's, and no half-written part."""
+    files = {f"data/{index:03d}.bin": os.urandom(64 * 1024 + index) for index in range(200)}
+    files["train.yaml"] = b"epochs: 1\n"
+    for path, content in files.items():
+        (tmp_path / "configs" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "configs" / path).write_bytes(content)
+    (tmp_path / "workspace").mkdir()
+    command = [sys.executable, "-c", noxfile.K8S_COPY, *sorted(files)]
+    copies = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [copy.communicate(timeout=120)[1] for copy in copies]
+    assert [copy.returncode for copy in copies] == [0] * 4, errors
+    claim = tmp_path / "workspace"
+    assert {str(p.relative_to(claim)) for p in claim.rglob("*") if p.is_file()} == set(files)
+    assert all((claim / path).read_bytes() == content for path, content in files.items())
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert {(claim / path).stat().st_mode & 0o777 for path in files} == {0o666 & ~mask}  # as a plain copy's
