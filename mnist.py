@@ -453,8 +453,8 @@ class TrainRun(NamedTuple):
     config: TrainConfig
     spec: Spec
     identity: dict
-    model_dir: str
-    log_dir: str
+    model_dir: str | None  # None: no checkpoint (a sweep's trial)
+    log_dir: str | None
     writes: bool
     on_epoch: Callable[[EpochMetrics], None] | None = None  # a sweep's trial reports each epoch to Optuna
 
@@ -539,7 +539,7 @@ def load_data_dir(data_dir: str) -> tuple[dict[str, np.ndarray], str, list[str] 
 
 
 def read_record(path: str) -> dict:
-    """download.json as an earlier run wrote it; {} when there is none or it is unreadable."""
+    """A JSON object an earlier run wrote (download.json, sweep.json); {} when there is none or it is unreadable."""
     try:
         with open_regular(path) as f:
             record = json.loads(f.read(MAX_CONFIG_BYTES))
@@ -601,7 +601,7 @@ def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainS
     compile_seconds = time.perf_counter() - started
     log.info(f"compiled in {compile_seconds:.2f} s ({programs.count} steps per call)")
 
-    checkpoint = os.path.join(run.model_dir, CHECKPOINT_NAME)
+    checkpoint = os.path.join(run.model_dir, CHECKPOINT_NAME) if run.model_dir else None  # a sweep trial: none
     state, history = resume(checkpoint, run.identity, programs.init(config.seed), log)
     if history:  # the restored state is on the host: put it where the fresh one would be
         state = jax.tree.map(lambda a: global_array(np.asarray(a), replicated), state)
@@ -680,9 +680,9 @@ def save_checkpoint(path: str, identity: dict, state: TrainState, history: list[
     write_atomically(path, serialization.msgpack_serialize(record))
 
 
-def resume(path: str, identity: dict, state: TrainState, log: logging.Logger):
+def resume(path: str | None, identity: dict, state: TrainState, log: logging.Logger):
     """The state and history saved in the checkpoint of this same run, or a fresh start."""
-    if not os.path.exists(path):
+    if path is None or not os.path.exists(path):
         return state, []
     start_over = f"delete {path} to start over"
     with open_regular(path) as f:
@@ -954,24 +954,36 @@ def sweep(args: argparse.Namespace, log: logging.Logger) -> None:
         check_fits(train_config(settings, where), len(parts["x_train"]), jax.device_count(), where)
     os.makedirs(args.sweep_dir, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs a line a trial itself
-    claims = WaitingLock(os.path.join(args.sweep_dir, LOCK_NAME))
-    journal = optuna.storages.journal.JournalFileBackend(
-        os.path.join(args.sweep_dir, JOURNAL_NAME), WaitingLock(os.path.join(args.sweep_dir, ".journal.lock")))
-    with claims:
-        study = optuna.create_study(study_name="sweep", storage=optuna.storages.JournalStorage(journal),
-                                    direction="maximize", pruner=optuna.pruners.MedianPruner(), load_if_exists=True)
-    log.info(f"read {args.sweep_config}: {config['trials']} trials, training on {len(parts['x_train'])} images, "
-             f"choosing on {len(parts['x_test'])} held out of them")
-    while claimed := claim_trial(study, config["trials"], claims, args.sweep_dir, log):
-        try:
-            run_trial(study, claimed[0], config["train"], parts, spec, claims, args.sweep_dir, log)
-        finally:  # told or not, the trial is no longer this worker's
-            claimed[1].close()
-            os.unlink(claimed[1].name)
-    with claims:
-        if finished(study, config["trials"]) and not os.path.exists(os.path.join(args.sweep_dir, "sweep.json")):
-            finish(study, config["train"], {**parts, "x_test": arrays["x_test"], "y_test": arrays["y_test"]}, spec,
-                   args.sweep_dir, log)
+    claims, journal = WaitingLock(os.path.join(args.sweep_dir, LOCK_NAME)), os.path.join(args.sweep_dir, JOURNAL_NAME)
+    try:
+        with claims:
+            study = open_study(journal)
+        log.info(f"read {args.sweep_config}: {config['trials']} trials, training on {len(parts['x_train'])} images, "
+                 f"choosing on {len(parts['x_test'])} held out of them")
+        while claimed := claim_trial(study, config["trials"], claims, args.sweep_dir, log):
+            try:
+                run_trial(study, claimed[0], config["train"], parts, spec, claims, args.sweep_dir, log)
+            finally:  # told or not, the trial is no longer this worker's
+                os.unlink(claimed[1].name)
+                claimed[1].close()
+        with claims:
+            told = read_record(os.path.join(args.sweep_dir, "sweep.json")).get("trials")
+            if finished(study, config["trials"]) and told != len(study.get_trials(deepcopy=False)):
+                finish(study, config["train"], {**parts, "x_test": arrays["x_test"], "y_test": arrays["y_test"]},
+                       spec, args.sweep_dir, log)
+    except json.JSONDecodeError as e:  # Optuna reads the journal as JSON lines
+        raise CubeError(f"{journal}: not an Optuna journal ({e.msg}); move it away to start the study afresh") from None
+
+
+def open_study(journal: str):
+    """The study in the journal file at `journal`, made if new. Optuna opens the file as it finds it, so a
+    link or a FIFO there is refused first (ELOOP: os_fault's line; a FIFO: regular's)."""
+    import optuna
+    os.close(regular(os.open(journal, os.O_RDWR | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666), journal, "remove it"))
+    lock_file = os.path.join(os.path.dirname(journal), ".journal.lock")
+    backend = optuna.storages.journal.JournalFileBackend(journal, WaitingLock(lock_file))
+    return optuna.create_study(study_name="sweep", storage=optuna.storages.JournalStorage(backend),
+                               direction="maximize", pruner=optuna.pruners.MedianPruner(), load_if_exists=True)
 
 
 def read_sweep_config(path: str) -> dict:
@@ -1057,8 +1069,11 @@ def claim_trial(study, trials: int, claims: WaitingLock, sweep_dir: str, log: lo
                     with contextlib.suppress(FileNotFoundError):  # removed by a task's clean-up (main)
                         remove_unheld(os.path.join(sweep_dir, name))
                 study.tell(trial.number, state=TrialState.FAIL)
-                study.enqueue_trial(trial.params)
                 running.remove(trial)
+                if "retry_of" in trial.user_attrs:  # a second death: these settings may be what kills
+                    log.info(f"trial {trial.number}: its worker is gone again; marked FAIL, not queued again")
+                    continue
+                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
                 log.info(f"trial {trial.number}: its worker is gone; marked FAIL, its parameters queued again")
         if finished(study, trials, len(running)):
             return None
@@ -1111,7 +1126,7 @@ def train_part(config: TrainConfig, arrays: dict, spec: Spec, sweep_dir: str, nu
     """The last epoch's test_accuracy of a run as train's, on `arrays`; it writes nothing, logs no epoch."""
     quiet = log.getChild("trial")
     quiet.setLevel(logging.WARNING)
-    run = TrainRun(config, spec, {"sweep_trial": number}, sweep_dir, sweep_dir, False, on_epoch)
+    run = TrainRun(config, spec, {"sweep_trial": number}, None, None, False, on_epoch)
     return run_epochs(run, arrays, quiet)[1][-1].test_accuracy
 
 

@@ -159,6 +159,19 @@ def test_download_is_one_task_on_one_node_whatever_train_asks_for(tmp_path, slur
         assert line in train and line not in planned[:len(planned) - len(train)]
 
 
+def test_each_sweep_worker_is_an_array_task_with_the_gpus_asked_for(tmp_path, slurm):
+    """sweep --workers=2 --gpus=1: an array of two one-process tasks, each with the GPU asked for (a worker
+    trains alone, so it is its own), where a one-process task such as download gets none."""
+    ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()))
+    shutil.copy(ROOT / "workspace" / "sweep.yaml", ws / "sweep.yaml")
+    planned = run_slurm("sweep", "--workers=2", "--gpus=1", f"--workspace={ws}", "--dry-run", env=slurm)
+    assert planned.returncode == 0, planned.stdout[-3000:] + planned.stderr[-3000:]
+    script = planned.stdout[planned.stdout.index("#SBATCH --job-name=mnist-sweep"):]
+    for line in ("#SBATCH --array=0-1", "#SBATCH --ntasks=1", "#SBATCH --nodes=1", "#SBATCH --gpus=1"):
+        assert line in script
+    assert "JAX_PLATFORMS=cpu" not in script
+
+
 def test_a_failing_task_ends_the_session_with_its_status_and_line(tmp_path, slurm):
     ws = source_workspace(tmp_path / "ws", npz_bytes(make_digits()), digest="d" * 64)
     result = run_slurm("download", "train", f"--workspace={ws}", env=slurm)

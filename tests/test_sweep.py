@@ -3,6 +3,8 @@ trained twice; a worker killed with SIGKILL loses only its trial, marked FAIL an
 best.yaml trains; the validation images come from the training images alone; bad sweep configs are
 one line. Small data and few epochs, so that the file runs in minutes on two cores."""
 import csv
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -258,3 +260,65 @@ def test_a_trial_is_trains_own_run_repeatable_to_the_bit(two_workers):
     again = mnist.train_part(config, parts, mnist.spec_of(arrays), str(ws / "sweep"), -1, log)
     summary = yaml.safe_load((ws / "sweep" / "sweep.json").read_text())
     assert again == summary["validation_accuracy"]
+
+
+def run_sweep(ws: Path) -> int:
+    return mnist.main(["sweep", f"--sweep_config={ws / 'sweep.yaml'}", f"--data_dir={ws / 'data'}",
+                       f"--sweep_dir={ws / 'sweep'}", f"--log_dir={ws / 'logs'}"])
+
+
+ONE_EPOCH = {**SWEEP, "trials": 1, "train": {**SWEEP["train"], "train_epochs": 1, "batch_size": 64}}
+
+
+@pytest.mark.parametrize("planted", ["link", "fifo", "damaged"])
+def test_a_journal_that_is_a_link_a_fifo_or_not_a_journal_is_one_line(real_data, tmp_path, capsys, planted):
+    """Optuna opens the journal as it finds it: a link there would have the sweep append to where it points,
+    a FIFO would hold it for ever, and a line that is not JSON is a traceback; each is one line instead."""
+    ws = sweep_workspace(tmp_path / "ws", real_data, ONE_EPOCH)
+    (ws / "sweep").mkdir()
+    journal, victim = ws / "sweep" / mnist.JOURNAL_NAME, tmp_path / "victim.txt"
+    victim.write_text("the user's\n")
+    {"link": lambda: journal.symlink_to(victim), "fifo": lambda: os.mkfifo(journal),
+     "damaged": lambda: journal.write_text("x\n")}[planted]()
+    assert run_sweep(ws) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"mnist.py sweep: error: {journal}: "), err
+    assert victim.read_text() == "the user's\n"
+
+
+def test_a_checkpoint_in_sweep_dir_plays_no_part(real_data, tmp_path):
+    """A trial keeps no checkpoint and reads none: a file named as train's checkpoint in sweep_dir (a
+    model_dir given as sweep_dir, or one planted) is neither resumed nor named."""
+    ws = sweep_workspace(tmp_path / "ws", real_data, ONE_EPOCH)
+    (ws / "sweep").mkdir()
+    (ws / "sweep" / mnist.CHECKPOINT_NAME).write_bytes(b"junk")
+    assert run_sweep(ws) == 0
+    assert [t.state.name for t in study_of(ws).trials] == ["COMPLETE"]
+    assert (ws / "sweep" / mnist.CHECKPOINT_NAME).read_bytes() == b"junk"
+
+
+def test_a_rerun_with_more_trials_measures_the_best_again(real_data, tmp_path):
+    """sweep.json, best.yaml's test accuracy and the pictures follow the study: raising `trials` and running
+    again finishes again, over every trial."""
+    ws = sweep_workspace(tmp_path / "ws", real_data, ONE_EPOCH)
+    assert run_sweep(ws) == 0
+    write_config(ws / "sweep.yaml", {**ONE_EPOCH, "trials": 2})
+    assert run_sweep(ws) == 0
+    told = json.loads((ws / "sweep" / "sweep.json").read_text())
+    assert told["trials"] == 2 and told["best_trial"] == study_of(ws).best_trial.number
+
+
+def test_a_retried_trial_whose_worker_dies_again_is_not_queued_a_third_time(tmp_path, caplog):
+    """A trial's settings are tried twice at most: a retry whose worker is gone too is marked FAIL alone."""
+    (tmp_path / "sweep").mkdir()
+    study = mnist.open_study(str(tmp_path / "sweep" / mnist.JOURNAL_NAME))
+    study.enqueue_trial({"x": 1.0}, user_attrs={"retry_of": 0})
+    trial = study.ask()  # the retry, its worker gone: no part file holds it
+    trial.suggest_float("x", 0.0, 2.0)
+    trial.set_user_attr("lock", ".trial-1.mnist-1-00000000.part")
+    claims = mnist.WaitingLock(str(tmp_path / "sweep" / mnist.LOCK_NAME))
+    log = logging.getLogger("sweep-test")
+    new, held = mnist.claim_trial(study, 1, claims, str(tmp_path / "sweep"), log)
+    held.close()
+    assert study.get_trials(deepcopy=False)[0].state.name == "FAIL"
+    assert "retry_of" not in new.user_attrs and "WAITING" not in [t.state.name for t in study.get_trials()]
