@@ -112,6 +112,9 @@ def test_worker_killed_mid_trial_loses_only_it_and_a_rerun_retries_it(real_data,
     deadline = time.monotonic() + 120
     while not list((ws / "sweep").glob(".trial-1.*.part")) and time.monotonic() < deadline:
         time.sleep(0.05)
+    while len(study_of(ws).trials) < 2 or not study_of(ws).trials[1].params:  # drawn: it trains
+        assert time.monotonic() < deadline, "trial 1 never drew its parameters"
+        time.sleep(0.05)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     assert list((ws / "sweep").glob(".trial-1.*.part")), "killed while trial 1 ran"
@@ -119,7 +122,7 @@ def test_worker_killed_mid_trial_loses_only_it_and_a_rerun_retries_it(real_data,
     assert rerun.code == 0, rerun.err
     assert "trial 1: its worker is gone; marked FAIL, its parameters queued again" in rerun.out
     trials = study_of(ws).trials
-    assert trials[1].state.name == "FAIL"
+    assert trials[1].state.name == "FAIL" and trials[1].params
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     retried = [t for t in finished if t.number > 1 and trials[1].params.items() <= t.params.items()]
     assert len(finished) == 3 and retried, "the killed trial's parameters (those it had drawn) trained again"
