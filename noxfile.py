@@ -1419,7 +1419,10 @@ def k8s_folder_files(folder: str, opts: Options) -> list[str]:
     files = []
     for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
         kind = k8s_entry(entry.path, opts)
-        files += k8s_folder_files(entry.path, opts) if kind == "folder" else [entry.path] if kind else []
+        if kind == "folder":
+            files += k8s_folder_files(entry.path, opts)
+        elif kind:
+            files.append(entry.path)
     return files
 
 
@@ -1458,7 +1461,10 @@ def k8s_named_data(data_config: str, opts: Options) -> list[str]:
                              "the data relative to data.yaml (it goes to the claim beside it) or by an https:// URL")
         path = os.path.join(os.path.dirname(data_config), uri)
         kind = k8s_entry(path, opts)
-        paths += k8s_folder_files(path, opts) if kind == "folder" else [path] if kind else []
+        if kind == "folder":
+            paths += k8s_folder_files(path, opts)
+        elif kind:
+            paths.append(path)
     return paths
 
 
