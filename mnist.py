@@ -1010,8 +1010,12 @@ def read_sweep_config(path: str) -> dict:
 
 def corners(train: dict) -> list[dict]:
     """Trials' settings that between them take every choice and both ends of every range."""
-    ends = {key: value if isinstance(value, list) else [value["low"], value["high"]] if isinstance(value, dict)
-            else [value] for key, value in train.items()}
+    ends = {}
+    for key, value in train.items():  # a choice's values, a range's two ends, or the one value
+        if isinstance(value, dict):
+            ends[key] = [value["low"], value["high"]]
+        else:
+            ends[key] = value if isinstance(value, list) else [value]
     first = {key: values[0] for key, values in ends.items()}
     return [first] + [{**first, key: end} for key, values in ends.items() for end in values[1:]]
 
