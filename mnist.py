@@ -1099,7 +1099,7 @@ def run_trial(study, trial, train: dict, parts: dict, spec: Spec, claims: Waitin
         if trial.should_prune():
             raise optuna.TrialPruned
     try:
-        value = train_part(train_config(settings, "sweep"), parts, spec, sweep_dir, trial.number, log, report)
+        value = train_part(train_config(settings, "sweep"), parts, spec, log, report)
     except optuna.TrialPruned:
         value = None
     with claims:
@@ -1125,12 +1125,11 @@ def settings_of(trial, train: dict) -> dict:
     return {key: trial.params.get(key, value) for key, value in train.items()}
 
 
-def train_part(config: TrainConfig, arrays: dict, spec: Spec, sweep_dir: str, number: int, log: logging.Logger,
-               on_epoch=None) -> float:
+def train_part(config: TrainConfig, arrays: dict, spec: Spec, log: logging.Logger, on_epoch=None) -> float:
     """The last epoch's test_accuracy of a run as train's, on `arrays`; it writes nothing, logs no epoch."""
     quiet = log.getChild("trial")
     quiet.setLevel(logging.WARNING)
-    run = TrainRun(config, spec, {"sweep_trial": number}, None, None, False, on_epoch)
+    run = TrainRun(config, spec, {}, None, None, False, on_epoch)  # no checkpoint: no identity to match
     return run_epochs(run, arrays, quiet)[1][-1].test_accuracy
 
 
@@ -1161,7 +1160,7 @@ def finish(study, train: dict, arrays: dict, spec: Spec, sweep_dir: str, log: lo
     """Measure the best trial's test accuracy once, write it to best.yaml and sweep.json, then the pictures.
     The measure is the trial's run again (training is deterministic), scored on the test images."""
     best, settings = study.best_trial, settings_of(study.best_trial, train)
-    test_accuracy = train_part(train_config(settings, "best.yaml"), arrays, spec, sweep_dir, best.number, log)
+    test_accuracy = train_part(train_config(settings, "best.yaml"), arrays, spec, log)
     write_results(study, train, sweep_dir, f"; test accuracy {test_accuracy:.4f}, measured once, after the "
                   "sweep chose it")
     write_json(os.path.join(sweep_dir, "sweep.json"), {

@@ -260,7 +260,7 @@ def test_a_trial_is_trains_own_run_repeatable_to_the_bit(two_workers):
     chosen = yaml.safe_load((ws / "sweep" / "best.yaml").read_text())
     config = mnist.train_config(chosen, "best.yaml")
     log = mnist.open_log(None, "sweep")
-    again = mnist.train_part(config, parts, mnist.spec_of(arrays), str(ws / "sweep"), -1, log)
+    again = mnist.train_part(config, parts, mnist.spec_of(arrays), log)
     summary = yaml.safe_load((ws / "sweep" / "sweep.json").read_text())
     assert again == summary["validation_accuracy"]
 
