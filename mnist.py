@@ -605,7 +605,7 @@ def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainS
     state, history = resume(checkpoint, run.identity, programs.init(config.seed), log)
     if history:  # the restored state is on the host: put it where the fresh one would be
         state = jax.tree.map(lambda a: global_array(np.asarray(a), replicated), state)
-    with recording_signals():
+    with recording_signals(lambda: f"stopped after epoch {len(history)}; run the same command again to finish"):
         for epoch in range(len(history) + 1, config.train_epochs + 1):
             if history and reached_target(config, history[-1]):
                 break
@@ -624,7 +624,6 @@ def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainS
             log.info(history[-1].describe(config.train_epochs))
             if run.on_epoch:
                 run.on_epoch(history[-1])
-        stop_if_signalled(f"stopped after epoch {len(history)}; run the same command again to finish")
     return state, history, compile_seconds
 
 
@@ -2413,9 +2412,13 @@ def stop_if_signalled(message: str = "") -> None:
         raise Stopped(signals_received[-1], message)
 
 
-def recording_signals():
-    """Within the block, SIGINT and SIGTERM are only recorded: a run stops where nothing is half done."""
-    return handling_signals(record_signal)
+@contextlib.contextmanager
+def recording_signals(stopped: Callable[[], str]):
+    """Within the block, SIGINT and SIGTERM are only recorded; at its end, one stops the task, saying `stopped()`.
+    A run so stops where nothing is half done."""
+    with handling_signals(record_signal):
+        yield
+    stop_if_signalled(stopped())
 
 
 def record_signal(signum, frame) -> None:

@@ -148,7 +148,7 @@ def test_a_background_job_keeps_ignoring_ctrl_c():
         with mnist.unwinding_signals():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) is mnist.stop_task
-            with mnist.recording_signals():
+            with mnist.recording_signals(lambda: "stopped"):
                 assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
                 assert signal.getsignal(signal.SIGTERM) is mnist.record_signal
     finally:
