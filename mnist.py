@@ -418,12 +418,6 @@ def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 # ------------------------------- train: its config, its data, its epochs, its checkpoint, its model
-# Calls queued on the devices at most: enough to keep them busy; a stop waits for no more, and XLA's CPU
-# backend, whose devices share the host's cores, never holds a long queue of programs with collectives.
-MAX_IN_FLIGHT = 2
-FEW_STEPS = 500  # a run of fewer optimizer steps says so when it ends
-
-
 def train(args: argparse.Namespace, log: logging.Logger) -> None:
     config = read_train_config(args.train_config)
     arrays, data_sha256, names = load_data_dir(args.data_dir)
@@ -438,25 +432,16 @@ def train(args: argparse.Namespace, log: logging.Logger) -> None:
         spec = spec_of(arrays)
         identity = {"architecture": architecture(spec), "input_shape": list(spec.image_shape),
                     "classes": spec.classes, "pixel_max": spec.pixel_max, "class_names": names,
-                    "config": dataclasses.asdict(config),
-                    "data_sha256": data_sha256}
+                    "config": dataclasses.asdict(config), "data_sha256": data_sha256}
         run = TrainRun(config, spec, identity, args.model_dir, args.log_dir, process_0)
         state, history, compile_seconds = run_epochs(run, arrays, log)
         if process_0:
             write_model(run, len(arrays["x_train"]), state, history, compile_seconds, log)
 
 
-class TrainRun(NamedTuple):
-    """One training run: its settings, data shape, identity, folders, and whether this process writes.
-    The identity is what model.json records, and a checkpoint of another run is refused; in a run of
-    several processes, process 0 alone writes."""
-    config: TrainConfig
-    spec: Spec
-    identity: dict
-    model_dir: str | None  # None: no checkpoint (a sweep's trial)
-    log_dir: str | None
-    writes: bool
-    on_epoch: Callable[[EpochMetrics], None] | None = None  # a sweep's trial reports each epoch to Optuna
+def read_train_config(path: str) -> TrainConfig:
+    """The training settings, or a CubeError naming the key and what it must be."""
+    return train_config(read_yaml(path), path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,12 +458,6 @@ class TrainConfig:
 # What a train.yaml value of each TrainConfig type may be (YAML writes 1 for 1.0), and its name in messages.
 TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number")}
 MAX_SEED = 2**31 - 2  # the programs take the seed, and seed + 1 for the data, as int32
-MAX_STEPS = 2**31 - 1  # of a run: the optimizer's step counter is an int32
-
-
-def read_train_config(path: str) -> TrainConfig:
-    """The training settings, or a CubeError naming the key and what it must be."""
-    return train_config(read_yaml(path), path)
 
 
 def train_config(data: object, path: str) -> TrainConfig:
@@ -505,19 +484,6 @@ def train_config(data: object, path: str) -> TrainConfig:
     # The default rate: the optimizer's peak times sqrt(batch_size / 128), as noisier small batches want smaller steps
     peak_rate = OPTIMIZERS[config["optimizer"]][1] * (config["batch_size"] / 128) ** 0.5
     return TrainConfig(**{"learning_rate": peak_rate, **config})
-
-
-def check_fits(config: TrainConfig, n: int, devices: int, path: str) -> None:
-    """The config's batches fit the data, the devices, and the step counter."""
-    batch_size = config.batch_size
-    if batch_size > n:
-        raise CubeError(f"{path}: batch_size {batch_size} is larger than the {n} training images")
-    if batch_size % devices:
-        raise CubeError(f"{path}: batch_size {batch_size} does not split evenly over the "
-                        f"{devices} devices; use a multiple of {devices}")
-    if n // batch_size * config.train_epochs > MAX_STEPS:
-        raise CubeError(f"{path}: train_epochs {config.train_epochs} makes more than {MAX_STEPS} steps, "
-                        f"which the step counter cannot count; use at most {MAX_STEPS // (n // batch_size)}")
 
 
 def load_data_dir(data_dir: str) -> tuple[dict[str, np.ndarray], str, list[str] | None]:
@@ -586,6 +552,38 @@ def check_data(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarra
     return arrays
 
 
+MAX_STEPS = 2**31 - 1  # of a run: the optimizer's step counter is an int32
+
+
+def check_fits(config: TrainConfig, n: int, devices: int, path: str) -> None:
+    """The config's batches fit the data, the devices, and the step counter."""
+    batch_size = config.batch_size
+    if batch_size > n:
+        raise CubeError(f"{path}: batch_size {batch_size} is larger than the {n} training images")
+    if batch_size % devices:
+        raise CubeError(f"{path}: batch_size {batch_size} does not split evenly over the "
+                        f"{devices} devices; use a multiple of {devices}")
+    if n // batch_size * config.train_epochs > MAX_STEPS:
+        raise CubeError(f"{path}: train_epochs {config.train_epochs} makes more than {MAX_STEPS} steps, "
+                        f"which the step counter cannot count; use at most {MAX_STEPS // (n // batch_size)}")
+
+
+class TrainRun(NamedTuple):
+    """One training run: its settings, data shape, identity, folders, and whether this process writes.
+    The identity is what model.json records, and a checkpoint of another run is refused; in a run of
+    several processes, process 0 alone writes."""
+    config: TrainConfig
+    spec: Spec
+    identity: dict
+    model_dir: str | None  # None: no checkpoint (a sweep's trial)
+    log_dir: str | None
+    writes: bool
+    on_epoch: Callable[[EpochMetrics], None] | None = None  # a sweep's trial reports each epoch to Optuna
+
+
+CHECKPOINT_NAME = "checkpoint.msgpack"  # in model_dir while a run is incomplete
+
+
 def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainState, list[EpochMetrics], float]:
     """The final state, the history (an EpochMetrics an epoch) and the compile seconds of a run.
     It compiles, resumes from a checkpoint if there is one, then trains to the last epoch or the target."""
@@ -643,42 +641,6 @@ class EpochMetrics:
                 f"test_accuracy {self.test_accuracy:.4f}, {self.epoch_seconds:.2f} s")
 
 
-def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, epoch: int):
-    """One epoch's calls of `steps`: the state after it and its summed training loss (on the device).
-    The host queues at most MAX_IN_FLIGHT calls ahead, and stops between two of them."""
-    plan = plan_epoch(seed, epoch, len(data["x_train"]), programs.batch_size)
-    batches, offsets = (global_array(a, data["x_train"].sharding) for a in plan)  # replicated, as the data
-    loss_sum = jnp.zeros(())
-    steps, count = len(batches), programs.count
-    in_flight = collections.deque()
-    for first in range(0, steps, count):
-        stop_if_signalled(f"stopped in epoch {epoch}; run the same command again to resume "
-                          + (f"after epoch {epoch - 1}" if epoch > 1 else "from the start"))
-        state, loss_sum = programs.steps(state, loss_sum, data["x_train"], data["y_train"], batches, offsets, first)
-        in_flight.append(loss_sum)
-        if len(in_flight) > MAX_IN_FLIGHT:
-            in_flight.popleft().block_until_ready()
-        if sys.stderr.isatty():  # a live step counter; nothing in logs, where the epoch lines say enough
-            done = first + count
-            sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
-    return state, loss_sum
-
-
-def reached_target(config: TrainConfig, metrics: EpochMetrics) -> bool:
-    return config.target_accuracy is not None and metrics.test_accuracy >= config.target_accuracy
-
-
-CHECKPOINT_NAME = "checkpoint.msgpack"  # in model_dir while a run is incomplete
-
-
-def save_checkpoint(path: str, identity: dict, state: TrainState, history: list[EpochMetrics]) -> None:
-    """Write the checkpoint: the state (parameters, average, optimizer, step) and the epochs so far.
-    PRNG keys need no saving: an epoch's come from the seed and its number (plan_epoch)."""
-    record = {"state": serialization.to_state_dict(state), "run": json.dumps(identity),
-              "history": json.dumps([dataclasses.asdict(metrics) for metrics in history])}
-    write_atomically(path, serialization.msgpack_serialize(record))
-
-
 def resume(path: str | None, identity: dict, state: TrainState, log: logging.Logger):
     """The state and history saved in the checkpoint of this same run, or a fresh start."""
     if path is None or not os.path.exists(path):
@@ -702,6 +664,47 @@ def resume(path: str | None, identity: dict, state: TrainState, log: logging.Log
     return state, history
 
 
+def reached_target(config: TrainConfig, metrics: EpochMetrics) -> bool:
+    return config.target_accuracy is not None and metrics.test_accuracy >= config.target_accuracy
+
+
+# Calls queued on the devices at most: enough to keep them busy; a stop waits for no more, and XLA's CPU
+# backend, whose devices share the host's cores, never holds a long queue of programs with collectives.
+MAX_IN_FLIGHT = 2
+
+
+def train_epoch(programs: Programs, state: TrainState, data: dict, seed: int, epoch: int):
+    """One epoch's calls of `steps`: the state after it and its summed training loss (on the device).
+    The host queues at most MAX_IN_FLIGHT calls ahead, and stops between two of them."""
+    plan = plan_epoch(seed, epoch, len(data["x_train"]), programs.batch_size)
+    batches, offsets = (global_array(a, data["x_train"].sharding) for a in plan)  # replicated, as the data
+    loss_sum = jnp.zeros(())
+    steps, count = len(batches), programs.count
+    in_flight = collections.deque()
+    for first in range(0, steps, count):
+        stop_if_signalled(f"stopped in epoch {epoch}; run the same command again to resume "
+                          + (f"after epoch {epoch - 1}" if epoch > 1 else "from the start"))
+        state, loss_sum = programs.steps(state, loss_sum, data["x_train"], data["y_train"], batches, offsets, first)
+        in_flight.append(loss_sum)
+        if len(in_flight) > MAX_IN_FLIGHT:
+            in_flight.popleft().block_until_ready()
+        if sys.stderr.isatty():  # a live step counter; nothing in logs, where the epoch lines say enough
+            done = first + count
+            sys.stderr.write(f"\repoch {epoch}: step {done}/{steps}" + ("\r\033[K" if done >= steps else ""))
+    return state, loss_sum
+
+
+def save_checkpoint(path: str, identity: dict, state: TrainState, history: list[EpochMetrics]) -> None:
+    """Write the checkpoint: the state (parameters, average, optimizer, step) and the epochs so far.
+    PRNG keys need no saving: an epoch's come from the seed and its number (plan_epoch)."""
+    record = {"state": serialization.to_state_dict(state), "run": json.dumps(identity),
+              "history": json.dumps([dataclasses.asdict(metrics) for metrics in history])}
+    write_atomically(path, serialization.msgpack_serialize(record))
+
+
+FEW_STEPS = 500  # a run of fewer optimizer steps says so when it ends
+
+
 def write_model(run: TrainRun, n: int, state: TrainState, history: list[EpochMetrics], compile_seconds: float,
                 log: logging.Logger) -> None:
     """params.msgpack (the parameter average), model.json, the curves; the checkpoint is removed."""
@@ -711,17 +714,16 @@ def write_model(run: TrainRun, n: int, state: TrainState, history: list[EpochMet
         log.info(f"reached target_accuracy {config.target_accuracy} after {len(history)} epochs, "
                  f"{last.elapsed_seconds:.2f} s")
     write_atomically(os.path.join(run.model_dir, "params.msgpack"), serialization.to_bytes(state.average))
-    steps = n // config.batch_size * len(history)
+    steps = n // config.batch_size * len(history)  # the last partial batch of each epoch is dropped
     if steps < FEW_STEPS and not reached:
         log.info(f"trained {steps} steps in all, few for a network to settle: more epochs, or a smaller "
                  "batch_size, give it more")
-    images_per_epoch = n // config.batch_size * config.batch_size  # the last partial batch is dropped
     summary = {
         **run.identity,  # the architecture, the data's shape and classes, the config, the data's SHA-256
         "test_accuracy": last.test_accuracy, "test_loss": last.test_loss,
         "epochs_run": len(history), "time_to_target_seconds": last.elapsed_seconds if reached else None,
         "train_seconds": last.elapsed_seconds, "compile_seconds": compile_seconds,
-        "images_per_second": len(history) * images_per_epoch / last.elapsed_seconds,
+        "images_per_second": steps * config.batch_size / last.elapsed_seconds,
         "resizing": RESIZING,  # how download's image_size and infer bring an image to input_shape
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "versions": {"jax": jax.__version__, "flax": version("flax"), "optax": optax.__version__},
@@ -747,6 +749,20 @@ def provenance() -> dict:
     return {"image": os.environ.get("MNIST_IMAGE") or None, "image_sources": sources}
 
 
+def draw_curves(history: list[EpochMetrics]):
+    """Loss and accuracy per epoch, side by side."""
+    def draw(figure) -> None:
+        epochs = [m.epoch for m in history]
+        loss, accuracy = figure.subplots(1, 2)
+        loss.plot(epochs, [m.train_loss for m in history], "o-", label="train")
+        loss.plot(epochs, [m.test_loss for m in history], "o-", label="test")
+        accuracy.plot(epochs, [100 * m.test_accuracy for m in history], "o-", color="C1")
+        for axes, title in ((loss, "loss"), (accuracy, "test accuracy (%)")):
+            axes.set(title=title, xlabel="epoch", xticks=epochs)
+        loss.legend()
+    return draw
+
+
 def save_plot(path: str, draw, log: logging.Logger) -> None:
     """Draw a figure with `draw(figure)` and write it as a PNG, when matplotlib is installed.
     A bare Figure, not pyplot: no display and no global state."""
@@ -761,20 +777,6 @@ def save_plot(path: str, draw, log: logging.Logger) -> None:
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     write_atomically(path, buffer.getvalue())
     log.info(f"written {path}")
-
-
-def draw_curves(history: list[EpochMetrics]):
-    """Loss and accuracy per epoch, side by side."""
-    def draw(figure) -> None:
-        epochs = [m.epoch for m in history]
-        loss, accuracy = figure.subplots(1, 2)
-        loss.plot(epochs, [m.train_loss for m in history], "o-", label="train")
-        loss.plot(epochs, [m.test_loss for m in history], "o-", label="test")
-        accuracy.plot(epochs, [100 * m.test_accuracy for m in history], "o-", color="C1")
-        for axes, title in ((loss, "loss"), (accuracy, "test accuracy (%)")):
-            axes.set(title=title, xlabel="epoch", xticks=epochs)
-        loss.legend()
-    return draw
 
 
 # ---------------------------------------- evaluate: the model and the test images, scored and drawn
