@@ -569,24 +569,37 @@ def check_fits(config: TrainConfig, n: int, devices: int, path: str) -> None:
 
 
 class TrainRun(NamedTuple):
-    """One training run: its settings, data shape, identity, folders, and whether this process writes.
-    The identity is what model.json records, and a checkpoint of another run is refused; in a run of
-    several processes, process 0 alone writes."""
+    """One training run: its settings, data shape, identity, folders, and whether this process writes."""
     config: TrainConfig
     spec: Spec
-    identity: dict
+    identity: dict  # what model.json records; a checkpoint of another run is refused
     model_dir: str | None  # None: no checkpoint (a sweep's trial)
     log_dir: str | None
-    writes: bool
+    writes: bool  # in a run of several processes, process 0 alone writes
     on_epoch: Callable[[EpochMetrics], None] | None = None  # a sweep's trial reports each epoch to Optuna
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch of a run: a line of log_dir/train_metrics.jsonl, and a row of the checkpoint's history.
+    The checkpoint keeps the history so that a resumed run reports every epoch."""
+    epoch: int
+    train_loss: float  # the mean over the epoch's steps
+    test_loss: float  # of the parameter average, as every test figure
+    test_accuracy: float
+    epoch_seconds: float
+    elapsed_seconds: float  # the run's training time up to this epoch's end, compiling excluded
+
+    def describe(self, epochs: int) -> str:
+        return (f"epoch {self.epoch}/{epochs}: train_loss {self.train_loss:.4f}, test_loss {self.test_loss:.4f}, "
+                f"test_accuracy {self.test_accuracy:.4f}, {self.epoch_seconds:.2f} s")
 
 
 CHECKPOINT_NAME = "checkpoint.msgpack"  # in model_dir while a run is incomplete
 
 
 def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainState, list[EpochMetrics], float]:
-    """The final state, the history (an EpochMetrics an epoch) and the compile seconds of a run.
-    It compiles, resumes from a checkpoint if there is one, then trains to the last epoch or the target."""
+    """The final state, the history (an EpochMetrics an epoch) and the compile seconds of a run."""
     config = run.config
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -623,22 +636,6 @@ def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainS
             if run.on_epoch:
                 run.on_epoch(history[-1])
     return state, history, compile_seconds
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochMetrics:
-    """One epoch of a run: a line of log_dir/train_metrics.jsonl, and a row of the checkpoint's history.
-    The checkpoint keeps the history so that a resumed run reports every epoch."""
-    epoch: int
-    train_loss: float  # the mean over the epoch's steps
-    test_loss: float  # of the parameter average, as every test figure
-    test_accuracy: float
-    epoch_seconds: float
-    elapsed_seconds: float  # the run's training time up to this epoch's end, compiling excluded
-
-    def describe(self, epochs: int) -> str:
-        return (f"epoch {self.epoch}/{epochs}: train_loss {self.train_loss:.4f}, test_loss {self.test_loss:.4f}, "
-                f"test_accuracy {self.test_accuracy:.4f}, {self.epoch_seconds:.2f} s")
 
 
 def resume(path: str | None, identity: dict, state: TrainState, log: logging.Logger):
