@@ -412,11 +412,6 @@ def compile_scoring(function: Callable, spec: Spec, *args) -> jax.stages.Compile
     return compile_program(jax.jit(functools.partial(function, pixel_max=spec.pixel_max)).lower(*args), "score")
 
 
-def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A host array placed on the sharding's devices, which may belong to other processes too."""
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-
 # ------------------------------- train: its config, its data, its epochs, its checkpoint, its model
 def train(args: argparse.Namespace, log: logging.Logger) -> None:
     config = read_train_config(args.train_config)
@@ -636,6 +631,11 @@ def run_epochs(run: TrainRun, arrays: dict, log: logging.Logger) -> tuple[TrainS
             if run.on_epoch:
                 run.on_epoch(history[-1])
     return state, history, compile_seconds
+
+
+def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array placed on the sharding's devices, which may belong to other processes too."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def resume(path: str | None, identity: dict, state: TrainState, log: logging.Logger):
