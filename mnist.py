@@ -412,7 +412,7 @@ def compile_scoring(function: Callable, spec: Spec, *args) -> jax.stages.Compile
     return compile_program(jax.jit(functools.partial(function, pixel_max=spec.pixel_max)).lower(*args), "score")
 
 
-# ------------------------------- train: its config, its data, its epochs, its checkpoint, its model
+# ---------------- train: its config, its epochs, its checkpoint, its model, then the data it shares
 def train(args: argparse.Namespace, log: logging.Logger) -> None:
     config = read_train_config(args.train_config)
     arrays, data_sha256, names = load_data_dir(args.data_dir)
@@ -479,72 +479,6 @@ def train_config(data: object, path: str) -> TrainConfig:
     # The default rate: the optimizer's peak times sqrt(batch_size / 128), as noisier small batches want smaller steps
     peak_rate = OPTIMIZERS[config["optimizer"]][1] * (config["batch_size"] / 128) ** 0.5
     return TrainConfig(**{"learning_rate": peak_rate, **config})
-
-
-def load_data_dir(data_dir: str) -> tuple[dict[str, np.ndarray], str, list[str] | None]:
-    """data_dir's arrays, their npz's SHA-256, and the class names data.yaml gave (or None).
-    The npz is read up to MAX_DATA_BYTES, or up to the larger size: that download recorded."""
-    record_path = os.path.join(data_dir, RECORD_NAME)
-    record = read_record(record_path)
-    recorded = record.get("bytes")
-    limit = max(MAX_DATA_BYTES, recorded if isinstance(recorded, int) and recorded <= MAX_DECLARED_BYTES else 0)
-    path = os.path.join(data_dir, NPZ_NAME)
-    if not os.path.lexists(path):
-        raise CubeError(f"{path}: no such file; run the download task first")
-    arrays, digest = load_mnist(path, limit=limit)
-    names, classes = record.get("class_names"), spec_of(arrays).classes
-    if names is not None and (not isinstance(names, list) or len(names) != classes):
-        raise CubeError(f"{record_path}: class_names lists {shorten(names)}, but the data has {classes} classes; "
-                        "give data.yaml's classes: one name a class, and download again")
-    return arrays, digest, names
-
-
-def read_record(path: str) -> dict:
-    """A JSON object an earlier run wrote (download.json, sweep.json); {} when there is none or it is unreadable."""
-    try:
-        with open_regular(path) as f:
-            record = json.loads(f.read(MAX_CONFIG_BYTES))
-    except (OSError, ValueError, CubeError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def load_mnist(path: str, where: str | None = None, limit: int | None = None) -> tuple[dict[str, np.ndarray], str]:
-    """An npz's four arrays, checked, and its SHA-256: at most `limit` bytes; messages name `where`."""
-    where = where or path
-    arrays, digest = read_npz(path, ARRAYS, limit or MAX_DATA_BYTES, where)
-    return check_data(arrays, where), digest
-
-
-def check_data(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-    """The arrays, if they make an image classification data set; a CubeError naming the fault if not.
-    Images: uint8 N×H×W (grey) or N×H×W×C (C = 1 is grey, or 3 or more), one shape in train and test.
-    Labels: integers 0..K-1, K ≥ 2, each class among the training labels (a gap means a mislabelled set)."""
-    shape = arrays["x_train"].shape[1:]
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != np.uint8 or x.ndim not in (3, 4) or not len(x) or x.shape[3:] == (2,):
-            raise CubeError(f"{where}: x_{split} must be uint8 images N×H×W, or N×H×W×C with C = 1 or 3 or more, "
-                            f"found {x.dtype} {'×'.join(map(str, x.shape))}")
-        if x.shape[1:] != shape:
-            raise CubeError(f"{where}: x_test's images are {'×'.join(map(str, x.shape[1:]))}, x_train's "
-                            f"{'×'.join(map(str, shape))}; train and test must have one shape")
-        if y.dtype.kind not in "iu" or y.shape != (len(x),):
-            raise CubeError(f"{where}: y_{split} must be {len(x)} integer labels (one per image), "
-                            f"found {y.dtype} {'×'.join(map(str, y.shape))}")
-        if y.min() < 0:
-            raise CubeError(f"{where}: y_{split} labels must be 0 or more, found {y.min()}")
-    y_train, y_test = arrays["y_train"], arrays["y_test"]
-    classes = int(y_train.max()) + 1
-    if classes < 2:
-        raise CubeError(f"{where}: y_train holds one class only; a classifier needs two at least")
-    absent = sorted(set(range(classes)) - set(np.unique(y_train).tolist()))
-    if absent:
-        raise CubeError(f"{where}: y_train labels must be 0..{classes - 1}, each present, but "
-                        f"{', '.join(map(str, absent[:5]))}{', ...' if len(absent) > 5 else ''} never appear")
-    if y_test.max() >= classes:
-        raise CubeError(f"{where}: y_test has label {y_test.max()}, which no training image has (0..{classes - 1})")
-    return arrays
 
 
 MAX_STEPS = 2**31 - 1  # of a run: the optimizer's step counter is an int32
@@ -774,6 +708,72 @@ def save_plot(path: str, draw, log: logging.Logger) -> None:
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     write_atomically(path, buffer.getvalue())
     log.info(f"written {path}")
+
+
+def load_data_dir(data_dir: str) -> tuple[dict[str, np.ndarray], str, list[str] | None]:
+    """data_dir's arrays, their npz's SHA-256, and the class names data.yaml gave (or None).
+    The npz is read up to MAX_DATA_BYTES, or up to the larger size: that download recorded."""
+    record_path = os.path.join(data_dir, RECORD_NAME)
+    record = read_record(record_path)
+    recorded = record.get("bytes")
+    limit = max(MAX_DATA_BYTES, recorded if isinstance(recorded, int) and recorded <= MAX_DECLARED_BYTES else 0)
+    path = os.path.join(data_dir, NPZ_NAME)
+    if not os.path.lexists(path):
+        raise CubeError(f"{path}: no such file; run the download task first")
+    arrays, digest = load_mnist(path, limit=limit)
+    names, classes = record.get("class_names"), spec_of(arrays).classes
+    if names is not None and (not isinstance(names, list) or len(names) != classes):
+        raise CubeError(f"{record_path}: class_names lists {shorten(names)}, but the data has {classes} classes; "
+                        "give data.yaml's classes: one name a class, and download again")
+    return arrays, digest, names
+
+
+def read_record(path: str) -> dict:
+    """A JSON object an earlier run wrote (download.json, sweep.json); {} when there is none or it is unreadable."""
+    try:
+        with open_regular(path) as f:
+            record = json.loads(f.read(MAX_CONFIG_BYTES))
+    except (OSError, ValueError, CubeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def load_mnist(path: str, where: str | None = None, limit: int | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """An npz's four arrays, checked, and its SHA-256: at most `limit` bytes; messages name `where`."""
+    where = where or path
+    arrays, digest = read_npz(path, ARRAYS, limit or MAX_DATA_BYTES, where)
+    return check_data(arrays, where), digest
+
+
+def check_data(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """The arrays, if they make an image classification data set; a CubeError naming the fault if not.
+    Images: uint8 N×H×W (grey) or N×H×W×C (C = 1 is grey, or 3 or more), one shape in train and test.
+    Labels: integers 0..K-1, K ≥ 2, each class among the training labels (a gap means a mislabelled set)."""
+    shape = arrays["x_train"].shape[1:]
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or not len(x) or x.shape[3:] == (2,):
+            raise CubeError(f"{where}: x_{split} must be uint8 images N×H×W, or N×H×W×C with C = 1 or 3 or more, "
+                            f"found {x.dtype} {'×'.join(map(str, x.shape))}")
+        if x.shape[1:] != shape:
+            raise CubeError(f"{where}: x_test's images are {'×'.join(map(str, x.shape[1:]))}, x_train's "
+                            f"{'×'.join(map(str, shape))}; train and test must have one shape")
+        if y.dtype.kind not in "iu" or y.shape != (len(x),):
+            raise CubeError(f"{where}: y_{split} must be {len(x)} integer labels (one per image), "
+                            f"found {y.dtype} {'×'.join(map(str, y.shape))}")
+        if y.min() < 0:
+            raise CubeError(f"{where}: y_{split} labels must be 0 or more, found {y.min()}")
+    y_train, y_test = arrays["y_train"], arrays["y_test"]
+    classes = int(y_train.max()) + 1
+    if classes < 2:
+        raise CubeError(f"{where}: y_train holds one class only; a classifier needs two at least")
+    absent = sorted(set(range(classes)) - set(np.unique(y_train).tolist()))
+    if absent:
+        raise CubeError(f"{where}: y_train labels must be 0..{classes - 1}, each present, but "
+                        f"{', '.join(map(str, absent[:5]))}{', ...' if len(absent) > 5 else ''} never appear")
+    if y_test.max() >= classes:
+        raise CubeError(f"{where}: y_test has label {y_test.max()}, which no training image has (0..{classes - 1})")
+    return arrays
 
 
 # ---------------------------------------- evaluate: the model and the test images, scored and drawn
