@@ -359,7 +359,7 @@ def steps_per_call(steps: int) -> int:
 
 
 class Programs(NamedTuple):
-    """A run's compiled programs, as the map at the top of this section draws them."""
+    """A run's compiled programs, as the map atop the training section draws them."""
     init: jax.stages.Compiled
     steps: jax.stages.Compiled
     score: jax.stages.Compiled
