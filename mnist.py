@@ -780,12 +780,19 @@ def draw_curves(history: list[EpochMetrics]):
 # ---------------------------------------- evaluate: the model and the test images, scored and drawn
 MISTAKES_SHOWN = 36  # the most confident mistakes that evaluate lists and draws
 MODEL_FILES = ("model.json", "params.msgpack")  # what train writes in model_dir, and evaluate and infer read
+COUNTS_SHOWN = 20  # classes up to which the confusion matrix writes its counts; beyond, colour alone
 
 
 def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
     params, spec, summary = load_model(args.model_dir)
     arrays, data_sha256, _ = load_data_dir(args.data_dir)
-    check_fits_model(spec, spec_of(arrays), os.path.join(args.data_dir, NPZ_NAME))
+    data, npz = spec_of(arrays), os.path.join(args.data_dir, NPZ_NAME)
+    if data.image_shape != spec.image_shape:
+        raise CubeError(f"{npz}: its images are {'×'.join(map(str, data.image_shape))}, but the model was "
+                        f"trained on {'×'.join(map(str, spec.image_shape))}")
+    if data.classes > spec.classes:
+        raise CubeError(f"{npz}: its labels run to {data.classes - 1}, but the model knows classes "
+                        f"0..{spec.classes - 1}")
     labels = arrays["y_test"].astype(np.int32)
     scoring = compile_scoring(score, spec, params, arrays["x_test"], labels)
     loss, accuracy, predicted = scoring(params, arrays["x_test"], labels)
@@ -867,14 +874,9 @@ def model_spec(summary: object, path: str) -> Spec:
     return spec
 
 
-def check_fits_model(spec: Spec, data: Spec, where: str) -> None:
-    """Data for a model: images of the shape it was trained on, and the classes it knows."""
-    if data.image_shape != spec.image_shape:
-        raise CubeError(f"{where}: its images are {'×'.join(map(str, data.image_shape))}, but the model was "
-                        f"trained on {'×'.join(map(str, spec.image_shape))}")
-    if data.classes > spec.classes:
-        raise CubeError(f"{where}: its labels run to {data.classes - 1}, but the model knows classes "
-                        f"0..{spec.classes - 1}")
+def class_probabilities(params, images: jax.Array, pixel_max: int) -> jax.Array:
+    """Each image's probability of each class."""
+    return jax.nn.softmax(predict_all(params, images, pixel_max))
 
 
 def most_confident_mistakes(wrong: np.ndarray, confidence: np.ndarray, labels: np.ndarray,
@@ -884,11 +886,6 @@ def most_confident_mistakes(wrong: np.ndarray, confidence: np.ndarray, labels: n
     order = np.argsort(-confidence, kind="stable")[:MISTAKES_SHOWN]
     return [{"index": int(wrong[k]), "true": int(labels[wrong[k]]), "predicted": int(predicted[wrong[k]]),
              "probability": round(float(confidence[k]), 4)} for k in order]
-
-
-def class_probabilities(params, images: jax.Array, pixel_max: int) -> jax.Array:
-    """Each image's probability of each class."""
-    return jax.nn.softmax(predict_all(params, images, pixel_max))
 
 
 def draw_confusion(confusion: np.ndarray, names: list[str]):
@@ -908,10 +905,6 @@ def draw_confusion(confusion: np.ndarray, names: list[str]):
                  title="confusion matrix (test images)")
         axes.tick_params(axis="x", labelrotation=90 if max(map(len, names)) > 2 else 0)
     return draw
-
-
-COUNTS_SHOWN = 20  # classes up to which the confusion matrix writes its counts; beyond, colour alone
-
 
 def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int, names: list[str]):
     """The mistakes listed as a grid, each captioned true → predicted (probability); or a note of none."""
