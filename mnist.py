@@ -779,12 +779,19 @@ def check_data(arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarra
 # ---------------------------------------- evaluate: the model and the test images, scored and drawn
 MISTAKES_SHOWN = 36  # the most confident mistakes that evaluate lists and draws
 MODEL_FILES = ("model.json", "params.msgpack")  # what train writes in model_dir, and evaluate and infer read
+COUNTS_SHOWN = 20  # classes up to which the confusion matrix writes its counts; beyond, colour alone
 
 
 def evaluate(args: argparse.Namespace, log: logging.Logger) -> None:
     params, spec, summary = load_model(args.model_dir)
     arrays, data_sha256, _ = load_data_dir(args.data_dir)
-    check_fits_model(spec, spec_of(arrays), os.path.join(args.data_dir, NPZ_NAME))
+    data, npz = spec_of(arrays), os.path.join(args.data_dir, NPZ_NAME)
+    if data.image_shape != spec.image_shape:
+        raise CubeError(f"{npz}: its images are {'×'.join(map(str, data.image_shape))}, but the model was "
+                        f"trained on {'×'.join(map(str, spec.image_shape))}")
+    if data.classes > spec.classes:
+        raise CubeError(f"{npz}: its labels run to {data.classes - 1}, but the model knows classes "
+                        f"0..{spec.classes - 1}")
     labels = arrays["y_test"].astype(np.int32)
     scoring = compile_scoring(score, spec, params, arrays["x_test"], labels)
     loss, accuracy, predicted = scoring(params, arrays["x_test"], labels)
@@ -866,14 +873,9 @@ def model_spec(summary: object, path: str) -> Spec:
     return spec
 
 
-def check_fits_model(spec: Spec, data: Spec, where: str) -> None:
-    """Data for a model: images of the shape it was trained on, and the classes it knows."""
-    if data.image_shape != spec.image_shape:
-        raise CubeError(f"{where}: its images are {'×'.join(map(str, data.image_shape))}, but the model was "
-                        f"trained on {'×'.join(map(str, spec.image_shape))}")
-    if data.classes > spec.classes:
-        raise CubeError(f"{where}: its labels run to {data.classes - 1}, but the model knows classes "
-                        f"0..{spec.classes - 1}")
+def class_probabilities(params, images: jax.Array, pixel_max: int) -> jax.Array:
+    """Each image's probability of each class."""
+    return jax.nn.softmax(predict_all(params, images, pixel_max))
 
 
 def most_confident_mistakes(wrong: np.ndarray, confidence: np.ndarray, labels: np.ndarray,
@@ -883,11 +885,6 @@ def most_confident_mistakes(wrong: np.ndarray, confidence: np.ndarray, labels: n
     order = np.argsort(-confidence, kind="stable")[:MISTAKES_SHOWN]
     return [{"index": int(wrong[k]), "true": int(labels[wrong[k]]), "predicted": int(predicted[wrong[k]]),
              "probability": round(float(confidence[k]), 4)} for k in order]
-
-
-def class_probabilities(params, images: jax.Array, pixel_max: int) -> jax.Array:
-    """Each image's probability of each class."""
-    return jax.nn.softmax(predict_all(params, images, pixel_max))
 
 
 def draw_confusion(confusion: np.ndarray, names: list[str]):
@@ -907,10 +904,6 @@ def draw_confusion(confusion: np.ndarray, names: list[str]):
                  title="confusion matrix (test images)")
         axes.tick_params(axis="x", labelrotation=90 if max(map(len, names)) > 2 else 0)
     return draw
-
-
-COUNTS_SHOWN = 20  # classes up to which the confusion matrix writes its counts; beyond, colour alone
-
 
 def draw_mistakes(images: np.ndarray, mistakes: list[dict], total: int, names: list[str]):
     """The mistakes listed as a grid, each captioned true → predicted (probability); or a note of none."""
@@ -973,17 +966,6 @@ def sweep(args: argparse.Namespace, log: logging.Logger) -> None:
         raise CubeError(f"{journal}: not an Optuna journal ({e.msg}); move it away to start the study afresh") from None
 
 
-def open_study(journal: str):
-    """The study in the journal file at `journal`, made if new. Optuna opens the file as it finds it, so a
-    link or a FIFO there is refused first (ELOOP: os_fault's line; a FIFO: regular's)."""
-    import optuna
-    os.close(regular(os.open(journal, os.O_RDWR | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666), journal, "remove it"))
-    lock_file = os.path.join(os.path.dirname(journal), ".journal.lock")
-    backend = optuna.storages.journal.JournalFileBackend(journal, WaitingLock(lock_file))
-    return optuna.create_study(study_name="sweep", storage=optuna.storages.JournalStorage(backend),
-                               direction="maximize", pruner=optuna.pruners.MedianPruner(), load_if_exists=True)
-
-
 def read_sweep_config(path: str) -> dict:
     """sweep.yaml, its shape checked; sweep then checks every trial it can make as a train.yaml (corners)."""
     config = check_keys(read_yaml(path), ["trials", "train"], ["validation_fraction"], path)
@@ -1006,6 +988,19 @@ def read_sweep_config(path: str) -> dict:
     return config
 
 
+def validation_split(arrays: dict, fraction: float, where: str) -> dict:
+    """The training images in two, the same on every run: the trials' training part and validation part,
+    as x_train, y_train and x_test, y_test, so that run_epochs scores the validation part each epoch."""
+    n = len(arrays["x_train"])
+    held = max(1, round(n * fraction))
+    if held >= n:
+        raise CubeError(f"{where}: validation_fraction {fraction} leaves none of the {n} training images to train on")
+    order = np.random.default_rng(VALIDATION_SEED).permutation(n)
+    train, validation = np.sort(order[held:]), np.sort(order[:held])
+    return {"x_train": arrays["x_train"][train], "y_train": arrays["y_train"][train],
+            "x_test": arrays["x_train"][validation], "y_test": arrays["y_train"][validation]}
+
+
 def corners(train: dict) -> list[dict]:
     """Trials' settings that between them take every choice and both ends of every range."""
     ends = {}
@@ -1016,20 +1011,6 @@ def corners(train: dict) -> list[dict]:
             ends[key] = value if isinstance(value, list) else [value]
     first = {key: values[0] for key, values in ends.items()}
     return [first] + [{**first, key: end} for key, values in ends.items() for end in values[1:]]
-
-
-def validation_split(arrays: dict, fraction: float, where: str) -> dict:
-    """The training images in two, the same on every run: the trials' training part and validation part.
-    As x_train, y_train and x_test, y_test, so that run_epochs scores the validation part each epoch; no
-    test image is in either."""
-    n = len(arrays["x_train"])
-    held = max(1, round(n * fraction))
-    if held >= n:
-        raise CubeError(f"{where}: validation_fraction {fraction} leaves none of the {n} training images to train on")
-    order = np.random.default_rng(VALIDATION_SEED).permutation(n)
-    train, validation = np.sort(order[held:]), np.sort(order[:held])
-    return {"x_train": arrays["x_train"][train], "y_train": arrays["y_train"][train],
-            "x_test": arrays["x_train"][validation], "y_test": arrays["y_train"][validation]}
 
 
 @dataclasses.dataclass
@@ -1052,10 +1033,15 @@ class WaitingLock:
     __enter__, __exit__ = acquire, release
 
 
-def finished(study, trials: int, running: int = 0) -> bool:
-    """Whether the study's COMPLETE and PRUNED trials, and `running` ones, make `trials`."""
-    states = [trial.state.name for trial in study.get_trials(deepcopy=False)]
-    return states.count("COMPLETE") + states.count("PRUNED") + running >= trials
+def open_study(journal: str):
+    """The study in the journal file at `journal`, made if new. Optuna opens the file as it finds it, so a
+    link or a FIFO there is refused first (ELOOP: os_fault's line; a FIFO: regular's)."""
+    import optuna
+    os.close(regular(os.open(journal, os.O_RDWR | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666), journal, "remove it"))
+    lock_file = os.path.join(os.path.dirname(journal), ".journal.lock")
+    backend = optuna.storages.journal.JournalFileBackend(journal, WaitingLock(lock_file))
+    return optuna.create_study(study_name="sweep", storage=optuna.storages.JournalStorage(backend),
+                               direction="maximize", pruner=optuna.pruners.MedianPruner(), load_if_exists=True)
 
 
 def claim_trial(study, trials: int, claims: WaitingLock, sweep_dir: str, log: logging.Logger):
@@ -1085,12 +1071,25 @@ def claim_trial(study, trials: int, claims: WaitingLock, sweep_dir: str, log: lo
         return trial, held
 
 
+def finished(study, trials: int, running: int = 0) -> bool:
+    """Whether the study's COMPLETE and PRUNED trials, and `running` ones, make `trials`."""
+    states = [trial.state.name for trial in study.get_trials(deepcopy=False)]
+    return states.count("COMPLETE") + states.count("PRUNED") + running >= trials
+
+
 def run_trial(study, trial, train: dict, parts: dict, spec: Spec, claims: WaitingLock, sweep_dir: str,
               log: logging.Logger) -> None:
     """Train a trial's settings as train does, tell the study the outcome, and write the results.
     Scored on the validation part each epoch, the trial is pruned when it trails."""
     import optuna
-    settings = {key: suggest(trial, key, value) for key, value in train.items()}
+    settings = dict(train)  # a list's choice and a range's draw replaced by the trial's values
+    for key, value in train.items():
+        if isinstance(value, list):
+            settings[key] = trial.suggest_categorical(key, value)
+        elif isinstance(value, dict) and TrainConfig.__annotations__[key] == "int":
+            settings[key] = trial.suggest_int(key, **value)
+        elif isinstance(value, dict):
+            settings[key] = trial.suggest_float(key, **value)
 
     def report(metrics: EpochMetrics) -> None:
         trial.report(metrics.test_accuracy, metrics.epoch)
@@ -1106,21 +1105,6 @@ def run_trial(study, trial, train: dict, parts: dict, spec: Spec, claims: Waitin
     done = study.get_trials(deepcopy=False)[trial.number]
     log.info(f"trial {trial.number}: {done.state.name}, validation accuracy by epoch "
              f"{', '.join(f'{a:.4f}' for a in done.intermediate_values.values())}; {trial.params}")
-
-
-def suggest(trial, key: str, value):
-    """The trial's value of one of sweep.yaml's train keys: a list's choice, a range's draw, or the value."""
-    if isinstance(value, list):
-        return trial.suggest_categorical(key, value)
-    if isinstance(value, dict):
-        whole = {field.name: field.type for field in dataclasses.fields(TrainConfig)}[key] == "int"
-        return (trial.suggest_int if whole else trial.suggest_float)(key, **value)
-    return value
-
-
-def settings_of(trial, train: dict) -> dict:
-    """A finished trial's settings as a train.yaml: sweep.yaml's fixed values and the trial's choices."""
-    return {key: trial.params.get(key, value) for key, value in train.items()}
 
 
 def train_part(config: TrainConfig, arrays: dict, spec: Spec, log: logging.Logger, on_epoch=None) -> float:
@@ -1152,6 +1136,11 @@ def write_results(study, train: dict, sweep_dir: str, comment: str = "") -> None
             f"# trial {best.number} of the sweep: validation accuracy {best.value:.4f}{comment}\n"
             + yaml.safe_dump(settings_of(best, train), sort_keys=False)
         ).encode())
+
+
+def settings_of(trial, train: dict) -> dict:
+    """A finished trial's settings as a train.yaml: sweep.yaml's fixed values and the trial's choices."""
+    return {key: trial.params.get(key, value) for key, value in train.items()}
 
 
 def finish(study, train: dict, arrays: dict, spec: Spec, sweep_dir: str, log: logging.Logger) -> None:
