@@ -1242,7 +1242,13 @@ def image_batches(path: str, batch: int, image_shape: tuple[int, ...]):
             start = f.read(6)
             f.seek(0)
             if start.startswith(b"PK"):  # a zip, so an .npz: the format is told by the first bytes, not the name
-                f = npz_member(stack, f, path)
+                archive = stack.enter_context(zipfile.ZipFile(f))
+                arrays = [name.removesuffix(".npy") for name in archive.namelist()]
+                member = arrays[0] if len(arrays) == 1 else "x_test"
+                if member not in arrays:
+                    held = f"holds {shorten(', '.join(arrays), quoted=False)}" if arrays else "holds no arrays"
+                    raise CubeError(f"{path}: {held}; expected one array, or x_test")
+                f = stack.enter_context(archive.open(member + ".npy"))
             if start.startswith((b"PK", b"\x93NUMPY")):
                 shape, dtype = npy_header(f, path)
             elif start.startswith(b"\0\0\x08"):
@@ -1272,8 +1278,7 @@ def image_file_names(path: str) -> list[str]:
 
 
 def image_file_batches(path: str, names: list[str], batch: int, image_shape: tuple[int, ...]):
-    """The image files `names`, decoded and resized as download does them, `batch` at a time.
-    They lie in the folder `path`, or are `path` itself; in_channels gives them the model's channels."""
+    """The image files `names`, decoded and resized as download does them, `batch` at a time."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     for first in range(0, len(names), batch):
         images = []
@@ -1301,17 +1306,6 @@ def in_channels(pixels: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
         return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
     grey = np.asarray(Image.fromarray(pixels).convert("L")) if pixels.ndim == 3 else pixels
     return grey if channels is None else grey[..., None]
-
-
-def npz_member(stack: contextlib.ExitStack, f, path: str):
-    """The .npz's one array, or its x_test, open for reading as the .npy file it holds."""
-    archive = stack.enter_context(zipfile.ZipFile(f))
-    names = [name.removesuffix(".npy") for name in archive.namelist()]
-    chosen = names if len(names) == 1 else [name for name in names if name == "x_test"]
-    if not chosen:
-        held = f"holds {shorten(', '.join(names), quoted=False)}" if names else "holds no arrays"
-        raise CubeError(f"{path}: {held}; expected one array, or x_test")
-    return stack.enter_context(archive.open(chosen[0] + ".npy"))
 
 
 def read_batches(f, count: int, batch: int, where: str, image_shape: tuple[int, ...]):
