@@ -1527,9 +1527,8 @@ def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> 
 
 
 def read_image_files(images: ImageSet, final: str, limit: int, log: logging.Logger) -> tuple[dict[str, bytes], str]:
-    """The set's files but the OS's litter, by name within the folder or archive, and their SHA-256.
-    An archive's digest is its own, verified against data.yaml's hash; a folder's covers its files'
-    names and bytes, checked against data.yaml's hash where it gives one."""
+    """The set's files but the OS's litter, by name within the folder or archive, and their SHA-256:
+    an archive's own (fetched verifies it against data.yaml's hash), or one over a folder's names and bytes."""
     if images.folder:
         files, sha = read_tree(images.source.uri, limit), hashlib.sha256()
         for name in sorted(files):  # names and bytes, each length-prefixed so that no two sets share a digest
