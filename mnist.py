@@ -1606,13 +1606,12 @@ def decode_images(files: dict[str, bytes], splits: dict, names: list[str], image
                   limit: int) -> dict[str, np.ndarray]:
     """The npz's four arrays: each split's images, decoded to one size, and their classes' indices.
     In colour if any image is; class k is the k-th of the sorted names."""
+    members = {split: [(member, k) for k, name in enumerate(names) for member in splits[split].get(name, [])]
+               for split in SPLITS}
     decoded, budget = {}, limit
-    for split in SPLITS:
-        for name in names:
-            for member in splits[split].get(name, []):
-                where = f"{images.source.uri}: {member}"
-                decoded[member] = decode_image(files[member], images.image_size, budget, where)
-                budget -= decoded[member].nbytes
+    for member, _ in members["train"] + members["test"]:
+        decoded[member] = decode_image(files[member], images.image_size, budget, f"{images.source.uri}: {member}")
+        budget -= decoded[member].nbytes
     shapes = {image.shape[:2]: member for member, image in decoded.items()}
     if len(shapes) > 1:
         (one, a), (two, b) = list(shapes.items())[:2]
@@ -1621,12 +1620,11 @@ def decode_images(files: dict[str, bytes], splits: dict, names: list[str], image
     colour = any(image.ndim == 3 for image in decoded.values())
     arrays = {}
     for split in SPLITS:
-        members = [(member, k) for k, name in enumerate(names) for member in splits[split].get(name, [])]
-        stack = [decoded[member] for member, _ in members]
+        stack = [decoded[member] for member, _ in members[split]]
         if colour:
             stack = [in_channels(image, (*image.shape[:2], 3)) for image in stack]
         arrays[f"x_{split}"] = np.stack(stack)
-        arrays[f"y_{split}"] = np.array([k for _, k in members], np.uint8 if len(names) <= 256 else np.int32)
+        arrays[f"y_{split}"] = np.array([k for _, k in members[split]], np.uint8 if len(names) <= 256 else np.int32)
     return arrays
 
 
