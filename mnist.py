@@ -1560,7 +1560,9 @@ def npz_in_place(data_dir: str, sources: dict, declared: str, log: logging.Logge
 
 def split_by_class(files: dict[str, bytes], test_fraction: float, where: str) -> dict[str, dict[str, list[str]]]:
     """The file names of each split (train, test) and class, through one top folder around the set.
-    A set without train/ and test/ is <class>/... alone, and held_out makes its test split."""
+    A set without train/ and test/ is <class>/... alone: test_fraction of each class (rounded; one at least,
+    one left) is held out, first by the SHA-256 of their paths within the class folder: the same files on
+    every machine, whatever folder or archive holds the set."""
     paths = {name: name.split("/") for name in files}
     tops = {parts[0] for parts in paths.values()}
     if len(tops) == 1 and all(len(parts) > 2 for parts in paths.values()) and not tops & set(SPLITS):
@@ -1583,16 +1585,9 @@ def split_by_class(files: dict[str, bytes], test_fraction: float, where: str) ->
     unknown = sorted(set(splits["test"]) - set(splits["train"]))
     if unknown:
         raise CubeError(f"{where}: test/{unknown[0]} is a class that train/ does not have")
-    return splits if split else held_out(splits["train"], test_fraction, within, where)
-
-
-def held_out(classes: dict[str, list[str]], test_fraction: float, within: dict[str, str],
-             where: str) -> dict[str, dict[str, list[str]]]:
-    """Each class's train and test files: test_fraction of them (rounded; one at least, one left) held out.
-    Those held out come first by the SHA-256 of their paths `within` the class folder: the same files
-    on every machine, whatever folder or archive holds the set."""
-    splits = {name: {} for name in SPLITS}
-    for name, members in classes.items():
+    if split:
+        return splits
+    for name, members in splits["train"].items():
         if len(members) < 2:
             raise CubeError(f"{where}: class {name} has {len(members)} image; two or more are needed to hold "
                             "one out for testing")
