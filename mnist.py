@@ -1389,8 +1389,8 @@ def download(args: argparse.Namespace, log: logging.Logger) -> None:
             fetch_and_verify(sources, names, args.data_dir, log)
 
 
-# An image set: a folder of class folders (train/<class>/... and test/<class>/..., or <class>/... alone),
-# or a zip or tar archive of one, decoded by Pillow into the same mnist.npz.
+# data.yaml names an npz, four IDX files, or an image set: a folder of class folders (train/<class>/... and
+# test/<class>/..., or <class>/... alone), or a zip or tar archive of one, decoded by Pillow into the same mnist.npz.
 # make_npz_of_images = read_image_files -> split_by_class -> decode_images -> mnist.npz and download.json
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
 SPLITS = ("train", "test")
