@@ -1230,7 +1230,13 @@ def image_batches(path: str, batch: int, image_shape: tuple[int, ...]):
             start = f.read(6)
             f.seek(0)
             if start.startswith(b"PK"):  # a zip, so an .npz: the format is told by the first bytes, not the name
-                f = npz_member(stack, f, path)
+                archive = stack.enter_context(zipfile.ZipFile(f))
+                arrays = [name.removesuffix(".npy") for name in archive.namelist()]
+                member = arrays[0] if len(arrays) == 1 else "x_test"
+                if member not in arrays:
+                    held = f"holds {shorten(', '.join(arrays), quoted=False)}" if arrays else "holds no arrays"
+                    raise CubeError(f"{path}: {held}; expected one array, or x_test")
+                f = stack.enter_context(archive.open(member + ".npy"))
             if start.startswith((b"PK", b"\x93NUMPY")):
                 shape, dtype = npy_header(f, path)
             elif start.startswith(b"\0\0\x08"):
@@ -1260,8 +1266,7 @@ def image_file_names(path: str) -> list[str]:
 
 
 def image_file_batches(path: str, names: list[str], batch: int, image_shape: tuple[int, ...]):
-    """The image files `names`, decoded and resized as download does them, `batch` at a time.
-    They lie in the folder `path`, or are `path` itself; in_channels gives them the model's channels."""
+    """The image files `names`, decoded and resized as download does them, `batch` at a time."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     for first in range(0, len(names), batch):
         images = []
@@ -1274,6 +1279,50 @@ def image_file_batches(path: str, names: list[str], batch: int, image_shape: tup
             pixels = decode_image(data, image_shape[:2], MAX_DATA_BYTES, file)
             images.append(in_channels(pixels, image_shape))
         yield np.stack(images)
+
+
+RESIZING = "bilinear stretch"  # how decode_image brings an image to another size
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")  # what Pillow may read a file as
+
+
+def decode_image(data: bytes, size: tuple[int, int] | None, budget: int, where: str) -> np.ndarray:
+    """One image file as 8-bit grey (H×W) or colour (H×W×3) pixels, resized to `size` if given.
+    Resizing stretches the whole image bilinearly, as Keras's image_dataset_from_directory does: a crop
+    could cut the object out. A file declaring more pixels than `budget` bytes hold, or more than Pillow
+    deems safe (a decompression bomb), is refused before it is decoded."""
+    from PIL import Image  # here alone: the other tasks, and --help, start without it
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                width, height = image.size
+                if width * height * 3 > budget:  # its pixels in colour, before a byte is decoded
+                    raise Image.DecompressionBombError(f"{width}×{height} pixels")
+                pixels = eight_bit(image)
+                if size and pixels.shape[:2] != size:
+                    pixels = np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.Resampling.BILINEAR))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise CubeError(f"{where}: declares more pixels than the data set may have ({shorten(str(e), 80, False)}); "
+                        "a decompression bomb, or an image far too large") from None
+    except Image.UnidentifiedImageError:
+        raise CubeError(f"{where}: not an image of a format read here ({', '.join(IMAGE_FORMATS)})") from None
+    except Exception as e:  # a damaged file can fail anywhere in a decoder, each failure one line
+        raise CubeError(f"{where}: not a readable image ({shorten(str(e) or type(e).__name__, 120, False)})") from None
+    return pixels
+
+
+def eight_bit(image) -> np.ndarray:
+    """A Pillow image's first frame as 8-bit pixels: grey stays grey, every other mode becomes RGB.
+    Alpha is dropped (as Keras's loader drops it), and a palette of greys alone is grey."""
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):  # 16-bit grey (PNG, TIFF) to 8-bit
+        return np.clip(np.asarray(image, np.float64) / 257, 0, 255).round().astype(np.uint8)
+    if mode in ("1", "L", "LA", "F"):
+        return np.asarray(image.convert("L"))
+    pixels = np.asarray(image.convert("RGBA" if mode in ("P", "PA") else "RGB"))[..., :3]
+    grey = mode in ("P", "PA") and (pixels == pixels[..., :1]).all()
+    return np.ascontiguousarray(pixels[..., 0]) if grey else pixels
 
 
 def in_channels(pixels: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
@@ -1289,17 +1338,6 @@ def in_channels(pixels: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
         return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
     grey = np.asarray(Image.fromarray(pixels).convert("L")) if pixels.ndim == 3 else pixels
     return grey if channels is None else grey[..., None]
-
-
-def npz_member(stack: contextlib.ExitStack, f, path: str):
-    """The .npz's one array, or its x_test, open for reading as the .npy file it holds."""
-    archive = stack.enter_context(zipfile.ZipFile(f))
-    names = [name.removesuffix(".npy") for name in archive.namelist()]
-    chosen = names if len(names) == 1 else [name for name in names if name == "x_test"]
-    if not chosen:
-        held = f"holds {shorten(', '.join(names), quoted=False)}" if names else "holds no arrays"
-        raise CubeError(f"{path}: {held}; expected one array, or x_test")
-    return stack.enter_context(archive.open(chosen[0] + ".npy"))
 
 
 def read_batches(f, count: int, batch: int, where: str, image_shape: tuple[int, ...]):
@@ -1339,29 +1377,69 @@ def download(args: argparse.Namespace, log: logging.Logger) -> None:
             fetch_and_verify(sources, names, args.data_dir, log)
 
 
+# data.yaml names an npz, four IDX files, or an image set: a folder of class folders (train/<class>/... and
+# test/<class>/..., or <class>/... alone), or a zip or tar archive of one, decoded by Pillow into the same mnist.npz.
+# make_npz_of_images = read_image_files -> split_by_class -> decode_images -> mnist.npz and download.json
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
+SPLITS = ("train", "test")
+DEFAULT_TEST_FRACTION = 0.2  # of each class, held out as the test set when the set has no test/
+
+
+class ImageSet(NamedTuple):
+    """An image set that data.yaml names: its Source, whether a folder, test_fraction and image_size."""
+    source: Source
+    folder: bool
+    test_fraction: float
+    image_size: tuple[int, int] | None
+
+
+def read_image_config(config: dict, path: str) -> ImageSet | None:
+    """data.yaml's image set, when its uri names a folder or an archive (by its name); None otherwise."""
+    if "files" in config or not isinstance(config.get("uri"), str):
+        return None
+    base = os.path.dirname(os.path.abspath(path))
+    uri = resolve_uri(config["uri"], base, path)
+    web = uri.startswith(("http://", "https://"))
+    folder = not web and os.path.isdir(uri)
+    name = urllib.parse.urlsplit(uri).path if web else uri
+    if not folder and not name.lower().endswith(ARCHIVES):
+        return None
+    check_keys(config, ["uri"] if folder else ["uri", "hash"], ["hash", "size", "test_fraction", "image_size"], path)
+    fraction = config.get("test_fraction", DEFAULT_TEST_FRACTION)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise CubeError(f"{path}: test_fraction must be a number between 0 and 1 (exclusive), got {shorten(fraction)}")
+    size = config.get("image_size")
+    valid_size = isinstance(size, list) and len(size) == 2 and all(whole(n, 1, MAX_IMAGE_SIDE) for n in size)
+    if size is not None and not valid_size:
+        raise CubeError(f"{path}: image_size must be [height, width], each 1 to {MAX_IMAGE_SIDE}, got {shorten(size)}")
+    source = read_source(config, base, path)
+    return ImageSet(source, folder, float(fraction), tuple(size) if size else None)
+
+
+MAX_IMAGE_SIDE = 1 << 14  # pixels of an image_size's height or width
+
+
 def read_data_config(path: str, config: dict | None = None) -> tuple[dict[str, Source], list[str] | None]:
     """Each source file's name and Source from data.yaml (either form), and its `classes:` names or None."""
     config = read_yaml(path) if config is None else config
     base = os.path.dirname(os.path.abspath(path))
     if "files" not in config:
         check_keys(config, ["uri", "hash"], ["size", "classes"], path)
-        return {NPZ_NAME: read_source(config, base, path)}, class_names(config, path)
-    files = check_keys(config, ["files"], ["classes"], path)["files"]
-    check_keys(files, list(IDX_FILES), [], f"{path}: files")
-    return {name: read_source(check_keys(files[name], ["uri", "hash"], ["size"], f"{path}: files.{name}"),
-                              base, f"{path}: files.{name}")
-            for name in IDX_FILES}, class_names(config, path)
-
-
-def class_names(config: dict, path: str) -> list[str] | None:
+        sources = {NPZ_NAME: read_source(config, base, path)}
+    else:
+        files = check_keys(config, ["files"], ["classes"], path)["files"]
+        check_keys(files, list(IDX_FILES), [], f"{path}: files")
+        sources = {name: read_source(check_keys(files[name], ["uri", "hash"], ["size"], f"{path}: files.{name}"),
+                                     base, f"{path}: files.{name}")
+                   for name in IDX_FILES}
     names = config.get("classes")
     if names is None:
-        return None
+        return sources, None
     if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n.strip() for n in names):
         raise CubeError(f"{path}: classes must be a list of two names or more, got {shorten(names)}")
     if len(set(names)) != len(names):
         raise CubeError(f"{path}: classes names {shorten(sorted({n for n in names if names.count(n) > 1}))} twice")
-    return names
+    return sources, names
 
 
 def read_source(entry: dict, base: str, where: str) -> Source:
@@ -1409,109 +1487,22 @@ MAX_URI_CHARS = 2048
 WINDOWS_PATH = re.compile(r"[A-Za-z]:[\\/]|\\\\")  # a drive's path, or a UNC path
 
 
-def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_dir: str, log: logging.Logger) -> None:
-    final = os.path.join(data_dir, NPZ_NAME)
-    record_path = os.path.join(data_dir, RECORD_NAME)
-    record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()},
-              "class_names": names}
-    expected = sources[NPZ_NAME].sha256 if NPZ_NAME in sources else recorded_npz_digest(record_path, record["sources"])
-    if npz_in_place(final, expected, log):
-        complete = {**record, NPZ_NAME: expected, "bytes": os.path.getsize(final)}
-        if read_record(record_path) != complete:  # a run killed before writing it
-            write_json(record_path, complete)
-        return
-    if NPZ_NAME in sources:
-        with fetched(sources[NPZ_NAME], final, log) as (out, tmp):
-            load_mnist(tmp, sources[NPZ_NAME].uri, size_limit(sources[NPZ_NAME])[0])
-            move_into_place(out, tmp, final)
-        record[NPZ_NAME] = sources[NPZ_NAME].sha256
-    else:
-        data = assemble_npz(sources, final, log)
-        write_atomically(final, data)
-        record[NPZ_NAME] = hashlib.sha256(data).hexdigest()
-    record["bytes"] = os.path.getsize(final)  # train and evaluate read it as large as this, no larger
-    write_json(record_path, record)
-    log.info(f"written {final} (SHA-256 {record[NPZ_NAME]})")
-
-
-def recorded_npz_digest(record_path: str, sources: dict) -> str | None:
-    """The SHA-256 that download.json records for an npz made from `sources`; None otherwise."""
-    previous = read_record(record_path)
-    return previous.get(NPZ_NAME) if previous.get("sources") == sources else None
-
-
-def npz_in_place(final: str, expected: str | None, log: logging.Logger) -> bool:
-    """Whether data_dir's npz is already the one whose SHA-256 is `expected` (the log then says so)."""
-    if expected and os.path.exists(final) and sha256_of(final, MAX_DECLARED_BYTES) == expected:
-        log.info(f"skipped: {final} is already present and matches its SHA-256")
-        return True
-    return False
-
-
-def assemble_npz(sources: dict[str, Source], final: str, log: logging.Logger) -> bytes:
-    """Fetch and verify the four IDX files beside `final`, then pack their arrays as the Keras-layout npz."""
-    arrays = {}
-    for name, key in IDX_FILES.items():
-        with fetched(sources[name], final, log) as (_, tmp):
-            arrays[key] = read_idx(tmp, sources[name].uri)
-    buffer = io.BytesIO()
-    np.savez(buffer, **check_data(arrays, "the IDX files"))
-    return buffer.getvalue()
-
-
-# An image set: a folder of class folders (train/<class>/... and test/<class>/..., or <class>/... alone),
-# or a zip or tar archive of one, decoded by Pillow into the same mnist.npz.
-# make_npz_of_images = read_image_files -> split_by_class -> decode_images -> mnist.npz and download.json
-ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
-SPLITS = ("train", "test")
-IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")  # what Pillow may read a file as
-DEFAULT_TEST_FRACTION = 0.2  # of each class, held out as the test set when the set has no test/
-
-
-class ImageSet(NamedTuple):
-    """An image set that data.yaml names: its Source, whether a folder, test_fraction and image_size."""
-    source: Source
-    folder: bool
-    test_fraction: float
-    image_size: tuple[int, int] | None
-
-
-def read_image_config(config: dict, path: str) -> ImageSet | None:
-    """data.yaml's image set, when its uri names a folder or an archive (by its name); None otherwise."""
-    if "files" in config or not isinstance(config.get("uri"), str):
-        return None
-    uri = resolve_uri(config["uri"], os.path.dirname(os.path.abspath(path)), path)
-    web = uri.startswith(("http://", "https://"))
-    folder = not web and os.path.isdir(uri)
-    name = urllib.parse.urlsplit(uri).path if web else uri
-    if not folder and not name.lower().endswith(ARCHIVES):
-        return None
-    check_keys(config, ["uri"] if folder else ["uri", "hash"], ["hash", "size", "test_fraction", "image_size"], path)
-    fraction = config.get("test_fraction", DEFAULT_TEST_FRACTION)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        raise CubeError(f"{path}: test_fraction must be a number between 0 and 1 (exclusive), got {shorten(fraction)}")
-    size = config.get("image_size")
-    valid_size = isinstance(size, list) and len(size) == 2 and all(whole(n, 1, MAX_IMAGE_SIDE) for n in size)
-    if size is not None and not valid_size:
-        raise CubeError(f"{path}: image_size must be [height, width], each 1 to {MAX_IMAGE_SIDE}, got {shorten(size)}")
-    source = read_source(config, os.path.dirname(os.path.abspath(path)), path)
-    return ImageSet(source, folder, float(fraction), tuple(size) if size else None)
-
-
-MAX_IMAGE_SIDE = 1 << 14  # pixels of an image_size's height or width
-
-
 def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> None:
     """Write the image set's npz and download.json in data_dir, unless the same npz is there already."""
     final, record_path = os.path.join(data_dir, NPZ_NAME), os.path.join(data_dir, RECORD_NAME)
-    files, digest = read_image_files(images, final, log)
+    # The most bytes the set's files, and then their decoded pixels, may take: a folder's size:, or
+    # MAX_DATA_BYTES; an archive's size: is its own, and images compress, so sixteen times that.
+    limit = size_limit(images.source)[0]
+    if not images.folder and images.source.size is not None:
+        limit = min(max(16 * images.source.size, MAX_DATA_BYTES), MAX_DECLARED_BYTES)
+    files, digest = read_image_files(images, final, limit, log)
     source = {"uri": images.source.uri, "sha256": digest, "test_fraction": images.test_fraction,
               "image_size": list(images.image_size) if images.image_size else None}
-    if npz_in_place(final, recorded_npz_digest(record_path, {"images": source}), log):
+    if npz_in_place(data_dir, {"images": source}, "", log):
         return
     splits = split_by_class(files, images.test_fraction, images.source.uri)
     names = sorted(splits["train"])
-    arrays = decode_images(files, splits, names, images, contents_limit(images))
+    arrays = decode_images(files, splits, names, images, limit)
     buffer = io.BytesIO()
     np.savez(buffer, **check_data(arrays, images.source.uri))
     write_atomically(final, buffer.getvalue())
@@ -1523,14 +1514,15 @@ def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> 
              f"of {len(names)} classes; SHA-256 {record[NPZ_NAME]})")
 
 
-def read_image_files(images: ImageSet, final: str, log: logging.Logger) -> tuple[dict[str, bytes], str]:
-    """The set's files but the OS's litter, by name within the folder or archive, and their SHA-256.
-    An archive's digest is its own, verified against data.yaml's hash; a folder's covers its files'
-    names and bytes (digest_of_files), checked against data.yaml's hash where it gives one."""
-    limit = contents_limit(images)
+def read_image_files(images: ImageSet, final: str, limit: int, log: logging.Logger) -> tuple[dict[str, bytes], str]:
+    """The set's files but the OS's litter, by name within the folder or archive, and their SHA-256:
+    an archive's own (fetched verifies it against data.yaml's hash), or one over a folder's names and bytes."""
     if images.folder:
-        files = read_tree(images.source.uri, limit)
-        digest = digest_of_files(files)
+        files, sha = read_tree(images.source.uri, limit), hashlib.sha256()
+        for name in sorted(files):  # names and bytes, each length-prefixed so that no two sets share a digest
+            for part in (name.encode(), files[name]):
+                sha.update(len(part).to_bytes(8, "big") + part)
+        digest = sha.hexdigest()
         if images.source.sha256 and digest != images.source.sha256:
             raise CubeError(f"{images.source.uri}: SHA-256 mismatch: expected {images.source.sha256}, got {digest} "
                             "(over its files' names and bytes); the folder changed or the hash is wrong")
@@ -1541,28 +1533,24 @@ def read_image_files(images: ImageSet, final: str, log: logging.Logger) -> tuple
     return files, images.source.sha256
 
 
-def contents_limit(images: ImageSet) -> int:
-    """The most bytes the set's files, and then their decoded pixels, may take.
-    A folder's size:, or MAX_DATA_BYTES; an archive's size: is its own, and images compress, so sixteen
-    times that, within MAX_DATA_BYTES..MAX_DECLARED_BYTES."""
-    declared = images.source.size
-    if images.folder or declared is None:
-        return size_limit(images.source)[0]
-    return min(max(16 * declared, MAX_DATA_BYTES), MAX_DECLARED_BYTES)
-
-
-def digest_of_files(files: dict[str, bytes]) -> str:
-    """One SHA-256 of files' sorted names and bytes, each length-prefixed so that no two sets share one."""
-    sha = hashlib.sha256()
-    for name in sorted(files):
-        for part in (name.encode(), files[name]):
-            sha.update(len(part).to_bytes(8, "big") + part)
-    return sha.hexdigest()
+def npz_in_place(data_dir: str, sources: dict, declared: str, log: logging.Logger) -> str | None:
+    """The SHA-256 of data_dir's npz if it is already the one wanted (the log then says so); None otherwise.
+    The one wanted has the `declared` SHA-256, or else the one download.json records for `sources`."""
+    final, expected = os.path.join(data_dir, NPZ_NAME), declared
+    if not declared:
+        previous = read_record(os.path.join(data_dir, RECORD_NAME))
+        expected = previous.get(NPZ_NAME) if previous.get("sources") == sources else None
+    if expected and os.path.exists(final) and sha256_of(final, MAX_DECLARED_BYTES) == expected:
+        log.info(f"skipped: {final} is already present and matches its SHA-256")
+        return expected
+    return None
 
 
 def split_by_class(files: dict[str, bytes], test_fraction: float, where: str) -> dict[str, dict[str, list[str]]]:
     """The file names of each split (train, test) and class, through one top folder around the set.
-    A set without train/ and test/ is <class>/... alone, and held_out makes its test split."""
+    A set without train/ and test/ is <class>/... alone: test_fraction of each class (rounded; one at least,
+    one left) is held out, first by the SHA-256 of their paths within the class folder: the same files on
+    every machine, whatever folder or archive holds the set."""
     paths = {name: name.split("/") for name in files}
     tops = {parts[0] for parts in paths.values()}
     if len(tops) == 1 and all(len(parts) > 2 for parts in paths.values()) and not tops & set(SPLITS):
@@ -1585,16 +1573,9 @@ def split_by_class(files: dict[str, bytes], test_fraction: float, where: str) ->
     unknown = sorted(set(splits["test"]) - set(splits["train"]))
     if unknown:
         raise CubeError(f"{where}: test/{unknown[0]} is a class that train/ does not have")
-    return splits if split else held_out(splits["train"], test_fraction, within, where)
-
-
-def held_out(classes: dict[str, list[str]], test_fraction: float, within: dict[str, str],
-             where: str) -> dict[str, dict[str, list[str]]]:
-    """Each class's train and test files: test_fraction of them (rounded; one at least, one left) held out.
-    Those held out come first by the SHA-256 of their paths `within` the class folder: the same files
-    on every machine, whatever folder or archive holds the set."""
-    splits = {name: {} for name in SPLITS}
-    for name, members in classes.items():
+    if split:
+        return splits
+    for name, members in splits["train"].items():
         if len(members) < 2:
             raise CubeError(f"{where}: class {name} has {len(members)} image; two or more are needed to hold "
                             "one out for testing")
@@ -1608,13 +1589,12 @@ def decode_images(files: dict[str, bytes], splits: dict, names: list[str], image
                   limit: int) -> dict[str, np.ndarray]:
     """The npz's four arrays: each split's images, decoded to one size, and their classes' indices.
     In colour if any image is; class k is the k-th of the sorted names."""
+    members = {split: [(member, k) for k, name in enumerate(names) for member in splits[split].get(name, [])]
+               for split in SPLITS}
     decoded, budget = {}, limit
-    for split in SPLITS:
-        for name in names:
-            for member in splits[split].get(name, []):
-                where = f"{images.source.uri}: {member}"
-                decoded[member] = decode_image(files[member], images.image_size, budget, where)
-                budget -= decoded[member].nbytes
+    for member, _ in members["train"] + members["test"]:
+        decoded[member] = decode_image(files[member], images.image_size, budget, f"{images.source.uri}: {member}")
+        budget -= decoded[member].nbytes
     shapes = {image.shape[:2]: member for member, image in decoded.items()}
     if len(shapes) > 1:
         (one, a), (two, b) = list(shapes.items())[:2]
@@ -1623,56 +1603,43 @@ def decode_images(files: dict[str, bytes], splits: dict, names: list[str], image
     colour = any(image.ndim == 3 for image in decoded.values())
     arrays = {}
     for split in SPLITS:
-        members = [(member, k) for k, name in enumerate(names) for member in splits[split].get(name, [])]
-        stack = [decoded[member] for member, _ in members]
+        stack = [decoded[member] for member, _ in members[split]]
         if colour:
             stack = [in_channels(image, (*image.shape[:2], 3)) for image in stack]
         arrays[f"x_{split}"] = np.stack(stack)
-        arrays[f"y_{split}"] = np.array([k for _, k in members], np.uint8 if len(names) <= 256 else np.int32)
+        arrays[f"y_{split}"] = np.array([k for _, k in members[split]], np.uint8 if len(names) <= 256 else np.int32)
     return arrays
 
 
-RESIZING = "bilinear stretch"  # how decode_image brings an image to another size
-
-
-def decode_image(data: bytes, size: tuple[int, int] | None, budget: int, where: str) -> np.ndarray:
-    """One image file as 8-bit grey (H×W) or colour (H×W×3) pixels, resized to `size` if given.
-    Resizing stretches the whole image bilinearly, as Keras's image_dataset_from_directory does: a crop
-    could cut the object out. A file declaring more pixels than `budget` bytes hold, or more than Pillow
-    deems safe (a decompression bomb), is refused before it is decoded."""
-    from PIL import Image  # here alone: the other tasks, and --help, start without it
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-                width, height = image.size
-                if width * height * 3 > budget:  # its pixels in colour, before a byte is decoded
-                    raise Image.DecompressionBombError(f"{width}×{height} pixels")
-                pixels = eight_bit(image)
-                if size and pixels.shape[:2] != size:
-                    pixels = np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.Resampling.BILINEAR))
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise CubeError(f"{where}: declares more pixels than the data set may have ({shorten(str(e), 80, False)}); "
-                        "a decompression bomb, or an image far too large") from None
-    except Image.UnidentifiedImageError:
-        raise CubeError(f"{where}: not an image of a format read here ({', '.join(IMAGE_FORMATS)})") from None
-    except Exception as e:  # a damaged file can fail anywhere in a decoder, each failure one line
-        raise CubeError(f"{where}: not a readable image ({shorten(str(e) or type(e).__name__, 120, False)})") from None
-    return pixels
-
-
-def eight_bit(image) -> np.ndarray:
-    """A Pillow image's first frame as 8-bit pixels: grey stays grey, every other mode becomes RGB.
-    Alpha is dropped (as Keras's loader drops it), and a palette of greys alone is grey."""
-    mode = image.mode
-    if mode == "I" or mode.startswith("I;16"):  # 16-bit grey (PNG, TIFF) to 8-bit
-        return np.clip(np.asarray(image, np.float64) / 257, 0, 255).round().astype(np.uint8)
-    if mode in ("1", "L", "LA", "F"):
-        return np.asarray(image.convert("L"))
-    pixels = np.asarray(image.convert("RGBA" if mode in ("P", "PA") else "RGB"))[..., :3]
-    grey = mode in ("P", "PA") and (pixels == pixels[..., :1]).all()
-    return np.ascontiguousarray(pixels[..., 0]) if grey else pixels
+def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_dir: str, log: logging.Logger) -> None:
+    final = os.path.join(data_dir, NPZ_NAME)
+    record_path = os.path.join(data_dir, RECORD_NAME)
+    record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()},
+              "class_names": names}
+    declared = sources[NPZ_NAME].sha256 if NPZ_NAME in sources else ""  # an npz made of IDX files has none
+    in_place = npz_in_place(data_dir, record["sources"], declared, log)
+    if in_place:
+        complete = {**record, NPZ_NAME: in_place, "bytes": os.path.getsize(final)}
+        if read_record(record_path) != complete:  # a run killed before writing it
+            write_json(record_path, complete)
+        return
+    if NPZ_NAME in sources:
+        with fetched(sources[NPZ_NAME], final, log) as (out, tmp):
+            load_mnist(tmp, sources[NPZ_NAME].uri, size_limit(sources[NPZ_NAME])[0])
+            move_into_place(out, tmp, final)
+        record[NPZ_NAME] = sources[NPZ_NAME].sha256
+    else:  # the four IDX files, each fetched and verified, packed as the Keras-layout npz
+        arrays = {}
+        for name, key in IDX_FILES.items():
+            with fetched(sources[name], final, log) as (_, tmp):
+                arrays[key] = read_idx(tmp, sources[name].uri)
+        buffer = io.BytesIO()
+        np.savez(buffer, **check_data(arrays, "the IDX files"))
+        write_atomically(final, buffer.getvalue())
+        record[NPZ_NAME] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    record["bytes"] = os.path.getsize(final)  # train and evaluate read it as large as this, no larger
+    write_json(record_path, record)
+    log.info(f"written {final} (SHA-256 {record[NPZ_NAME]})")
 
 
 TASKS = {"download": download, "train": train, "evaluate": evaluate, "infer": infer, "sweep": sweep}  # COMMANDS's, run
