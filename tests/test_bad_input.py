@@ -389,10 +389,12 @@ def test_fuzz_data_config_reads_or_refuses(tmp_path, text):
 @given(st.one_of(st.binary(max_size=3000),
                  st.tuples(st.integers(0, 5), st.lists(st.integers(-2**31, 2**31 - 1), max_size=4),
                            st.binary(max_size=3000)).map(
-                     lambda t: b"\0\0\x08" + bytes([t[0]]) + struct.pack(f">{len(t[1])}i", *t[1]) + t[2])))
+                     lambda t: b"\0\0\x08" + bytes([t[0]]) + struct.pack(f">{len(t[1])}i", *t[1]) + t[2]),
+                 st.tuples(st.integers(0, 20), st.integers(-2, 2)).map(  # N×28×28 headers, bodies near their size
+                     lambda t: b"\0\0\x08\x03" + struct.pack(">3i", t[0], 28, 28) + bytes(max(0, 784 * t[0] + t[1])))))
 def test_fuzz_idx_images_read_or_refuse(tmp_path, data):
     def read_all(path):
-        with mnist.image_batches(path, 7, (28, 28)) as (count, batches):
+        with mnist.image_batches(path, 7, (28, 28)) as (count, batches, _):
             return count, [batch.shape for batch in batches]
     result = reads_or_refuses(read_all, write(tmp_path / "images.idx", data))
     if result is not None:
@@ -401,9 +403,22 @@ def test_fuzz_idx_images_read_or_refuse(tmp_path, data):
 
 
 @fuzz
-@given(st.binary(max_size=400))
-def test_fuzz_npy_header_reads_or_refuses(tmp_path, tail):
+@given(st.one_of(st.binary(max_size=400).map(lambda tail: b"\x93NUMPY\x01\x00" + tail),
+                 st.tuples(st.integers(0, 20), st.integers(-2, 2)).map(  # N×28×28 arrays, cut or grown near their end
+                     lambda t: npy_bytes(np.zeros((t[0], 28, 28), np.uint8), t[1]))))
+def test_fuzz_npy_header_reads_or_refuses(tmp_path, data):
     def read_all(path):
-        with mnist.image_batches(path, 7, (28, 28)) as (count, batches):
-            return count, list(batches)
-    reads_or_refuses(read_all, write(tmp_path / "images.npy", b"\x93NUMPY\x01\x00" + tail))
+        with mnist.image_batches(path, 7, (28, 28)) as (count, batches, _):
+            return count, [batch.shape for batch in batches]
+    result = reads_or_refuses(read_all, write(tmp_path / "images.npy", data))
+    if result is not None:
+        count, shapes = result
+        assert sum(shape[0] for shape in shapes) == count and all(s[1:] == (28, 28) for s in shapes)
+
+
+def npy_bytes(array: np.ndarray, change: int) -> bytes:
+    """A .npy file of `array`, cut short by -change bytes or grown by change zero bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    data = buffer.getvalue()
+    return data[:len(data) + change] if change < 0 else data + bytes(change)
