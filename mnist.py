@@ -20,7 +20,7 @@ Reading order, top to bottom:
   the machinery      what knows nothing of MNIST or of learning, each part named for what it guards
                      against: messages and configs, bounded readers, atomic files and locks,
                      downloading, signals
-  the process        the cluster a run may join, logs, the compilation cache, main
+  the process        logs, main, the cluster a run may join, the compilation cache
 
 To make it your own: another network is the model section; another task is a function in the tasks
 section, a line in TASKS and its parameters in COMMANDS (the README's "Making it your own" lists every
@@ -1839,12 +1839,12 @@ def read_npz(path: str, names: tuple[str, ...], limit: int, where: str) -> tuple
 
 
 @contextlib.contextmanager
-def reading(where: str, what: str, missing: str = "no such file"):
+def reading(where: str, what: str):
     """The faults of reading a file (missing, unreadable, damaged) as one CubeError naming `where`."""
     try:
         yield
     except FileNotFoundError:
-        raise CubeError(f"{where}: {missing}") from None
+        raise CubeError(f"{where}: no such file") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise CubeError(f"{where}: not {what} ({shorten(str(e), 120, quoted=False)})") from None
     except MemoryError:  # a header that declares more than any file of ours holds
@@ -2263,29 +2263,25 @@ class Source(NamedTuple):
 
 @contextlib.contextmanager
 def fetched(source: Source, beside: str, log: logging.Logger):
-    """The staged file beside `beside`, and its path, that the source is fetched and verified into."""
+    """The staged file beside `beside`, and its path, that the source is fetched and verified into.
+    It is streamed in, hashed as it goes; a CubeError unless its SHA-256 matches."""
+    uri = source.uri
     with staged(beside) as (out, tmp):
-        fetch_source(source, out, log)
+        if uri.startswith(("http://", "https://")):
+            digest, size = fetch_http(source, out, log)
+        else:
+            try:
+                with open_regular(uri) as f:
+                    digest, size = stream(f, out, os.fstat(f.fileno()).st_size, uri, *size_limit(source))
+            except OSError as e:
+                raise CubeError(f"{uri}: cannot read ({e.strerror})") from None
+        log.info(f"fetched {size} bytes from {uri}")
+        if digest != source.sha256:
+            raise CubeError(f"{uri}: SHA-256 mismatch: expected {source.sha256}, got {digest}; "
+                            "the download is corrupt or the hash in the data config is wrong")
+        log.info(f"verified SHA-256 {digest} of {uri}")
         out.flush()
         yield out, tmp
-
-
-def fetch_source(source: Source, out, log: logging.Logger) -> None:
-    """Stream the source into the file `out`, hashing as it goes; a CubeError unless its SHA-256 matches."""
-    uri = source.uri
-    if uri.startswith(("http://", "https://")):
-        digest, size = fetch_http(source, out, log)
-    else:
-        try:
-            with open_regular(uri) as f:
-                digest, size = stream(f, out, os.fstat(f.fileno()).st_size, uri, *size_limit(source))
-        except OSError as e:
-            raise CubeError(f"{uri}: cannot read ({e.strerror})") from None
-    log.info(f"fetched {size} bytes from {uri}")
-    if digest != source.sha256:
-        raise CubeError(f"{uri}: SHA-256 mismatch: expected {source.sha256}, got {digest}; "
-                        "the download is corrupt or the hash in the data config is wrong")
-    log.info(f"verified SHA-256 {digest} of {uri}")
 
 
 def size_limit(source: Source) -> tuple[int, str]:
@@ -2466,7 +2462,7 @@ def redeliver_signals(unraisable) -> None:
 
 # ==================================================================================================
 # The process
-# The cluster a run may join, logs, the compilation cache, and main.
+# Logs, main, the cluster a run may join, and the compilation cache.
 # ==================================================================================================
 def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) -> logging.Logger:
     """The task's logger: lines to stdout (warnings and errors to stderr) and to log_dir/mnist_TASK.log.
@@ -2481,18 +2477,15 @@ def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) 
     log.handlers = [to_stdout, to_stderr]
     if log_dir and process[0] == 0:
         os.makedirs(log_dir, exist_ok=True)
-        log.handlers.append(logging.StreamHandler(open_for_appending(os.path.join(log_dir, f"mnist_{task}.log"))))
+        path = os.path.join(log_dir, f"mnist_{task}.log")
+        # a regular file, never through a link: one planted at a log's path would have the task write where it points
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666)
+        to_file = os.fdopen(regular(fd, path, "remove it, or choose another folder"), "a", encoding="utf-8")
+        log.handlers.append(logging.StreamHandler(to_file))
         log.handlers[-1].setFormatter(OneLine(f"%(asctime)s %(levelname)s {tag}%(message)s"))
     for handler in log.handlers[:2]:
         handler.setFormatter(OneLine(f"{tag}%(message)s"))
     return log
-
-
-def open_for_appending(path: str):
-    """`path` opened to append text, created if missing, as a regular file and never through a link.
-    A link planted at a log's path would have the task write where it points."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666)
-    return os.fdopen(regular(fd, path, "remove it, or choose another folder"), "a", encoding="utf-8")
 
 
 class OneLine(logging.Formatter):
@@ -2581,9 +2574,8 @@ def use_compilation_cache() -> None:
     JAX keys each entry by program, JAX version and device; the entries are native code this process runs."""
     warnings.showwarning = show_warning
     folder = compilation_cache_folder()
-    if folder is None or jax.config.jax_compilation_cache_dir:  # JAX's own variable is set: it rules
-        return
-    if not trusted_cache(folder):
+    # JAX's own variable (JAX_COMPILATION_CACHE_DIR), where it is set, rules
+    if folder is None or jax.config.jax_compilation_cache_dir or not trusted_cache(folder):
         return
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program: they are small
