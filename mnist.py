@@ -2055,6 +2055,8 @@ class CappedReader(io.RawIOBase):
 
 # ------ atomic files and locks: no half-written output, no two runs mixed, no file of yours touched
 LOCK_NAME = ".mnist.lock"  # the file a folder's lock is taken on (see folder_lock)
+PART_ATTEMPTS = 8  # temporary names tried before a folder is given up as tampered with (see open_part)
+PART = re.compile(r"\..+\.mnist-\d+-[0-9a-f]{8}\.part")  # our temporary files: .NAME.mnist-PID-RANDOM.part
 
 
 # Not filelock: its shared lock (ReadWriteLock) is a SQLite file every reader must write, and readers
@@ -2137,10 +2139,6 @@ def staged(path: str):
     finally:
         if os.path.exists(out.name):
             os.unlink(out.name)
-
-
-PART_ATTEMPTS = 8  # temporary names tried before a folder is given up as tampered with (see open_part)
-PART = re.compile(r"\..+\.mnist-\d+-[0-9a-f]{8}\.part")  # our temporary files: .NAME.mnist-PID-RANDOM.part
 
 
 def open_part(folder: str, name: str):
@@ -2568,6 +2566,15 @@ def join_cluster() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
+SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
+MAX_CACHE_BYTES = 100 << 20  # beyond this, the programs written longest ago are dropped; a run adds 0.4 MB
+CACHE_ENTRY = re.compile(r".+-[0-9a-f]{64}-(cache|atime)")  # JAX's names for its entries: PROGRAM-KEY-cache
+CACHE_TAG = "CACHEDIR.TAG"  # marks a cache folder the cube made (the Cache Directory Tagging convention)
+CACHE_TAG_TEXT = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
+                  b"# The MNIST MLCube's compiled programs: code its tasks run. Only their owner may write here.\n")
+
+
 def use_compilation_cache() -> None:
     """Have JAX keep compiled programs between runs, in compilation_cache_folder, if trusted_cache allows.
     A rerun loads them instead of compiling; prune_cache bounds them, show_warning replaces damaged ones.
@@ -2582,9 +2589,6 @@ def use_compilation_cache() -> None:
     prune_cache(folder)
 
 
-CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
-
-
 def compilation_cache_folder() -> str | None:
     """The folder of compiled programs kept between runs: $MNIST_COMPILATION_CACHE, or None for "off".
     By default, in the user's cache folder. noxfile.py holds a copy of this rule (tests/test_cache.py keeps
@@ -2594,12 +2598,6 @@ def compilation_cache_folder() -> str | None:
         return None
     user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return setting or os.path.join(user_cache, "mnist-mlcube", "jax")
-
-
-CACHE_ENTRY = re.compile(r".+-[0-9a-f]{64}-(cache|atime)")  # JAX's names for its entries: PROGRAM-KEY-cache
-CACHE_TAG = "CACHEDIR.TAG"  # marks a cache folder the cube made (the Cache Directory Tagging convention)
-CACHE_TAG_TEXT = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
-                  b"# The MNIST MLCube's compiled programs: code its tasks run. Only their owner may write here.\n")
 
 
 def trusted_cache(folder: str) -> bool:
@@ -2626,9 +2624,6 @@ def trusted_cache(folder: str) -> bool:
     return True
 
 
-SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
-
-
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Python's warning display, which also removes a damaged compilation cache entry that JAX warns of.
     JAX writes an entry in place (a killed run leaves it damaged) and never replaces one, as it writes
@@ -2642,9 +2637,6 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
                     os.unlink(path)
         message = f"{message} (removed: the next run compiles it afresh)"
     SHOW_WARNING(message, category, filename, lineno, file, line)
-
-
-MAX_CACHE_BYTES = 100 << 20  # beyond this, the programs written longest ago are dropped; a run adds 0.4 MB
 
 
 def prune_cache(folder: str) -> None:
