@@ -20,7 +20,7 @@ Reading order, top to bottom:
   the machinery      what knows nothing of MNIST or of learning, each part named for what it guards
                      against: messages and configs, bounded readers, atomic files and locks,
                      downloading, signals
-  the process        the cluster a run may join, logs, the compilation cache, main
+  the process        logs, main, the cluster a run may join, the compilation cache
 
 To make it your own: another network is the model section; another task is a function in the tasks
 section, a line in TASKS and its parameters in COMMANDS (the README's "Making it your own" lists every
@@ -1657,13 +1657,26 @@ class CubeError(Exception):
     """A problem the user can fix: reported as one line, with a non-zero exit."""
 
 
-def shorten(value: object, limit: int = 60, quoted: bool = True) -> str:
-    """A value as a message shows it: its repr (or, not `quoted`, the text itself), cut to a short prefix."""
-    text = repr(value) if quoted else str(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 MAX_CONFIG_BYTES = 64 << 10  # a config is a few lines; this bounds what the YAML reader parses
+
+
+def read_yaml(path: str) -> dict:
+    try:
+        with open_regular(path) as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise CubeError(f"{path}: cannot read ({e.strerror})") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise CubeError(f"{path}: larger than {MAX_CONFIG_BYTES >> 10} KiB; a config is a few lines")
+    try:
+        data = yaml.load(text, Loader=ConfigLoader)
+    except yaml.YAMLError as e:
+        raise CubeError(f"{path}: not valid YAML ({shorten(' '.join(str(e).split()), 200, quoted=False)})") from None
+    except RecursionError:
+        raise CubeError(f"{path}: not valid YAML (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise CubeError(f"{path}: expected a mapping of keys, found {type(data).__name__}")
+    return data
 
 
 class ConfigLoader(yaml.SafeLoader):
@@ -1690,23 +1703,10 @@ ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"[-+]?
                                    list("-+0123456789."))
 
 
-def read_yaml(path: str) -> dict:
-    try:
-        with open_regular(path) as f:
-            text = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise CubeError(f"{path}: cannot read ({e.strerror})") from None
-    if len(text) > MAX_CONFIG_BYTES:
-        raise CubeError(f"{path}: larger than {MAX_CONFIG_BYTES >> 10} KiB; a config is a few lines")
-    try:
-        data = yaml.load(text, Loader=ConfigLoader)
-    except yaml.YAMLError as e:
-        raise CubeError(f"{path}: not valid YAML ({shorten(' '.join(str(e).split()), 200, quoted=False)})") from None
-    except RecursionError:
-        raise CubeError(f"{path}: not valid YAML (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise CubeError(f"{path}: expected a mapping of keys, found {type(data).__name__}")
-    return data
+def shorten(value: object, limit: int = 60, quoted: bool = True) -> str:
+    """A value as a message shows it: its repr (or, not `quoted`, the text itself), cut to a short prefix."""
+    text = repr(value) if quoted else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_keys(data: object, required: list[str], optional: list[str], where: str) -> dict:
@@ -1765,19 +1765,6 @@ def regular(fd: int, where: str, advice: str) -> int:
     return fd
 
 
-@contextlib.contextmanager
-def reading(where: str, what: str, missing: str = "no such file"):
-    """The faults of reading a file (missing, unreadable, damaged) as one CubeError naming `where`."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise CubeError(f"{where}: {missing}") from None
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise CubeError(f"{where}: not {what} ({shorten(str(e), 120, quoted=False)})") from None
-    except MemoryError:  # a header that declares more than any file of ours holds
-        raise CubeError(f"{where}: not {what} (it declares more data than memory holds)") from None
-
-
 def read_npz(path: str, names: tuple[str, ...], limit: int, where: str) -> tuple[dict[str, np.ndarray], str]:
     """The arrays `names` of an npz and its SHA-256, from one read of at most `limit` bytes.
     Pickles are refused, and so are arrays that unpack past `limit` or declare more than they hold:
@@ -1806,12 +1793,17 @@ def read_npz(path: str, names: tuple[str, ...], limit: int, where: str) -> tuple
     return arrays, hashlib.sha256(blob).hexdigest()
 
 
-def open_maybe_gzipped(stack: contextlib.ExitStack, path: str, where: str):
-    """A regular file for reading, through gzip when it starts with gzip's magic bytes."""
-    f = stack.enter_context(open_regular(path, where))
-    gzipped = f.read(2) == b"\x1f\x8b"
-    f.seek(0)
-    return stack.enter_context(gzip.GzipFile(fileobj=f)) if gzipped else f
+@contextlib.contextmanager
+def reading(where: str, what: str):
+    """The faults of reading a file (missing, unreadable, damaged) as one CubeError naming `where`."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise CubeError(f"{where}: no such file") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise CubeError(f"{where}: not {what} ({shorten(str(e), 120, quoted=False)})") from None
+    except MemoryError:  # a header that declares more than any file of ours holds
+        raise CubeError(f"{where}: not {what} (it declares more data than memory holds)") from None
 
 
 def npy_header(f, where: str) -> tuple[tuple[int, ...], str]:
@@ -1826,6 +1818,58 @@ def npy_header(f, where: str) -> tuple[tuple[int, ...], str]:
     if fortran_order and len(shape) > 1:
         raise CubeError(f"{where}: stored in Fortran order; save it with np.save(path, np.ascontiguousarray(images))")
     return shape, str(dtype)
+
+
+MAX_FILES = 2_000_000  # entries a folder or archive of files may hold (ImageNet's training set: 1.3 million)
+LITTER = ("__macosx", "thumbs.db", "desktop.ini")  # what macOS and Windows leave in folders; and dot-files
+
+
+def walk_files(root: str):
+    """The files under `root` but litter, each folder sorted: (its path within `root`, "/"-separated, path).
+    MAX_FILES entries at most; a link to a folder is refused, neither followed out of the set nor skipped."""
+    seen = 0
+    for folder, folders, names in os.walk(root, onerror=raise_error):
+        folders[:] = sorted(name for name in folders if not is_litter(name))
+        linked = [name for name in folders if os.path.islink(os.path.join(folder, name))]
+        if linked:
+            raise CubeError(f"{os.path.join(folder, linked[0])}: a link to a folder, which is not followed; "
+                            "put the folder itself there")
+        seen += len(folders) + len(names)
+        if seen > MAX_FILES:
+            raise CubeError(f"{root}: holds more than {MAX_FILES} files and folders")
+        for name in sorted(names):
+            if not is_litter(name):
+                path = os.path.join(folder, name)
+                yield os.path.relpath(path, root).replace(os.sep, "/"), path
+
+
+def raise_error(e: OSError) -> None:
+    raise e
+
+
+def is_litter(name: str) -> bool:
+    return name.startswith(".") or name.lower() in LITTER
+
+
+def open_maybe_gzipped(stack: contextlib.ExitStack, path: str, where: str):
+    """A regular file for reading, through gzip when it starts with gzip's magic bytes."""
+    f = stack.enter_context(open_regular(path, where))
+    gzipped = f.read(2) == b"\x1f\x8b"
+    f.seek(0)
+    return stack.enter_context(gzip.GzipFile(fileobj=f)) if gzipped else f
+
+
+def read_idx_header(f, where: str) -> tuple[int, ...]:
+    """The sizes in an IDX header: 0, 0, type 0x08 (unsigned byte), the rank, then big-endian int32s."""
+    head = f.read(4)
+    rank = head[3] if len(head) == 4 and head[:3] == b"\0\0\x08" else 0
+    sizes = f.read(4 * rank)
+    if not 1 <= rank <= 4 or len(sizes) != 4 * rank:
+        raise CubeError(f"{where}: not an IDX file of unsigned bytes (its header is not one)")
+    shape = tuple(int.from_bytes(sizes[i:i + 4], "big", signed=True) for i in range(0, 4 * rank, 4))
+    if min(shape) < 0:
+        raise CubeError(f"{where}: not an IDX file of unsigned bytes (negative sizes {shape})")
+    return shape
 
 
 def read_idx(path: str, where: str) -> np.ndarray:
@@ -1844,25 +1888,16 @@ def read_idx(path: str, where: str) -> np.ndarray:
     return np.frombuffer(body, np.uint8).reshape(shape)
 
 
-def read_idx_header(f, where: str) -> tuple[int, ...]:
-    """The sizes in an IDX header: 0, 0, type 0x08 (unsigned byte), the rank, then big-endian int32s."""
-    head = f.read(4)
-    rank = head[3] if len(head) == 4 and head[:3] == b"\0\0\x08" else 0
-    sizes = f.read(4 * rank)
-    if not 1 <= rank <= 4 or len(sizes) != 4 * rank:
-        raise CubeError(f"{where}: not an IDX file of unsigned bytes (its header is not one)")
-    shape = tuple(int.from_bytes(sizes[i:i + 4], "big", signed=True) for i in range(0, 4 * rank, 4))
-    if min(shape) < 0:
-        raise CubeError(f"{where}: not an IDX file of unsigned bytes (negative sizes {shape})")
-    return shape
-
-
-MAX_FILES = 2_000_000  # entries a folder or archive of files may hold (ImageNet's training set: 1.3 million)
-LITTER = ("__macosx", "thumbs.db", "desktop.ini")  # what macOS and Windows leave in folders; and dot-files
-
-
-def is_litter(name: str) -> bool:
-    return name.startswith(".") or name.lower() in LITTER
+def read_tree(root: str, limit: int) -> dict[str, bytes]:
+    """Every file under the folder `root` but litter, by its path within it, `limit` bytes at most in all."""
+    budget = FileBudget(root, limit)
+    try:
+        for name, path in walk_files(root):
+            with open_regular(path) as f:
+                budget.take(name, f)
+    except OSError as e:
+        raise CubeError(os_fault(e)) from None
+    return budget.files
 
 
 @dataclasses.dataclass
@@ -1894,41 +1929,6 @@ class FileBudget:
         self.files[name] = data
 
 
-def read_tree(root: str, limit: int) -> dict[str, bytes]:
-    """Every file under the folder `root` but litter, by its path within it, `limit` bytes at most in all."""
-    budget = FileBudget(root, limit)
-    try:
-        for name, path in walk_files(root):
-            with open_regular(path) as f:
-                budget.take(name, f)
-    except OSError as e:
-        raise CubeError(os_fault(e)) from None
-    return budget.files
-
-
-def walk_files(root: str):
-    """The files under `root` but litter, each folder sorted: (its path within `root`, "/"-separated, path).
-    MAX_FILES entries at most; a link to a folder is refused, neither followed out of the set nor skipped."""
-    seen = 0
-    for folder, folders, names in os.walk(root, onerror=raise_error):
-        folders[:] = sorted(name for name in folders if not is_litter(name))
-        linked = [name for name in folders if os.path.islink(os.path.join(folder, name))]
-        if linked:
-            raise CubeError(f"{os.path.join(folder, linked[0])}: a link to a folder, which is not followed; "
-                            "put the folder itself there")
-        seen += len(folders) + len(names)
-        if seen > MAX_FILES:
-            raise CubeError(f"{root}: holds more than {MAX_FILES} files and folders")
-        for name in sorted(names):
-            if not is_litter(name):
-                path = os.path.join(folder, name)
-                yield os.path.relpath(path, root).replace(os.sep, "/"), path
-
-
-def raise_error(e: OSError) -> None:
-    raise e
-
-
 def read_archive(path: str, where: str, limit: int) -> dict[str, bytes]:
     """Every file in a zip or tar archive (gzipped or not) but litter, by name, read in memory, unextracted.
     A member named outside the archive's folder (absolute, or with ..), a link or a device is refused."""
@@ -1956,6 +1956,19 @@ def read_zip(f, budget: FileBudget) -> None:
             if name and not info.is_dir():
                 with archive.open(info) as member:
                     budget.take(name, member, info.file_size)
+
+
+WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
+
+
+def member_name(name: str, where: str) -> str:
+    """An archive member's name as a path within its folder ("a/b"), or "" for litter.
+    Absolute names and .. are refused: extracted, they would lead outside."""
+    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
+    if name.startswith(("/", "\\")) or WINDOWS_DRIVE.match(name) or ".." in parts:
+        raise CubeError(f"{where}: member {shorten(name)} is named outside the archive's folder (absolute, "
+                        "or with ..); an archive of images holds relative names alone")
+    return "" if any(map(is_litter, parts)) else "/".join(parts)
 
 
 def read_tar(f, budget: FileBudget) -> None:
@@ -1995,35 +2008,58 @@ class CappedReader(io.RawIOBase):
         return len(data)
 
 
-def member_name(name: str, where: str) -> str:
-    """An archive member's name as a path within its folder ("a/b"), or "" for litter.
-    Absolute names and .. are refused: extracted, they would lead outside."""
-    parts = [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
-    if name.startswith(("/", "\\")) or WINDOWS_DRIVE.match(name) or ".." in parts:
-        raise CubeError(f"{where}: member {shorten(name)} is named outside the archive's folder (absolute, "
-                        "or with ..); an archive of images holds relative names alone")
-    return "" if any(map(is_litter, parts)) else "/".join(parts)
-
-
-WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
-
-
-def open_for_appending(path: str):
-    """`path` opened to append text, created if missing, as a regular file and never through a link.
-    A link planted at a log's path would have the task write where it points."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666)
-    return os.fdopen(regular(fd, path, "remove it, or choose another folder"), "a", encoding="utf-8")
-
-
 # ------ atomic files and locks: no half-written output, no two runs mixed, no file of yours touched
 LOCK_NAME = ".mnist.lock"  # the file a folder's lock is taken on (see folder_lock)
 PART_ATTEMPTS = 8  # temporary names tried before a folder is given up as tampered with (see open_part)
 PART = re.compile(r"\..+\.mnist-\d+-[0-9a-f]{8}\.part")  # our temporary files: .NAME.mnist-PID-RANDOM.part
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    with atomic_writer(path) as write:
-        write(data)
+# Not filelock: its shared lock (ReadWriteLock) is a SQLite file every reader must write, and readers
+# get their folders read-only; and a temporary file's own lock is what says its maker lives.
+@contextlib.contextmanager
+def folder_lock(folder: str, shared: bool = False):
+    """One writer at a time in `folder`, and no reader while it writes: no one sees two runs' files mixed.
+    An OS lock (it dies with its process, kill -9 too, and holds across containers) on LOCK_NAME, which
+    only its owner may open: one on the folder, or on a file others read, lets any user stop every run."""
+    fd = open_lock_file(os.path.join(folder, LOCK_NAME), shared)
+    try:
+        if fd is not None:
+            try:
+                lock(fd, shared)
+            except (BlockingIOError, PermissionError):
+                doing = "being written by another run" if shared else "in use by another run (writing or reading it)"
+                raise CubeError(f"{folder}: {doing}; wait for it to end, or choose another folder") from None
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def open_lock_file(path: str, shared: bool) -> int | None:
+    """The lock file at `path`, made if missing, never through a link; None to a reader that cannot open it.
+    A read-only mount no writer has used, or another user's folder: the reader reads without a lock."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o600)
+    except OSError as e:
+        if not shared or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        try:
+            fd = os.open(path, os.O_RDONLY | NO_FOLLOW | NO_WAIT)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EACCES):
+                return None
+            raise
+    return regular(fd, path, "remove it")
+
+
+def lock(fd: int, shared: bool) -> None:
+    """An OS lock on the open file `fd`, which dies with its process, taken at once or not at all.
+    Another holder raises BlockingIOError or PermissionError. Windows locks are exclusive, so readers
+    take turns there; with neither kind (a stand-in test), none."""
+    if fcntl:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    elif msvcrt:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
 
 
 def write_json(path: str, value: object, lines: bool = False) -> None:
@@ -2032,6 +2068,11 @@ def write_json(path: str, value: object, lines: bool = False) -> None:
         write_atomically(path, b"".join(to_json(item, indent=None) + b"\n" for item in value))
     else:
         write_atomically(path, to_json(value))
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    with atomic_writer(path) as write:
+        write(data)
 
 
 @contextlib.contextmanager
@@ -2086,6 +2127,22 @@ def write_staged(out, data: bytes) -> None:
         raise CubeError(os_fault(e, os.path.dirname(out.name))) from None
 
 
+def os_fault(e: OSError, path: str | None = None) -> str:
+    """An operating-system error as one line: the path, what went wrong, what to do."""
+    path = path or e.filename or "?"
+    hints = {errno.ENOSPC: "no space left on its device; free some, or choose a folder on another disk",
+             errno.EDQUOT: "over your disk quota there; free some space, or choose another folder",
+             errno.EACCES: "permission denied; check who owns it, or choose another folder",
+             errno.EPERM: "operation not permitted; check who owns it, or choose another folder",
+             errno.EROFS: "on a read-only file system; choose a writable folder",
+             errno.EISDIR: "is a folder where a file is expected; give a file's path",
+             errno.ENOTDIR: "a file stands where a folder is expected; give a folder's path",
+             errno.EEXIST: "a file stands where a folder is expected; give a folder's path",
+             errno.ENOENT: "no such file or folder",
+             errno.ELOOP: "a symbolic link stands there, which the cube does not follow; remove it"}
+    return f"{path}: {hints.get(e.errno, e.strerror or type(e).__name__)}"
+
+
 def move_into_place(out, tmp: str, path: str) -> None:
     """Make a finished staged file durable, then put it at `path` in one atomic step."""
     try:
@@ -2102,20 +2159,20 @@ def move_into_place(out, tmp: str, path: str) -> None:
         os.close(folder)
 
 
-def os_fault(e: OSError, path: str | None = None) -> str:
-    """An operating-system error as one line: the path, what went wrong, what to do."""
-    path = path or e.filename or "?"
-    hints = {errno.ENOSPC: "no space left on its device; free some, or choose a folder on another disk",
-             errno.EDQUOT: "over your disk quota there; free some space, or choose another folder",
-             errno.EACCES: "permission denied; check who owns it, or choose another folder",
-             errno.EPERM: "operation not permitted; check who owns it, or choose another folder",
-             errno.EROFS: "on a read-only file system; choose a writable folder",
-             errno.EISDIR: "is a folder where a file is expected; give a file's path",
-             errno.ENOTDIR: "a file stands where a folder is expected; give a folder's path",
-             errno.EEXIST: "a file stands where a folder is expected; give a folder's path",
-             errno.ENOENT: "no such file or folder",
-             errno.ELOOP: "a symbolic link stands there, which the cube does not follow; remove it"}
-    return f"{path}: {hints.get(e.errno, e.strerror or type(e).__name__)}"
+def sha256_of(path: str, limit: int) -> str | None:
+    """The SHA-256 of the regular file at `path`; None if it is not one, or is larger than `limit` bytes."""
+    sha, size = hashlib.sha256(), 0
+    try:
+        f = open_regular(path)
+    except CubeError:
+        return None
+    with f:
+        while chunk := f.read(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                return None
+            sha.update(chunk)
+    return sha.hexdigest()
 
 
 def remove_abandoned_parts(folder: str) -> None:
@@ -2142,70 +2199,6 @@ def remove_unheld(path: str) -> None:
         os.close(fd)
 
 
-def lock(fd: int, shared: bool) -> None:
-    """An OS lock on the open file `fd`, which dies with its process, taken at once or not at all.
-    Another holder raises BlockingIOError or PermissionError. Windows locks are exclusive, so readers
-    take turns there; with neither kind (a stand-in test), none."""
-    if fcntl:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    elif msvcrt:
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-
-
-# Not filelock: its shared lock (ReadWriteLock) is a SQLite file every reader must write, and readers
-# get their folders read-only; and a temporary file's own lock is what says its maker lives.
-@contextlib.contextmanager
-def folder_lock(folder: str, shared: bool = False):
-    """One writer at a time in `folder`, and no reader while it writes: no one sees two runs' files mixed.
-    An OS lock (it dies with its process, kill -9 too, and holds across containers) on LOCK_NAME, which
-    only its owner may open: one on the folder, or on a file others read, lets any user stop every run."""
-    fd = open_lock_file(os.path.join(folder, LOCK_NAME), shared)
-    try:
-        if fd is not None:
-            try:
-                lock(fd, shared)
-            except (BlockingIOError, PermissionError):
-                doing = "being written by another run" if shared else "in use by another run (writing or reading it)"
-                raise CubeError(f"{folder}: {doing}; wait for it to end, or choose another folder") from None
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def open_lock_file(path: str, shared: bool) -> int | None:
-    """The lock file at `path`, made if missing, never through a link; None to a reader that cannot open it.
-    A read-only mount no writer has used, or another user's folder: the reader reads without a lock."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o600)
-    except OSError as e:
-        if not shared or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
-        try:
-            fd = os.open(path, os.O_RDONLY | NO_FOLLOW | NO_WAIT)
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.EACCES):
-                return None
-            raise
-    return regular(fd, path, "remove it")
-
-
-def sha256_of(path: str, limit: int) -> str | None:
-    """The SHA-256 of the regular file at `path`; None if it is not one, or is larger than `limit` bytes."""
-    sha, size = hashlib.sha256(), 0
-    try:
-        f = open_regular(path)
-    except CubeError:
-        return None
-    with f:
-        while chunk := f.read(CHUNK):
-            size += len(chunk)
-            if size > limit:
-                return None
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
 # ---------------------------------- downloading: servers that fail, stall, trickle, lie or redirect
 HTTP_TIMEOUT = 30.0  # seconds to connect, and at most between two reads of a body
 MIN_RATE = 10_000  # bytes a second that a transfer must average, once it has run for HTTP_TIMEOUT
@@ -2223,29 +2216,25 @@ class Source(NamedTuple):
 
 @contextlib.contextmanager
 def fetched(source: Source, beside: str, log: logging.Logger):
-    """The staged file beside `beside`, and its path, that the source is fetched and verified into."""
+    """The staged file beside `beside`, and its path, that the source is fetched and verified into.
+    It is streamed in, hashed as it goes; a CubeError unless its SHA-256 matches."""
+    uri = source.uri
     with staged(beside) as (out, tmp):
-        fetch_source(source, out, log)
+        if uri.startswith(("http://", "https://")):
+            digest, size = fetch_http(source, out, log)
+        else:
+            try:
+                with open_regular(uri) as f:
+                    digest, size = stream(f, out, os.fstat(f.fileno()).st_size, uri, *size_limit(source))
+            except OSError as e:
+                raise CubeError(f"{uri}: cannot read ({e.strerror})") from None
+        log.info(f"fetched {size} bytes from {uri}")
+        if digest != source.sha256:
+            raise CubeError(f"{uri}: SHA-256 mismatch: expected {source.sha256}, got {digest}; "
+                            "the download is corrupt or the hash in the data config is wrong")
+        log.info(f"verified SHA-256 {digest} of {uri}")
         out.flush()
         yield out, tmp
-
-
-def fetch_source(source: Source, out, log: logging.Logger) -> None:
-    """Stream the source into the file `out`, hashing as it goes; a CubeError unless its SHA-256 matches."""
-    uri = source.uri
-    if uri.startswith(("http://", "https://")):
-        digest, size = fetch_http(source, out, log)
-    else:
-        try:
-            with open_regular(uri) as f:
-                digest, size = stream(f, out, os.fstat(f.fileno()).st_size, uri, *size_limit(source))
-        except OSError as e:
-            raise CubeError(f"{uri}: cannot read ({e.strerror})") from None
-    log.info(f"fetched {size} bytes from {uri}")
-    if digest != source.sha256:
-        raise CubeError(f"{uri}: SHA-256 mismatch: expected {source.sha256}, got {digest}; "
-                        "the download is corrupt or the hash in the data config is wrong")
-    log.info(f"verified SHA-256 {digest} of {uri}")
 
 
 def size_limit(source: Source) -> tuple[int, str]:
@@ -2347,16 +2336,33 @@ class Progress:
 
 
 # -------------------------------- signals: a kill loses at most an epoch, a signal is never ignored
-class Stopped(BaseException):
-    """A signal (SIGINT, SIGTERM) stopped the task: it unwinds, leaving no temporary file; exit 128 + signal.
-    A BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for a file's fault."""
+@contextlib.contextmanager
+def recording_signals(stopped: Callable[[], str]):
+    """Within the block, SIGINT and SIGTERM are only recorded; at its end, one stops the task, saying `stopped()`.
+    A run so stops where nothing is half done."""
+    with handling_signals(record_signal):
+        yield
+    stop_if_signalled(stopped())
 
-    def __init__(self, signum: int, message: str = ""):
-        super().__init__(message or {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}[signum])
-        self.code = 128 + signum
+
+@contextlib.contextmanager
+def handling_signals(handler):
+    """Within the block, `handler` takes SIGINT and SIGTERM, but not one the process ignores.
+    A shell's background job ignores SIGINT, and so must its tasks."""
+    heard = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, handler) for s in heard}
+    try:
+        yield
+    finally:
+        for s, before in previous.items():
+            signal.signal(s, before)
 
 
 signals_received: list[int] = []  # this task's SIGINTs and SIGTERMs, which stop_if_signalled reads
+
+
+def record_signal(signum, frame) -> None:
+    signals_received.append(signum)
 
 
 def stop_if_signalled(message: str = "") -> None:
@@ -2367,17 +2373,13 @@ def stop_if_signalled(message: str = "") -> None:
         raise Stopped(signals_received[-1], message)
 
 
-@contextlib.contextmanager
-def recording_signals(stopped: Callable[[], str]):
-    """Within the block, SIGINT and SIGTERM are only recorded; at its end, one stops the task, saying `stopped()`.
-    A run so stops where nothing is half done."""
-    with handling_signals(record_signal):
-        yield
-    stop_if_signalled(stopped())
+class Stopped(BaseException):
+    """A signal (SIGINT, SIGTERM) stopped the task: it unwinds, leaving no temporary file; exit 128 + signal.
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for a file's fault."""
 
-
-def record_signal(signum, frame) -> None:
-    signals_received.append(signum)
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}[signum])
+        self.code = 128 + signum
 
 
 @contextlib.contextmanager
@@ -2392,19 +2394,6 @@ def unwinding_signals():
             yield
     finally:
         sys.unraisablehook = unraisable_hook
-
-
-@contextlib.contextmanager
-def handling_signals(handler):
-    """Within the block, `handler` takes SIGINT and SIGTERM, but not one the process ignores.
-    A shell's background job ignores SIGINT, and so must its tasks."""
-    heard = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {s: signal.signal(s, handler) for s in heard}
-    try:
-        yield
-    finally:
-        for s, before in previous.items():
-            signal.signal(s, before)
 
 
 def stop_task(signum, frame) -> None:
@@ -2426,15 +2415,94 @@ def redeliver_signals(unraisable) -> None:
 
 # ==================================================================================================
 # The process
-# The cluster a run may join, logs, the compilation cache, and main.
+# Logs, main, the cluster a run may join, and the compilation cache.
 # ==================================================================================================
-CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
-SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
-MAX_CACHE_BYTES = 100 << 20  # beyond this, the programs written longest ago are dropped; a run adds 0.4 MB
-CACHE_ENTRY = re.compile(r".+-[0-9a-f]{64}-(cache|atime)")  # JAX's names for its entries: PROGRAM-KEY-cache
-CACHE_TAG = "CACHEDIR.TAG"  # marks a cache folder the cube made (the Cache Directory Tagging convention)
-CACHE_TAG_TEXT = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
-                  b"# The MNIST MLCube's compiled programs: code its tasks run. Only their owner may write here.\n")
+def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) -> logging.Logger:
+    """The task's logger: lines to stdout (warnings and errors to stderr) and to log_dir/mnist_TASK.log.
+    The file adds timestamps; with several processes each line names its process; process 0 keeps the file."""
+    log = logging.getLogger(f"mnist.{task}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    tag = f"[process {process[0]}/{process[1]}] " if process[1] > 1 else ""
+    to_stdout, to_stderr = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
+    to_stderr.setLevel(logging.WARNING)
+    log.handlers = [to_stdout, to_stderr]
+    if log_dir and process[0] == 0:
+        os.makedirs(log_dir, exist_ok=True)
+        path = os.path.join(log_dir, f"mnist_{task}.log")
+        # a regular file, never through a link: one planted at a log's path would have the task write where it points
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW | NO_WAIT, 0o666)
+        to_file = os.fdopen(regular(fd, path, "remove it, or choose another folder"), "a", encoding="utf-8")
+        log.handlers.append(logging.StreamHandler(to_file))
+        log.handlers[-1].setFormatter(OneLine(f"%(asctime)s %(levelname)s {tag}%(message)s"))
+    for handler in log.handlers[:2]:
+        handler.setFormatter(OneLine(f"{tag}%(message)s"))
+    return log
+
+
+class OneLine(logging.Formatter):
+    """A formatter that keeps each event on one line: control characters in values are written escaped.
+    So a value from a config or a server (a uri holding "\\nINFO ...") cannot forge a line."""
+
+    CONTROLS = {code: f"\\x{code:02x}" for code in [*range(9), *range(11, 32), 127]} | {10: "\\n"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).translate(self.CONTROLS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
+    try:
+        run_as_output_owner(args)
+        process = join_cluster() if args.task == "train" else (0, 1)
+        if args.task != "download":  # the one task that compiles nothing
+            use_compilation_cache()
+        log = open_log(getattr(args, "log_dir", None), args.task, process)
+    except OSError as e:
+        print(f"mnist.py {args.task}: error: cannot write logs: {os_fault(e)}", file=sys.stderr)
+        return 1
+    except CubeError as e:
+        print(f"mnist.py {args.task}: error: {e}", file=sys.stderr)
+        return 1
+    log.info(f"started {args.task}")
+    for folder in written_folders(args):
+        remove_abandoned_parts(folder)
+    try:
+        with unwinding_signals():
+            return outcome(args, log)
+    finally:
+        for handler in log.handlers[2:]:  # the log file's; stdout and stderr stay open
+            handler.stream.close()
+
+
+def run_as_output_owner(args: argparse.Namespace) -> None:
+    """In the image, a task started as root becomes the owner of the folder receiving its first output.
+    MLCube's runner starts containers without --user and makes that folder as its caller, who then owns
+    what the task writes. Our runners pass --user, and a root caller owns the folder: nothing changes."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not os.environ.get("MNIST_RUN_AS_OUTPUT_OWNER"):
+        return
+    folder = written_folders(args)[0]
+    while not os.path.isdir(folder):  # a file's folder, or the nearest one that exists
+        folder = os.path.dirname(folder)
+    owner = os.stat(folder)
+    if owner.st_uid == 0:
+        return
+    try:
+        os.setgroups([])
+        os.setgid(owner.st_gid)
+        os.setuid(owner.st_uid)
+    except PermissionError:
+        raise CubeError(f"{folder}: cannot run as its owner {owner.st_uid}:{owner.st_gid} (no CAP_SETUID); "
+                        f"start the container with --user={owner.st_uid}:{owner.st_gid}") from None
+
+
+def written_folders(args: argparse.Namespace) -> list[str]:
+    """The folders that a task writes in: its output folders, and the folder of an output file."""
+    outputs = {name: kind for name, (_, kind, output) in COMMANDS[args.task][1].items() if output}
+    paths = {name: os.path.abspath(getattr(args, name)) for name in outputs}
+    return [path if outputs[name] == "directory" else os.path.dirname(path) for name, path in paths.items()]
 
 
 def join_cluster() -> tuple[int, int]:
@@ -2453,34 +2521,27 @@ def join_cluster() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) -> logging.Logger:
-    """The task's logger: lines to stdout (warnings and errors to stderr) and to log_dir/mnist_TASK.log.
-    The file adds timestamps; with several processes each line names its process; process 0 keeps the file."""
-    log = logging.getLogger(f"mnist.{task}")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    tag = f"[process {process[0]}/{process[1]}] " if process[1] > 1 else ""
-    to_stdout, to_stderr = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
-    to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
-    to_stderr.setLevel(logging.WARNING)
-    log.handlers = [to_stdout, to_stderr]
-    if log_dir and process[0] == 0:
-        os.makedirs(log_dir, exist_ok=True)
-        log.handlers.append(logging.StreamHandler(open_for_appending(os.path.join(log_dir, f"mnist_{task}.log"))))
-        log.handlers[-1].setFormatter(OneLine(f"%(asctime)s %(levelname)s {tag}%(message)s"))
-    for handler in log.handlers[:2]:
-        handler.setFormatter(OneLine(f"{tag}%(message)s"))
-    return log
+CACHE_VARIABLE = "MNIST_COMPILATION_CACHE"  # the compiled programs' folder, or "off"
+SHOW_WARNING = warnings.showwarning  # Python's own; see show_warning
+MAX_CACHE_BYTES = 100 << 20  # beyond this, the programs written longest ago are dropped; a run adds 0.4 MB
+CACHE_ENTRY = re.compile(r".+-[0-9a-f]{64}-(cache|atime)")  # JAX's names for its entries: PROGRAM-KEY-cache
+CACHE_TAG = "CACHEDIR.TAG"  # marks a cache folder the cube made (the Cache Directory Tagging convention)
+CACHE_TAG_TEXT = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
+                  b"# The MNIST MLCube's compiled programs: code its tasks run. Only their owner may write here.\n")
 
 
-class OneLine(logging.Formatter):
-    """A formatter that keeps each event on one line: control characters in values are written escaped.
-    So a value from a config or a server (a uri holding "\\nINFO ...") cannot forge a line."""
-
-    CONTROLS = {code: f"\\x{code:02x}" for code in [*range(9), *range(11, 32), 127]} | {10: "\\n"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).translate(self.CONTROLS)
+def use_compilation_cache() -> None:
+    """Have JAX keep compiled programs between runs, in compilation_cache_folder, if trusted_cache allows.
+    A rerun loads them instead of compiling; prune_cache bounds them, show_warning replaces damaged ones.
+    JAX keys each entry by program, JAX version and device; the entries are native code this process runs."""
+    warnings.showwarning = show_warning
+    folder = compilation_cache_folder()
+    # JAX's own variable (JAX_COMPILATION_CACHE_DIR), where it is set, rules
+    if folder is None or jax.config.jax_compilation_cache_dir or not trusted_cache(folder):
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program: they are small
+    prune_cache(folder)
 
 
 def compilation_cache_folder() -> str | None:
@@ -2492,21 +2553,6 @@ def compilation_cache_folder() -> str | None:
         return None
     user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return setting or os.path.join(user_cache, "mnist-mlcube", "jax")
-
-
-def use_compilation_cache() -> None:
-    """Have JAX keep compiled programs between runs, in compilation_cache_folder, if trusted_cache allows.
-    A rerun loads them instead of compiling; prune_cache bounds them, show_warning replaces damaged ones.
-    JAX keys each entry by program, JAX version and device; the entries are native code this process runs."""
-    warnings.showwarning = show_warning
-    folder = compilation_cache_folder()
-    if folder is None or jax.config.jax_compilation_cache_dir:  # JAX's own variable is set: it rules
-        return
-    if not trusted_cache(folder):
-        return
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program: they are small
-    prune_cache(folder)
 
 
 def trusted_cache(folder: str) -> bool:
@@ -2568,60 +2614,6 @@ def prune_cache(folder: str) -> None:
         with contextlib.suppress(FileNotFoundError):  # another run may have dropped it first
             os.unlink(path)
         total -= size
-
-
-def written_folders(args: argparse.Namespace) -> list[str]:
-    """The folders that a task writes in: its output folders, and the folder of an output file."""
-    outputs = {name: kind for name, (_, kind, output) in COMMANDS[args.task][1].items() if output}
-    paths = {name: os.path.abspath(getattr(args, name)) for name in outputs}
-    return [path if outputs[name] == "directory" else os.path.dirname(path) for name, path in paths.items()]
-
-
-def run_as_output_owner(args: argparse.Namespace) -> None:
-    """In the image, a task started as root becomes the owner of the folder receiving its first output.
-    MLCube's runner starts containers without --user and makes that folder as its caller, who then owns
-    what the task writes. Our runners pass --user, and a root caller owns the folder: nothing changes."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not os.environ.get("MNIST_RUN_AS_OUTPUT_OWNER"):
-        return
-    folder = written_folders(args)[0]
-    while not os.path.isdir(folder):  # a file's folder, or the nearest one that exists
-        folder = os.path.dirname(folder)
-    owner = os.stat(folder)
-    if owner.st_uid == 0:
-        return
-    try:
-        os.setgroups([])
-        os.setgid(owner.st_gid)
-        os.setuid(owner.st_uid)
-    except PermissionError:
-        raise CubeError(f"{folder}: cannot run as its owner {owner.st_uid}:{owner.st_gid} (no CAP_SETUID); "
-                        f"start the container with --user={owner.st_uid}:{owner.st_gid}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
-    try:
-        run_as_output_owner(args)
-        process = join_cluster() if args.task == "train" else (0, 1)
-        if args.task != "download":  # the one task that compiles nothing
-            use_compilation_cache()
-        log = open_log(getattr(args, "log_dir", None), args.task, process)
-    except OSError as e:
-        print(f"mnist.py {args.task}: error: cannot write logs: {os_fault(e)}", file=sys.stderr)
-        return 1
-    except CubeError as e:
-        print(f"mnist.py {args.task}: error: {e}", file=sys.stderr)
-        return 1
-    log.info(f"started {args.task}")
-    for folder in written_folders(args):
-        remove_abandoned_parts(folder)
-    try:
-        with unwinding_signals():
-            return outcome(args, log)
-    finally:
-        for handler in log.handlers[2:]:  # the log file's; stdout and stderr stay open
-            handler.stream.close()
 
 
 def outcome(args: argparse.Namespace, log: logging.Logger) -> int:
