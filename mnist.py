@@ -15,8 +15,8 @@ Reading order, top to bottom:
   training           the loss, the optimizer, the step (train_steps), the augmentation, an epoch's plan
   compiled programs  the three programs a run compiles before its first step, the options every
                      program is compiled with (evaluate's and infer's too), and the data's sharding
-  the tasks          train, evaluate, infer and download, each with what only it uses, in the order
-                     it calls them; then TASKS, which names them for the command line
+  the tasks          train, evaluate, sweep, infer and download, each with what only it uses, in the
+                     order it calls them; then TASKS, which names them for the command line
   the machinery      what knows nothing of MNIST or of learning, each part named for what it guards
                      against: messages and configs, bounded readers, atomic files and locks,
                      downloading, signals
