@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -727,12 +728,23 @@ def fresh_image(session: nox.Session, runtime: Runtime, opts: Options):
         runtime.build(client, opts, wanted)
     return client
 
+
+# what a runner says when a package it imports is missing, by the package's name
+MISSING = {"docker": "the Docker runner needs the Docker SDK for Python: pip install docker",
+           "spython": "the Singularity runner needs spython: pip install spython"}
+
+
+def imported(module: str):
+    """The module, imported; where its package is not installed, a UsageError that says which, and how to
+    install it (MISSING), and no traceback."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(MISSING[module.partition(".")[0]]) from None
+
 # ------------------------------------------------------------------------------------------- Docker
 def docker_client():
-    try:
-        import docker
-    except ImportError:
-        raise UsageError("the Docker runner needs the Docker SDK for Python: pip install docker") from None
+    docker = imported("docker")
     try:
         client = docker.from_env()
         client.ping()
@@ -748,8 +760,7 @@ def docker_client():
 def docker_sources(context: Path | None = None) -> list[str]:
     """The build context's files (mlcube.yaml's, or `context`), as the Docker SDK selects them with
     .dockerignore."""
-    from docker.utils.build import exclude_paths
-
+    exclude_paths = imported("docker.utils.build").exclude_paths
     context = context or ROOT / CUBE["docker"].get("build_context", ".")
     lines = (line.strip() for line in (context / ".dockerignore").read_text().splitlines())
     patterns = [line for line in lines if line and not line.startswith("#")]
@@ -1013,11 +1024,7 @@ def singularity_client():
                              "(ln -s \"$(command -v apptainer)\" ~/.local/bin/singularity)")
         raise UsageError("neither apptainer nor singularity is on PATH: install Apptainer "
                          "(https://apptainer.org/docs/admin/main/installation.html) or SingularityCE")
-    try:
-        from spython.main import Client
-    except ImportError:
-        raise UsageError("the Singularity runner needs spython: pip install spython") from None
-    return Client
+    return imported("spython.main").Client
 
 
 def singularity_image(opts: Options) -> Path:
@@ -1037,9 +1044,8 @@ def singularity_sources(opts: Options) -> list[str]:
     its sources); the Docker image's with --from-docker."""
     if opts.from_docker:
         return docker_sources()
-    from spython.main.parse.parsers import SingularityParser
-
-    recipe = SingularityParser(str(ROOT / "Singularity.recipe")).recipe["spython-base"]
+    parsers = imported("spython.main.parse.parsers")
+    recipe = parsers.SingularityParser(str(ROOT / "Singularity.recipe")).recipe["spython-base"]
     return sorted({"Singularity.recipe", *(line.split()[0] for line in recipe.files)})
 
 
@@ -1067,8 +1073,7 @@ def singularity_build_command(opts: Options) -> list[str]:
 
 def singularity_build(client, opts: Options, sources: dict) -> None:
     """Run singularity_build_command through spython, streaming its output, and record the sources."""
-    from spython.utils import stream_command
-
+    stream_command = imported("spython.utils").stream_command
     command = singularity_build_command(opts)
     singularity_image(opts).parent.mkdir(parents=True, exist_ok=True)
     print(shlex.join(command), flush=True)

@@ -153,6 +153,27 @@ def test_missing_binary_is_one_clear_line(tmp_path, binaries, message):
                  env={"PATH": f"{bin_dir}:{python_dir}:/usr/bin:/bin"})
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
+HIDE_PACKAGE = """import runpy, sys
+sys.modules[sys.argv[1]] = None  # its import fails, as where the package is not installed
+sys.argv = ["nox", *sys.argv[2:]]
+runpy.run_module("nox", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("package, session", [
+    ("spython", ["run-slurm", "--", "train", "--container=apptainer", "--dry-run"]),
+])
+def test_a_missing_package_is_one_line_saying_how_to_install_it(tmp_path, package, session):
+    """The Singularity route's --dry-run, which needs no binary, in a nox whose Python cannot import
+    `package` (this Python, the package hidden from it): that one line, exit code 1, no traceback."""
+    result = subprocess.run([sys.executable, "-c", HIDE_PACKAGE, package, "-f", str(ROOT / "noxfile.py"), "-s",
+                             *session, f"--workspace={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert [line for line in result.stderr.splitlines() if "pip install" in line] == [
+        f"nox > Session {session[0]} aborted: {noxfile.MISSING[package]}."]
+    assert result.stdout == ""
+
+
 def test_recipe_stays_in_step_with_the_dockerfile():
     """spython's parsers read both files: same base, same files (each image copies in what it is built
     from, its own recipe included, and records their SHA-256), same venv install, same entry point."""
