@@ -215,7 +215,9 @@ def configure_singularity(session: nox.Session, opts: Options) -> None:
 @runner("run-singularity", python=False)
 def run_singularity(session: nox.Session, opts: Options) -> None:
     """Run tasks in the Singularity image, building it first if missing or stale: `nox -s run-singularity -- train`."""
-    if not opts.dry_run:
+    if opts.dry_run:
+        print(singularity_image_plan(opts))
+    else:
         fresh_docker_image(session, opts)
     run_in(session, SINGULARITY, opts)
 
@@ -226,7 +228,7 @@ def run_slurm(session: nox.Session, opts: Options) -> None:
     if not (opts.dry_run or opts.container or opts.venv):
         session.install("-r", "requirements.txt")
     if opts.container and opts.dry_run:
-        print(slurm_image_plan(opts))
+        print(singularity_image_plan(opts))
     elif opts.container:
         fresh_image(session, SINGULARITY, opts)  # built or rebuilt here, on the login node
     python = (opts.venv or Path(session.virtualenv.location)) / "bin" / "python"
@@ -1071,6 +1073,19 @@ def singularity_build_command(opts: Options) -> list[str]:
             str(singularity_image(opts)), recipe]
 
 
+def singularity_image_plan(opts: Options) -> str:
+    """What the Singularity route does to its image before any task, as --dry-run prints it first
+    (run-singularity, run-slurm --container): '#' lines saying why it builds (the reason fresh_image
+    gives; with --from-docker, that the Docker image comes first) or that the image is up to date, then
+    the build command line that fresh_image would run, if any: the output stays a shell script."""
+    docker = f"# --from-docker: {IMAGE} is built first if missing or stale, as run-docker builds it"
+    plan = [docker] if opts.from_docker else []
+    reason = why_rebuild(singularity_built_from(None, opts), sources(SINGULARITY, opts))
+    if reason is None:
+        return "\n".join([*plan, f"# {singularity_image(opts)} is up to date: nothing to build"])
+    return "\n".join([*plan, f"# building the image first: {reason}", shlex.join(singularity_build_command(opts))])
+
+
 def singularity_build(client, opts: Options, sources: dict) -> None:
     """Run singularity_build_command through spython, streaming its output, and record the sources."""
     stream_command = imported("spython.utils").stream_command
@@ -1154,15 +1169,6 @@ def slurm_job(run: Run, opts: Options) -> Options:
 
 def slurm_folder(opts: Options) -> Path:
     return opts.workspace / "slurm"
-
-
-def slurm_image_plan(opts: Options) -> str:
-    """What --container runs first, here on the login node, as --dry-run prints it: the image's build
-    command line (fresh_image's, for the reason it gives), or that the image is up to date."""
-    reason = why_rebuild(singularity_built_from(None, opts), sources(SINGULARITY, opts))
-    if reason is None:
-        return f"# {singularity_image(opts)} is up to date: nothing to build"
-    return f"# building the image first: {reason}\n{shlex.join(singularity_build_command(opts))}"
 
 
 def slurm_path(path: Path | str) -> str:
