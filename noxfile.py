@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -214,7 +215,9 @@ def configure_singularity(session: nox.Session, opts: Options) -> None:
 @runner("run-singularity", python=False)
 def run_singularity(session: nox.Session, opts: Options) -> None:
     """Run tasks in the Singularity image, building it first if missing or stale: `nox -s run-singularity -- train`."""
-    if not opts.dry_run:
+    if opts.dry_run:
+        print(singularity_image_plan(opts))
+    else:
         fresh_docker_image(session, opts)
     run_in(session, SINGULARITY, opts)
 
@@ -225,7 +228,7 @@ def run_slurm(session: nox.Session, opts: Options) -> None:
     if not (opts.dry_run or opts.container or opts.venv):
         session.install("-r", "requirements.txt")
     if opts.container and opts.dry_run:
-        print(slurm_image_plan(opts))
+        print(singularity_image_plan(opts))
     elif opts.container:
         fresh_image(session, SINGULARITY, opts)  # built or rebuilt here, on the login node
     python = (opts.venv or Path(session.virtualenv.location)) / "bin" / "python"
@@ -727,12 +730,23 @@ def fresh_image(session: nox.Session, runtime: Runtime, opts: Options):
         runtime.build(client, opts, wanted)
     return client
 
+
+# what a runner says when a package it imports is missing, by the package's name
+MISSING = {"docker": "the Docker runner needs the Docker SDK for Python: pip install docker",
+           "spython": "the Singularity runner needs spython: pip install spython"}
+
+
+def imported(module: str):
+    """The module, imported; where its package is not installed, a UsageError that says which, and how to
+    install it (MISSING), and no traceback."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(MISSING[module.partition(".")[0]]) from None
+
 # ------------------------------------------------------------------------------------------- Docker
 def docker_client():
-    try:
-        import docker
-    except ImportError:
-        raise UsageError("the Docker runner needs the Docker SDK for Python: pip install docker") from None
+    docker = imported("docker")
     try:
         client = docker.from_env()
         client.ping()
@@ -748,8 +762,7 @@ def docker_client():
 def docker_sources(context: Path | None = None) -> list[str]:
     """The build context's files (mlcube.yaml's, or `context`), as the Docker SDK selects them with
     .dockerignore."""
-    from docker.utils.build import exclude_paths
-
+    exclude_paths = imported("docker.utils.build").exclude_paths
     context = context or ROOT / CUBE["docker"].get("build_context", ".")
     lines = (line.strip() for line in (context / ".dockerignore").read_text().splitlines())
     patterns = [line for line in lines if line and not line.startswith("#")]
@@ -1013,11 +1026,7 @@ def singularity_client():
                              "(ln -s \"$(command -v apptainer)\" ~/.local/bin/singularity)")
         raise UsageError("neither apptainer nor singularity is on PATH: install Apptainer "
                          "(https://apptainer.org/docs/admin/main/installation.html) or SingularityCE")
-    try:
-        from spython.main import Client
-    except ImportError:
-        raise UsageError("the Singularity runner needs spython: pip install spython") from None
-    return Client
+    return imported("spython.main").Client
 
 
 def singularity_image(opts: Options) -> Path:
@@ -1037,9 +1046,8 @@ def singularity_sources(opts: Options) -> list[str]:
     its sources); the Docker image's with --from-docker."""
     if opts.from_docker:
         return docker_sources()
-    from spython.main.parse.parsers import SingularityParser
-
-    recipe = SingularityParser(str(ROOT / "Singularity.recipe")).recipe["spython-base"]
+    parsers = imported("spython.main.parse.parsers")
+    recipe = parsers.SingularityParser(str(ROOT / "Singularity.recipe")).recipe["spython-base"]
     return sorted({"Singularity.recipe", *(line.split()[0] for line in recipe.files)})
 
 
@@ -1065,10 +1073,22 @@ def singularity_build_command(opts: Options) -> list[str]:
             str(singularity_image(opts)), recipe]
 
 
+def singularity_image_plan(opts: Options) -> str:
+    """What the Singularity route does to its image before any task, as --dry-run prints it first
+    (run-singularity, run-slurm --container): '#' lines saying why it builds (the reason fresh_image
+    gives; with --from-docker, that the Docker image comes first) or that the image is up to date, then
+    the build command line that fresh_image would run, if any: the output stays a shell script."""
+    docker = f"# --from-docker: {IMAGE} is built first if missing or stale, as run-docker builds it"
+    plan = [docker] if opts.from_docker else []
+    reason = why_rebuild(singularity_built_from(None, opts), sources(SINGULARITY, opts))
+    if reason is None:
+        return "\n".join([*plan, f"# {singularity_image(opts)} is up to date: nothing to build"])
+    return "\n".join([*plan, f"# building the image first: {reason}", shlex.join(singularity_build_command(opts))])
+
+
 def singularity_build(client, opts: Options, sources: dict) -> None:
     """Run singularity_build_command through spython, streaming its output, and record the sources."""
-    from spython.utils import stream_command
-
+    stream_command = imported("spython.utils").stream_command
     command = singularity_build_command(opts)
     singularity_image(opts).parent.mkdir(parents=True, exist_ok=True)
     print(shlex.join(command), flush=True)
@@ -1149,15 +1169,6 @@ def slurm_job(run: Run, opts: Options) -> Options:
 
 def slurm_folder(opts: Options) -> Path:
     return opts.workspace / "slurm"
-
-
-def slurm_image_plan(opts: Options) -> str:
-    """What --container runs first, here on the login node, as --dry-run prints it: the image's build
-    command line (fresh_image's, for the reason it gives), or that the image is up to date."""
-    reason = why_rebuild(singularity_built_from(None, opts), sources(SINGULARITY, opts))
-    if reason is None:
-        return f"# {singularity_image(opts)} is up to date: nothing to build"
-    return f"# building the image first: {reason}\n{shlex.join(singularity_build_command(opts))}"
 
 
 def slurm_path(path: Path | str) -> str:

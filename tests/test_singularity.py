@@ -120,7 +120,9 @@ def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
     assert "epoch 1/1" in result.stdout  # the task's output streamed through spython
     dry = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={ws}", "--env=SEEN=1", "--dry-run",
               env={"MNIST_COMPILATION_CACHE": str(tmp_path / "cache")})
-    assert [shlex.split(line) for line in dry.stdout.splitlines()] == recorded()[1:]
+    up_to_date, *runs = dry.stdout.splitlines()  # the image's plan first, as '#' lines
+    assert up_to_date == f"# {image} is up to date: nothing to build"
+    assert [shlex.split(line) for line in runs] == recorded()[1:]
 
 def test_standin_gpus_add_nv(tmp_path, server, standin):
     env, recorded = standin
@@ -152,6 +154,58 @@ def test_missing_binary_is_one_clear_line(tmp_path, binaries, message):
     result = nox("-s", "run-singularity", "--", "download", f"--workspace={tmp_path}",
                  env={"PATH": f"{bin_dir}:{python_dir}:/usr/bin:/bin"})
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+def test_standin_dry_run_shows_the_image_build_that_configure_singularity_runs(tmp_path, standin):
+    """run-singularity's --dry-run, with the Singularity STAND-IN (tests/standin/singularity) on PATH:
+    first the image's plan, a '#' line with the reason to build and the very command line that
+    configure-singularity then runs; once the image is built, a '#' line saying it is up to date; once
+    its sources change, the build again, saying why. Every other line is a task's command, and a dry
+    run runs nothing."""
+    env, recorded = standin
+    image = tmp_path / ".image" / IMAGE
+
+    def planned():
+        dry = nox("-s", "run-singularity", "--", "download", "train", f"--workspace={tmp_path}", "--dry-run", env=env)
+        assert dry.returncode == 0, dry.stderr
+        *plan, download, train = dry.stdout.splitlines()
+        assert [shlex.split(line)[:2] for line in (download, train)] == [["singularity", "run"]] * 2
+        return plan
+
+    reason, build = planned()
+    assert reason == "# building the image first: there is no image yet" and not image.parent.exists()
+    assert recorded() == []
+    assert nox("-s", "configure-singularity", "--", f"--workspace={tmp_path}", env=env).returncode == 0
+    assert recorded() == [shlex.split(build)]
+    assert planned() == [f"# {image} is up to date: nothing to build"]
+    record = image.with_name(f"{IMAGE}.sources.json")
+    built = json.loads(record.read_text())
+    record.write_text(json.dumps({**built, "files": {**built["files"], "mnist.py": "0" * 64}}))
+    assert planned() == ["# building the image first: changed since it was built: mnist.py", build]
+    assert recorded() == [shlex.split(build)]
+
+
+HIDE_PACKAGE = """import runpy, sys
+sys.modules[sys.argv[1]] = None  # its import fails, as where the package is not installed
+sys.argv = ["nox", *sys.argv[2:]]
+runpy.run_module("nox", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("package, session", [
+    ("spython", ["run-singularity", "--", "train", "--dry-run"]),
+    ("spython", ["run-slurm", "--", "train", "--container=apptainer", "--dry-run"]),
+    ("docker", ["run-singularity", "--", "train", "--from-docker", "--dry-run"]),
+])
+def test_a_missing_package_is_one_line_saying_how_to_install_it(tmp_path, package, session):
+    """The Singularity route's --dry-run, which needs no binary, in a nox whose Python cannot import
+    `package` (this Python, the package hidden from it): that one line, exit code 1, no traceback."""
+    result = subprocess.run([sys.executable, "-c", HIDE_PACKAGE, package, "-f", str(ROOT / "noxfile.py"), "-s",
+                             *session, f"--workspace={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert [line for line in result.stderr.splitlines() if "pip install" in line] == [
+        f"nox > Session {session[0]} aborted: {noxfile.MISSING[package]}."]
+    assert result.stdout == ""
+
 
 def test_recipe_stays_in_step_with_the_dockerfile():
     """spython's parsers read both files: same base, same files (each image copies in what it is built
