@@ -744,6 +744,7 @@ def imported(module: str):
     except ImportError:
         raise UsageError(MISSING[module.partition(".")[0]]) from None
 
+
 # ------------------------------------------------------------------------------------------- Docker
 def docker_client():
     docker = imported("docker")
