@@ -13,14 +13,16 @@ Reading order, top to bottom:
   the commands       each task's parameters (COMMANDS), and the command line
   the model          CNN, built for the data's image shape and classes (Spec); Conv, its convolutions
   training           the loss, the optimizer, the step (train_steps), the augmentation, an epoch's plan
-  compiled programs  the three programs a run compiles before its first step, the options every
-                     program is compiled with (evaluate's and infer's too), and the data's sharding
-  the tasks          train, evaluate, sweep, infer and download, each with what only it uses, in the
-                     order it calls them; then TASKS, which names them for the command line
+  compiled programs  the three programs a run compiles before its first step, the shardings of their
+                     arrays, and the options every program is compiled with (evaluate's and infer's too)
+  the tasks          train, evaluate, sweep, infer and download, each followed by the helpers it is
+                     the first to call, in the order it calls them; then TASKS, which names them for the
+                     command line
   the machinery      what knows nothing of MNIST or of learning, each part named for what it guards
                      against: messages and configs, bounded readers, atomic files and locks,
                      downloading, signals
-  the process        logs, main, the cluster a run may join, the compilation cache
+  the process        logs, then main and, in the order it calls them, the user it runs as, the
+                     cluster a run may join, the compilation cache, and the task's outcome
 
 To make it your own: another network is the model section; another task is a function in the tasks
 section, a line in TASKS and its parameters in COMMANDS (the README's "Making it your own" lists every
@@ -1491,14 +1493,15 @@ def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> 
     """Write the image set's npz and download.json in data_dir, unless the same npz is there already."""
     final, record_path = os.path.join(data_dir, NPZ_NAME), os.path.join(data_dir, RECORD_NAME)
     # The most bytes the set's files, and then their decoded pixels, may take: a folder's size:, or
-    # MAX_DATA_BYTES; an archive's size: is its own, and images compress, so sixteen times that.
+    # MAX_DATA_BYTES; an archive's size: is its own, and images compress, so sixteen times that, within
+    # MAX_DATA_BYTES..MAX_DECLARED_BYTES.
     limit = size_limit(images.source)[0]
     if not images.folder and images.source.size is not None:
         limit = min(max(16 * images.source.size, MAX_DATA_BYTES), MAX_DECLARED_BYTES)
     files, digest = read_image_files(images, final, limit, log)
     source = {"uri": images.source.uri, "sha256": digest, "test_fraction": images.test_fraction,
               "image_size": list(images.image_size) if images.image_size else None}
-    if npz_in_place(data_dir, {"images": source}, "", log):
+    if npz_in_place(data_dir, {"images": source}, None, log):
         return
     splits = split_by_class(files, images.test_fraction, images.source.uri)
     names = sorted(splits["train"])
@@ -1533,11 +1536,12 @@ def read_image_files(images: ImageSet, final: str, limit: int, log: logging.Logg
     return files, images.source.sha256
 
 
-def npz_in_place(data_dir: str, sources: dict, declared: str, log: logging.Logger) -> str | None:
+def npz_in_place(data_dir: str, sources: dict, declared: str | None, log: logging.Logger) -> str | None:
     """The SHA-256 of data_dir's npz if it is already the one wanted (the log then says so); None otherwise.
-    The one wanted has the `declared` SHA-256, or else the one download.json records for `sources`."""
+    The one wanted has the `declared` SHA-256, or, where none is declared, the one download.json records
+    for `sources`."""
     final, expected = os.path.join(data_dir, NPZ_NAME), declared
-    if not declared:
+    if declared is None:
         previous = read_record(os.path.join(data_dir, RECORD_NAME))
         expected = previous.get(NPZ_NAME) if previous.get("sources") == sources else None
     if expected and os.path.exists(final) and sha256_of(final, MAX_DECLARED_BYTES) == expected:
@@ -1616,7 +1620,7 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
     record_path = os.path.join(data_dir, RECORD_NAME)
     record = {"sources": {name: {"uri": source.uri, "sha256": source.sha256} for name, source in sources.items()},
               "class_names": names}
-    declared = sources[NPZ_NAME].sha256 if NPZ_NAME in sources else ""  # an npz made of IDX files has none
+    declared = sources[NPZ_NAME].sha256 if NPZ_NAME in sources else None  # an npz made of IDX files has none
     in_place = npz_in_place(data_dir, record["sources"], declared, log)
     if in_place:
         complete = {**record, NPZ_NAME: in_place, "bytes": os.path.getsize(final)}
@@ -2415,7 +2419,8 @@ def redeliver_signals(unraisable) -> None:
 
 # ==================================================================================================
 # The process
-# Logs, main, the cluster a run may join, and the compilation cache.
+# Logs, then main and, in the order it calls them: the user it runs as, the cluster a run may join, the
+# compilation cache, and the task's outcome.
 # ==================================================================================================
 def open_log(log_dir: str | None, task: str, process: tuple[int, int] = (0, 1)) -> logging.Logger:
     """The task's logger: lines to stdout (warnings and errors to stderr) and to log_dir/mnist_TASK.log.
