@@ -393,13 +393,7 @@ def test_fuzz_data_config_reads_or_refuses(tmp_path, text):
                  st.tuples(st.integers(0, 20), st.integers(-2, 2)).map(  # N×28×28 headers, bodies near their size
                      lambda t: b"\0\0\x08\x03" + struct.pack(">3i", t[0], 28, 28) + bytes(max(0, 784 * t[0] + t[1])))))
 def test_fuzz_idx_images_read_or_refuse(tmp_path, data):
-    def read_all(path):
-        with mnist.image_batches(path, 7, (28, 28)) as (count, batches, _):
-            return count, [batch.shape for batch in batches]
-    result = reads_or_refuses(read_all, write(tmp_path / "images.idx", data))
-    if result is not None:
-        count, shapes = result
-        assert sum(shape[0] for shape in shapes) == count and all(s[1:] == (28, 28) for s in shapes)
+    images_read_whole_or_refused(write(tmp_path / "images.idx", data))
 
 
 @fuzz
@@ -407,10 +401,15 @@ def test_fuzz_idx_images_read_or_refuse(tmp_path, data):
                  st.tuples(st.integers(0, 20), st.integers(-2, 2)).map(  # N×28×28 arrays, cut or grown near their end
                      lambda t: npy_bytes(np.zeros((t[0], 28, 28), np.uint8), t[1]))))
 def test_fuzz_npy_header_reads_or_refuses(tmp_path, data):
+    images_read_whole_or_refused(write(tmp_path / "images.npy", data))
+
+
+def images_read_whole_or_refused(path: Path) -> None:
+    """Assert that infer's reader gives every image the file declares, 28×28, 7 at a time, or refuses it."""
     def read_all(path):
         with mnist.image_batches(path, 7, (28, 28)) as (count, batches, _):
             return count, [batch.shape for batch in batches]
-    result = reads_or_refuses(read_all, write(tmp_path / "images.npy", data))
+    result = reads_or_refuses(read_all, path)
     if result is not None:
         count, shapes = result
         assert sum(shape[0] for shape in shapes) == count and all(s[1:] == (28, 28) for s in shapes)
