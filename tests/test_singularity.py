@@ -24,6 +24,7 @@ import noxfile
 STANDIN = ROOT / "tests" / "standin"
 IMAGE = "mnist-0.0.1.simg"
 
+
 @pytest.fixture
 def standin(tmp_path):
     """PATH with the stand-in binary first, and a function returning what it was asked to do."""
@@ -37,8 +38,10 @@ def standin(tmp_path):
 
     return env, recorded
 
+
 def served_workspace(tmp_path, server, digest=None):
     return source_workspace(tmp_path / "ws", npz_bytes(make_digits()), server, digest)
+
 
 def test_standin_configure_singularity_builds_the_recipe_without_root(tmp_path, standin):
     env, recorded = standin
@@ -91,6 +94,7 @@ def test_standin_from_docker_converts_the_sources_as_they_are_now(tmp_path, stan
     assert recorded() == [["singularity", "build", "--force", str(tmp_path / "ws" / ".image" / IMAGE),
                            f"docker-daemon://{own}"]]
 
+
 def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
     env, recorded = standin
     ws = served_workspace(tmp_path, server)
@@ -124,12 +128,14 @@ def test_standin_run_singularity_download_and_train(tmp_path, server, standin):
     assert up_to_date == f"# {image} is up to date: nothing to build"
     assert [shlex.split(line) for line in runs] == recorded()[1:]
 
+
 def test_standin_gpus_add_nv(tmp_path, server, standin):
     env, recorded = standin
     ws = served_workspace(tmp_path, server)
     result = nox("-s", "run-singularity", "--", "download", f"--workspace={ws}", "--gpus=all", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert recorded()[-1][:3] == ["singularity", "run", "--nv"]
+
 
 def test_standin_failing_task_propagates_its_code(tmp_path, server, standin):
     env, recorded = standin
@@ -140,6 +146,7 @@ def test_standin_failing_task_propagates_its_code(tmp_path, server, standin):
     assert f"task download failed with exit code 1 {legend}" in result.stderr
     image = str(ws / ".image" / IMAGE)
     assert [cmd[cmd.index(image) + 1] for cmd in recorded() if cmd[1] == "run"] == ["download"]  # no train
+
 
 @pytest.mark.parametrize("binaries, message", [
     ([], "neither apptainer nor singularity is on PATH: install Apptainer"),
@@ -154,6 +161,7 @@ def test_missing_binary_is_one_clear_line(tmp_path, binaries, message):
     result = nox("-s", "run-singularity", "--", "download", f"--workspace={tmp_path}",
                  env={"PATH": f"{bin_dir}:{python_dir}:/usr/bin:/bin"})
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
 
 def test_standin_dry_run_shows_the_image_build_that_configure_singularity_runs(tmp_path, standin):
     """run-singularity's --dry-run, with the Singularity STAND-IN (tests/standin/singularity) on PATH:
@@ -229,6 +237,7 @@ def test_recipe_stays_in_step_with_the_dockerfile():
             "MNIST_IMAGE_SOURCES=/opt/sources.sha256"} <= set(environ)
     assert {"PATH=/opt/venv/bin:$PATH", "PYTHONUNBUFFERED=1"} <= set(docker.environ)
     assert recipe.labels and "%help" in (ROOT / "Singularity.recipe").read_text()
+
 
 def test_standin_run_singularity_rebuilds_a_stale_image_and_says_why(tmp_path, server, standin):
     """The image records its sources beside it; a run rebuilds when they no longer match, else not."""
