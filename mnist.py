@@ -1506,15 +1506,20 @@ def make_npz_of_images(images: ImageSet, data_dir: str, log: logging.Logger) -> 
     splits = split_by_class(files, images.test_fraction, images.source.uri)
     names = sorted(splits["train"])
     arrays = decode_images(files, splits, names, images, limit)
-    buffer = io.BytesIO()
-    np.savez(buffer, **check_data(arrays, images.source.uri))
-    write_atomically(final, buffer.getvalue())
     record = {"sources": {"images": source}, "class_names": names,
               "class_counts": {name: {split: len(splits[split].get(name, [])) for split in SPLITS} for name in names},
-              NPZ_NAME: hashlib.sha256(buffer.getvalue()).hexdigest(), "bytes": os.path.getsize(final)}
+              NPZ_NAME: write_npz(final, arrays, images.source.uri), "bytes": os.path.getsize(final)}
     write_json(record_path, record)
     log.info(f"written {final} ({len(arrays['x_train'])} training and {len(arrays['x_test'])} test images "
              f"of {len(names)} classes; SHA-256 {record[NPZ_NAME]})")
+
+
+def write_npz(final: str, arrays: dict[str, np.ndarray], where: str) -> str:
+    """The SHA-256 of the npz written atomically at `final` from the arrays, once check_data accepts them."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **check_data(arrays, where))
+    write_atomically(final, buffer.getvalue())
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 def read_image_files(images: ImageSet, final: str, limit: int, log: logging.Logger) -> tuple[dict[str, bytes], str]:
@@ -1637,10 +1642,7 @@ def fetch_and_verify(sources: dict[str, Source], names: list[str] | None, data_d
         for name, key in IDX_FILES.items():
             with fetched(sources[name], final, log) as (_, tmp):
                 arrays[key] = read_idx(tmp, sources[name].uri)
-        buffer = io.BytesIO()
-        np.savez(buffer, **check_data(arrays, "the IDX files"))
-        write_atomically(final, buffer.getvalue())
-        record[NPZ_NAME] = hashlib.sha256(buffer.getvalue()).hexdigest()
+        record[NPZ_NAME] = write_npz(final, arrays, "the IDX files")
     record["bytes"] = os.path.getsize(final)  # train and evaluate read it as large as this, no larger
     write_json(record_path, record)
     log.info(f"written {final} (SHA-256 {record[NPZ_NAME]})")
