@@ -1415,10 +1415,13 @@ def k8s_entry(host: str, opts: Options) -> str:
         mode = os.lstat(host).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return ""
-    fault = ("is a symbolic link" if stat.S_ISLNK(mode) else
-             None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "is not a regular file (a device, FIFO or socket)")
     real, workspace = os.path.realpath(host), os.path.realpath(opts.workspace)
-    if not fault and os.path.commonpath([real, workspace]) != workspace:
+    fault = None
+    if stat.S_ISLNK(mode):
+        fault = "is a symbolic link"
+    elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        fault = "is not a regular file (a device, FIFO or socket)"
+    elif os.path.commonpath([real, workspace]) != workspace:
         fault = f"lies outside the workspace {opts.workspace} by its real path, {real}"
     if fault:
         raise UsageError(f"{host} {fault}: run-k8s sends the workspace's regular files only, and follows no link; "
